@@ -1,0 +1,98 @@
+"""The DETR detector (Carion et al., ECCV 2020) with iRPE in the encoder, and build_model."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detr_irpe.backbone import build_backbone
+from detr_irpe.criterion import build_criterion
+from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.postprocess import PostProcess
+from detr_irpe.transformer import build_transformer
+
+DEFAULT_NUM_CLASSES = {'coco': 91}
+
+
+def batch_images(images):
+    """Pad a list of (3, H_i, W_i) images to one (B, 3, H, W) tensor and a (B, H, W) mask, True on padding."""
+    if not images:
+        raise ValueError('the model got an empty list of images; pass at least one (3, H, W) tensor.')
+    for i, img in enumerate(images):
+        if img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f'image {i} has shape {tuple(img.shape)}; expected (3, H, W).')
+    H = max(img.shape[1] for img in images)
+    W = max(img.shape[2] for img in images)
+    batch = images[0].new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool, device=images[0].device)
+    for img, b, m in zip(images, batch, mask):
+        b[:, :img.shape[1], :img.shape[2]].copy_(img)
+        m[:img.shape[1], :img.shape[2]] = False
+    return batch, mask
+
+
+class MLP(nn.Module):
+    """A few fully connected layers with ReLU between them (the box head)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DETR(nn.Module):
+    def __init__(self, backbone, transformer, num_classes, num_queries, aux_loss=True):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    def forward(self, samples, mask=None):
+        """samples: a list of (3, H_i, W_i) images, or a (B, 3, H, W) batch with its (B, H, W) padding mask.
+
+        Returns pred_logits (B, Q, num_classes + 1), pred_boxes (B, Q, 4) normalised cxcywh, and
+        aux_outputs (the same for every decoder layer but the last) when aux_loss is on.
+        """
+        if isinstance(samples, (list, tuple)):
+            images, mask = batch_images(list(samples))
+        else:
+            images = samples
+            if mask is None:
+                mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+        features, feature_mask, pos = self.backbone(images, mask)
+        hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        out = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1]}
+        if self.aux_loss:
+            out['aux_outputs'] = [{'pred_logits': a, 'pred_boxes': b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+def resolve_num_classes(args):
+    if getattr(args, 'num_classes', None):
+        return args.num_classes
+    if args.dataset_file in DEFAULT_NUM_CLASSES:
+        return DEFAULT_NUM_CLASSES[args.dataset_file]
+    raise ValueError(f'--dataset_file {args.dataset_file!r} has no default number of classes: pass '
+                     '--num_classes (largest category id + 1).')
+
+
+def build_model(args):
+    """(model, criterion, postprocessors) as in DETR, on args.device. Downloads nothing unless
+    --backbone_weights imagenet is asked for."""
+    rpe_config = rpe_config_from_string(args.enc_rpe2d)
+    num_classes = resolve_num_classes(args)
+    model = DETR(build_backbone(args), build_transformer(args, rpe_config), num_classes=num_classes,
+                 num_queries=args.num_queries, aux_loss=args.aux_loss)
+    criterion = build_criterion(args, num_classes)
+    device = torch.device(args.device)
+    return model.to(device), criterion.to(device), {'bbox': PostProcess()}

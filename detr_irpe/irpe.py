@@ -1,0 +1,324 @@
+"""Image relative position encoding (iRPE), Wu et al., "Rethinking and Improving Relative Position
+Encoding for Vision Transformer", ICCV 2021.
+
+Drop-in compatible with the published tutorial's API:
+
+    from detr_irpe.irpe import get_rpe_config, build_rpe
+    config = get_rpe_config(ratio=1.9, method='product', mode='ctx', shared_head=True, skip=0, rpe_on='k')
+    rpe_q, rpe_k, rpe_v = build_rpe(config, head_dim=32, num_heads=8)
+    attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)   # (B, H, L, L)
+    attn = attn + rpe_k(q * head_dim ** -0.5, height=h, width=w)
+
+A relative position (dr, dc) between a query and a key on an height x width map is mapped to a bucket
+id; each bucket owns a learned entry of a lookup table. Bias mode adds the entry to the attention
+logits; contextual mode (`ctx`) adds x_i . r_bucket(i, j) (Eq. 13-16).
+"""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+METHODS = ('euc', 'quant', 'cross', 'product')
+MODES = {'bias': 'bias', 'ctx': 'contextual', 'contextual': 'contextual'}
+INDEX_FUNCS = ('piecewise', 'clip')
+RPE_STRING_FORMAT = 'rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}[-clip]'
+# A lookup table larger than this many entries is surely a mistyped ratio (it would not fit in memory).
+MAX_TABLE_ENTRIES = 1 << 28
+
+
+class METHOD:
+    """Method names, as constants for code written against the published `METHOD` enum."""
+    EUCLIDEAN = 'euc'
+    QUANT = 'quant'
+    CROSS = 'cross'
+    PRODUCT = 'product'
+
+
+@dataclass(frozen=True)
+class RPEConfig:
+    """Settings of one iRPE table (on queries, keys or values)."""
+    ratio: float
+    method: str
+    mode: str           # 'bias' or 'contextual'
+    shared_head: bool
+    skip: int = 0       # leading tokens (class tokens) without a position; they share one extra bucket
+    index_func: str = 'piecewise'
+
+    @property
+    def alpha(self):
+        return 1.0 * self.ratio
+
+    @property
+    def beta(self):
+        return 2.0 * self.ratio
+
+    @property
+    def gamma(self):
+        return 8.0 * self.ratio
+
+    @property
+    def beta_int(self):
+        return int(self.beta)
+
+    @property
+    def num_buckets(self):
+        """Buckets of one table, without the extra bucket of skip tokens."""
+        side = 2 * self.beta_int + 1
+        return side * side if self.method == 'product' else side
+
+
+@dataclass(frozen=True)
+class RPEConfigs:
+    """Which of queries, keys and values carry iRPE; None where not requested."""
+    rpe_q: Optional[RPEConfig] = None
+    rpe_k: Optional[RPEConfig] = None
+    rpe_v: Optional[RPEConfig] = None
+
+
+def get_rpe_config(ratio=1.9, method='product', mode='ctx', shared_head=True, skip=0, rpe_on='k',
+                   index_func='piecewise'):
+    """Settings of iRPE on queries, keys and/or values.
+
+    ratio: alpha:beta:gamma = 1:2:8 times ratio; the product method has (2*int(2*ratio)+1)^2 buckets.
+    method: 'euc' | 'quant' | 'cross' | 'product'.  mode: 'bias' | 'ctx' ('contextual').
+    shared_head: one table for all heads.  skip: leading tokens without a position.
+    rpe_on: any of 'q', 'k', 'v'.  index_func: 'piecewise' (Eq. 18) or 'clip' (paper Table 3).
+    """
+    ratio = _check_ratio(ratio)
+    method = _check_choice('method', method.lower() if isinstance(method, str) else method, METHODS)
+    if mode not in MODES:
+        raise ValueError(f"iRPE mode {mode!r} is not one of {sorted(MODES)}: use 'bias' or 'ctx'.")
+    mode = MODES[mode]
+    index_func = _check_choice('index_func', index_func, INDEX_FUNCS)
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise ValueError(f'iRPE skip must be a non-negative integer (leading tokens without a position), got {skip!r}.')
+    if not isinstance(rpe_on, str) or not rpe_on or set(rpe_on) - set('qkv') or len(set(rpe_on)) != len(rpe_on):
+        raise ValueError(f"iRPE rpe_on {rpe_on!r} must name each of 'q', 'k', 'v' at most once, e.g. 'k' or 'qkv'.")
+    if mode == 'bias' and 'v' in rpe_on:
+        raise ValueError(f"iRPE on values has no bias mode (rpe_on={rpe_on!r}, mode='bias'): "
+                         "use mode 'ctx', or leave 'v' out of rpe_on.")
+    one = RPEConfig(ratio=ratio, method=method, mode=mode, shared_head=bool(shared_head), skip=skip,
+                    index_func=index_func)
+    if one.num_buckets > MAX_TABLE_ENTRIES:
+        raise ValueError(f'iRPE ratio {ratio} gives {one.num_buckets} buckets per table, which cannot fit in '
+                         'memory; the paper uses ratios 1.9 to 3.0.')
+    return RPEConfigs(**{f'rpe_{c}': one for c in rpe_on})
+
+
+def rpe_config_from_string(text):
+    """Parse an `--enc_rpe2d` string such as 'rpe-2.0-product-ctx-1-k' (format: RPE_STRING_FORMAT).
+
+    Returns None for the empty string (no iRPE). Raises ValueError quoting the string otherwise.
+    """
+    if text is None or text == '':
+        return None
+    fields = text.split('-') if isinstance(text, str) else []
+    hint = (f"expected {RPE_STRING_FORMAT}, e.g. 'rpe-2.0-product-ctx-1-k' (ratio a positive number; method "
+            f"euc|quant|cross|product; mode bias|ctx; shared_head 0|1; rpe_on any of q, k, v; optional 'clip')")
+    if len(fields) not in (6, 7) or fields[0] != 'rpe':
+        raise ValueError(f'--enc_rpe2d {text!r} has {len(fields)} dash-separated fields: {hint}.')
+    _, ratio, method, mode, shared_head, rpe_on = fields[:6]
+    index_func = 'piecewise'
+    if len(fields) == 7:
+        if fields[6] != 'clip':
+            raise ValueError(f"--enc_rpe2d {text!r}: the seventh field must be 'clip', got {fields[6]!r}; {hint}.")
+        index_func = 'clip'
+    try:
+        ratio = float(ratio)
+    except ValueError:
+        raise ValueError(f'--enc_rpe2d {text!r}: ratio {ratio!r} is not a number; {hint}.') from None
+    if shared_head not in ('0', '1'):
+        raise ValueError(f'--enc_rpe2d {text!r}: shared_head must be 0 or 1, got {shared_head!r}; {hint}.')
+    try:
+        return get_rpe_config(ratio=ratio, method=method, mode=mode, shared_head=shared_head == '1', skip=0,
+                              rpe_on=rpe_on, index_func=index_func)
+    except ValueError as e:
+        raise ValueError(f'--enc_rpe2d {text!r}: {e} ({hint})') from None
+
+
+def _check_ratio(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f'iRPE ratio must be a finite positive number, got {ratio!r}; the paper uses 1.9 to 3.0.')
+    return float(ratio)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f'iRPE {name} {value!r} is not one of {list(choices)}.')
+    return value
+
+
+@torch.no_grad()
+def piecewise_index(relative_position, alpha, beta, gamma, dtype=torch.int32):
+    """The piecewise index function g(x) of Eq. 18.
+
+    g(x) = round(x)                                                         if |x| <= alpha
+         = sign(x) * min(beta, round(alpha + ln(|x|/alpha) / ln(gamma/alpha) * (beta - alpha)))  otherwise
+    Rounding is half to even (torch.round); the logarithm is evaluated in float32, as in the published
+    code, so that bucket ids (and so published weights) agree exactly.
+    """
+    rp = relative_position
+    near = rp.round() if rp.is_floating_point() else rp
+    rp_abs = rp.abs()
+    far_abs = (alpha + torch.log(rp_abs / alpha) / math.log(gamma / alpha) * (beta - alpha)).round().clip(max=beta)
+    far = torch.sign(rp) * far_abs
+    # Casting truncates towards zero: a clipped magnitude beta=3.8 becomes bucket 3.
+    return torch.where(rp_abs <= alpha, near.to(far.dtype), far).to(dtype)
+
+
+@torch.no_grad()
+def clip_index(relative_position, beta_int, dtype=torch.int32):
+    """The clip index function clip(round(x), -beta_int, beta_int) (paper Table 3)."""
+    rp = relative_position
+    near = rp.round() if rp.is_floating_point() else rp
+    return near.clip(-beta_int, beta_int).to(dtype)
+
+
+@functools.lru_cache(maxsize=128)
+def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piecewise', device='cpu'):
+    """Bucket ids of every (query, key) pair of an height x width map in row-major token order.
+
+    method: 'euc' | 'quant' | 'product' | 'cross_rows' | 'cross_cols'.
+    Returns (bucket_ids (skip+L, skip+L) int32, num_buckets), with L = height * width. The relative
+    position is the query's (row, col) minus the key's. Skip tokens map to one extra bucket whose id is
+    the number of buckets of the map. Cached per argument set: the tensor is shared, do not modify it.
+    """
+    config = RPEConfig(ratio=ratio, method='product' if method == 'product' else 'euc', mode='bias',
+                       shared_head=True, skip=skip, index_func=index_func)
+    alpha, beta, gamma, beta_int = config.alpha, config.beta, config.gamma, config.beta_int
+
+    def index(x):
+        if index_func == 'clip':
+            return clip_index(x, beta_int)
+        return piecewise_index(x, alpha, beta, gamma)
+
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    dr = rows[:, None] - rows[None, :]
+    dc = cols[:, None] - cols[None, :]
+    if method == 'euc':
+        ids = index((dr * dr + dc * dc).float().sqrt().round()) + beta_int
+    elif method == 'quant':
+        # The paper describes a rank mapping; the published code applies g to the squared distance.
+        # We follow the code, so published weights keep their meaning.
+        ids = index((dr * dr + dc * dc).float()) + beta_int
+    elif method == 'cross_rows':
+        ids = index(dr) + beta_int
+    elif method == 'cross_cols':
+        ids = index(dc) + beta_int
+    elif method == 'product':
+        ids = (index(dr) + beta_int) * (2 * beta_int + 1) + (index(dc) + beta_int)
+    else:
+        raise ValueError(f"bucket method {method!r} is not one of 'euc', 'quant', 'product', 'cross_rows', "
+                         "'cross_cols'.")
+    num_buckets = config.num_buckets
+    if skip > 0:
+        padded = torch.full((skip + height * width,) * 2, num_buckets, dtype=ids.dtype)
+        padded[skip:, skip:] = ids
+        ids, num_buckets = padded, num_buckets + 1
+    return ids.to(device=device, dtype=torch.int32).contiguous(), num_buckets
+
+
+def _map_size(num_tokens, skip, height, width):
+    if height is None and width is None:
+        side = math.isqrt(max(num_tokens - skip, 0))
+        if side * side != num_tokens - skip:
+            raise ValueError(f'iRPE got {num_tokens} tokens ({skip} skipped) and no height/width; pass '
+                             'height= and width= of the feature map for non-square maps.')
+        return side, side
+    if height is None or width is None or height * width + skip != num_tokens:
+        raise ValueError(f'iRPE got {num_tokens} tokens but height={height}, width={width}, skip={skip}: '
+                         'height * width + skip must equal the number of tokens.')
+    return int(height), int(width)
+
+
+class iRPE(nn.Module):
+    """One iRPE lookup table, on queries (rpe_q), keys (rpe_k) or values (rpe_v).
+
+    rpe_q / rpe_k: forward(x (B, H, L, head_dim), height, width) -> (B or 1, H or 1, L, L), the term
+        added to the attention logits. Contextual: out[b,h,i,j] = x[b,h,i] . W[:, bucket(i,j)] (Eq. 14-15),
+        computed as (x @ W) then an index by bucket: O(L*K*d + L^2), never a per-pair table.
+    rpe_v: forward(attn (B, H, L, L), height, width) -> (B, H, L, head_dim), the term added to the
+        attention output (Eq. 16): attention weights are summed per bucket, then times the table.
+    """
+
+    def __init__(self, head_dim, num_heads, config, rpe_on, method=None):
+        super().__init__()
+        if rpe_on not in ('q', 'k', 'v'):
+            raise ValueError(f"rpe_on must be 'q', 'k' or 'v', got {rpe_on!r}.")
+        self.config = config
+        self.method = method or config.method
+        self.transposed = rpe_on in ('q', 'k')
+        self.mode = config.mode
+        self.head_dim = head_dim
+        self.num_heads = 1 if config.shared_head else num_heads
+        self.num_buckets = get_bucket_ids_2d(self.method, 1, 1, config.skip, config.ratio, config.index_func)[1]
+        tables = self.num_heads * self.num_buckets * (1 if self.mode == 'bias' else head_dim)
+        if tables > MAX_TABLE_ENTRIES:
+            raise ValueError(f'iRPE ratio {config.ratio} needs a lookup table of {tables} entries, which '
+                             'cannot fit in memory; the paper uses ratios 1.9 to 3.0.')
+        if self.mode == 'bias':
+            if not self.transposed:
+                raise ValueError("iRPE on values has no bias mode: use mode 'ctx'.")
+            self.lookup_table_bias = nn.Parameter(torch.zeros(self.num_heads, self.num_buckets))
+        elif self.transposed:
+            self.lookup_table_weight = nn.Parameter(torch.zeros(self.num_heads, head_dim, self.num_buckets))
+        else:
+            self.lookup_table_weight = nn.Parameter(torch.zeros(self.num_heads, self.num_buckets, head_dim))
+        for p in self.parameters():
+            p.no_weight_decay = True  # read by the optimizer set-up: tables are not decayed
+
+    def bucket_ids(self, num_tokens, height=None, width=None, device='cpu'):
+        """(num_tokens, num_tokens) int32 bucket ids for a map of that size (cached)."""
+        c = self.config
+        height, width = _map_size(num_tokens, c.skip, height, width)
+        return get_bucket_ids_2d(self.method, height, width, c.skip, c.ratio, c.index_func, torch.device(device))[0]
+
+    def forward(self, x, height=None, width=None):
+        import rpe_ops
+        ids = self.bucket_ids(x.shape[2], height, width, x.device)
+        if not self.transposed:
+            per_bucket = rpe_ops.rpe_reduce(x, ids, self.num_buckets)          # (B, H, L, K)
+            return torch.matmul(per_bucket, self.lookup_table_weight.to(x.dtype))
+        if self.mode == 'bias':
+            L = ids.shape[0]
+            table = self.lookup_table_bias.to(x.dtype)[None, :, None, :].expand(1, self.num_heads, L, self.num_buckets)
+            return rpe_ops.rpe_index(table, ids)                                # (1, H, L, L)
+        per_bucket = torch.matmul(x, self.lookup_table_weight.to(x.dtype))     # (B, H, L, K)
+        return rpe_ops.rpe_index(per_bucket, ids)                               # (B, H, L, L)
+
+    def extra_repr(self):
+        c = self.config
+        return (f'method={self.method}, mode={self.mode}, ratio={c.ratio}, index_func={c.index_func}, '
+                f'num_heads={self.num_heads}, num_buckets={self.num_buckets}, skip={c.skip}')
+
+
+class iRPE_Cross(nn.Module):
+    """The cross method: a rows table and a columns table, whose terms are summed (Eq. 21)."""
+
+    def __init__(self, head_dim, num_heads, config, rpe_on):
+        super().__init__()
+        self.rp_rows = iRPE(head_dim, num_heads, config, rpe_on, method='cross_rows')
+        self.rp_cols = iRPE(head_dim, num_heads, config, rpe_on, method='cross_cols')
+
+    def forward(self, x, height=None, width=None):
+        return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+
+
+def build_rpe(config, head_dim, num_heads):
+    """[rpe_q, rpe_k, rpe_v] modules for an RPEConfigs (from get_rpe_config); None where not requested."""
+    if config is None:
+        return [None, None, None]
+    modules = []
+    for on in 'qkv':
+        one = getattr(config, f'rpe_{on}')
+        if one is None:
+            modules.append(None)
+        elif one.method == 'cross':
+            modules.append(iRPE_Cross(head_dim, num_heads, one, on))
+        else:
+            modules.append(iRPE(head_dim, num_heads, one, on))
+    return modules
