@@ -1,0 +1,153 @@
+"""COCO detection in the standard layout, read with pycocotools.
+
+    coco_path/
+      train2017/ or train2017.zip (holding train2017/xxx.jpg)
+      val2017/   or val2017.zip   (holding val2017/xxx.jpg)
+      annotations/instances_train2017.json, annotations/instances_val2017.json
+
+Each sample is `(image (3, H, W) float normalised, target)` with
+  boxes     float32 (N, 4) cxcywh in [0, 1] of the transformed image
+  labels    int64 (N,) raw COCO category ids (num_classes = max id + 1, 91 for COCO)
+  image_id  int64 scalar
+  area      float32 (N,) box area in pixels of the transformed image
+  iscrowd   int64 (N,) zeros: crowd annotations are dropped, as in DETR, for train and val alike
+  orig_size int64 (2,) [h, w] of the image file;  size int64 (2,) [h, w] after the transforms
+Images without objects are kept (N = 0). Grayscale, CMYK and palette images are converted to RGB.
+
+Bad data (evaluation always uses the untouched annotation file through pycocotools):
+  - missing folder / annotation file: FileNotFoundError naming the path and the expected layout.
+  - unreadable, truncated or missing image: a warning naming the file, the `skipped` counter goes up, and
+    the next readable image in index order is returned instead (so a DataLoader worker never dies on one bad
+    file and batches keep their size). `skipped` counts failed reads, in every epoch, summed over
+    DataLoader workers (it lives in shared memory). If no image at all can be read: RuntimeError.
+  - box with width or height <= 0: dropped. Box reaching outside the image: clipped to it, and dropped if
+    nothing is left. One warning per annotation id (per process) naming the annotation file and the id.
+  - annotation whose category id is not in the categories list: dropped, with one warning at load time
+    naming the annotation file and the ids (first 10 of them and the count).
+"""
+import io
+import multiprocessing
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import tv_tensors
+
+from .transforms import boxes_to_normalized_cxcywh
+
+LAYOUT = ('expected coco_path/{train2017,val2017}/ (or {train2017,val2017}.zip holding {train2017,val2017}/*.jpg) '
+          'and coco_path/annotations/instances_{train,val}2017.json')
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """`root` is an image folder or a zip file whose members are `<zip stem>/<file_name>`."""
+
+    def __init__(self, root, ann_file, transforms=None):
+        super().__init__(root, ann_file)
+        self._transforms = transforms
+        self.ann_file = str(ann_file)
+        self._skipped = multiprocessing.Value('i', 0)
+        self._warned = set()
+        self._zip, self._zip_pid = None, None
+        unknown = [a['id'] for a in self.coco.dataset.get('annotations', []) if a.get('category_id') not in self.coco.cats]
+        if unknown:
+            warnings.warn(f'{self.ann_file}: {len(unknown)} annotation(s) have a category id missing from the '
+                          f'categories list and are ignored, e.g. annotation ids {unknown[:10]}')
+
+    @property
+    def skipped(self):
+        """Number of image reads that failed so far (all epochs, all DataLoader workers)."""
+        return self._skipped.value
+
+    def __getstate__(self):  # an open ZipFile cannot be pickled (DataLoader workers under spawn)
+        return {**self.__dict__, '_zip': None, '_zip_pid': None}
+
+    def _load_image(self, id):
+        file_name = self.coco.loadImgs(id)[0]['file_name']
+        if str(self.root).endswith('.zip'):
+            # one handle per process: forked workers must not share a file offset
+            if self._zip_pid != os.getpid():
+                self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
+            data = self._zip.read(f'{Path(self.root).stem}/{file_name}')
+            image = Image.open(io.BytesIO(data))
+        else:
+            image = Image.open(os.path.join(self.root, file_name))
+        return image.convert('RGB')  # decodes now, so truncated files fail here
+
+    def __getitem__(self, index):
+        for offset in range(len(self.ids)):
+            image_id = self.ids[(index + offset) % len(self.ids)]
+            try:
+                image = self._load_image(image_id)
+            except (OSError, KeyError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                file_name = self.coco.imgs[image_id]['file_name']
+                warnings.warn(f'skipping unreadable image {os.path.join(self.root, file_name)} '
+                              f'(image id {image_id}): {e}')
+                continue
+            target = self.prepare_target(image_id, image.width, image.height)
+            if self._transforms is not None:
+                image, target = self._transforms(image, target)
+            boxes = target['boxes']
+            target['area'] = (boxes[:, 2] - boxes[:, 0]).float() * (boxes[:, 3] - boxes[:, 1]).float()
+            target['size'] = torch.tensor(boxes.canvas_size, dtype=torch.int64)
+            target['boxes'] = boxes_to_normalized_cxcywh(boxes)
+            return image, target
+        raise RuntimeError(f'none of the {len(self.ids)} images under {self.root} could be read')
+
+    def prepare_target(self, image_id, width, height):
+        """Annotations of one image -> target with XYXY pixel `BoundingBoxes`, before any transform."""
+        boxes, labels = [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann.get('iscrowd', 0) or ann.get('category_id') not in self.coco.cats:
+                continue
+            x, y, w, h = ann['bbox']
+            x1, y1 = min(max(x, 0), width), min(max(y, 0), height)
+            x2, y2 = min(max(x + w, 0), width), min(max(y + h, 0), height)
+            problem = None
+            if w <= 0 or h <= 0:
+                problem = f'has zero or negative size (bbox {ann["bbox"]}); dropped'
+            elif x2 <= x1 or y2 <= y1:
+                problem = f'lies outside the {width}x{height} image (bbox {ann["bbox"]}); dropped'
+            elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                problem = f'reaches outside the {width}x{height} image (bbox {ann["bbox"]}); clipped'
+            if problem and ann['id'] not in self._warned:
+                self._warned.add(ann['id'])
+                warnings.warn(f'{self.ann_file}: annotation id {ann["id"]} {problem}')
+            if w <= 0 or h <= 0 or x2 <= x1 or y2 <= y1:
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(ann['category_id'])
+        return {
+            'boxes': tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                              format='XYXY', canvas_size=(height, width)),
+            'labels': torch.tensor(labels, dtype=torch.int64),
+            'iscrowd': torch.zeros(len(labels), dtype=torch.int64),
+            'image_id': torch.tensor(image_id, dtype=torch.int64),
+            'orig_size': torch.tensor([height, width], dtype=torch.int64),
+        }
+
+
+def build(image_set, coco_path, transforms):
+    """image_set 'train' or 'val' of the COCO-layout folder `coco_path`."""
+    if coco_path is None:
+        raise ValueError(f'--coco_path is required for --dataset_file coco ({LAYOUT}); '
+                         f'or use --dataset_file synthetic for the built-in dataset')
+    root = Path(coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f'--coco_path {root} is not a folder; {LAYOUT}')
+    ann_file = root / 'annotations' / f'instances_{image_set}2017.json'
+    if not ann_file.is_file():
+        raise FileNotFoundError(f'annotation file {ann_file} not found; {LAYOUT}')
+    img_folder = root / f'{image_set}2017'
+    if not img_folder.is_dir():
+        img_folder = root / f'{image_set}2017.zip'
+        if not img_folder.is_file():
+            raise FileNotFoundError(f'neither image folder {root / f"{image_set}2017"} nor {img_folder} found; '
+                                    f'{LAYOUT}')
+    return CocoDetection(img_folder, ann_file, transforms)
