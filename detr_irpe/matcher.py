@@ -1,0 +1,53 @@
+"""Bipartite matching between predictions and ground truth (DETR, Sec. 3.1, Eq. 1).
+
+The matching cost of query i and target j is
+    cost_bbox * ||b_i - b_j||_1  -  cost_class * p_i(c_j)  -  cost_giou * GIoU(b_i, b_j),
+with boxes in normalised cxcywh for the L1 term and in xyxy for GIoU; the assignment of minimal
+total cost is found per image by the Hungarian algorithm. Unmatched queries predict "no object".
+"""
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import generalized_box_iou
+
+from .box_ops import box_cxcywh_to_xyxy
+
+
+class HungarianMatcher(nn.Module):
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("All matching costs are 0; set at least one of "
+                             "--set_cost_class, --set_cost_bbox, --set_cost_giou")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """outputs: 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) cxcywh.
+        targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh.
+        Returns B pairs (query indices, target indices), each int64 of length min(Q, N_b),
+        with query i matched to target j."""
+        B, Q = outputs['pred_logits'].shape[:2]
+        # All images at once: a (B*Q, sum N_b) cost matrix, then split per image.
+        prob = outputs['pred_logits'].flatten(0, 1).softmax(-1)
+        out_boxes = outputs['pred_boxes'].flatten(0, 1)
+        tgt_labels = torch.cat([t['labels'] for t in targets])
+        tgt_boxes = torch.cat([t['boxes'] for t in targets])
+
+        cost_class = -prob[:, tgt_labels]
+        cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        cost = cost.view(B, Q, -1).cpu()
+
+        sizes = [len(t['boxes']) for t in targets]
+        indices = [linear_sum_assignment(c[b]) for b, c in enumerate(cost.split(sizes, -1))]
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+                for i, j in indices]
+
+
+def build_matcher(args) -> HungarianMatcher:
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                            cost_giou=args.set_cost_giou)
