@@ -1,0 +1,185 @@
+"""COCO-layout loading: targets, odd images, bad data, zip folders, the public helpers."""
+import argparse
+import json
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+from datasets import coco
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, make_transforms
+
+# image id -> (file name, mode, width, height); ids and category ids deliberately non-contiguous
+IMAGES = {7: ('rgb.jpg', 'RGB', 64, 48), 42: ('gray.jpg', 'L', 40, 30), 1000: ('cmyk.jpg', 'CMYK', 50, 40),
+          3: ('empty.png', 'RGB', 32, 32), 55: ('broken.jpg', 'RGB', 64, 64)}
+CATEGORIES = [{'id': 2, 'name': 'two'}, {'id': 5, 'name': 'five'}, {'id': 17, 'name': 'seventeen'}]
+ANNOTATIONS = [
+    {'id': 101, 'image_id': 7, 'category_id': 5, 'bbox': [4, 6, 20, 10]},
+    {'id': 102, 'image_id': 7, 'category_id': 17, 'bbox': [30, 20, 34, 28]},
+    {'id': 103, 'image_id': 42, 'category_id': 2, 'bbox': [0, 0, 10, 10]},
+    {'id': 104, 'image_id': 42, 'category_id': 2, 'bbox': [5, 5, 10, 10], 'iscrowd': 1},  # crowd: dropped
+    {'id': 105, 'image_id': 1000, 'category_id': 5, 'bbox': [-5, 10, 20, 50]},  # clipped to [0, 10, 15, 40]
+    {'id': 106, 'image_id': 1000, 'category_id': 17, 'bbox': [10, 10, 0, 5]},  # zero width: dropped
+    {'id': 107, 'image_id': 1000, 'category_id': 99, 'bbox': [1, 1, 5, 5]},  # unknown category: dropped
+    {'id': 108, 'image_id': 55, 'category_id': 2, 'bbox': [1, 1, 5, 5]},
+]
+# expected targets, boxes in original pixels (x1, y1, x2, y2)
+EXPECTED = {7: ([[4, 6, 24, 16], [30, 20, 64, 48]], [5, 17]), 42: ([[0, 0, 10, 10]], [2]),
+            1000: ([[0, 10, 15, 40]], [5]), 3: ([], [])}
+
+
+def write_coco(root, split='val', zipped=False):
+    """A COCO-layout folder with the images above (broken.jpg truncated) and their annotations."""
+    (root / 'annotations').mkdir(parents=True, exist_ok=True)
+    folder = root / f'{split}2017'
+    folder.mkdir()
+    for image_id, (name, mode, w, h) in IMAGES.items():
+        colour = {'RGB': (200, 30, 60), 'L': 90, 'CMYK': (0, 255, 0, 0)}[mode]
+        Image.new(mode, (w, h), colour).save(folder / name, quality=100)
+    data = (folder / 'broken.jpg').read_bytes()
+    (folder / 'broken.jpg').write_bytes(data[:len(data) // 3])
+    anns = [{'area': a['bbox'][2] * a['bbox'][3], 'iscrowd': 0, **a} for a in ANNOTATIONS]
+    images = [{'id': i, 'file_name': n, 'width': w, 'height': h} for i, (n, _, w, h) in IMAGES.items()]
+    (root / 'annotations' / f'instances_{split}2017.json').write_text(
+        json.dumps({'images': images, 'annotations': anns, 'categories': CATEGORIES}))
+    if zipped:
+        with zipfile.ZipFile(root / f'{split}2017.zip', 'w') as z:
+            for path in sorted(folder.iterdir()):
+                z.write(path, f'{split}2017/{path.name}')
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    return root
+
+
+def load(root, split='val'):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        dataset = coco.build(split, root, make_transforms('val', val_size=60, val_max_size=1000))
+    return dataset, caught
+
+
+def items_by_id(dataset):
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter('always')
+        return {int(t['image_id']): (img, t) for img, t in (dataset[i] for i in range(len(dataset)))}
+
+
+def unnormalise(image):
+    return image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+
+
+@pytest.mark.parametrize('zipped', [False, True], ids=['folder', 'zip'])
+def test_targets_match_the_annotations_computed_by_hand(tmp_path, zipped):
+    dataset, _ = load(write_coco(tmp_path, zipped=zipped))
+    items = items_by_id(dataset)
+    assert set(items) == set(EXPECTED)  # broken.jpg was replaced by the next readable image
+    for image_id, (boxes, labels) in EXPECTED.items():
+        image, target = items[image_id]
+        _, _, w, h = IMAGES[image_id]
+        scale = 60 / min(w, h)
+        new_h, new_w = (60, int(60 * w / h)) if h <= w else (int(60 * h / w), 60)
+        assert image.shape == (3, new_h, new_w) and image.dtype == torch.float32
+        assert target['size'].tolist() == [new_h, new_w] and target['size'].dtype == torch.int64
+        assert target['orig_size'].tolist() == [h, w] and target['orig_size'].dtype == torch.int64
+        assert target['image_id'].dtype == torch.int64 and target['image_id'].shape == ()
+        assert target['labels'].tolist() == labels and target['labels'].dtype == torch.int64
+        assert target['iscrowd'].tolist() == [0] * len(labels)
+        expected = torch.tensor([[(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+                                 for x1, y1, x2, y2 in boxes], dtype=torch.float32).reshape(-1, 4)
+        assert target['boxes'].dtype == torch.float32 and type(target['boxes']) is torch.Tensor
+        torch.testing.assert_close(target['boxes'], expected, atol=1e-2, rtol=0)  # resize rounds the long side
+        expected_area = torch.tensor([(x2 - x1) * (y2 - y1) * scale ** 2 for x1, y1, x2, y2 in boxes])
+        torch.testing.assert_close(target['area'], expected_area.float(), rtol=0.05, atol=0)
+
+
+def test_grayscale_and_cmyk_images_become_rgb(tmp_path):
+    items = items_by_id(load(write_coco(tmp_path))[0])
+    gray = unnormalise(items[42][0])
+    assert gray.shape[0] == 3
+    torch.testing.assert_close(gray, torch.full_like(gray, 90 / 255), atol=0.02, rtol=0)
+    cmyk = unnormalise(items[1000][0]).mean(dim=(1, 2))  # C=0 M=1 Y=0 K=0 is magenta
+    torch.testing.assert_close(cmyk, torch.tensor([1.0, 0.0, 1.0]), atol=0.05, rtol=0)
+
+
+def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):
+    dataset, _ = load(write_coco(tmp_path))
+    broken = dataset.ids.index(55)
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        image, target = dataset[broken]
+    assert int(target['image_id']) == dataset.ids[broken + 1]
+    assert dataset.skipped == 1
+
+
+def test_skipped_counter_adds_up_over_dataloader_workers(tmp_path):
+    dataset, _ = load(write_coco(tmp_path))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=datasets.collate_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        epochs = [list(loader) for _ in range(2)]
+    assert [len(batches) for batches in epochs] == [len(IMAGES)] * 2  # the broken image's place is filled
+    assert dataset.skipped == 2  # one failed read per epoch, counted in the workers
+
+
+def test_bad_boxes_and_unknown_categories_warn_naming_file_and_annotation_id(tmp_path):
+    dataset, caught = load(write_coco(tmp_path))
+    messages = [str(w.message) for w in caught]
+    assert any('instances_val2017.json' in m and '107' in m and 'category' in m for m in messages)
+    index = dataset.ids.index(1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        dataset[index]
+        dataset[index]
+    messages = [str(w.message) for w in caught]
+    assert sum('annotation id 105' in m and 'clipped' in m for m in messages) == 1  # once per id
+    assert sum('annotation id 106' in m and 'dropped' in m for m in messages) == 1
+    assert all('instances_val2017.json' in m for m in messages)
+
+
+def test_missing_paths_raise_errors_that_name_them(tmp_path):
+    with pytest.raises(ValueError, match='--coco_path'):
+        coco.build('val', None, None)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        coco.build('val', tmp_path / 'nowhere', None)
+    with pytest.raises(FileNotFoundError, match='instances_train2017.json'):
+        coco.build('train', write_coco(tmp_path), None)
+    (tmp_path / 'annotations' / 'instances_train2017.json').write_text('{}')
+    with pytest.raises(FileNotFoundError, match='train2017.zip'):
+        coco.build('train', tmp_path, None)
+
+
+def parser_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--dataset_file', default='coco')
+    parser.add_argument('--coco_path')
+    datasets.add_dataset_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_dataset_args_defaults_are_detr_settings():
+    args = parser_args([])
+    assert args.train_scales == [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    assert (args.train_max_size, args.val_size, args.val_max_size) == (1333, 800, 1333)
+    assert args.crop_scales == [400, 500, 600] and args.crop_size == [384, 600]
+
+
+def test_build_dataset_collate_and_coco_api(tmp_path):
+    write_coco(tmp_path, 'train')
+    args = parser_args(['--coco_path', str(tmp_path), '--train_scales', '40', '48', '--train_max_size', '100',
+                        '--crop_scales', '40', '--crop_size', '20', '30'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        dataset = datasets.build_dataset('train', args)
+        images, targets = datasets.collate_fn([dataset[0], dataset[1]])
+    assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 2
+    assert all(((t['boxes'] >= 0) & (t['boxes'] <= 1)).all() for t in targets)
+    subset = torch.utils.data.Subset(torch.utils.data.Subset(dataset, [0, 1]), [0])
+    assert datasets.get_coco_api_from_dataset(subset) is dataset.coco
+    assert datasets.num_classes_for(subset) == 18
+    assert datasets.num_classes_for(args) == 91
+    with pytest.raises(ValueError, match="'voc'"):
+        datasets.build_dataset('train', parser_args(['--dataset_file', 'voc']))
