@@ -37,7 +37,7 @@ def add_dataset_args(parser):
     group.add_argument('--synthetic_objects', type=int, nargs=2, default=[1, 3], metavar=('MIN', 'MAX'),
                        help='synthetic: objects per image')
     group.add_argument('--synthetic_object_size', type=float, nargs=2, default=[0.2, 0.45], metavar=('MIN', 'MAX'),
-                       help='synthetic: object size as a fraction of the image side')
+                       help='synthetic: object size sqrt(w h) as a fraction of the image side')
     group.add_argument('--synthetic_seed', type=int, default=0, help='synthetic: seed of the drawing')
     return parser
 
