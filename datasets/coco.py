@@ -26,7 +26,6 @@ Bad data (evaluation always uses the untouched annotation file through pycocotoo
     naming the annotation file and the ids (first 10 of them and the count).
 """
 import io
-import multiprocessing
 import os
 import warnings
 import zipfile
@@ -39,6 +38,7 @@ from torchvision import tv_tensors
 
 from .transforms import boxes_to_normalized_cxcywh
 
+MAX_WORKERS = 256
 LAYOUT = ('expected coco_path/{train2017,val2017}/ (or {train2017,val2017}.zip holding {train2017,val2017}/*.jpg) '
           'and coco_path/annotations/instances_{train,val}2017.json')
 
@@ -50,7 +50,9 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         super().__init__(root, ann_file)
         self._transforms = transforms
         self.ann_file = str(ann_file)
-        self._skipped = multiprocessing.Value('i', 0)
+        # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the
+        # count survives workers under fork and spawn alike and needs no lock
+        self._skipped = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
         self._warned = set()
         self._zip, self._zip_pid = None, None
         unknown = [a['id'] for a in self.coco.dataset.get('annotations', []) if a.get('category_id') not in self.coco.cats]
@@ -61,7 +63,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     @property
     def skipped(self):
         """Number of image reads that failed so far (all epochs, all DataLoader workers)."""
-        return self._skipped.value
+        return int(self._skipped.sum())
 
     def __getstate__(self):  # an open ZipFile cannot be pickled (DataLoader workers under spawn)
         return {**self.__dict__, '_zip': None, '_zip_pid': None}
@@ -84,8 +86,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             try:
                 image = self._load_image(image_id)
             except (OSError, KeyError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                worker = torch.utils.data.get_worker_info()
+                self._skipped[0 if worker is None else 1 + worker.id % MAX_WORKERS] += 1
                 file_name = self.coco.imgs[image_id]['file_name']
                 warnings.warn(f'skipping unreadable image {os.path.join(self.root, file_name)} '
                               f'(image id {image_id}): {e}')
