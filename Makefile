@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv/ first if needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# Pinned for reproducibility (setup.py keeps loose ranges for users). The CUDA builds of torch and
+# torchvision run on machines without a GPU; their pip `nvidia` packages carry the headers the CUDA
+# kernel compiles against.
+PINNED := torch==2.14.1 torchvision==0.29.1 pycocotools==2.0.11 scipy==1.17.1 numpy==2.4.6 \
+          pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 pillow==13.0.0 pytest==9.2.0 ninja==1.13.0 \
+          setuptools==84.2.1 wheel
+SOURCES := setup.py $(wildcard rpe_ops/csrc/*.* rpe_ops/csrc/*/*.*)
+
+.PHONY: setup demo test test-quick benchmark clean
+setup: $(VENV)/.built
+
+$(VENV)/.deps: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(PINNED)
+	touch $@
+
+# --no-build-isolation: an isolated build would fetch torch again.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) tools/train.py --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow"
+
+benchmark: setup
+	$(PY) tools/benchmark.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info rpe_ops/*.so
