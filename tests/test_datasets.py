@@ -115,9 +115,13 @@ def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):
     assert dataset.skipped == 1
 
 
-def test_skipped_counter_adds_up_over_dataloader_workers(tmp_path):
-    dataset, _ = load(write_coco(tmp_path))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=datasets.collate_fn)
+@pytest.mark.parametrize('zipped', [False, True], ids=['folder', 'zip'])
+@pytest.mark.parametrize('context', ['fork', pytest.param('spawn', marks=pytest.mark.slow)])
+def test_skipped_counter_adds_up_over_dataloader_workers(tmp_path, context, zipped):
+    dataset, _ = load(write_coco(tmp_path, zipped=zipped))
+    dataset[0]  # the main process reads first (and opens the zip), then the dataset goes to the workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=datasets.collate_fn,
+                                         multiprocessing_context=context)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         epochs = [list(loader) for _ in range(2)]
