@@ -53,7 +53,7 @@ class CocoEvaluator:
         Returns {'bbox': [12 floats, -1 where undefined], 'per_category_ap': {category name: AP or -1}}."""
         if self._results:
             with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt = self.coco_gt.loadRes(self._results)
+                coco_dt = self.coco_gt.loadRes(copy.deepcopy(self._results))  # loadRes adds keys in place
         else:  # loadRes cannot take an empty list
             coco_dt = COCO()
             coco_dt.dataset = {'images': self.coco_gt.dataset['images'], 'annotations': [],

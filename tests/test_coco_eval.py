@@ -94,10 +94,13 @@ def test_results_are_coco_dicts_with_xywh_boxes():
     evaluator = CocoEvaluator(coco_gt())
     evaluator.update({25: {'scores': np.array([0.5, 0.25]), 'labels': np.array([3, 11]),
                            'boxes': np.array([[1.0, 2.0, 11.0, 22.0], [5.0, 5.0, 6.5, 9.0]])}})
-    assert evaluator.results() == [
+    expected = [
         {'image_id': 25, 'category_id': 3, 'bbox': [1.0, 2.0, 10.0, 20.0], 'score': 0.5},
         {'image_id': 25, 'category_id': 11, 'bbox': [5.0, 5.0, 1.5, 4.0], 'score': 0.25},
     ]
+    assert evaluator.results() == expected
+    evaluator.summarize()
+    assert evaluator.results() == expected  # evaluating leaves them as they were
 
 
 def test_evaluator_does_not_touch_the_datasets_coco_object():
