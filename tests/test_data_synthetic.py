@@ -95,3 +95,18 @@ def test_build_dataset_reads_synthetic_through_the_coco_loader(tmp_path):
                              (a['bbox'] for a in anns)], dtype=torch.float32)
     torch.testing.assert_close(target['boxes'], expected)
     assert target['labels'].tolist() == [a['category_id'] for a in anns]
+
+
+def test_targets_scaled_back_to_original_pixels_score_ap_one(tmp_path):
+    """The contract with the post-processing: cxcywh in [0, 1] times orig_size gives the annotation boxes."""
+    root = ensure_synthetic_coco(tmp_path, **SMALL)
+    dataset = datasets.coco.build('val', root, datasets.make_transforms('val', val_size=100, val_max_size=200))
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset))
+    for _, target in (dataset[i] for i in range(len(dataset))):
+        h, w = target['orig_size'].tolist()
+        cx, cy, bw, bh = (target['boxes'] * torch.tensor([w, h, w, h])).unbind(1)
+        evaluator.update({int(target['image_id']): {
+            'scores': torch.ones(len(cx)), 'labels': target['labels'],
+            'boxes': torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)}})
+    stats = evaluator.summarize()
+    assert stats['bbox'][0] == pytest.approx(1.0)
