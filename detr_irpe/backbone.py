@@ -67,12 +67,13 @@ def imagenet_state_dict(name: str) -> dict:
     """The torchvision IMAGENET1K_V1 weights of resnet `name` (what DETR starts from)."""
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     try:
-        return weights.get_state_dict(progress=False)
+        state_dict = weights.get_state_dict(progress=False)
     except Exception as err:  # offline: URLError, OSError, ...
         raise RuntimeError(
             f"Could not fetch the ImageNet weights of {name} ({weights.url}): {err}. "
             "Pass --backbone_weights none for a random initialisation, or --backbone_weights "
             "<path> to a local resnet state dict.") from err
+    return {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
 
 
 def file_state_dict(path: str) -> dict:

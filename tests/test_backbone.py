@@ -179,6 +179,21 @@ def test_file_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_imagenet_weights_are_torchvision_v1(monkeypatch):
+    # stands in for the download: the state dict torchvision would return for IMAGENET1K_V1
+    source = torchvision.models.resnet18().state_dict()
+    asked = []
+
+    def fake_download(self, *a, **k):
+        asked.append(self)
+        return source
+    monkeypatch.setattr(torchvision.models.WeightsEnum, 'get_state_dict', fake_download)
+    body_sd = build_backbone(args(backbone='resnet18', backbone_weights='imagenet'))[0].body.state_dict()
+    assert asked == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    for k, v in body_sd.items():
+        assert torch.equal(v, source[k]), k
+
+
 def test_offline_imagenet_weights_error_says_what_to_do(monkeypatch):
     def offline(self, *a, **k):
         raise OSError('no network')
