@@ -1,0 +1,122 @@
+// CUDA kernels of rpe_index / rpe_reduce.
+//   rpe_index:  one thread per output element (grid-stride), a plain gather.
+//   rpe_reduce: one block per (b, h, i) row; the block accumulates the row's
+//               buckets in shared memory (fast shared atomics), then writes
+//               them once. No global atomics. Rows with more buckets than fit
+//               in shared memory are reduced one tile of buckets at a time.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../rpe_index.h"
+
+namespace rpe_ops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;
+constexpr int64_t kSharedBytes = 48 * 1024;  // available to every block without opt-in
+
+template <typename scalar_t>
+__global__ void rpe_index_kernel(const scalar_t* __restrict__ in, const int32_t* __restrict__ idx,
+                                 scalar_t* __restrict__ y, int64_t numel, int64_t Lq, int64_t K,
+                                 int64_t Lk) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t row = e / Lk, j = e - row * Lk;
+    const int32_t t = idx[index_row_offset(query_of_row(row, Lq), Lk) + j];
+    CUDA_KERNEL_ASSERT(bucket_in_range(t, K));
+    y[row_offset(row, Lk) + j] = in[row_offset(row, K) + t];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void rpe_reduce_kernel(const scalar_t* __restrict__ v, const int32_t* __restrict__ idx,
+                                  scalar_t* __restrict__ y, int64_t rows, int64_t Lq, int64_t Lk,
+                                  int64_t K, int64_t tile) {
+  extern __shared__ __align__(sizeof(double)) unsigned char shared_raw[];
+  acc_t* acc = reinterpret_cast<acc_t*>(shared_raw);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const scalar_t* v_row = v + row_offset(row, Lk);
+    const int32_t* idx_row = idx + index_row_offset(query_of_row(row, Lq), Lk);
+    scalar_t* y_row = y + row_offset(row, K);
+    for (int64_t first = 0; first < K; first += tile) {
+      const int64_t width = min(tile, K - first);
+      for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = acc_t(0);
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < Lk; j += blockDim.x) {
+        const int32_t t = idx_row[j];
+        CUDA_KERNEL_ASSERT(bucket_in_range(t, K));
+        const int64_t local = t - first;
+        if (local >= 0 && local < width) atomicAdd(acc + local, static_cast<acc_t>(v_row[j]));
+      }
+      __syncthreads();
+      for (int64_t t = threadIdx.x; t < width; t += blockDim.x)
+        y_row[first + t] = static_cast<scalar_t>(acc[t]);
+      __syncthreads();  // the next tile or row reuses acc
+    }
+  }
+}
+
+at::Tensor rpe_index_cuda(const at::Tensor& input_, const at::Tensor& index_) {
+  check_rows_and_index(input_, index_, "rpe_index");
+  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor index = index_.contiguous();
+  const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1);
+  at::Tensor out = at::empty({input.size(0), input.size(1), Lq, Lk}, input.options());
+  const int64_t numel = out.numel();
+  if (numel == 0) return out;
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks * 8);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rpe_index_cuda", [&] {
+    rpe_index_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        input.const_data_ptr<scalar_t>(), index.const_data_ptr<int32_t>(),
+        out.mutable_data_ptr<scalar_t>(), numel, Lq, K, Lk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor rpe_reduce_cuda(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
+  check_rows_and_index(values_, index_, "rpe_reduce");
+  TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce: index has Lk = ", index_.size(1),
+              " columns but values has Lk = ", values_.size(3));
+  TORCH_CHECK(K >= 0, "rpe_reduce: num_buckets must be >= 0, got ", K);
+  const c10::cuda::CUDAGuard device_guard(values_.device());
+  const at::Tensor values = values_.contiguous();
+  const at::Tensor index = index_.contiguous();
+  const int64_t Lq = values.size(2), Lk = values.size(3);
+  const int64_t rows = values.size(0) * values.size(1) * Lq;
+  at::Tensor out = at::empty({values.size(0), values.size(1), Lq, K}, values.options());
+  if (out.numel() == 0) return out;
+  const int64_t blocks = std::min<int64_t>(rows, kMaxBlocks * 8);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // half types accumulate in float
+    const int64_t tile = std::min<int64_t>(K, kSharedBytes / sizeof(acc_t));
+    rpe_reduce_kernel<scalar_t, acc_t><<<blocks, kThreads, tile * sizeof(acc_t), stream>>>(
+        values.const_data_ptr<scalar_t>(), index.const_data_ptr<int32_t>(),
+        out.mutable_data_ptr<scalar_t>(), rows, Lq, Lk, K, tile);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpe_ops, CUDA, m) {
+  m.impl("rpe_index", &rpe_index_cuda);
+  m.impl("rpe_reduce", &rpe_reduce_cuda);
+}
+
+}  // namespace rpe_ops

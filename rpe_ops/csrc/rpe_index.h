@@ -1,0 +1,61 @@
+// Index arithmetic shared by the CPU and CUDA kernels of rpe_index / rpe_reduce.
+//
+// Both ops work on "rows": one row is one (b, h, i) triple, flattened as
+// row = (b * H + h) * Lq + i, so a contiguous (B, H, Lq, X) tensor is a
+// (B*H*Lq, X) matrix and query i of a row is row % Lq.
+//
+//   rpe_index:  out[row, j] = input[row, index[i, j]]             (K -> Lk)
+//   rpe_reduce: out[row, t] = sum_j values[row, j] * [index[i, j] == t]
+//                                                                  (Lk -> K)
+//
+// The kernels only loop; every offset and bound they use comes from here, so
+// the CPU tests exercise the same arithmetic the GPU runs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <cstdint>
+
+namespace rpe_ops {
+
+// Query position i of a flattened (b, h, i) row.
+C10_HOST_DEVICE inline int64_t query_of_row(int64_t row, int64_t Lq) {
+  return row % Lq;
+}
+
+// Start of row `row` in a contiguous (B, H, Lq, width) tensor.
+C10_HOST_DEVICE inline int64_t row_offset(int64_t row, int64_t width) {
+  return row * width;
+}
+
+// Start of the index row shared by all (b, h) rows of query i: (Lq, Lk).
+C10_HOST_DEVICE inline int64_t index_row_offset(int64_t i, int64_t Lk) {
+  return i * Lk;
+}
+
+// Bucket ids come from bucket_ids and should lie in [0, K). The kernels check
+// every id anyway (a predictable branch in a memory-bound loop): an id out of
+// range would otherwise read, or in the reduce write, outside its row.
+C10_HOST_DEVICE inline bool bucket_in_range(int32_t bucket, int64_t K) {
+  return bucket >= 0 && static_cast<int64_t>(bucket) < K;
+}
+
+// Shapes the kernels rely on. The Python wrapper (rpe_ops/__init__.py) checks
+// the same things first with messages that say what to do; these checks keep
+// direct torch.ops.rpe_ops.* calls from reading out of bounds.
+//   rows:  (B, H, Lq, width) floating point;  index: (Lq, Lk) int32.
+inline void check_rows_and_index(const at::Tensor& rows, const at::Tensor& index,
+                                 const char* op) {
+  TORCH_CHECK(rows.dim() == 4, op, ": expected a 4-D (B, H, Lq, X) tensor, got ",
+              rows.dim(), "-D");
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == rows.size(2), op,
+              ": expected index of shape (Lq, Lk) with Lq = ", rows.size(2),
+              ", got ", index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kInt, op,
+              ": expected an int32 index, got ", index.scalar_type(),
+              "; pass index.to(torch.int32)");
+  TORCH_CHECK(index.device() == rows.device(), op, ": index is on ", index.device(),
+              " but the tensor it indexes is on ", rows.device());
+}
+
+}  // namespace rpe_ops
