@@ -1,0 +1,97 @@
+"""Build and install detr-irpe: the `detr_irpe` library and the compiled `rpe_ops` op.
+
+    pip install --no-build-isolation -e .     # what `make` runs
+
+The CUDA kernels are compiled whenever nvcc is found (no GPU is needed to build
+them). Environment:
+    RPE_OPS_NO_CUDA=1         CPU kernels only (quick rebuilds while iterating)
+    TORCH_CUDA_ARCH_LIST=...  GPU architectures (default: sm_80, sm_90 + PTX)
+    MAX_JOBS=N                parallel compile jobs
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sysconfig
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+CSRC = os.path.join('rpe_ops', 'csrc')
+DEFAULT_CUDA_ARCH_FLAGS = [
+    '-gencode=arch=compute_80,code=sm_80',
+    '-gencode=arch=compute_90,code=sm_90',
+    '-gencode=arch=compute_90,code=compute_90',  # PTX, so newer GPUs can JIT it
+]
+
+
+def find_cuda_toolkit():
+    """The toolkit nvcc belongs to, or None.
+
+    torch guesses CUDA_HOME as the parent of the directory holding nvcc, which
+    is wrong when nvcc is a wrapper script (e.g. /usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc); nvcc's own --dryrun names its real home.
+    """
+    if os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH'):
+        return os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH')
+    nvcc = shutil.which('nvcc')
+    if nvcc is None:
+        return None
+    try:
+        dryrun = subprocess.run([nvcc, '--dryrun', '-E', '-x', 'cu', os.devnull], capture_output=True,
+                                text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        dryrun = ''
+    homes = [os.path.dirname(line.split('=', 1)[1].strip())
+             for line in dryrun.splitlines() if line.startswith('#$ _HERE_=')]  # nvcc binary's dir
+    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in homes:
+        if os.path.exists(os.path.join(home, 'include', 'cuda_runtime.h')):
+            return os.path.realpath(home)
+    print(f'rpe_ops: found {nvcc} but not its CUDA headers (tried {homes}); set CUDA_HOME. '
+          f'Building the CPU kernels only.')
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Include dirs of the nvidia-* pip packages installed with torch.
+
+    PyTorch's CUDA headers include cuBLAS / cuSPARSE / cuSOLVER headers that a
+    bare nvcc toolkit may lack; torch's own CUDA wheels bring them. (Nothing to
+    link from there: the extension only needs libcudart from the toolkit.)
+    """
+    site = sysconfig.get_paths()['purelib']
+    return sorted(d for d in glob.glob(os.path.join(site, 'nvidia', '*', 'include')) if os.path.isdir(d))
+
+
+def rpe_ops_extension():
+    sources = [os.path.join(CSRC, 'rpe_index.cpp'), os.path.join(CSRC, 'cpu', 'rpe_index_kernel.cpp')]
+    cxx_flags = ['-O3']
+    toolkit = None if os.environ.get('RPE_OPS_NO_CUDA') == '1' else find_cuda_toolkit()
+    if toolkit is None:
+        return cpp_extension.CppExtension('rpe_ops._C', sources, extra_compile_args={'cxx': cxx_flags})
+
+    cpp_extension.CUDA_HOME = toolkit  # where BuildExtension looks for nvcc, headers, libcudart
+    sources.append(os.path.join(CSRC, 'cuda', 'rpe_index_kernel.cu'))
+    # -idirafter: the pip headers only fill gaps; the toolkit's own headers win.
+    extra_includes = [f'-idirafter{d}' for d in pip_cuda_include_dirs()]
+    nvcc_flags = ['-O3', '-DWITH_CUDA'] + [f'-Xcompiler={flag}' for flag in extra_includes]
+    if not os.environ.get('TORCH_CUDA_ARCH_LIST'):
+        nvcc_flags += DEFAULT_CUDA_ARCH_FLAGS  # torch's default needs a visible GPU
+    return cpp_extension.CUDAExtension(
+        'rpe_ops._C', sources,
+        extra_compile_args={'cxx': cxx_flags + ['-DWITH_CUDA'] + extra_includes, 'nvcc': nvcc_flags})
+
+
+setup(
+    name='detr-irpe',
+    version='0.1.0',
+    description='DETR with image relative position encoding (iRPE) in the encoder self-attention',
+    packages=find_packages(include=['detr_irpe', 'detr_irpe.*', 'rpe_ops', 'rpe_ops.*']),
+    python_requires='>=3.9',
+    install_requires=['torch>=2.4', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
+                      'matplotlib'],
+    ext_modules=[rpe_ops_extension()],
+    cmdclass={'build_ext': cpp_extension.BuildExtension},
+    zip_safe=False,
+)
