@@ -1,0 +1,246 @@
+"""rpe_ops.rpe_index / rpe_reduce against their definitions, written here as loops.
+
+    rpe_index:  Y[b, h, i, j]   = X[b, h, i, index[i, j]]
+    rpe_reduce: out[b, h, i, t] = sum_j V[b, h, i, j] [index[i, j] = t]
+    d rpe_index / dX  = rpe_reduce of the grad;  d rpe_reduce / dV = rpe_index of the grad
+"""
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import rpe_ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (B, H, Lq, Lk, K): Lq != Lk both ways, a single bucket, a single position.
+SIZES = [(2, 3, 5, 7, 4), (1, 2, 6, 3, 9), (2, 1, 4, 6, 1), (1, 1, 1, 1, 1), (3, 2, 1, 5, 3)]
+LAYOUTS = ['contiguous', 'strided', 'transposed']
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+compiled = pytest.mark.skipif(not rpe_ops.build_info()['cpu'], reason='rpe_ops._C is not built')
+
+
+# --- definitions, independent of the op -------------------------------------------------------
+
+def index_by_loop(x, index):
+    x, index = x.double().cpu().numpy(), index.cpu().numpy()
+    B, H, Lq, _ = x.shape
+    y = np.zeros((B, H, Lq, index.shape[1]))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(index.shape[1]):
+                    y[b, h, i, j] = x[b, h, i, index[i, j]]
+    return torch.from_numpy(y)
+
+
+def reduce_by_loop(v, index, K):
+    v, index = v.double().cpu().numpy(), index.cpu().numpy()
+    B, H, Lq, Lk = v.shape
+    out = np.zeros((B, H, Lq, K))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(Lk):
+                    out[b, h, i, index[i, j]] += v[b, h, i, j]
+    return torch.from_numpy(out)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def bucket_ids(Lq, Lk, K, device='cpu', seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, K, (Lq, Lk), generator=g, dtype=torch.int32).to(device)
+
+
+def tensor(shape, dtype, layout='contiguous', device='cpu', seed=1):
+    """Random values (the same for every layout), stored contiguously or not."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == 'strided':  # every other element of a wider buffer
+        out = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)[..., ::2]
+    elif layout == 'transposed':  # last two dims stored transposed
+        out = torch.zeros(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+    else:
+        out = torch.zeros(shape, dtype=dtype, device=device)
+    return out.copy_(values)
+
+
+def assert_matches(actual, expected_float64):
+    """Compare to the exact value rounded once to actual's dtype."""
+    torch.testing.assert_close(actual.cpu(), expected_float64.to(actual.dtype))
+
+
+# --- forward and backward against the definitions ---------------------------------------------
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('size', SIZES, ids=str)
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_rpe_index_gathers_bucket_of_each_key(dtype, size, layout, device):
+    B, H, Lq, Lk, K = size
+    x = tensor((B, H, Lq, K), dtype, layout, device).requires_grad_()
+    index = bucket_ids(Lq, Lk, K, device)
+    y = rpe_ops.rpe_index(x, index)
+    assert y.shape == (B, H, Lq, Lk) and y.dtype == dtype
+    assert torch.equal(y.detach().cpu().double(), index_by_loop(x.detach(), index))
+
+    grad = tensor((B, H, Lq, Lk), dtype, layout, device, seed=2)
+    y.backward(grad)
+    assert_matches(x.grad, reduce_by_loop(grad, index, K))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('size', SIZES, ids=str)
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_rpe_reduce_sums_keys_per_bucket(dtype, size, layout, device):
+    B, H, Lq, Lk, K = size
+    v = tensor((B, H, Lq, Lk), dtype, layout, device).requires_grad_()
+    index = bucket_ids(Lq, Lk, K, device)
+    out = rpe_ops.rpe_reduce(v, index, K)
+    assert out.shape == (B, H, Lq, K) and out.dtype == dtype
+    assert_matches(out, reduce_by_loop(v.detach(), index, K))
+
+    grad = tensor((B, H, Lq, K), dtype, layout, device, seed=2)
+    out.backward(grad)
+    assert torch.equal(v.grad.cpu().double(), index_by_loop(grad, index))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_rpe_reduce_of_half_sums_in_float32(device):
+    # 4096 ones into one bucket: float16 accumulation would stall at 2048.
+    v = torch.ones(1, 1, 1, 4096, dtype=torch.float16, device=device)
+    index = torch.zeros(1, 4096, dtype=torch.int32, device=device)
+    assert rpe_ops.rpe_reduce(v, index, 2).tolist() == [[[[4096.0, 0.0]]]]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_rpe_reduce_with_more_buckets_than_one_shared_memory_tile(device):
+    # The CUDA reduce holds 12288 float buckets per tile; 20000 needs two.
+    Lq, Lk, K = 3, 4000, 20000
+    v = tensor((1, 2, Lq, Lk), torch.float32, device=device)
+    index = bucket_ids(Lq, Lk, K, device)
+    expected = torch.zeros(1, 2, Lq, K, dtype=torch.float64)
+    expected.scatter_add_(3, index.cpu().long().expand(1, 2, Lq, Lk), v.cpu().double())
+    assert_matches(rpe_ops.rpe_reduce(v, index, K), expected)
+
+
+@compiled
+@pytest.mark.parametrize('device', DEVICES)
+def test_gradients_pass_gradcheck_in_float64(device):
+    index = bucket_ids(4, 5, 3, device)
+    x = tensor((2, 2, 4, 3), torch.float64, 'strided', device).requires_grad_()
+    v = tensor((2, 2, 4, 5), torch.float64, device=device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: rpe_ops.rpe_index(x, index), (x,))
+    assert torch.autograd.gradcheck(lambda v: rpe_ops.rpe_reduce(v, index, 3), (v,))
+    assert torch.autograd.gradgradcheck(lambda x: rpe_ops.rpe_index(x, index), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: rpe_ops.rpe_reduce(v, index, 3), (v,))
+
+
+@compiled
+def test_custom_op_registration_passes_opcheck():
+    # Schema, fake (meta) kernel, autograd registration and AOT dispatch, as torch checks them.
+    index = bucket_ids(4, 5, 3)
+    x = tensor((2, 2, 4, 3), torch.float32).requires_grad_()
+    v = tensor((2, 2, 4, 5), torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_index.default, (x, index))
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_reduce.default, (v, index, 3))
+
+
+# --- torch.compile, fallback, build ------------------------------------------------------------
+
+def attention_logits_and_bucket_sums(q_r, attn, index):
+    """The two ways iRPE uses the ops: lookup on keys, per-bucket sums on values."""
+    K = q_r.shape[-1]
+    logits = rpe_ops.rpe_index(q_r, index) * attn
+    return logits, rpe_ops.rpe_reduce(attn.softmax(-1), index, K)
+
+
+def values_and_grads(fn, q_r, attn, index):
+    q_r, attn = q_r.detach().requires_grad_(), attn.detach().requires_grad_()
+    logits, sums = fn(q_r, attn, index)
+    (logits.sin().sum() + sums.pow(2).sum()).backward()
+    return logits, sums, q_r.grad, attn.grad
+
+
+@compiled
+@pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_gives_same_values_and_grads(backend):
+    torch._dynamo.reset()
+    index = bucket_ids(6, 7, 5)
+    q_r, attn = tensor((2, 3, 6, 5), torch.float32), tensor((2, 3, 6, 7), torch.float32, seed=3)
+    eager = values_and_grads(attention_logits_and_bucket_sums, q_r, attn, index)
+    compiled_fn = torch.compile(attention_logits_and_bucket_sums, fullgraph=True, backend=backend)
+    for got, want in zip(values_and_grads(compiled_fn, q_r, attn, index), eager):
+        torch.testing.assert_close(got, want)
+
+
+@compiled
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_fallback_equals_compiled_op(dtype):
+    index = bucket_ids(9, 11, 6)
+    q_r, attn = tensor((2, 3, 9, 6), dtype, 'transposed'), tensor((2, 3, 9, 11), dtype, seed=3)
+
+    def reference(q_r, attn, index):
+        return (rpe_ops.reference_rpe_index(q_r, index) * attn,
+                rpe_ops.reference_rpe_reduce(attn.softmax(-1), index, q_r.shape[-1]))
+
+    for got, want in zip(values_and_grads(attention_logits_and_bucket_sums, q_r, attn, index),
+                         values_and_grads(reference, q_r, attn, index)):
+        torch.testing.assert_close(got, want)
+
+
+def test_without_extension_falls_back_and_warns_once_how_to_build(monkeypatch):
+    monkeypatch.setattr(rpe_ops, '_C', None)
+    monkeypatch.setattr(rpe_ops, '_warned_fallback', False)
+    index = bucket_ids(3, 4, 2)
+    x, v = tensor((1, 2, 3, 2), torch.float32), tensor((1, 2, 3, 4), torch.float32)
+    with pytest.warns(RuntimeWarning, match=r'pip install --no-build-isolation -e \.'):
+        y = rpe_ops.rpe_index(x, index)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        out = rpe_ops.rpe_reduce(v, index, 2)
+    assert torch.equal(y.double(), index_by_loop(x, index))
+    assert_matches(out, reduce_by_loop(v, index, 2))
+
+
+def test_build_has_cpu_kernels_and_cuda_kernels_when_nvcc_is_found():
+    info = rpe_ops.build_info()
+    assert info['cpu'], f"rpe_ops._C did not load ({info['import_error']}); run `pip install --no-build-isolation -e .`"
+    if shutil.which('nvcc'):
+        assert info['cuda'], ('nvcc is on PATH but rpe_ops._C has no CUDA kernels (built with '
+                              'RPE_OPS_NO_CUDA=1?); rebuild with `pip install --no-build-isolation -e .`')
+
+
+# --- errors that say what to do ----------------------------------------------------------------
+
+@pytest.mark.parametrize('call, error, message', [
+    (lambda x, v, i: rpe_ops.rpe_index(x[0], i), ValueError, r'input must be 4-D \(B, H, Lq, K\), got shape \(3, 3, 2\)'),
+    (lambda x, v, i: rpe_ops.rpe_reduce(v[0, 0], i, 2), ValueError, r'values must be 4-D'),
+    (lambda x, v, i: rpe_ops.rpe_index(x, i.long()), TypeError, r'got torch.int64\. Pass index.to\(torch.int32\)'),
+    (lambda x, v, i: rpe_ops.rpe_reduce(v, i.long(), 2), TypeError, r'index.to\(torch.int32\)'),
+    (lambda x, v, i: rpe_ops.rpe_index(x, i[:2]), ValueError, r'index must have shape \(Lq, Lk\) = \(3, Lk\).*got \(2, 5\)'),
+    (lambda x, v, i: rpe_ops.rpe_index(x, i[0]), ValueError, r'got \(5,\)'),
+    (lambda x, v, i: rpe_ops.rpe_reduce(v, i[:, :4], 2), ValueError, r'values must have Lk = 4'),
+    (lambda x, v, i: rpe_ops.rpe_reduce(v, i, 0), ValueError, r'num_buckets must be a positive int'),
+    (lambda x, v, i: rpe_ops.rpe_index(x.int(), i), TypeError, r'input must be float64, float32, float16 or bfloat16, got torch.int32'),
+    (lambda x, v, i: rpe_ops.rpe_index(x, i.to('meta')), ValueError, r'index is on meta but input is on cpu\. Move it with index.to\(input.device\)'),
+])
+def test_bad_inputs_raise_errors_that_say_what_to_do(call, error, message):
+    x, v = tensor((1, 3, 4, 2), torch.float32), tensor((1, 3, 4, 5), torch.float32)
+    x, v = x.expand(2, 3, 4, 2)[:, :, :3], v.expand(2, 3, 4, 5)[:, :, :3]
+    with pytest.raises(error, match=message):
+        call(x, v, bucket_ids(3, 5, 2))
+
+
+@compiled
+def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
+    x, v = tensor((1, 1, 2, 3), torch.float32), tensor((1, 1, 2, 4), torch.float32)
+    index = torch.tensor([[0, 1, 2, 3], [0, -1, 0, 0]], dtype=torch.int32)
+    with pytest.raises(IndexError, match=r'index\[0, 3\] = 3 is not a bucket id in \[0, 3\)'):
+        rpe_ops.rpe_index(x, index)
+    with pytest.raises(IndexError, match=r'index\[1, 1\] = -1 is not a bucket id in \[0, 2\)'):
+        rpe_ops.rpe_reduce(v, index.clamp(max=1), 2)
