@@ -55,7 +55,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         self._skipped = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
         self._warned = set()
         self._zip, self._zip_pid = None, None
-        unknown = [a['id'] for a in self.coco.dataset.get('annotations', []) if a.get('category_id') not in self.coco.cats]
+        unknown = [a['id'] for a in self.coco.anns.values() if a.get('category_id') not in self.coco.cats]
         if unknown:
             warnings.warn(f'{self.ann_file}: {len(unknown)} annotation(s) have a category id missing from the '
                           f'categories list and are ignored, e.g. annotation ids {unknown[:10]}')
