@@ -1,0 +1,45 @@
+"""Distributed training glue: `torchrun --nproc_per_node N tools/train.py ...` runs DistributedDataParallel
+(gloo on CPU, nccl on GPU); several machines through torchrun's own flags."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(args):
+    """Set args.distributed, args.rank, args.world_size, args.gpu from torchrun's environment."""
+    if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', 1)) <= 1:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
+        return
+    args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    cuda = torch.device(args.device).type == 'cuda'
+    if cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    dist.init_process_group('nccl' if cuda else 'gloo', init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    args.distributed = True
+    dist.barrier()
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean(values):
+    """Average a dict of floats over processes (for logging)."""
+    if get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}

@@ -1,0 +1,163 @@
+"""DETR's training recipe: optimizer, schedule, a resumable sampler, one epoch of training, evaluation."""
+import math
+import time
+import zlib
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from detr_irpe import distributed
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_optimizer(model, args):
+    """AdamW with three groups: the backbone (--lr_backbone), the iRPE tables (no weight decay), the rest."""
+    backbone, tables, rest = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, 'no_weight_decay', False):
+            tables.append(p)
+        elif name.startswith('backbone.') or '.backbone.' in name:
+            backbone.append(p)
+        else:
+            rest.append(p)
+    groups = [{'params': rest}, {'params': backbone, 'lr': args.lr_backbone},
+              {'params': tables, 'weight_decay': 0.0}]
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_lr_scheduler(optimizer, args):
+    """The learning rate drops 10x at epoch --lr_drop (stepped once per epoch, as DETR)."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+
+def warmup_factor(global_step, warmup_steps):
+    return 1.0 if warmup_steps <= 0 else min(1.0, (global_step + 1) / warmup_steps)
+
+
+class SeededDataset(Dataset):
+    """Draws each sample's augmentation from a generator seeded by (seed, epoch, index), so a sample looks
+    the same whichever worker loads it and whether or not the run was interrupted and resumed."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f'{self.seed}/{self.epoch}/{index}'.encode()))
+            return self.dataset[index]
+
+
+class ResumableSampler(Sampler):
+    """Shuffled (or ordered) indices for one process, a new order each epoch from (seed, epoch), that can
+    start at any batch of the epoch. Splits the data between processes as DistributedSampler does."""
+
+    def __init__(self, size, shuffle, seed=0, num_replicas=1, rank=0):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+        self.per_replica = math.ceil(size / num_replicas)
+
+    def set_epoch(self, epoch, start=0):
+        """start: how many of this process's indices of the epoch were already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_replica * self.num_replicas
+        order += order[:total - len(order)]
+        return order[self.rank:total:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self):
+        return self.per_replica - self.start
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, device, epoch, args, start_step=0,
+                    on_step=None):
+    """One epoch from batch `start_step`. on_step(step) is called after each optimizer step (for periodic
+    checkpoints). Returns averaged losses. Raises NonFiniteLossError naming epoch and step."""
+    model.train()
+    criterion.train()
+    sums, count = {}, 0
+    steps = start_step + len(data_loader)
+    bar = tqdm(data_loader, total=len(data_loader), initial=0, desc=f'epoch {epoch}', dynamic_ncols=True,
+               disable=not distributed.is_main_process(), mininterval=2.0)
+    t0, images_seen = time.time(), 0
+    base_lrs = lr_scheduler.get_last_lr()  # the groups' own lr may hold a warm-up factor of a resumed step
+    for i, (images, targets) in enumerate(bar):
+        step = start_step + i
+        global_step = epoch * steps + step
+        factor = warmup_factor(global_step, getattr(args, 'lr_warmup', 0))
+        for g, lr in zip(optimizer.param_groups, base_lrs):
+            g['lr'] = lr * factor
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=torch.device(device).type, enabled=getattr(args, 'amp', False),
+                            dtype=torch.float16 if torch.device(device).type == 'cuda' else torch.bfloat16):
+            outputs = model(images)
+        losses = criterion({k: _float(v) for k, v in outputs.items()}, targets)
+        weights = criterion.weight_dict
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; the '
+                                     'last good checkpoint was kept. Lower --lr or check the data of this step.')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+        logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items() if k in weights and '_' not in k[5:]}}
+        logged.update({k: v.item() for k, v in losses.items() if k == 'class_error'})
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        images_seen += len(images)
+        bar.set_postfix(loss=f'{logged["loss"]:.3f}', img_s=f'{images_seen / (time.time() - t0):.1f}')
+        if on_step is not None:
+            on_step(step + 1)
+    for g, lr in zip(optimizer.param_groups, base_lrs):
+        g['lr'] = lr
+    averages = {k: v / max(count, 1) for k, v in sums.items()}
+    return distributed.all_reduce_mean(averages)
+
+
+def _float(v):
+    if isinstance(v, list):
+        return [{k: x.float() for k, x in d.items()} for d in v]
+    return v.float()
+
+
+@torch.no_grad()
+def evaluate(model, postprocessors, data_loader, evaluator, device):
+    """Run the model over data_loader and feed the post-processed detections (original-image pixels)
+    to evaluator (datasets.CocoEvaluator). Returns evaluator.summarize()'s result on every process."""
+    model.eval()
+    for images, targets in tqdm(data_loader, desc='eval', dynamic_ncols=True, mininterval=2.0,
+                                disable=not distributed.is_main_process()):
+        images = [img.to(device) for img in images]
+        outputs = model(images)
+        sizes = torch.stack([t['orig_size'] for t in targets]).to(device)
+        results = postprocessors['bbox'](outputs, sizes)
+        evaluator.update({int(t['image_id']): {k: v.cpu() for k, v in r.items()}
+                          for t, r in zip(targets, results)})
+    evaluator.synchronize_between_processes()
+    return evaluator.summarize() if distributed.is_main_process() else None

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Train DETR with iRPE, evaluating with pycocotools.
+
+    python tools/train.py --config configs/smoke.yaml
+    python tools/train.py --coco_path /data/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir runs/irpe
+    torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
+    python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
+
+Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps), log.txt (JSON lines)
+and eval.json (the 12 COCO bbox stats of the latest evaluation).
+"""
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
+
+import datasets  # noqa: E402
+from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa: E402
+from detr_irpe.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state  # noqa: E402
+from detr_irpe.config import parse_args_with_config  # noqa: E402
+
+
+def get_parser():
+    parser = datasets.add_dataset_args(get_args_parser())
+    parser.add_argument('--checkpoint_every', default=0, type=int,
+                        help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
+    return parser
+
+
+def make_loaders(args, dataset_train, dataset_val):
+    train_set = engine.SeededDataset(dataset_train, args.seed)
+    sampler = engine.ResumableSampler(len(train_set), shuffle=True, seed=args.seed,
+                                      num_replicas=args.world_size, rank=args.rank)
+    # A loader generator of its own: creating an iterator must not draw from the global torch RNG, so a
+    # resumed run's dropout sees the same random numbers as an uninterrupted one.
+    train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
+                              collate_fn=datasets.collate_fn, num_workers=args.num_workers,
+                              generator=torch.Generator().manual_seed(args.seed))
+    val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
+    val_loader = DataLoader(dataset_val, batch_size=args.batch_size, sampler=val_sampler, collate_fn=datasets.collate_fn,
+                            num_workers=args.num_workers, generator=torch.Generator())
+    return train_set, sampler, train_loader, val_loader
+
+
+def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch):
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val))
+    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device)
+    if summary is not None and output_dir:
+        with open(os.path.join(output_dir, 'eval.json.tmp'), 'w') as f:
+            json.dump({**summary, 'epoch': epoch}, f, indent=1)
+        os.replace(os.path.join(output_dir, 'eval.json.tmp'), os.path.join(output_dir, 'eval.json'))
+    return summary
+
+
+def main(args):
+    distributed.init_distributed(args)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+    device = torch.device(args.device)
+    if args.output_dir and distributed.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
+    if args.num_classes is None:
+        args.num_classes = datasets.num_classes_for(args)
+    model, criterion, postprocessors = build_model(args)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    print(f'parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable')
+    optimizer = engine.build_optimizer(model_without_ddp, args)
+    lr_scheduler = engine.build_lr_scheduler(optimizer, args)
+    train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val)
+
+    start_epoch, start_step = args.start_epoch, 0
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {args.resume}')
+        if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            if checkpoint.get('step') is not None:
+                start_epoch, start_step = checkpoint['epoch'], checkpoint['step']
+            else:
+                start_epoch = checkpoint['epoch'] + 1
+            if 'rng' in checkpoint:
+                set_rng_state(checkpoint['rng'])
+        print(f'resumed from {args.resume}: epoch {start_epoch}, step {start_step}')
+
+    if args.eval:
+        run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1)
+        return
+
+    writer = make_writer(args)
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
+
+    def save(epoch, step):
+        if checkpoint_path and distributed.is_main_process():
+            save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
+                             'args': vars(args), 'rng': rng_state()}, checkpoint_path)
+
+    steps_per_epoch = len(sampler) // args.batch_size
+    started = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=first * args.batch_size)
+        train_set.set_epoch(epoch)
+
+        def on_step(step, epoch=epoch):
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps_per_epoch:
+                save(epoch, step)
+
+        try:
+            train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
+                                                 epoch, args, start_step=first, on_step=on_step)
+        except engine.NonFiniteLossError as e:
+            sys.exit(f'error: {e}')
+        lr_scheduler.step()
+        save(epoch, None)
+        log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+               'time': round(time.time() - started, 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch)
+            if summary is not None:
+                log['test_coco_eval_bbox'] = summary['bbox']
+        if distributed.is_main_process():
+            if args.output_dir:
+                with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+                    f.write(json.dumps(log) + '\n')
+            if writer is not None:
+                for k, v in log.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(k, v, epoch)
+                for name, v in zip(('AP', 'AP50', 'AP75'), log.get('test_coco_eval_bbox', [])):
+                    writer.add_scalar(f'test_{name}', v, epoch)
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
+
+
+def make_writer(args):
+    """TensorBoard scalars in output_dir/tensorboard when tensorboard is installed."""
+    if not (args.output_dir and distributed.is_main_process()):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
+
+
+if __name__ == '__main__':
+    main(parse_args_with_config(get_parser()))
