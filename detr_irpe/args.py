@@ -70,6 +70,8 @@ def get_args_parser(add_help=True):
     p.add_argument('--resume', default='', help='checkpoint to resume from (a path)')
     p.add_argument('--start_epoch', default=0, type=int)
     p.add_argument('--eval', action='store_true', help='only evaluate')
+    p.add_argument('--checkpoint_every', default=0, type=int,
+                   help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
     p.add_argument('--eval_every', default=1, type=int, help='evaluate on val every N epochs')
     p.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on GPU)')
     p.add_argument('--num_workers', default=2, type=int)

@@ -141,3 +141,24 @@ def adopt_model_flags(args, checkpoint, explicit=()):
             setattr(args, flag, saved[flag])
             taken.append(flag)
     return taken
+
+
+def build_model_from_checkpoint(args, explicit=()):
+    """(model, postprocessors, checkpoint) for inference from args.resume, in eval mode on args.device.
+
+    Model-shaping flags come from the checkpoint's 'args' unless given explicitly (so
+    `tools/eval.py --resume detr-r50-irpe.pth` needs no other flag); the backbone's weights come from the
+    checkpoint, so nothing is downloaded.
+    """
+    from detr_irpe.detr import build_model
+    checkpoint = load_checkpoint(args.resume)
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
+        raise ValueError(f"checkpoint {args.resume!r} has no 'model' entry; expected a file written by "
+                         'tools/train.py or a DETR model-zoo file.')
+    taken = adopt_model_flags(args, checkpoint, explicit)
+    if taken:
+        print(f'flags from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
+    args.backbone_weights = 'none'
+    model, _, postprocessors = build_model(args)
+    load_model_state(model, checkpoint['model'], f'checkpoint {args.resume}')
+    return model.eval(), postprocessors, checkpoint

@@ -57,3 +57,15 @@ def explicit_flags(parser, argv=None):
     if config:
         given |= set(load_config(config, parser))
     return given
+
+
+def run_tool(main, *args):
+    """Run a tool's main; an error about the user's input ends with its message, not a traceback
+    (set DETR_IRPE_DEBUG=1 for the traceback)."""
+    import os
+    try:
+        return main(*args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get('DETR_IRPE_DEBUG'):
+            raise
+        sys.exit(f'error: {e}')

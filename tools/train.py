@@ -25,14 +25,11 @@ from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
 import datasets  # noqa: E402
 from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa: E402
 from detr_irpe.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state  # noqa: E402
-from detr_irpe.config import parse_args_with_config  # noqa: E402
+from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 
 
 def get_parser():
-    parser = datasets.add_dataset_args(get_args_parser())
-    parser.add_argument('--checkpoint_every', default=0, type=int,
-                        help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
-    return parser
+    return datasets.add_dataset_args(get_args_parser())
 
 
 def make_loaders(args, dataset_train, dataset_val):
@@ -158,4 +155,4 @@ def make_writer(args):
 
 
 if __name__ == '__main__':
-    main(parse_args_with_config(get_parser()))
+    run_tool(main, parse_args_with_config(get_parser()))
