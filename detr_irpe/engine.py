@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from detr_irpe import distributed
+from detr_irpe.irpe import rpe_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -17,10 +18,11 @@ class NonFiniteLossError(RuntimeError):
 def build_optimizer(model, args):
     """AdamW with three groups: the backbone (--lr_backbone), the iRPE tables (no weight decay), the rest."""
     backbone, tables, rest = [], [], []
+    table_ids = {id(p) for p in rpe_parameters(model)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if getattr(p, 'no_weight_decay', False):
+        if id(p) in table_ids:
             tables.append(p)
         elif name.startswith('backbone.') or '.backbone.' in name:
             backbone.append(p)
@@ -113,9 +115,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
         with torch.autocast(device_type=torch.device(device).type, enabled=getattr(args, 'amp', False),
                             dtype=torch.float16 if torch.device(device).type == 'cuda' else torch.bfloat16):
             outputs = model(images)
-        losses = criterion({k: _float(v) for k, v in outputs.items()}, targets)
+        outputs = {k: _float(v) for k, v in outputs.items()}
+        # Checked before matching too: the Hungarian matcher cannot take non-finite costs.
+        finite = torch.isfinite(outputs['pred_logits']).all() and torch.isfinite(outputs['pred_boxes']).all()
+        losses = criterion(outputs, targets) if finite else {}
         weights = criterion.weight_dict
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights) if finite else torch.tensor(float('nan'))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; the '
                                      'last good checkpoint was kept. Lower --lr or check the data of this step.')

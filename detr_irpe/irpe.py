@@ -268,8 +268,6 @@ class iRPE(nn.Module):
             self.lookup_table_weight = nn.Parameter(torch.zeros(self.num_heads, head_dim, self.num_buckets))
         else:
             self.lookup_table_weight = nn.Parameter(torch.zeros(self.num_heads, self.num_buckets, head_dim))
-        for p in self.parameters():
-            p.no_weight_decay = True  # read by the optimizer set-up: tables are not decayed
 
     def bucket_ids(self, num_tokens, height=None, width=None, device='cpu'):
         """(num_tokens, num_tokens) int32 bucket ids for a map of that size (cached)."""
@@ -306,6 +304,11 @@ class iRPE_Cross(nn.Module):
 
     def forward(self, x, height=None, width=None):
         return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+
+
+def rpe_parameters(model):
+    """The iRPE lookup tables of a model: they start at zero and are not weight-decayed."""
+    return [p for m in model.modules() if isinstance(m, iRPE) for p in m.parameters(recurse=False)]
 
 
 def build_rpe(config, head_dim, num_heads):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_irpe.attention import RPEMultiheadAttention
+from detr_irpe.irpe import rpe_parameters
 
 
 def with_pos(x, pos):
@@ -116,9 +117,10 @@ class Transformer(nn.Module):
         dec = DecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.decoder = Decoder(dec, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model, self.nhead = d_model, nhead
+        tables = {id(p) for p in rpe_parameters(self)}
         for p in self.parameters():
             # iRPE tables start at zero (the model starts as plain DETR); the rest as in DETR.
-            if p.dim() > 1 and not getattr(p, 'no_weight_decay', False):
+            if p.dim() > 1 and id(p) not in tables:
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src, mask, query_embed, pos):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detr_irpe.irpe import (RPEConfig, build_rpe, clip_index, get_bucket_ids_2d, get_rpe_config, iRPE,
-                            piecewise_index, rpe_config_from_string)
+                            piecewise_index, rpe_config_from_string, rpe_parameters)
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 REFERENCE_IDS = np.load(os.path.join(DATA, 'bucket_ids.npz'))
@@ -185,10 +185,11 @@ def test_every_combination_runs_forward_and_backward(method, mode, shared, rpe_o
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
-def test_tables_start_at_zero_and_are_flagged_for_no_weight_decay():
-    for module in build_rpe(get_rpe_config(method='cross', mode='ctx', rpe_on='qkv'), 8, 2):
-        for p in module.parameters():
-            assert torch.count_nonzero(p) == 0 and p.no_weight_decay
+def test_tables_start_at_zero_and_are_listed_for_no_weight_decay():
+    modules = torch.nn.ModuleList(build_rpe(get_rpe_config(method='cross', mode='ctx', rpe_on='qkv'), 8, 2))
+    tables = rpe_parameters(modules)
+    assert len(tables) == 6 and {id(p) for p in tables} == {id(p) for p in modules.parameters()}
+    assert all(torch.count_nonzero(p) == 0 for p in tables)
 
 
 def test_square_map_size_is_inferred_and_nonsquare_needs_height_width():

@@ -90,6 +90,14 @@ def test_every_enc_rpe2d_setting_trains_on_two_image_sizes(rpe):
     assert any(p.grad.abs().sum() > 0 for _, p in tables)
 
 
+def test_irpe_tables_of_a_new_model_are_zero_so_it_starts_as_plain_detr():
+    model = build_model(parse(TINY + ['--enc_rpe2d', 'rpe-2.0-cross-ctx-0-qkv']))[0]
+    tables = {n: p for n, p in model.named_parameters() if 'lookup_table' in n}
+    assert len(tables) == 6 and all(torch.count_nonzero(p) == 0 for p in tables.values())
+    others = [p for n, p in model.named_parameters() if n.startswith('transformer.') and p.dim() > 1 and n not in tables]
+    assert all(torch.count_nonzero(p) > 0 for p in others)
+
+
 def test_a_few_enc_rpe2d_settings_train():
     for rpe in ('rpe-2.0-product-ctx-1-k', 'rpe-1.9-cross-bias-0-qk', 'rpe-2.0-quant-ctx-0-qkv-clip'):
         _, _, _, loss = _train_step(['--enc_rpe2d', rpe])

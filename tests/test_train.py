@@ -1,0 +1,295 @@
+"""Training and evaluation: checkpoints survive faults, resume is exact, DDP equals one process."""
+import argparse
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from detr_irpe import build_model, engine, get_args_parser
+from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
+                                  set_rng_state)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+SMOKE = os.environ.get('SMOKE_CONFIG', os.path.join(ROOT, 'configs', 'smoke.yaml'))
+
+
+def tool(name, *argv, **kwargs):
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([PY, os.path.join(ROOT, 'tools', name), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def smoke_args(tmp_path, *extra):
+    return ['--config', SMOKE, '--output_dir', str(tmp_path / 'out'),
+            '--synthetic_dir', str(tmp_path / 'synthetic'), '--num_workers', '0', *extra]
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def test_checkpoint_is_replaced_atomically_and_a_failed_write_keeps_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pth')
+    save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
+
+    def dies_midway(obj, f, *a, **k):
+        f.write(b'partial bytes of a checkpoint')
+        raise KeyboardInterrupt('killed while writing')
+
+    monkeypatch.setattr(torch, 'save', dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)['epoch'] == 1
+    assert os.listdir(tmp_path) == ['checkpoint.pth']  # no temporary file left behind
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = str(tmp_path / 'pwned')
+    path = str(tmp_path / 'evil.pth')
+    with open(path, 'wb') as f:
+        pickle.dump({'model': {}, 'payload': RunsCode(marker)}, f)
+    with pytest.raises(RuntimeError, match='refusing to load'):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+def test_published_model_zoo_layout_with_namespace_args_loads(tmp_path):
+    args = argparse.Namespace(backbone='resnet50', enc_rpe2d='rpe-2.0-product-ctx-1-k', lr=1e-4, epochs=150)
+    path = str(tmp_path / 'zoo.pth')
+    torch.save({'model': {'w': torch.ones(2)}, 'optimizer': {'state': {}, 'param_groups': []},
+                'lr_scheduler': {'step_size': 100}, 'epoch': 149, 'args': args}, path)
+    loaded = load_checkpoint(path)
+    assert loaded['args'] == args and loaded['epoch'] == 149
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = str(tmp_path / 'cut.pth')
+    save_checkpoint({'model': {'w': torch.ones(1000)}}, path)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(RuntimeError, match='cannot be read'):
+        load_checkpoint(path)
+
+
+TINY = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
+        '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '32', '--num_queries', '5', '--device', 'cpu']
+
+
+def test_mismatching_checkpoint_names_keys_and_the_flag(tmp_path):
+    with_rpe = build_model(get_args_parser().parse_args(TINY + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-k']))[0]
+    plain = build_model(get_args_parser().parse_args(TINY))[0]
+    with pytest.raises(ValueError) as e:
+        load_model_state(plain, with_rpe.state_dict())
+    assert 'transformer.encoder.layers.0.self_attn.rpe_k.lookup_table_weight' in str(e.value)
+    assert '--enc_rpe2d' in str(e.value)
+    more_queries = build_model(get_args_parser().parse_args(TINY + ['--num_queries', '7']))[0]
+    with pytest.raises(ValueError, match='--num_queries'):
+        load_model_state(plain, more_queries.state_dict())
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    path = str(tmp_path / 'rng.pth')
+    save_checkpoint({'rng': rng_state()}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(path)['rng'])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+
+
+# --- recipe pieces -----------------------------------------------------------------------------
+
+def test_sampler_splits_between_processes_and_resumes_mid_epoch():
+    full = engine.ResumableSampler(10, shuffle=True, seed=5)
+    full.set_epoch(3)
+    order = list(full)
+    assert sorted(order) == list(range(10))
+    parts = []
+    for rank in range(3):
+        s = engine.ResumableSampler(10, shuffle=True, seed=5, num_replicas=3, rank=rank)
+        s.set_epoch(3)
+        parts.append(list(s))
+    # As DistributedSampler: pad the order to a multiple of the process count, then deal it out.
+    padded = order + order[:2]
+    assert parts == [padded[0::3], padded[1::3], padded[2::3]]
+    full.set_epoch(3, start=4)
+    assert list(full) == order[4:] and len(full) == 6
+    full.set_epoch(4)
+    assert list(full) != order
+
+
+def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+
+    ds = engine.SeededDataset(Noise(), seed=1)
+    a, b = ds[2], ds[2]
+    ds.set_epoch(1)
+    assert torch.equal(a, b) and not torch.equal(a, ds[2])
+
+
+def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables():
+    args = get_args_parser().parse_args(TINY + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-qk', '--lr_backbone', '1e-5'])
+    model = build_model(args)[0]
+    optimizer = engine.build_optimizer(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = [(g['lr'], g['weight_decay'], [names[id(p)] for p in g['params']]) for g in optimizer.param_groups]
+    rest, backbone, tables = by_group
+    assert rest[:2] == (1e-4, 1e-4) and not any('backbone' in n or 'lookup_table' in n for n in rest[2])
+    assert backbone[0] == 1e-5 and all(n.startswith('backbone.0.body.layer') for n in backbone[2])
+    assert tables[1] == 0.0 and len(tables[2]) == 2 and all('lookup_table' in n for n in tables[2])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(sum((g[2] for g in by_group), []))
+
+
+def test_warmup_factor_is_linear_then_one():
+    assert [engine.warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert engine.warmup_factor(0, 0) == 1.0
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    args = get_args_parser().parse_args(TINY)
+    model, criterion, _ = build_model(args)
+    optimizer = engine.build_optimizer(model, args)
+    scheduler = engine.build_lr_scheduler(optimizer, args)
+    targets = [{'labels': torch.tensor([1]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    corrupted = torch.rand(3, 64, 64)
+    corrupted[0, 5, 5] = float('nan')
+    loader = [([torch.rand(3, 64, 64)], targets), ([corrupted], targets)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(engine.NonFiniteLossError, match='epoch 7, step 1'):
+        engine.train_one_epoch(model, criterion, loader, optimizer, scheduler, 'cpu', 7, args)
+    # The bad step did not touch the weights: only the first (finite) step moved them.
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+# --- end to end with configs/smoke.yaml ----------------------------------------------------------
+
+def _weights(path):
+    return load_checkpoint(path)['model']
+
+
+@pytest.mark.slow
+def test_train_checkpoint_eval_round_trip(tmp_path):
+    run = tool('train.py', *smoke_args(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / 'out'
+    checkpoint = load_checkpoint(str(out / 'checkpoint.pth'))
+    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'rng'} <= set(checkpoint)
+    logs = [json.loads(line) for line in open(out / 'log.txt')]
+    assert [entry['epoch'] for entry in logs] == list(range(checkpoint['epoch'] + 1))
+    assert all(math.isfinite(entry['train_loss']) for entry in logs)
+    evaluated = tool('eval.py', *smoke_args(tmp_path, '--resume', str(out / 'checkpoint.pth'),
+                                            '--output_dir', str(tmp_path / 'eval'),
+                                            '--results_json', str(tmp_path / 'eval' / 'detections.json')))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert 'Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]' in evaluated.stdout
+    stats = json.load(open(tmp_path / 'eval' / 'eval.json'))['bbox']
+    assert len(stats) == 12 and all(isinstance(s, float) and math.isfinite(s) for s in stats)
+    # Evaluating the same checkpoint gives the numbers training wrote.
+    assert stats == json.load(open(out / 'eval.json'))['bbox']
+    detections = json.load(open(tmp_path / 'eval' / 'detections.json'))
+    assert detections and all(set(d) == {'image_id', 'category_id', 'bbox', 'score'} and len(d['bbox']) == 4
+                              for d in detections)
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_and_resumed_ends_at_the_same_weights(tmp_path):
+    common = ['--epochs', '2', '--checkpoint_every', '1', '--eval_every', '100', '--dropout', '0.1']
+    full = tool('train.py', *smoke_args(tmp_path / 'full', *common))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / 'killed' / 'out'
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([PY, os.path.join(ROOT, 'tools', 'train.py'), *smoke_args(tmp_path / 'killed', *common)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / 'checkpoint.pth'
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists():
+            state = load_checkpoint(str(checkpoint))
+            if state['epoch'] == 0 and state['step'] is not None and state['step'] >= 2:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = (state['epoch'], state['step'])
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, 'the run ended before it could be killed mid-epoch'
+    assert proc.returncode == -signal.SIGKILL
+    survivor = load_checkpoint(str(checkpoint))  # the last good checkpoint is readable after the kill
+    assert survivor['epoch'] == 0
+
+    resumed = tool('train.py', *smoke_args(tmp_path / 'killed', *common, '--resume', str(checkpoint)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(str(tmp_path / 'full' / 'out' / 'checkpoint.pth')), _weights(str(checkpoint))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tool('train.py', *smoke_args(tmp_path, '--lr', '1e30', '--lr_backbone', '1e30', '--clip_max_norm', '0',
+                                       '--checkpoint_every', '1', '--epochs', '3'))
+    assert run.returncode != 0
+    assert 'loss is' in run.stderr and 'epoch' in run.stderr and 'step' in run.stderr
+    assert 'Traceback' not in run.stderr
+    state = load_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))
+    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_equals_one_process_with_the_same_global_batch(tmp_path):
+    # Same-size images (crop = whole image) and one object per image, so padding and the class-weighted
+    # cross-entropy do not depend on how the batch is split; no dropout. The backbone is frozen: Adam's
+    # first updates are about lr * sign(grad), which turns float rounding in near-zero gradients into
+    # +-lr differences, and its scale invariance hides gradient-scale faults; the logged losses catch those.
+    same = ['--epochs', '1', '--synthetic_train', '4', '--synthetic_objects', '1', '1', '--crop_size', '96', '96',
+            '--dropout', '0', '--eval_every', '100', '--lr', '1e-3', '--lr_backbone', '0']
+    one = tool('train.py', *smoke_args(tmp_path / 'one', *same, '--batch_size', '2'))
+    assert one.returncode == 0, one.stderr[-3000:]
+    shutil.copytree(tmp_path / 'one' / 'synthetic', tmp_path / 'two' / 'synthetic')
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
+    torchrun = os.path.join(os.path.dirname(PY), 'torchrun')
+    two = subprocess.run([torchrun, '--standalone', '--nproc_per_node', '2', os.path.join(ROOT, 'tools', 'train.py'),
+                          *smoke_args(tmp_path / 'two', *same, '--batch_size', '1')],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(str(tmp_path / 'one' / 'out' / 'checkpoint.pth')), _weights(str(tmp_path / 'two' / 'out' / 'checkpoint.pth'))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6, msg=k)
+    log_one = json.loads(open(tmp_path / 'one' / 'out' / 'log.txt').readline())
+    log_two = json.loads(open(tmp_path / 'two' / 'out' / 'log.txt').readline())
+    for k in ('train_loss', 'train_loss_ce', 'train_loss_bbox', 'train_loss_giou'):
+        assert log_one[k] == pytest.approx(log_two[k], rel=1e-5), k
