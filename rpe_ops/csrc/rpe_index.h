@@ -23,6 +23,13 @@ C10_HOST_DEVICE inline int64_t query_of_row(int64_t row, int64_t Lq) {
   return row % Lq;
 }
 
+// The CPU kernels visit rows query-major, step = i * (B*H) + bh, so that one
+// index row serves all B*H rows that use it while it is still in L1 (rather
+// than streaming the whole (Lq, Lk) index from memory once per (b, h)).
+C10_HOST_DEVICE inline int64_t row_of_query_major_step(int64_t step, int64_t BH, int64_t Lq) {
+  return (step % BH) * Lq + step / BH;
+}
+
 // Start of row `row` in a contiguous (B, H, Lq, width) tensor.
 C10_HOST_DEVICE inline int64_t row_offset(int64_t row, int64_t width) {
   return row * width;
