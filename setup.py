@@ -17,6 +17,7 @@ import sysconfig
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join('rpe_ops', 'csrc')
 DEFAULT_CUDA_ARCH_FLAGS = [
     '-gencode=arch=compute_80,code=sm_80',
@@ -83,6 +84,15 @@ def rpe_ops_extension():
         extra_compile_args={'cxx': cxx_flags + ['-DWITH_CUDA'] + extra_includes, 'nvcc': nvcc_flags})
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """Keeps object files in build/, so that re-running `pip install -e .` recompiles only
+    the sources that changed (pip's editable build otherwise starts from an empty temp dir)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(HERE, 'build', 'temp-rpe_ops')
+
+
 setup(
     name='detr-irpe',
     version='0.1.0',
@@ -92,6 +102,6 @@ setup(
     install_requires=['torch>=2.4', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
                       'matplotlib'],
     ext_modules=[rpe_ops_extension()],
-    cmdclass={'build_ext': cpp_extension.BuildExtension},
+    cmdclass={'build_ext': BuildExtension},
     zip_safe=False,
 )
