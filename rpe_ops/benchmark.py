@@ -1,0 +1,79 @@
+"""Time rpe_index against torch.gather, side by side in one run.
+
+    from rpe_ops.benchmark import benchmark
+    result = benchmark()          # DETR encoder size: B=2, H=8, L=25*38, K=81
+    result['speedup']             # {'forward': gather/op, 'forward_backward': gather/op}
+
+The gather baselines are what a user writes without the op: the (L, L) bucket
+ids as int64 expanded to (B, H, L, L), once, outside the timed region -- as a
+stride-0 view ('gather') and materialized ('gather_contiguous_index'). Their
+backward is a scatter_add. Timings are medians over repeats in which the
+methods take turns, so a slow spell of the machine hits all of them alike.
+"""
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import rpe_ops
+
+
+def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
+              repeats=15, warmup=2, seed=0):
+    """Median seconds of forward and forward+backward, op vs gather, and their ratios."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, buckets, (length, length), generator=g, dtype=torch.int32).to(device)
+    x = torch.randn(batch, heads, length, buckets, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(batch, heads, length, length, generator=g).to(device, dtype)
+    index_bhll = index.long().expand(batch, heads, length, length)
+    index_bhll_contiguous = index_bhll.contiguous()
+    methods = {
+        'rpe_index': lambda: rpe_ops.rpe_index(x, index),
+        'gather': lambda: x.gather(3, index_bhll),
+        'gather_contiguous_index': lambda: x.gather(3, index_bhll_contiguous),
+    }
+
+    def forward(fn):
+        with torch.no_grad():
+            fn()
+
+    def forward_backward(fn):
+        x.grad = None
+        fn().backward(grad)
+
+    cases = {(kind, name): (run, fn) for kind, run in [('forward', forward), ('forward_backward', forward_backward)]
+             for name, fn in methods.items()}
+    times = {case: [] for case in cases}
+    for r in range(warmup + repeats):
+        for case, (run, fn) in cases.items():
+            seconds = _time(lambda: run(fn), device)
+            if r >= warmup:
+                times[case].append(seconds)
+    median = {kind: {name: statistics.median(times[kind, name]) for name in methods}
+              for kind in ('forward', 'forward_backward')}
+    return {
+        'sizes': {'B': batch, 'H': heads, 'Lq': length, 'Lk': length, 'K': buckets,
+                  'dtype': str(dtype).replace('torch.', ''), 'device': device},
+        'machine': {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+                    'processor': platform.processor() or platform.machine(),
+                    'gpu': torch.cuda.get_device_name() if device == 'cuda' else None,
+                    'load_average_1min': os.getloadavg()[0],
+                    'torch': torch.__version__, 'rpe_ops_build': rpe_ops.build_info()},
+        'repeats': repeats,
+        'median_seconds': median,
+        # how many times faster rpe_index is than each baseline
+        'speedup': {kind: {name: median[kind][name] / median[kind]['rpe_index']
+                           for name in methods if name != 'rpe_index'} for kind in median},
+    }
+
+
+def _time(fn, device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

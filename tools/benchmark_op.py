@@ -1,0 +1,49 @@
+"""Time rpe_ops.rpe_index against torch.gather at DETR-encoder size and print the ratios.
+
+    python tools/benchmark_op.py                       # B=2 H=8 L=25*38 K=81, float32, CPU
+    python tools/benchmark_op.py --device cuda --json outputs/benchmark_op_cuda.json
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from rpe_ops.benchmark import benchmark
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--heads', type=int, default=8)
+    parser.add_argument('--length', type=int, default=25 * 38, help='Lq = Lk (feature-map H*W)')
+    parser.add_argument('--buckets', type=int, default=81, help='K, lookup-table size')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', 'float64'])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--json', default='outputs/benchmark_op.json', help='where to write the result')
+    args = parser.parse_args()
+
+    result = benchmark(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype),
+                       args.device, args.repeats)
+    m, s = result['machine'], result['sizes']
+    print(f"machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
+          f"gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}")
+    print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}; "
+          f"median of {result['repeats']} interleaved repeats")
+    print(f"{'method':<26}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
+    for name in result['median_seconds']['forward']:
+        fwd, fb = result['median_seconds']['forward'][name], result['median_seconds']['forward_backward'][name]
+        ratio = [result['speedup'][kind].get(name) for kind in ('forward', 'forward_backward')]
+        ratio = ['' if r is None else f'{r:.2f}' for r in ratio]
+        print(f"{name:<26}{fwd * 1e3:>12.1f}{fb * 1e3:>12.1f}{ratio[0]:>8}{ratio[1]:>11}")
+    print('x = baseline time / rpe_index time (higher: rpe_index faster)')
+
+    os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+    with open(args.json, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
