@@ -275,7 +275,8 @@ def test_two_process_ddp_step_equals_one_process_with_the_same_global_batch(tmp_
     # cross-entropy do not depend on how the batch is split; no dropout. The backbone is frozen: Adam's
     # first updates are about lr * sign(grad), which turns float rounding in near-zero gradients into
     # +-lr differences, and its scale invariance hides gradient-scale faults; the logged losses catch those.
-    same = ['--epochs', '1', '--synthetic_train', '4', '--synthetic_objects', '1', '1', '--crop_size', '96', '96',
+    same = ['--epochs', '1', '--synthetic_train', '4', '--synthetic_objects', '1', '1',
+            '--synthetic_image_size', '64', '--train_scales', '64', '--crop_scales', '64', '--crop_size', '64', '64',
             '--dropout', '0', '--eval_every', '100', '--lr', '1e-3', '--lr_backbone', '0']
     one = tool('train.py', *smoke_args(tmp_path / 'one', *same, '--batch_size', '2'))
     assert one.returncode == 0, one.stderr[-3000:]
