@@ -15,7 +15,12 @@ import subprocess
 import sysconfig
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+try:
+    from torch.utils import cpp_extension
+except ImportError as error:
+    raise SystemExit(f'detr-irpe: building rpe_ops needs torch installed first ({error}). Install torch, '
+                     f'then run `pip install --no-build-isolation -e .` (or `make setup`).')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join('rpe_ops', 'csrc')

@@ -60,6 +60,8 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
                     'processor': platform.processor() or platform.machine(),
                     'gpu': torch.cuda.get_device_name() if device == 'cuda' else None,
                     'load_average_1min': os.getloadavg()[0],
+                    # 1 = huge pages for big tensors: fewer page faults when the (B, H, L, L) outputs are allocated
+                    'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE', '0'),
                     'torch': torch.__version__, 'rpe_ops_build': rpe_ops.build_info()},
         'repeats': repeats,
         'median_seconds': median,

@@ -28,7 +28,8 @@ def main():
                        args.device, args.repeats)
     m, s = result['machine'], result['sizes']
     print(f"machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
-          f"gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}")
+          f"gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}, "
+          f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}")
     print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}; "
           f"median of {result['repeats']} interleaved repeats")
     print(f"{'method':<26}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
