@@ -22,7 +22,11 @@ import rpe_ops
 
 def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
               repeats=15, warmup=2, seed=0):
-    """Median seconds of forward and forward+backward, op vs gather, and their ratios."""
+    """Median seconds of forward and forward+backward, op vs gather, and their ratios.
+
+    Also times 'memory_floor': writing a fresh (B, H, L, L) tensor (plus reading
+    grad, for forward+backward), which no implementation of the op can beat.
+    """
     g = torch.Generator().manual_seed(seed)
     index = torch.randint(0, buckets, (length, length), generator=g, dtype=torch.int32).to(device)
     x = torch.randn(batch, heads, length, buckets, generator=g).to(device, dtype).requires_grad_()
@@ -43,15 +47,21 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
         x.grad = None
         fn().backward(grad)
 
-    cases = {(kind, name): (run, fn) for kind, run in [('forward', forward), ('forward_backward', forward_backward)]
-             for name, fn in methods.items()}
+    def write_output():  # allocate and write one (B, H, L, L) tensor: the least any forward costs
+        return torch.empty_like(grad).fill_(1)
+
+    cases = {(kind, name): (lambda run=run, fn=fn: run(fn)) for name, fn in methods.items()
+             for kind, run in [('forward', forward), ('forward_backward', forward_backward)]}
+    # Memory traffic no implementation avoids: forward writes the output, backward also reads grad.
+    cases['forward', 'memory_floor'] = write_output
+    cases['forward_backward', 'memory_floor'] = lambda: (write_output(), grad.sum())
     times = {case: [] for case in cases}
     for r in range(warmup + repeats):
-        for case, (run, fn) in cases.items():
-            seconds = _time(lambda: run(fn), device)
+        for case, run in cases.items():
+            seconds = _time(run, device)
             if r >= warmup:
                 times[case].append(seconds)
-    median = {kind: {name: statistics.median(times[kind, name]) for name in methods}
+    median = {kind: {name: statistics.median(times[kind, name]) for name in [*methods, 'memory_floor']}
               for kind in ('forward', 'forward_backward')}
     return {
         'sizes': {'B': batch, 'H': heads, 'Lq': length, 'Lk': length, 'K': buckets,
@@ -68,6 +78,8 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
         # how many times faster rpe_index is than each baseline
         'speedup': {kind: {name: median[kind][name] / median[kind]['rpe_index']
                            for name in methods if name != 'rpe_index'} for kind in median},
+        # fraction of rpe_index's time that is the memory floor (1.0: nothing left to gain)
+        'floor_fraction': {kind: median[kind]['memory_floor'] / median[kind]['rpe_index'] for kind in median},
     }
 
 

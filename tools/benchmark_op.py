@@ -38,7 +38,8 @@ def main():
         ratio = [result['speedup'][kind].get(name) for kind in ('forward', 'forward_backward')]
         ratio = ['' if r is None else f'{r:.2f}' for r in ratio]
         print(f"{name:<26}{fwd * 1e3:>12.1f}{fb * 1e3:>12.1f}{ratio[0]:>8}{ratio[1]:>11}")
-    print('x = baseline time / rpe_index time (higher: rpe_index faster)')
+    print('x = baseline time / rpe_index time (higher: rpe_index faster); memory_floor = allocating and '
+          'writing the (B, H, L, L) output (+ reading grad), which any implementation pays')
 
     os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
     with open(args.json, 'w') as f:
