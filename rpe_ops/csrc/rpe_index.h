@@ -40,9 +40,10 @@ C10_HOST_DEVICE inline int64_t index_row_offset(int64_t i, int64_t Lk) {
   return i * Lk;
 }
 
-// Bucket ids come from bucket_ids and should lie in [0, K). The kernels check
-// every id anyway (a predictable branch in a memory-bound loop): an id out of
-// range would otherwise read, or in the reduce write, outside its row.
+// Bucket ids come from bucket_ids and should lie in [0, K), but an id out of
+// range would read, or in the reduce write, outside its row. So the CPU path
+// checks the (Lq, Lk) index once per call (raising IndexError) and the CUDA
+// kernels assert per element (a device-side assert; no host sync needed).
 C10_HOST_DEVICE inline bool bucket_in_range(int32_t bucket, int64_t K) {
   return bucket >= 0 && static_cast<int64_t>(bucket) < K;
 }
