@@ -3,7 +3,8 @@
 //   rpe_reduce: one block per (b, h, i) row; the block accumulates the row's
 //               buckets in shared memory (fast shared atomics), then writes
 //               them once. No global atomics. Rows with more buckets than fit
-//               in shared memory are reduced one tile of buckets at a time.
+//               in shared memory are split into tiles of buckets, one block
+//               per (row, tile) (grid.y), each scanning the whole row.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -47,7 +48,7 @@ __global__ void rpe_reduce_kernel(const scalar_t* __restrict__ v, const int32_t*
     const scalar_t* v_row = v + row_offset(row, Lk);
     const int32_t* idx_row = idx + index_row_offset(query_of_row(row, Lq), Lk);
     scalar_t* y_row = y + row_offset(row, K);
-    for (int64_t first = 0; first < K; first += tile) {
+    for (int64_t first = blockIdx.y * tile; first < K; first += gridDim.y * tile) {
       const int64_t width = min(tile, K - first);
       for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = acc_t(0);
       __syncthreads();
@@ -98,12 +99,13 @@ at::Tensor rpe_reduce_cuda(const at::Tensor& values_, const at::Tensor& index_, 
   const int64_t rows = values.size(0) * values.size(1) * Lq;
   at::Tensor out = at::empty({values.size(0), values.size(1), Lq, K}, values.options());
   if (out.numel() == 0) return out;
-  const int64_t blocks = std::min<int64_t>(rows, kMaxBlocks * 8);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // half types accumulate in float
     const int64_t tile = std::min<int64_t>(K, kSharedBytes / sizeof(acc_t));
+    const dim3 blocks(std::min<int64_t>(rows, kMaxBlocks * 8),
+                      std::min<int64_t>((K + tile - 1) / tile, kMaxBlocks));
     rpe_reduce_kernel<scalar_t, acc_t><<<blocks, kThreads, tile * sizeof(acc_t), stream>>>(
         values.const_data_ptr<scalar_t>(), index.const_data_ptr<int32_t>(),
         out.mutable_data_ptr<scalar_t>(), rows, Lq, Lk, K, tile);
