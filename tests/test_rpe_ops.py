@@ -4,7 +4,6 @@
     rpe_reduce: out[b, h, i, t] = sum_j V[b, h, i, j] [index[i, j] = t]
     d rpe_index / dX  = rpe_reduce of the grad;  d rpe_reduce / dV = rpe_index of the grad
 """
-import os
 import shutil
 import warnings
 
