@@ -1,0 +1,396 @@
+"""What the inspection tools share: bucket maps (paper Fig. 6-9), the iRPE term b_ij of an encoder layer
+(Fig. 5), drawn detections, training logs and sweep tables (Table 6).
+
+Pictures are drawn with matplotlib's Agg backend and returned as figures; the tools save them.
+"""
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import patches  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross, rpe_config_from_string  # noqa: E402
+
+# --------------------------------------------------------------------------------------------- buckets
+
+# (label, bucket method of get_bucket_ids_2d): the cross method has one map for rows and one for columns.
+BUCKET_PANELS = (('Euclidean', 'euc'), ('Quantization', 'quant'), ('Cross (rows)', 'cross_rows'),
+                 ('Cross (columns)', 'cross_cols'), ('Product', 'product'))
+# 60 distinct colours; bucket id b gets colour b mod 60, so ids 1 apart (and 2*beta_int+1 apart, the next
+# row of the product method) always differ in colour.
+BUCKET_COLOURS = ListedColormap(np.concatenate([plt.get_cmap(n).colors for n in ('tab20', 'tab20b', 'tab20c')]))
+
+
+def bucket_map(method, reference, height=14, width=14, ratio=1.9, index_func='piecewise'):
+    """(height, width) int array: the bucket id of every key position seen from the query at `reference`
+    = (row, col). Relative positions are the query's minus the key's, as in the attention."""
+    row, col = reference
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f'reference position {reference} is outside the {height}x{width} map.')
+    ids, _ = get_bucket_ids_2d(method, height, width, 0, float(ratio), index_func)
+    return ids[row * width + col].reshape(height, width).numpy()
+
+
+def plot_bucket_maps(references=((0, 0), (7, 7)), height=14, width=14, ratio=1.9,
+                     index_funcs=('piecewise', 'clip'), numbers=True):
+    """Figure of bucket maps: one row per method, one column per (index function, reference position);
+    one colour (and the id written in the cell) per bucket, the reference position outlined."""
+    cols = [(f, r) for f in index_funcs for r in references]
+    cell = 0.2 if numbers else 0.12
+    fig, axes = plt.subplots(len(BUCKET_PANELS), len(cols), squeeze=False,
+                             figsize=(len(cols) * (width * cell + 0.3), len(BUCKET_PANELS) * (height * cell + 0.5)))
+    for (label, method), row_axes in zip(BUCKET_PANELS, axes):
+        for (index_func, ref), ax in zip(cols, row_axes):
+            ids = bucket_map(method, ref, height, width, ratio, index_func)
+            ax.imshow(ids % BUCKET_COLOURS.N, cmap=BUCKET_COLOURS, vmin=0, vmax=BUCKET_COLOURS.N - 1,
+                      interpolation='nearest')
+            if numbers:
+                for (r, c), b in np.ndenumerate(ids):
+                    ax.text(c, r, str(b), ha='center', va='center', fontsize=4.5, color='black')
+            ax.add_patch(patches.Rectangle((ref[1] - 0.5, ref[0] - 0.5), 1, 1, fill=False, edgecolor='black',
+                                           linewidth=2.2))
+            ax.add_patch(patches.Rectangle((ref[1] - 0.5, ref[0] - 0.5), 1, 1, fill=False, edgecolor='white',
+                                           linewidth=0.8))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f'{label}, {index_func}\nfrom ({ref[0]},{ref[1]}): {len(np.unique(ids))} buckets',
+                         fontsize=7)
+    fig.suptitle(f'iRPE buckets on a {height}x{width} map, ratio {ratio} '
+                 f'(alpha={ratio:g}, beta={2 * ratio:g}, gamma={8 * ratio:g}); outlined: the reference position',
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    return fig
+
+
+def save_figure(fig, path, dpi=100, palette=True, tight=True):
+    """Save a figure as PNG and close it. palette: store it with at most 256 colours, which keeps flat
+    drawings (maps, plots) a few times smaller; leave it off for photographs. tight: crop the empty margin
+    (off: the PNG has exactly the figure's size in pixels)."""
+    import io
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format='png', bbox_inches='tight' if tight else None, pad_inches=0.1)
+    plt.close(fig)
+    buffer.seek(0)
+    image = Image.open(buffer).convert('RGB')
+    if palette:
+        image = image.quantize(256, method=Image.Quantize.MEDIANCUT)
+    image.save(path, optimize=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------- iRPE term b_ij
+
+def encoder_self_attention(model, layer):
+    """The RPEMultiheadAttention of encoder layer `layer` (negative counts from the last)."""
+    layers = model.transformer.encoder.layers
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f'--layer {layer} does not exist: the encoder has {len(layers)} layers '
+                         f'(0 to {len(layers) - 1}, or -1 for the last).')
+    attn = layers[layer].self_attn
+    if attn.rpe_q is None and attn.rpe_k is None:
+        raise ValueError('the model has no iRPE on queries or keys in its encoder (--enc_rpe2d is '
+                         f'{"empty" if attn.rpe_v is None else "on values only"}), so there is no b_ij to show; '
+                         "use a checkpoint trained with e.g. --enc_rpe2d rpe-2.0-product-ctx-1-k.")
+    return attn
+
+
+@torch.no_grad()
+def irpe_logit_terms(model, images, layer=0):
+    """The extra attention logits b_ij that iRPE adds in encoder layer `layer` (paper Fig. 5), for a list of
+    (3, H, W) images run through the model.
+
+    b = rpe_k(q * d^-0.5) + rpe_q(k * d^-0.5)^T, captured from the layer's rpe_k / rpe_q modules as the
+    forward pass computes them. Returns (b (B, num_heads, L, L), height, width) with L = height * width,
+    the tokens of the feature map in row-major order.
+    """
+    attn = encoder_self_attention(model, layer)
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            # A copy: the attention may add the other terms into this tensor in place.
+            term = output.detach().clone()
+            if name == 'q' and not kwargs.get('transpose_output', False):
+                term = term.transpose(2, 3)
+            captured[name] = term
+            size = tuple(args[1:3]) if len(args) >= 3 else (kwargs.get('height'), kwargs.get('width'))
+            captured['size'] = size
+        return hook
+
+    handles = [m.register_forward_hook(keep(n), with_kwargs=True)
+               for n, m in (('k', attn.rpe_k), ('q', attn.rpe_q)) if m is not None]
+    try:
+        model(list(images))
+    finally:
+        for h in handles:
+            h.remove()
+    height, width = captured['size']
+    if height is None:  # the module was called without the map's size: a square map
+        height = width = math.isqrt(captured['k' if 'k' in captured else 'q'].shape[-1])
+    b = sum(captured[n] for n in ('k', 'q') if n in captured)
+    return b.expand(len(images), attn.num_heads, *b.shape[2:]).float().cpu(), height, width
+
+
+def uniform_reference_positions(height, width, n=5):
+    """n x n (row, col) positions spread uniformly over a height x width map: the centres of an n x n grid."""
+    rows = [min(height - 1, int((i + 0.5) * height / n)) for i in range(n)]
+    cols = [min(width - 1, int((j + 0.5) * width / n)) for j in range(n)]
+    return [(r, c) for r in rows for c in cols]
+
+
+def plot_irpe_terms(image, terms, height, width, references, title=''):
+    """Figure: the image with the reference positions numbered, and one map per reference of b_ij over all
+    keys j (terms: (L, L), already reduced over heads), on one colour scale. image: PIL image."""
+    n = math.isqrt(len(references))
+    if n * n != len(references):
+        raise ValueError(f'{len(references)} reference positions do not form a square grid.')
+    maps = [terms[r * width + c].reshape(height, width).numpy() for r, c in references]
+    vmin, vmax = min(m.min() for m in maps), max(m.max() for m in maps)
+    if vmin == vmax:
+        vmin, vmax = vmin - 1e-6, vmax + 1e-6
+    fig = plt.figure(figsize=(4 + 1.6 * n, 1.6 * n + 0.6))
+    grid = fig.add_gridspec(n, n + 3, width_ratios=[1] * 2 + [0.15] + [1] * n)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(image)
+    img_w, img_h = image.size
+    for k, (r, c) in enumerate(references):
+        x, y = (c + 0.5) * img_w / width, (r + 0.5) * img_h / height
+        ax.plot(x, y, 'o', markersize=9, markerfacecolor='white', markeredgecolor='red')
+        ax.text(x, y, str(k + 1), ha='center', va='center', fontsize=5.5, color='black')
+    ax.set_title(f'reference positions\n(feature map {height}x{width})', fontsize=8)
+    ax.axis('off')
+    im = None
+    for k, ((r, c), m) in enumerate(zip(references, maps)):
+        a = fig.add_subplot(grid[k // n, 3 + k % n])
+        im = a.imshow(m, cmap='viridis', vmin=vmin, vmax=vmax, interpolation='nearest')
+        a.plot(c, r, 'x', color='red', markersize=5, markeredgewidth=1.5)
+        a.set_title(f'{k + 1}: ({r},{c})', fontsize=6.5, pad=2)
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.colorbar(im, ax=fig.axes[1:], fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def describe_rpe(model, layer=0):
+    """A short description of the iRPE of an encoder layer, for titles: e.g. 'product, contextual, 9x9 buckets'."""
+    attn = encoder_self_attention(model, layer)
+    module = attn.rpe_k if attn.rpe_k is not None else attn.rpe_q
+    module = module.rp_rows if isinstance(module, iRPE_Cross) else module
+    c = module.config
+    side = 2 * c.beta_int + 1
+    buckets = f'{side}x{side}' if c.method == 'product' else str(module.num_buckets)
+    on = '+'.join(n for n in ('q', 'k') if getattr(attn, f'rpe_{n}') is not None)
+    return f'{c.method}, {c.mode}{", clip" if c.index_func == "clip" else ""}, {buckets} buckets, on {on}'
+
+
+# ------------------------------------------------------------------------------------- predictions
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+def list_images(inputs):
+    """Image files of `inputs` (files, or folders whose image files are taken in name order)."""
+    paths = []
+    for p in inputs:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f'folder {p!r} holds no image files ({", ".join(IMAGE_EXTENSIONS)}).')
+            paths += found
+        elif os.path.isfile(p):
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f'{p!r} is neither an image file nor a folder.')
+    return paths
+
+
+def load_image(path, transform):
+    """(PIL RGB image, transformed (3, H, W) tensor)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as f:
+            image = f.convert('RGB')
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f'cannot read image {path!r}: {e}') from None
+    return image, transform(image)
+
+
+@torch.no_grad()
+def predict(model, postprocessors, images, device):
+    """Detections for a list of (PIL image, tensor) pairs, in pixels of the PIL images: a list of dicts with
+    'scores' (Q,), 'labels' (Q,), 'boxes' (Q, 4) xyxy."""
+    outputs = model([t.to(device) for _, t in images])
+    sizes = torch.tensor([[img.height, img.width] for img, _ in images], device=device)
+    return [{k: v.cpu() for k, v in r.items()} for r in postprocessors['bbox'](outputs, sizes)]
+
+
+def coco_results(image_id, detections, min_score=0.0):
+    """COCO results entries (image_id, category_id, bbox [x, y, w, h], score) of one image's detections."""
+    out = []
+    for score, label, box in zip(detections['scores'].tolist(), detections['labels'].tolist(),
+                                 detections['boxes'].tolist()):
+        if score >= min_score:
+            x0, y0, x1, y1 = box
+            out.append({'image_id': int(image_id), 'category_id': int(label),
+                        'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                        'score': round(score, 4)})
+    return out
+
+
+def drawing_scale(width, height, min_size=512):
+    """Integer factor by which an image is enlarged for drawing so its longer side is at least min_size."""
+    return max(1, math.ceil(min_size / max(width, height)))
+
+
+def draw_detections(image, detections, threshold=0.5, names=None, min_size=512):
+    """Figure of `image` (PIL) with the boxes scoring at least `threshold`, labelled 'name score'. Saved with
+    dpi=100 it has exactly the image's size times drawing_scale(...)."""
+    names = names or {}
+    s = drawing_scale(image.width, image.height, min_size)
+    fig = plt.figure(figsize=(image.width * s / 100, image.height * s / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(image)
+    ax.set_xlim(-0.5, image.width - 0.5)
+    ax.set_ylim(image.height - 0.5, -0.5)
+    ax.axis('off')
+    colours = plt.get_cmap('tab10').colors
+    for score, label, (x0, y0, x1, y1) in zip(detections['scores'].tolist(), detections['labels'].tolist(),
+                                              detections['boxes'].tolist()):
+        if score < threshold:
+            continue
+        colour = colours[label % len(colours)]
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
+        ax.text(x0, y0, f'{names.get(label, label)} {score:.2f}', fontsize=9, color='white', va='bottom',
+                bbox=dict(facecolor=colour, edgecolor='none', pad=1.5, alpha=0.85))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- logs
+
+COCO_STATS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+LOG_PANELS = (('train_loss', 'loss'), ('train_loss_ce', 'classification loss'), ('train_loss_bbox', 'L1 box loss'),
+              ('train_loss_giou', 'GIoU loss'), ('AP', 'AP (val)'), ('AP50', 'AP50 (val)'))
+
+
+def read_log(path):
+    """The records of a tools/train.py log.txt (JSON lines), one per epoch: a resumed run that logged an
+    epoch twice keeps its last record. The COCO stats are also given by name (AP, AP50, ... from
+    test_coco_eval_bbox)."""
+    by_epoch = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}:{n} is not a JSON line ({e}); expected a log.txt written by '
+                                 'tools/train.py.') from None
+            if not isinstance(record, dict) or 'epoch' not in record:
+                raise ValueError(f"{path}:{n} has no 'epoch'; expected a log.txt written by tools/train.py.")
+            stats = record.get('test_coco_eval_bbox') or []
+            record.update({name: v for name, v in zip(COCO_STATS, stats)})
+            by_epoch[record['epoch']] = record
+    if not by_epoch:
+        raise ValueError(f'{path} holds no epoch record yet.')
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def run_label(log_path):
+    """The name of the run folder a log.txt lives in."""
+    return os.path.basename(os.path.dirname(os.path.abspath(log_path))) or log_path
+
+
+def plot_logs(runs, panels=LOG_PANELS):
+    """Figure of training curves: one panel per (field, title), one line per run. runs: {label: records}."""
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for (field, title), ax in zip(panels, axes.flat):
+        for label, records in runs.items():
+            points = [(r['epoch'], r[field]) for r in records if r.get(field) is not None and r[field] >= 0]
+            if points:
+                ax.plot(*zip(*points), marker='.' if len(points) < 30 else None, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('epoch', fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+def run_name(spec):
+    """A folder name for one sweep entry: a config file's stem, or the --enc_rpe2d string ('none' if empty)."""
+    if spec.endswith(('.yaml', '.yml')):
+        return os.path.splitext(os.path.basename(spec))[0]
+    return spec or 'none'
+
+
+def describe_run(args):
+    """Table 6 columns of a run from its parsed training flags: abs. pos., iRPE, buckets, epochs."""
+    config = rpe_config_from_string(args.enc_rpe2d)
+    one = None if config is None else (config.rpe_k or config.rpe_q or config.rpe_v)
+    if one is None:
+        rel, buckets = 'none', '-'
+    else:
+        side = 2 * one.beta_int + 1
+        rel = one.mode + ('-clip' if one.index_func == 'clip' else '')
+        buckets = f'{side}x{side}' if one.method == 'product' else f'{side} ({one.method})'
+    abs_pos = {'sine': 'sinusoid'}.get(args.position_embedding, args.position_embedding)
+    return {'abs. pos.': abs_pos, 'iRPE': rel, 'buckets': buckets, 'epochs': str(args.epochs)}
+
+
+def sweep_table(rows):
+    """Markdown table like the paper's Table 6. rows: dicts with 'name', the describe_run() columns, and
+    'bbox' (the 12 COCO stats of eval.json, in [0, 1]) or None for a run that failed; AP columns in %."""
+    head = ['#', 'run', 'abs. pos.', 'iRPE', 'buckets', 'epochs', *COCO_STATS]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---:' if h in COCO_STATS or h == '#' else '---'
+                                                           for h in head) + '|']
+    for i, row in enumerate(rows, 1):
+        bbox = row.get('bbox')
+        stats = [f'{100 * v:.1f}' if v >= 0 else '-' for v in bbox[:6]] if bbox else ['failed'] + [''] * 5
+        cells = [str(i), row['name']] + [row.get(k, '') for k in head[2:6]] + stats
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def run_processes(commands, log_paths, parallel=1, env=None):
+    """Run each command (a list of strings) with its output going to its log file, at most `parallel` at a
+    time; print a line as each ends. Returns the exit codes in order."""
+    import subprocess
+    import time
+    pending = list(range(len(commands)))
+    running, codes = {}, [None] * len(commands)
+    while pending or running:
+        while pending and len(running) < parallel:
+            i = pending.pop(0)
+            os.makedirs(os.path.dirname(os.path.abspath(log_paths[i])), exist_ok=True)
+            log = open(log_paths[i], 'w')
+            print(f'[{i + 1}/{len(commands)}] started, output in {log_paths[i]}', flush=True)
+            running[i] = (subprocess.Popen(commands[i], stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                          time.time())
+        time.sleep(0.2)
+        for i, (proc, log, started) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                codes[i] = proc.returncode
+                state = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode}), see {log_paths[i]}'
+                print(f'[{i + 1}/{len(commands)}] {state} in {time.time() - started:.0f} s', flush=True)
+                del running[i]
+    return codes
