@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Plot training curves (losses, and val AP / AP50) of one or more runs of tools/train.py, overlaid.
+
+    python tools/plot_logs.py outputs/demo_baseline/log.txt outputs/demo_irpe/log.txt --output_dir outputs
+    python tools/plot_logs.py runs/*/log.txt --labels "DETR" "DETR + iRPE" --name detr_vs_irpe.png
+
+Each line is labelled with its run folder's name unless --labels is given. AP is in [0, 1] as pycocotools
+gives it. Writes output_dir/<--name> (default logs.png); output_dir defaults to the first log's folder.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detr_irpe.config import run_tool  # noqa: E402
+from detr_irpe.inspect import plot_logs, read_log, run_label, save_figure  # noqa: E402
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('logs', nargs='+', help='log.txt files written by tools/train.py (or their run folders)')
+    p.add_argument('--labels', nargs='+', default=None, help='one label per log (default: the run folder names)')
+    p.add_argument('--name', default='logs.png', help='file name of the PNG')
+    p.add_argument('--dpi', type=int, default=90)
+    p.add_argument('--output_dir', default='')
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    paths = [os.path.join(p, 'log.txt') if os.path.isdir(p) else p for p in args.logs]
+    labels = args.labels or [run_label(p) for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f'--labels gives {len(labels)} labels for {len(paths)} logs; give one per log.')
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'two logs would share a label ({", ".join(labels)}); name them with --labels.')
+    runs = {label: read_log(path) for label, path in zip(labels, paths)}
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(paths[0]))
+    path = save_figure(plot_logs(runs), os.path.join(output_dir, args.name), args.dpi)
+    for label, records in runs.items():
+        last = records[-1]
+        ap = f', AP {last["AP"]:.3f}' if last.get('AP') is not None else ''
+        print(f'{label}: {len(records)} epochs, last loss {last.get("train_loss", float("nan")):.3f}{ap}')
+    print(f'wrote {path}')
+    return path
+
+
+if __name__ == '__main__':
+    run_tool(main)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Run a checkpoint on image files or folders: write each image with its labelled boxes above a score
+threshold as PNG, and all detections as a COCO results JSON.
+
+    python tools/predict.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth \\
+        .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict
+    python tools/predict.py --resume detr_irpe_r50_150ep.pth --coco_path /data/coco street.jpg park.jpg \\
+        --threshold 0.7 --output_dir runs/predict
+
+Writes output_dir/<image name>.png, detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
+in pixels of the image file, score; every query's detection, whatever its score, so it can be scored with
+pycocotools) and images.json (id, file_name, width, height of each image: the image_id of detections.json).
+Images found in the dataset's val annotation file keep their id there; others are numbered from 1.
+Category names come from that annotation file (--coco_path, or the synthetic set) when it can be read.
+Model flags come from the checkpoint unless given; output_dir defaults to <checkpoint folder>/predict.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+from detr_irpe import get_args_parser  # noqa: E402
+from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
+from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
+from detr_irpe.inspect import (coco_results, draw_detections, list_images, load_image, predict,  # noqa: E402
+                               save_figure)
+
+
+def get_parser():
+    parser = datasets.add_dataset_args(get_args_parser())
+    parser.description = __doc__
+    parser.add_argument('inputs', nargs='+', help='image files or folders of images')
+    parser.add_argument('--threshold', type=float, default=0.5, help='draw the boxes scoring at least this')
+    parser.add_argument('--min_size', type=int, default=512,
+                        help='smaller images are drawn enlarged by an integer factor up to at least this size')
+    return parser
+
+
+def val_annotations(args):
+    """The pycocotools COCO object of the val split, or None when it cannot be read (no --coco_path)."""
+    if args.dataset_file == 'coco' and not args.coco_path:
+        return None
+    try:
+        return datasets.get_coco_api_from_dataset(datasets.build_dataset('val', args))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f'no category names ({e}); labels are category ids')
+        return None
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.resume:
+        parser.error('--resume CHECKPOINT is required: the .pth file to run')
+    paths = list_images(args.inputs)
+    model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+    device = torch.device(args.device)
+    model.to(device)
+    coco = val_annotations(args)
+    names = {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {}
+    known_ids = {os.path.basename(img['file_name']): img['id'] for img in coco.dataset['images']} if coco else {}
+    transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'predict')
+    results, images = [], []
+    for n, path in enumerate(paths, 1):
+        image, tensor = load_image(path, transform)
+        detections = predict(model, postprocessors, [(image, tensor)], device)[0]
+        image_id = known_ids.get(os.path.basename(path), n)
+        images.append({'id': image_id, 'file_name': os.path.abspath(path), 'width': image.width,
+                       'height': image.height})
+        results += coco_results(image_id, detections)
+        fig = draw_detections(image, detections, args.threshold, names, args.min_size)
+        out = save_figure(fig, os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + '.png'),
+                          palette=False, tight=False)
+        shown = int((detections['scores'] >= args.threshold).sum())
+        print(f'{path}: {shown} detections of score >= {args.threshold} -> {out}')
+    for name, data in (('detections.json', results), ('images.json', images)):
+        with open(os.path.join(output_dir, name), 'w') as f:
+            json.dump(data, f)
+        print(f'wrote {os.path.join(output_dir, name)}')
+    return output_dir
+
+
+if __name__ == '__main__':
+    run_tool(main)
