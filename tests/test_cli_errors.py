@@ -1,6 +1,5 @@
 """Bad input to the tools ends in a message that names it, never in a traceback."""
 import os
-import pickle
 import subprocess
 import sys
 
@@ -74,20 +73,9 @@ def test_resume_from_a_missing_checkpoint(tmp_path):
     _assert_clean_failure(run, 'none.pth', 'does not exist')
 
 
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_eval_refuses_a_checkpoint_that_would_run_code(tmp_path):
-    marker = str(tmp_path / 'ran')
-    path = tmp_path / 'evil.pth'
-    with open(path, 'wb') as f:
-        pickle.dump({'model': {}, 'x': RunsCode(marker)}, f)
-    run = tool('eval.py', '--config', 'configs/smoke.yaml', '--resume', str(path), '--synthetic_dir', str(tmp_path / 's'))
+def test_eval_refuses_a_checkpoint_that_would_run_code(tmp_path, code_running_checkpoint):
+    path, marker = code_running_checkpoint
+    run = tool('eval.py', '--config', 'configs/smoke.yaml', '--resume', path, '--synthetic_dir', str(tmp_path / 's'))
     _assert_clean_failure(run, 'refusing to load')
     assert not os.path.exists(marker)
 

@@ -3,7 +3,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -52,19 +51,8 @@ def test_checkpoint_is_replaced_atomically_and_a_failed_write_keeps_the_old_one(
     assert os.listdir(tmp_path) == ['checkpoint.pth']  # no temporary file left behind
 
 
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    marker = str(tmp_path / 'pwned')
-    path = str(tmp_path / 'evil.pth')
-    with open(path, 'wb') as f:
-        pickle.dump({'model': {}, 'payload': RunsCode(marker)}, f)
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(code_running_checkpoint):
+    path, marker = code_running_checkpoint
     with pytest.raises(RuntimeError, match='refusing to load'):
         load_checkpoint(path)
     assert not os.path.exists(marker)

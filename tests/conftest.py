@@ -1,0 +1,24 @@
+import os
+import pickle
+
+import pytest
+
+
+class RunsCode:
+    """Unpickling this calls os.mkdir(marker): a stand-in for a checkpoint that would run code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def code_running_checkpoint(tmp_path):
+    """(path of a .pth whose unpickling would create `marker`, marker)."""
+    marker = str(tmp_path / 'code_ran')
+    path = str(tmp_path / 'evil.pth')
+    with open(path, 'wb') as f:
+        pickle.dump({'model': {}, 'payload': RunsCode(marker)}, f)
+    return path, marker
