@@ -52,29 +52,70 @@ class RPEMultiheadAttention(nn.Module):
         q, k, v = (t.reshape(t.shape[0], B, H, d).permute(1, 2, 0, 3) for t in (q, k, v))
         scale = d ** -0.5
         q = q * scale
-
-        logits_bias = None
-        if self.rpe_k is not None:
-            logits_bias = self.rpe_k(q, height, width)
-        if self.rpe_q is not None:
-            term = self.rpe_q(k * scale, height, width).transpose(2, 3)
-            logits_bias = term if logits_bias is None else logits_bias + term
-        if key_padding_mask is not None:
-            pad = torch.zeros(B, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-            pad.masked_fill_(key_padding_mask[:, None, None, :], float('-inf'))
-            logits_bias = pad if logits_bias is None else logits_bias + pad
+        bias = self.logits_bias(q, k * scale, key_padding_mask, height, width)
 
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if self.rpe_v is None and not need_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=logits_bias, dropout_p=dropout_p, scale=1.0)
+        # SDPA fuses softmax and its mask where it can; on CPU it has no fused kernel with dropout, and its
+        # fallback is slower than the explicit softmax below.
+        if self.rpe_v is None and not need_weights and (dropout_p == 0.0 or q.is_cuda):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
         else:
-            logits = q @ k.transpose(-2, -1)
-            if logits_bias is not None:
-                logits = logits + logits_bias
-            weights = F.dropout(logits.softmax(dim=-1), dropout_p, self.training)
+            weights = F.dropout(add_query_key_products(bias, q, k).softmax(dim=-1), dropout_p, self.training)
             out = weights @ v
             if self.rpe_v is not None:
                 out = out + self.rpe_v(weights, height, width)
         out = out.permute(2, 0, 1, 3).reshape(-1, B, E)
         return self.out_proj(out), weights
+
+    def logits_bias(self, q, k, key_padding_mask, height, width):
+        """rpe_k(q) + rpe_q(k)^T + key padding (-inf), summed in the first term's storage.
+
+        q, k: (B, H, L, d), both already scaled. Returns None, (B, 1, 1, L) (padding only), or a
+        (B or 1, H, L, L) tensor made here, which add_query_key_products may overwrite.
+        """
+        terms = []
+        if self.rpe_k is not None:
+            terms.append(self.rpe_k(q, height, width))
+        if self.rpe_q is not None:
+            terms.append(self.rpe_q(k, height, width, transpose_output=True))
+        if key_padding_mask is not None:
+            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            terms.append(pad.masked_fill_(key_padding_mask, float('-inf'))[:, None, None, :])
+        if not terms:
+            return None
+        total = terms[0]
+        for term in terms[1:]:
+            # The iRPE terms are fresh tensors: add in place where the sum keeps the first one's shape.
+            fits = total.dim() == 4 and total.shape[-2] > 1 and torch.broadcast_shapes(total.shape, term.shape) == total.shape
+            total = total.add_(term) if fits else total + term
+        return total
+
+
+class _AddQueryKeyProducts(torch.autograd.Function):
+    """bias + q @ k^T, computed into bias's own storage (one GEMM with beta=1, no new (B, H, L, L))."""
+
+    @staticmethod
+    def forward(ctx, bias, q, k):
+        B, H, L, d = q.shape
+        ctx.save_for_backward(q, k)
+        bias.view(B * H, L, -1).baddbmm_(q.reshape(B * H, L, d), k.reshape(B * H, -1, d).transpose(1, 2))
+        ctx.mark_dirty(bias)
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        return grad, grad @ k if ctx.needs_input_grad[1] else None, grad.transpose(-2, -1) @ q if ctx.needs_input_grad[2] else None
+
+
+def add_query_key_products(bias, q, k):
+    """logits (B, H, L, L) = q @ k^T + bias; bias None or broadcastable, and overwritten when it already
+    has the logits' shape (it is then a temporary of RPEMultiheadAttention.logits_bias)."""
+    if bias is None:
+        return q @ k.transpose(-2, -1)
+    B, H, L, _ = q.shape
+    shape = (B, H, L, k.shape[2])
+    if bias.shape != shape or not bias.is_contiguous():
+        bias = bias.expand(shape).contiguous()  # the copy baddbmm would make of a broadcast input anyway
+    return _AddQueryKeyProducts.apply(bias, q, k)

@@ -222,6 +222,19 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
     return ids.to(device=device, dtype=torch.int32).contiguous(), num_buckets
 
 
+@functools.lru_cache(maxsize=128)
+def key_major_ids(bucket_ids, row_stride):
+    """out[i, j] = j * row_stride + bucket_ids[j, i], int32 (L, L), contiguous.
+
+    With row_stride 0 these are the transposed bucket ids; with row_stride K they index the flattened
+    (L * K) per-key table, so that one gather yields a key-side term already transposed. Cached per
+    bucket-id tensor (which get_bucket_ids_2d caches per map size): do not modify the result.
+    """
+    L = bucket_ids.shape[0]
+    offsets = torch.arange(L, dtype=torch.int32, device=bucket_ids.device) * row_stride
+    return (bucket_ids.t() + offsets[None, :]).contiguous()
+
+
 def _map_size(num_tokens, skip, height, width):
     if height is None and width is None:
         side = math.isqrt(max(num_tokens - skip, 0))
@@ -275,18 +288,25 @@ class iRPE(nn.Module):
         height, width = _map_size(num_tokens, c.skip, height, width)
         return get_bucket_ids_2d(self.method, height, width, c.skip, c.ratio, c.index_func, torch.device(device))[0]
 
-    def forward(self, x, height=None, width=None):
+    def forward(self, x, height=None, width=None, transpose_output=False):
+        """transpose_output (rpe_q / rpe_k): return the term transposed, (B, H, L, L) with entry [i, j] =
+        x_j . W[:, bucket(j, i)], as the logits need it for rpe_q; computed in that layout, not copied."""
         import rpe_ops
         ids = self.bucket_ids(x.shape[2], height, width, x.device)
         if not self.transposed:
             per_bucket = rpe_ops.rpe_reduce(x, ids, self.num_buckets)          # (B, H, L, K)
             return torch.matmul(per_bucket, self.lookup_table_weight.to(x.dtype))
+        L, K = ids.shape[0], self.num_buckets
         if self.mode == 'bias':
-            L = ids.shape[0]
-            table = self.lookup_table_bias.to(x.dtype)[None, :, None, :].expand(1, self.num_heads, L, self.num_buckets)
-            return rpe_ops.rpe_index(table, ids)                                # (1, H, L, L)
+            table = self.lookup_table_bias.to(x.dtype)[None, :, None, :].expand(1, self.num_heads, L, K)
+            return rpe_ops.rpe_index(table, key_major_ids(ids, 0) if transpose_output else ids)  # (1, H, L, L)
         per_bucket = torch.matmul(x, self.lookup_table_weight.to(x.dtype))     # (B, H, L, K)
-        return rpe_ops.rpe_index(per_bucket, ids)                               # (B, H, L, L)
+        if not transpose_output:
+            return rpe_ops.rpe_index(per_bucket, ids)                           # (B, H, L, L)
+        # out[i, j] = per_bucket[j, bucket(j, i)]: one gather from the flattened (L * K) row.
+        B, H = per_bucket.shape[:2]
+        flat = rpe_ops.rpe_index(per_bucket.reshape(B, H, 1, L * K), key_major_ids(ids, K).view(1, L * L))
+        return flat.view(B, H, L, L)
 
     def extra_repr(self):
         c = self.config
@@ -302,8 +322,8 @@ class iRPE_Cross(nn.Module):
         self.rp_rows = iRPE(head_dim, num_heads, config, rpe_on, method='cross_rows')
         self.rp_cols = iRPE(head_dim, num_heads, config, rpe_on, method='cross_cols')
 
-    def forward(self, x, height=None, width=None):
-        return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+    def forward(self, x, height=None, width=None, transpose_output=False):
+        return self.rp_rows(x, height, width, transpose_output).add_(self.rp_cols(x, height, width, transpose_output))
 
 
 def rpe_parameters(model):
