@@ -1,0 +1,262 @@
+"""What iRPE costs over plain attention, measured side by side in one run.
+
+    from detr_irpe.benchmark import run
+    result = run(quick=False)      # dict of medians and ratios; tools/benchmark.py prints and saves it
+
+Models are compared within one process, taking turns in every repeat, so that a busy spell of the
+machine hits all of them alike; the reported times are medians. Peak memory is measured in one fresh
+subprocess per model (its VmHWM), since a process's peak cannot be split between models.
+Weights are random (--backbone_weights none): times do not depend on them.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import rpe_ops
+import rpe_ops.benchmark
+from detr_irpe.args import get_args_parser
+from detr_irpe.attention import RPEMultiheadAttention
+from detr_irpe.detr import build_model
+from detr_irpe.irpe import rpe_config_from_string
+
+IRPE_K = 'rpe-2.0-product-ctx-1-k'
+IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
+# name: (--enc_rpe2d, encoder attention on torch.nn.MultiheadAttention)
+MODELS = {'plain': ('', False), 'irpe_k': (IRPE_K, False), 'irpe_qkv': (IRPE_QKV, False), 'plain_nn_mha': ('', True)}
+FULL = {'images': [(640, 853), (600, 800)], 'attention_map': (25, 38), 'dc5_image': (640, 853),
+        'repeats': 4, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 1}
+QUICK = {'images': [(320, 427), (300, 400)], 'attention_map': (12, 16), 'dc5_image': (320, 427),
+         'repeats': 3, 'attention_repeats': 5, 'op_repeats': 5, 'dc5_steps': 2, 'dc5_rounds': 1}
+
+
+class NNMultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention taking the encoder's height/width keywords (and ignoring them)."""
+
+    def forward(self, query, key, value, key_padding_mask=None, height=None, width=None, need_weights=False):
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights)
+
+
+def build(enc_rpe2d='', nn_mha=False, dilation=False, seed=0):
+    """(model, criterion) of DETR-R50 on CPU with random weights; nn_mha: encoder on nn.MultiheadAttention."""
+    torch.manual_seed(seed)
+    argv = ['--backbone_weights', 'none', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d] + (['--dilation'] if dilation else [])
+    model, criterion, _ = build_model(get_args_parser().parse_args(argv))
+    if nn_mha:
+        for layer in model.transformer.encoder.layers:
+            old = layer.self_attn
+            layer.self_attn = NNMultiheadAttention(old.embed_dim, old.num_heads, dropout=old.dropout)
+            layer.self_attn.load_state_dict(old.state_dict())
+    return model, criterion
+
+
+def sample_batch(sizes, seed=0):
+    """Images (3, h, w) and two targets each, reproducibly random."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
+    targets = [{'labels': torch.randint(1, 91, (2,), generator=g),
+                'boxes': torch.cat([0.3 + 0.4 * torch.rand(2, 2, generator=g), 0.1 + 0.2 * torch.rand(2, 2, generator=g)], 1)}
+               for _ in sizes]
+    return images, targets
+
+
+def train_step(model, criterion, images, targets):
+    """Forward, loss and backward (the optimizer update is the same for every model and left out)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    losses = criterion(model(images), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+
+
+def inference(model, images):
+    model.eval()
+    with torch.no_grad():
+        model(images)
+
+
+def interleaved(cases, repeats, warmup=1):
+    """Median seconds of each zero-argument callable; in every repeat each case runs once, in turn
+    (the order rotating from repeat to repeat, so that no case always follows the same one)."""
+    times = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = cases[name]
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def model_steps(sizes, repeats):
+    """Training step and inference of DETR-R50 for every model in MODELS, interleaved."""
+    images, targets = sample_batch(sizes)
+    models = {name: build(rpe, nn_mha) for name, (rpe, nn_mha) in MODELS.items()}
+    train = interleaved({n: (lambda m=m, c=c: train_step(m, c, images, targets)) for n, (m, c) in models.items()}, repeats)
+    infer = interleaved({n: (lambda m=m: inference(m, images)) for n, (m, _) in models.items()}, repeats)
+    return {'train_step': train, 'inference': infer}
+
+
+def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
+    """Encoder self-attention alone, training mode (dropout 0.1), forward + backward, one image padded."""
+    torch.manual_seed(0)
+    L = height * width
+    layers = {name: (NNMultiheadAttention(embed_dim, heads, dropout=0.1) if nn_mha else
+                     RPEMultiheadAttention(embed_dim, heads, dropout=0.1, rpe_config=rpe_config_from_string(rpe)))
+              for name, (rpe, nn_mha) in MODELS.items()}
+    x = torch.randn(L, batch, embed_dim, requires_grad=True)
+    mask = torch.zeros(batch, L, dtype=torch.bool)
+    mask[1:, -(L // 10):] = True
+
+    def step(layer):
+        layer(x, x, x, key_padding_mask=mask, height=height, width=width)[0].sum().backward()
+    return interleaved({n: (lambda m=m: step(m)) for n, m in layers.items()}, repeats)
+
+
+DC5_SCRIPT = '''
+import json, resource, sys, time, torch
+from detr_irpe.benchmark import build, sample_batch, train_step
+name, rpe, h, w, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(int(sys.argv[6]))
+model, criterion = build(rpe, dilation=True)
+images, targets = sample_batch([(h, w)])
+times = []
+for _ in range(1 + steps):
+    start = time.perf_counter()
+    train_step(model, criterion, images, targets)
+    times.append(time.perf_counter() - start)
+peak = max(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) * 1024
+print(json.dumps({'name': name, 'step_seconds': times[1:], 'peak_rss_bytes': peak}))
+'''
+
+
+def dc5(image, steps, rounds):
+    """DETR-DC5 at batch 1, plain vs iRPE-QKV: one fresh process per model and round, taking turns.
+
+    Returns median step seconds over all timed steps and the largest peak RSS of each model's processes.
+    """
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.getcwd()] + sys.path)}
+    runs = {'plain': [], 'irpe_qkv': []}
+    for _ in range(rounds):
+        for name in runs:
+            proc = subprocess.run([sys.executable, '-c', DC5_SCRIPT, name, MODELS[name][0], str(image[0]), str(image[1]),
+                                   str(steps), str(torch.get_num_threads())], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                runs[name].append({'error': f'exit code {proc.returncode}: {proc.stderr.strip()[-500:]}'})
+            else:
+                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = {}
+    for name, results in runs.items():
+        ok = [r for r in results if 'error' not in r]
+        out[name] = {'step_seconds': statistics.median(t for r in ok for t in r['step_seconds']) if ok else None,
+                     'peak_rss_bytes': max(r['peak_rss_bytes'] for r in ok) if ok else None,
+                     'errors': [r['error'] for r in results if 'error' in r]}
+    return out
+
+
+def machine():
+    return {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'processor': platform.processor() or platform.machine(), 'torch': torch.__version__,
+            'cuda': torch.cuda.is_available(), 'rpe_ops_compiled': rpe_ops.build_info()['cpu'],
+            'load_average_1min_start': os.getloadavg()[0]}
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
+    """Every measurement of the issue's table: medians (seconds, bytes) and ratios (ours / baseline).
+
+    threads: torch threads (default: torch's). On a machine shared with other jobs, 1 thread keeps
+    the comparison steadier: no thread of a parallel region waits for a descheduled sibling.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = QUICK if quick else FULL
+    result = {'machine': machine(), 'quick': quick,
+              'sizes': {'images': cfg['images'], 'attention_map': cfg['attention_map'], 'attention_batch': 2,
+                        'heads': 8, 'hidden_dim': 256, 'dc5_image': cfg['dc5_image'], 'irpe_k': IRPE_K,
+                        'irpe_qkv': IRPE_QKV, 'repeats': cfg['repeats']}}
+    ratios = {}
+    if 'models' in parts:
+        steps = model_steps(cfg['images'], cfg['repeats'])
+        result['model_seconds'] = steps
+        for kind, t in steps.items():
+            ratios[kind] = {'irpe_k / plain': t['irpe_k'] / t['plain'], 'irpe_qkv / plain': t['irpe_qkv'] / t['plain'],
+                            'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
+    if 'attention' in parts:
+        t = attention_layer(*cfg['attention_map'], repeats=cfg['attention_repeats'])
+        result['attention_seconds'] = t
+        ratios['attention_layer'] = {'irpe_k / plain': t['irpe_k'] / t['plain'], 'irpe_qkv / plain': t['irpe_qkv'] / t['plain'],
+                                     'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
+    if 'op' in parts:
+        h, w = FULL['attention_map']
+        op = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=81, repeats=cfg['op_repeats'])
+        result['rpe_index_vs_gather'] = {'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
+        ratios['rpe_index'] = {'gather / rpe_index (fwd+bwd)': op['speedup']['forward_backward']['gather'],
+                               'gather / rpe_index (fwd)': op['speedup']['forward']['gather']}
+    if 'dc5' in parts:
+        d = dc5(cfg['dc5_image'], cfg['dc5_steps'], cfg['dc5_rounds'])
+        result['dc5'] = d
+        ratios['dc5'] = {'step irpe_qkv / plain': ratio(d['irpe_qkv']['step_seconds'], d['plain']['step_seconds']),
+                         'peak memory irpe_qkv / plain': ratio(d['irpe_qkv']['peak_rss_bytes'], d['plain']['peak_rss_bytes'])}
+    result['ratios'] = ratios
+    result['machine']['load_average_1min_end'] = os.getloadavg()[0]
+    return result
+
+
+# (section, ratio, target, True when the ratio must stay at or below the target)
+TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qkv / plain', 1.10, True),
+           ('train_step', 'plain / plain_nn_mha', 1.00, True), ('inference', 'irpe_k / plain', 1.02, True),
+           ('inference', 'irpe_qkv / plain', 1.10, True), ('inference', 'plain / plain_nn_mha', 1.00, True),
+           ('attention_layer', 'irpe_k / plain', None, True), ('attention_layer', 'irpe_qkv / plain', None, True),
+           ('attention_layer', 'plain / plain_nn_mha', 1.00, True),
+           ('rpe_index', 'gather / rpe_index (fwd+bwd)', 3.0, False), ('rpe_index', 'gather / rpe_index (fwd)', None, False),
+           ('dc5', 'step irpe_qkv / plain', 1.20, True), ('dc5', 'peak memory irpe_qkv / plain', 1.20, True)]
+
+
+def markdown_table(result):
+    """The ratios with their targets, then the medians they come from, as Markdown."""
+    m, s = result['machine'], result['sizes']
+    lines = [f"Machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
+             f"{'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
+             f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end.",
+             f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
+             f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
+             f"rpe_index B=2 H=8 L=950 K=81; DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "
+             f"iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Medians of {s['repeats']} interleaved repeats "
+             f"(training step = forward + loss + backward).", '',
+             '| measurement | ratio | target | met |', '|---|---|---|---|']
+    for section, name, target, at_most in TARGETS:
+        value = result['ratios'].get(section, {}).get(name)
+        if section not in result['ratios']:
+            continue
+        shown = 'n/a' if value is None else f'{value:.3f}'
+        goal = '' if target is None else f"{'≤' if at_most else '≥'} {target:.2f}"
+        met = '' if target is None or value is None else ('yes' if (value <= target if at_most else value >= target) else 'no')
+        lines.append(f'| {section}: {name} | {shown} | {goal} | {met} |')
+    lines += ['', '| medians | ' + ' | '.join(MODELS) + ' |', '|---|' + '---|' * len(MODELS)]
+    for key, label in [('train_step', 'training step (s)'), ('inference', 'inference (s)')]:
+        if key in result.get('model_seconds', {}):
+            lines.append(f'| {label} | ' + ' | '.join(f"{result['model_seconds'][key][n]:.2f}" for n in MODELS) + ' |')
+    if 'attention_seconds' in result:
+        lines.append('| attention layer fwd+bwd (ms) | ' + ' | '.join(f"{result['attention_seconds'][n] * 1e3:.0f}" for n in MODELS) + ' |')
+    if 'rpe_index_vs_gather' in result:
+        t = result['rpe_index_vs_gather']['median_seconds']['forward_backward']
+        lines += ['', f"rpe_index fwd+bwd {t['rpe_index'] * 1e3:.1f} ms, torch.gather {t['gather'] * 1e3:.1f} ms."]
+    if 'dc5' in result:
+        d = result['dc5']
+        for name in ('plain', 'irpe_qkv'):
+            r = d[name]
+            step = 'failed' if r['step_seconds'] is None else f"{r['step_seconds']:.2f} s/step"
+            peak = '' if r['peak_rss_bytes'] is None else f", peak RSS {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB"
+            lines.append(f"DC5 {name}: {step}{peak}" + (f" ({'; '.join(r['errors'])})" if r['errors'] else '') + '.')
+    return '\n'.join(lines)

@@ -1,0 +1,32 @@
+"""Print what iRPE costs over plain attention (ratios measured side by side in one run) and save it as JSON.
+
+    python tools/benchmark.py                 # full sizes, about 10-15 minutes on 2 cores
+    python tools/benchmark.py --quick         # smaller images and maps, a few minutes
+    python tools/benchmark.py --parts models attention --json outputs/bench_models.json
+"""
+import argparse
+import json
+import os
+
+from detr_irpe.benchmark import markdown_table, run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help='smaller sizes and fewer repeats')
+    parser.add_argument('--parts', nargs='+', default=['models', 'attention', 'op', 'dc5'],
+                        choices=['models', 'attention', 'op', 'dc5'])
+    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument('--json', default='outputs/benchmark.json', help='where to write the result')
+    args = parser.parse_args()
+
+    result = run(quick=args.quick, parts=args.parts, threads=args.threads)
+    print(markdown_table(result))
+    os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+    with open(args.json, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'\nwrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
