@@ -87,7 +87,7 @@ class RPEMultiheadAttention(nn.Module):
         total = terms[0]
         for term in terms[1:]:
             # The iRPE terms are fresh tensors: add in place where the sum keeps the first one's shape.
-            fits = total.dim() == 4 and total.shape[-2] > 1 and torch.broadcast_shapes(total.shape, term.shape) == total.shape
+            fits = total.shape[-2] > 1 and torch.broadcast_shapes(total.shape, term.shape) == total.shape
             total = total.add_(term) if fits else total + term
         return total
 
@@ -106,7 +106,9 @@ class _AddQueryKeyProducts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k = ctx.saved_tensors
-        return grad, grad @ k if ctx.needs_input_grad[1] else None, grad.transpose(-2, -1) @ q if ctx.needs_input_grad[2] else None
+        grad_q = grad @ k if ctx.needs_input_grad[1] else None
+        grad_k = grad.transpose(-2, -1) @ q if ctx.needs_input_grad[2] else None
+        return grad, grad_q, grad_k
 
 
 def add_query_key_products(bias, q, k):

@@ -251,7 +251,8 @@ def markdown_table(result):
         lines.append('| attention layer fwd+bwd (ms) | ' + ' | '.join(f"{result['attention_seconds'][n] * 1e3:.0f}" for n in MODELS) + ' |')
     if 'rpe_index_vs_gather' in result:
         t = result['rpe_index_vs_gather']['median_seconds']['forward_backward']
-        lines += ['', f"rpe_index fwd+bwd {t['rpe_index'] * 1e3:.1f} ms, torch.gather {t['gather'] * 1e3:.1f} ms."]
+        floor = f", memory-traffic floor {t['memory_floor'] * 1e3:.1f} ms" if 'memory_floor' in t else ''
+        lines += ['', f"rpe_index fwd+bwd {t['rpe_index'] * 1e3:.1f} ms, torch.gather {t['gather'] * 1e3:.1f} ms{floor}."]
     if 'dc5' in result:
         d = result['dc5']
         for name in ('plain', 'irpe_qkv'):
