@@ -158,6 +158,9 @@ def build_model_from_checkpoint(args, explicit=()):
     taken = adopt_model_flags(args, checkpoint, explicit)
     if taken:
         print(f'flags from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
+    if getattr(args, 'num_classes', None) is None and 'class_embed.bias' in checkpoint['model']:
+        # Published files keep no num_classes in their args; the classifier's size says it.
+        args.num_classes = checkpoint['model']['class_embed.bias'].shape[0] - 1
     args.backbone_weights = 'none'
     model, _, postprocessors = build_model(args)
     load_model_state(model, checkpoint['model'], f'checkpoint {args.resume}')

@@ -282,3 +282,23 @@ def test_two_process_ddp_step_equals_one_process_with_the_same_global_batch(tmp_
     log_two = json.loads(open(tmp_path / 'two' / 'out' / 'log.txt').readline())
     for k in ('train_loss', 'train_loss_ce', 'train_loss_bbox', 'train_loss_giou'):
         assert log_one[k] == pytest.approx(log_two[k], rel=1e-5), k
+
+
+@pytest.mark.slow
+def test_eval_takes_model_flags_from_a_published_layout_checkpoint(tmp_path):
+    """A model-zoo file: model, optimizer, lr_scheduler, epoch and an argparse.Namespace of DETR's flags."""
+    flags = TINY + ['--enc_rpe2d', 'rpe-1.9-cross-bias-0-qk', '--num_queries', '7']
+    args = get_args_parser().parse_args(flags)
+    torch.manual_seed(0)
+    model = build_model(args)[0]
+    del args.num_classes  # as in the published files
+    path = str(tmp_path / 'zoo.pth')
+    torch.save({'model': model.state_dict(), 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 149, 'args': args}, path)
+    data = ['--dataset_file', 'synthetic', '--synthetic_dir', str(tmp_path / 'synthetic'), '--synthetic_train', '4',
+            '--synthetic_val', '4', '--synthetic_image_size', '64', '--val_size', '64', '--val_max_size', '96',
+            '--device', 'cpu', '--num_workers', '0']
+    run = tool('eval.py', *data, '--resume', path, '--output_dir', str(tmp_path / 'eval'))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '--enc_rpe2d rpe-1.9-cross-bias-0-qk' in run.stdout and '--num_queries 7' in run.stdout
+    stats = json.load(open(tmp_path / 'eval' / 'eval.json'))['bbox']
+    assert len(stats) == 12 and all(math.isfinite(s) for s in stats)
