@@ -8,7 +8,19 @@ iRPE gives every (query i, key j) pair a bucket id index[i, j] in [0, K)
     rpe_reduce(values, index, K)          out[b, h, i, t] = sum_j values[b, h, i, j] [index[i, j] = t]
         (B, H, Lq, Lk) -> (B, H, Lq, K)   e.g. attention weights summed per bucket (iRPE on values)
 
-Each is the other's backward, and both are torch custom ops (schema in
+Self-attention with iRPE on both keys and queries adds two such terms to its
+logits, the one on queries transposed (its table has a row per key j). Two
+fused ops make each of those passes over (B, H, Lq, Lk) once:
+
+    rpe_index_qk(input, index, input_t, index_t)
+        Y[b, h, i, j] = input[b, h, i, index[i, j]] + input_t[b, h, j, index_t[i, j]]
+        input (B, H, Lq, K), input_t (B, H, Lk, Kt); index_t[i, j] is bucket_ids[j, i]
+    rpe_reduce_qk(values, index, K, index_t, Kt) -> (out, out_t)
+        out = rpe_reduce(values, index, K)
+        out_t[b, h, j, t] = sum_i values[b, h, i, j] [index_t[i, j] = t]
+
+Each op is the other's backward (rpe_index / rpe_reduce, rpe_index_qk /
+rpe_reduce_qk), and all are torch custom ops (schema in
 csrc/rpe_index.cpp), so autograd and torch.compile(fullgraph=True) see them.
 Without the compiled extension the same functions run on torch.gather /
 scatter_add (`reference_rpe_index`, `reference_rpe_reduce`) after one warning.
@@ -24,7 +36,8 @@ except ImportError as error:  # not built: fall back to the reference path
     _C = None
     _IMPORT_ERROR = error
 
-__all__ = ['rpe_index', 'rpe_reduce', 'reference_rpe_index', 'reference_rpe_reduce', 'build_info']
+__all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'reference_rpe_index',
+           'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info']
 
 
 def build_info():
@@ -60,19 +73,52 @@ def rpe_reduce(values, index, num_buckets):
     Returns (B, H, Lq, num_buckets); half types are summed in float32.
     Differentiable in values; its gradient is rpe_index(grad, index).
     """
-    _check_args('rpe_reduce', 'values', values, index, 'Lk')
-    if index.shape[1] != values.shape[3]:
-        raise ValueError(
-            f'rpe_ops.rpe_reduce: index has shape {tuple(index.shape)}, so values must have '
-            f'Lk = {index.shape[1]} in its last dim, but values has shape {tuple(values.shape)}. '
-            f'Pass the (Lq, Lk) bucket ids that belong to these values.')
-    if not isinstance(num_buckets, (int, torch.SymInt)) or num_buckets < 1:
-        raise ValueError(f'rpe_ops.rpe_reduce: num_buckets must be a positive int (the K of the '
-                         f'lookup table), got {num_buckets!r}')
+    _check_reduce_args('rpe_reduce', values, index, num_buckets)
     if _C is None:
         _warn_fallback()
         return reference_rpe_reduce(values, index, num_buckets)
     return torch.ops.rpe_ops.rpe_reduce.default(values, index, num_buckets)
+
+
+def rpe_index_qk(input, index, input_t, index_t):
+    """Y[b, h, i, j] = input[b, h, i, index[i, j]] + input_t[b, h, j, index_t[i, j]].
+
+    input: (B, H, Lq, K) and input_t: (B, H, Lk, Kt), same dtype (as rpe_index's input).
+    index, index_t: (Lq, Lk) int32, ids in [0, K) and [0, Kt); for the iRPE-on-queries term of
+    self-attention index_t is the transposed bucket ids (irpe.key_major_ids(bucket_ids, 0)).
+    Returns (B, H, Lq, Lk), equal to rpe_index(input, index) + the key-side gather, in one pass.
+    Differentiable in input and input_t; the gradient is rpe_reduce_qk(grad, index, K, index_t, Kt).
+    """
+    _check_args('rpe_index_qk', 'input', input, index, 'K')
+    if (not isinstance(input_t, torch.Tensor) or not isinstance(index_t, torch.Tensor) or input_t.dim() != 4
+            or input_t.shape[:3] != (*input.shape[:2], index.shape[1]) or index_t.shape != index.shape):
+        raise ValueError(f'rpe_ops.rpe_index_qk: expected input_t of shape (B, H, Lk, Kt) = '
+                         f'({input.shape[0]}, {input.shape[1]}, {index.shape[1]}, Kt) and index_t of shape '
+                         f'{tuple(index.shape)} (like index), got {tuple(input_t.shape)} and '
+                         f'{tuple(index_t.shape)}. Pass the per-key table and the transposed bucket ids.')
+    _check_args('rpe_index_qk', 'input_t', input_t, index_t.t(), 'Kt')  # dtypes and devices
+    if input_t.dtype != input.dtype:
+        raise TypeError(f'rpe_ops.rpe_index_qk: input is {input.dtype} but input_t is {input_t.dtype}; '
+                        f'convert one of them.')
+    if _C is None:
+        _warn_fallback()
+        return reference_rpe_index_qk(input, index, input_t, index_t)
+    return torch.ops.rpe_ops.rpe_index_qk.default(input, index, input_t, index_t)
+
+
+def rpe_reduce_qk(values, index, num_buckets, index_t, num_buckets_t):
+    """(rpe_reduce(values, index, num_buckets), out_t) with
+    out_t[b, h, j, t] = sum over i with index_t[i, j] == t of values[b, h, i, j], in one pass.
+
+    values: (B, H, Lq, Lk); index, index_t: (Lq, Lk) int32. Returns (B, H, Lq, num_buckets) and
+    (B, H, Lk, num_buckets_t); half types are summed in float32. Differentiable in values.
+    """
+    _check_reduce_args('rpe_reduce_qk', values, index, num_buckets)
+    _check_reduce_args('rpe_reduce_qk', values, index_t, num_buckets_t)
+    if _C is None:
+        _warn_fallback()
+        return reference_rpe_reduce_qk(values, index, num_buckets, index_t, num_buckets_t)
+    return torch.ops.rpe_ops.rpe_reduce_qk.default(values, index, num_buckets, index_t, num_buckets_t)
 
 
 def reference_rpe_index(input, index):
@@ -88,6 +134,29 @@ def reference_rpe_reduce(values, index, num_buckets):
     out = values.new_zeros(B, H, Lq, num_buckets, dtype=acc_dtype)
     out = out.scatter_add(3, index.long().expand(B, H, Lq, Lk), values.to(acc_dtype))
     return out.to(values.dtype)
+
+
+def reference_rpe_index_qk(input, index, input_t, index_t):
+    """rpe_index_qk on torch.gather: the fallback, and what the compiled op must equal."""
+    return reference_rpe_index(input, index) + reference_rpe_index(input_t, index_t.t()).transpose(2, 3)
+
+
+def reference_rpe_reduce_qk(values, index, num_buckets, index_t, num_buckets_t):
+    """rpe_reduce_qk on torch.scatter_add: the fallback, and what the compiled op must equal."""
+    return (reference_rpe_reduce(values, index, num_buckets),
+            reference_rpe_reduce(values.transpose(2, 3), index_t.t(), num_buckets_t))
+
+
+def _check_reduce_args(op, values, index, num_buckets):
+    _check_args(op, 'values', values, index, 'Lk')
+    if index.shape[1] != values.shape[3]:
+        raise ValueError(
+            f'rpe_ops.{op}: index has shape {tuple(index.shape)}, so values must have '
+            f'Lk = {index.shape[1]} in its last dim, but values has shape {tuple(values.shape)}. '
+            f'Pass the (Lq, Lk) bucket ids that belong to these values.')
+    if not isinstance(num_buckets, (int, torch.SymInt)) or num_buckets < 1:
+        raise ValueError(f'rpe_ops.{op}: num_buckets must be a positive int (the K of the '
+                         f'lookup table), got {num_buckets!r}')
 
 
 def _check_args(op, name, x, index, last_dim):
@@ -156,6 +225,39 @@ if _C is not None:
         index, = ctx.saved_tensors
         return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
 
+    @torch.library.register_fake('rpe_ops::rpe_index_qk')
+    def _rpe_index_qk_fake(input, index, input_t, index_t):
+        B, H, Lq, _ = input.shape
+        return input.new_empty(B, H, Lq, index.shape[1])
+
+    @torch.library.register_fake('rpe_ops::rpe_reduce_qk')
+    def _rpe_reduce_qk_fake(values, index, num_buckets, index_t, num_buckets_t):
+        B, H, Lq, Lk = values.shape
+        return values.new_empty(B, H, Lq, num_buckets), values.new_empty(B, H, Lk, num_buckets_t)
+
+    def _rpe_index_qk_setup_context(ctx, inputs, output):
+        input, index, input_t, index_t = inputs
+        ctx.save_for_backward(index, index_t)
+        ctx.num_buckets, ctx.num_buckets_t = input.shape[3], input_t.shape[3]
+
+    def _rpe_index_qk_backward(ctx, grad):
+        index, index_t = ctx.saved_tensors
+        grad_input, grad_input_t = torch.ops.rpe_ops.rpe_reduce_qk.default(
+            grad, index, ctx.num_buckets, index_t, ctx.num_buckets_t)
+        return grad_input, None, grad_input_t, None
+
+    def _rpe_reduce_qk_setup_context(ctx, inputs, output):
+        _, index, _, index_t, _ = inputs
+        ctx.save_for_backward(index, index_t)
+
+    def _rpe_reduce_qk_backward(ctx, grad_out, grad_out_t):
+        index, index_t = ctx.saved_tensors
+        return torch.ops.rpe_ops.rpe_index_qk.default(grad_out, index, grad_out_t, index_t), None, None, None, None
+
+    torch.library.register_autograd('rpe_ops::rpe_index_qk', _rpe_index_qk_backward,
+                                    setup_context=_rpe_index_qk_setup_context)
+    torch.library.register_autograd('rpe_ops::rpe_reduce_qk', _rpe_reduce_qk_backward,
+                                    setup_context=_rpe_reduce_qk_setup_context)
     torch.library.register_autograd('rpe_ops::rpe_index', _rpe_index_backward,
                                     setup_context=_rpe_index_setup_context)
     torch.library.register_autograd('rpe_ops::rpe_reduce', _rpe_reduce_backward,

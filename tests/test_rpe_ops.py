@@ -1,8 +1,10 @@
-"""rpe_ops.rpe_index / rpe_reduce against their definitions, written here as loops.
+"""rpe_ops.rpe_index / rpe_reduce / rpe_index_qk / rpe_reduce_qk against their definitions, written here as loops.
 
-    rpe_index:  Y[b, h, i, j]   = X[b, h, i, index[i, j]]
-    rpe_reduce: out[b, h, i, t] = sum_j V[b, h, i, j] [index[i, j] = t]
-    d rpe_index / dX  = rpe_reduce of the grad;  d rpe_reduce / dV = rpe_index of the grad
+    rpe_index:     Y[b, h, i, j]   = X[b, h, i, index[i, j]]
+    rpe_reduce:    out[b, h, i, t] = sum_j V[b, h, i, j] [index[i, j] = t]
+    rpe_index_qk:  Y[b, h, i, j]   = X[b, h, i, index[i, j]] + Z[b, h, j, index_t[i, j]]
+    rpe_reduce_qk: out as rpe_reduce, out_t[b, h, j, t] = sum_i V[b, h, i, j] [index_t[i, j] = t]
+    d rpe_index / dX  = rpe_reduce of the grad;  d rpe_reduce / dV = rpe_index of the grad (same for _qk)
 """
 import shutil
 import warnings
@@ -45,6 +47,31 @@ def reduce_by_loop(v, index, K):
                 for j in range(Lk):
                     out[b, h, i, index[i, j]] += v[b, h, i, j]
     return torch.from_numpy(out)
+
+
+def index_qk_by_loop(x, index, z, index_t):
+    x, z, index, index_t = x.double().cpu().numpy(), z.double().cpu().numpy(), index.cpu().numpy(), index_t.cpu().numpy()
+    B, H, Lq, _ = x.shape
+    y = np.zeros((B, H, Lq, index.shape[1]))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(index.shape[1]):
+                    y[b, h, i, j] = x[b, h, i, index[i, j]] + z[b, h, j, index_t[i, j]]
+    return torch.from_numpy(y)
+
+
+def reduce_qk_by_loop(v, index, K, index_t, Kt):
+    v, index, index_t = v.double().cpu().numpy(), index.cpu().numpy(), index_t.cpu().numpy()
+    B, H, Lq, Lk = v.shape
+    out, out_t = np.zeros((B, H, Lq, K)), np.zeros((B, H, Lk, Kt))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(Lk):
+                    out[b, h, i, index[i, j]] += v[b, h, i, j]
+                    out_t[b, h, j, index_t[i, j]] += v[b, h, i, j]
+    return torch.from_numpy(out), torch.from_numpy(out_t)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -109,6 +136,55 @@ def test_rpe_reduce_sums_keys_per_bucket(dtype, size, layout, device):
 
 
 @pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('size', SIZES, ids=str)
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_rpe_index_qk_adds_the_key_side_bucket_of_each_pair(dtype, size, layout, device):
+    B, H, Lq, Lk, K = size
+    Kt = K + 2  # the two tables may differ in size
+    x = tensor((B, H, Lq, K), dtype, layout, device).requires_grad_()
+    z = tensor((B, H, Lk, Kt), dtype, layout, device, seed=4).requires_grad_()
+    index, index_t = bucket_ids(Lq, Lk, K, device), bucket_ids(Lq, Lk, Kt, device, seed=5)
+    y = rpe_ops.rpe_index_qk(x, index, z, index_t)
+    assert y.shape == (B, H, Lq, Lk) and y.dtype == dtype
+    assert_matches(y, index_qk_by_loop(x.detach(), index, z.detach(), index_t))
+
+    grad = tensor((B, H, Lq, Lk), dtype, layout, device, seed=2)
+    y.backward(grad)
+    want_x, want_z = reduce_qk_by_loop(grad, index, K, index_t, Kt)
+    assert_matches(x.grad, want_x)
+    assert_matches(z.grad, want_z)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('size', SIZES, ids=str)
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_rpe_reduce_qk_sums_per_bucket_of_both_tables(dtype, size, layout, device):
+    B, H, Lq, Lk, K = size
+    Kt = K + 1
+    v = tensor((B, H, Lq, Lk), dtype, layout, device).requires_grad_()
+    index, index_t = bucket_ids(Lq, Lk, K, device), bucket_ids(Lq, Lk, Kt, device, seed=5)
+    out, out_t = rpe_ops.rpe_reduce_qk(v, index, K, index_t, Kt)
+    assert out.shape == (B, H, Lq, K) and out_t.shape == (B, H, Lk, Kt) and out.dtype == out_t.dtype == dtype
+    want, want_t = reduce_qk_by_loop(v.detach(), index, K, index_t, Kt)
+    assert_matches(out, want)
+    assert_matches(out_t, want_t)
+
+    grad, grad_t = tensor((B, H, Lq, K), dtype, layout, device, seed=2), tensor((B, H, Lk, Kt), dtype, device=device, seed=3)
+    torch.autograd.backward([out, out_t], [grad, grad_t])
+    assert_matches(v.grad, index_qk_by_loop(grad, index, grad_t, index_t))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_rpe_reduce_qk_of_half_sums_in_float32(device):
+    v = torch.ones(1, 1, 4096, 1, dtype=torch.float16, device=device)
+    index = torch.zeros(4096, 1, dtype=torch.int32, device=device)
+    out, out_t = rpe_ops.rpe_reduce_qk(v, index, 1, index, 2)
+    assert out_t.tolist() == [[[[4096.0, 0.0]]]] and out.sum().item() == 4096
+
+
+@pytest.mark.parametrize('device', DEVICES)
 def test_rpe_reduce_of_half_sums_in_float32(device):
     # 4096 ones into one bucket: float16 accumulation would stall at 2048.
     v = torch.ones(1, 1, 1, 4096, dtype=torch.float16, device=device)
@@ -137,6 +213,12 @@ def test_gradients_pass_gradcheck_in_float64(device):
     assert torch.autograd.gradcheck(lambda v: rpe_ops.rpe_reduce(v, index, 3), (v,))
     assert torch.autograd.gradgradcheck(lambda x: rpe_ops.rpe_index(x, index), (x,))
     assert torch.autograd.gradgradcheck(lambda v: rpe_ops.rpe_reduce(v, index, 3), (v,))
+    index_t = bucket_ids(4, 5, 6, device, seed=5)
+    z = tensor((2, 2, 5, 6), torch.float64, 'transposed', device, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, z: rpe_ops.rpe_index_qk(x, index, z, index_t), (x, z))
+    assert torch.autograd.gradcheck(lambda v: rpe_ops.rpe_reduce_qk(v, index, 3, index_t, 6), (v,))
+    assert torch.autograd.gradgradcheck(lambda x, z: rpe_ops.rpe_index_qk(x, index, z, index_t), (x, z))
+    assert torch.autograd.gradgradcheck(lambda v: rpe_ops.rpe_reduce_qk(v, index, 3, index_t, 6), (v,))
 
 
 @compiled
@@ -147,15 +229,30 @@ def test_custom_op_registration_passes_opcheck():
     v = tensor((2, 2, 4, 5), torch.float32).requires_grad_()
     torch.library.opcheck(torch.ops.rpe_ops.rpe_index.default, (x, index))
     torch.library.opcheck(torch.ops.rpe_ops.rpe_reduce.default, (v, index, 3))
+    index_t = bucket_ids(4, 5, 6, seed=5)
+    z = tensor((2, 2, 5, 6), torch.float32, seed=4).requires_grad_()
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_index_qk.default, (x, index, z, index_t))
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_reduce_qk.default, (v, index, 3, index_t, 6))
 
 
 # --- torch.compile, fallback, build ------------------------------------------------------------
 
 def attention_logits_and_bucket_sums(q_r, attn, index):
-    """The two ways iRPE uses the ops: lookup on keys, per-bucket sums on values."""
+    """The ways iRPE uses the ops: lookup on keys, on keys and queries at once, per-bucket sums on values."""
     K = q_r.shape[-1]
-    logits = rpe_ops.rpe_index(q_r, index) * attn
-    return logits, rpe_ops.rpe_reduce(attn.softmax(-1), index, K)
+    index_t = index.flip(1)  # any (Lq, Lk) ids into a key-side table of K buckets
+    logits = rpe_ops.rpe_index(q_r, index) * attn + rpe_ops.rpe_index_qk(q_r, index, attn.transpose(2, 3)[..., :K], index_t)
+    out, out_t = rpe_ops.rpe_reduce_qk(attn.cos(), index, K, index_t, K)
+    return logits, rpe_ops.rpe_reduce(attn.softmax(-1), index, K) + out + out_t.mean(2, keepdim=True)
+
+
+def reference_attention_logits_and_bucket_sums(q_r, attn, index):
+    K = q_r.shape[-1]
+    index_t = index.flip(1)
+    logits = (rpe_ops.reference_rpe_index(q_r, index) * attn
+              + rpe_ops.reference_rpe_index_qk(q_r, index, attn.transpose(2, 3)[..., :K], index_t))
+    out, out_t = rpe_ops.reference_rpe_reduce_qk(attn.cos(), index, K, index_t, K)
+    return logits, rpe_ops.reference_rpe_reduce(attn.softmax(-1), index, K) + out + out_t.mean(2, keepdim=True)
 
 
 def values_and_grads(fn, q_r, attn, index):
@@ -183,12 +280,8 @@ def test_fallback_equals_compiled_op(dtype):
     index = bucket_ids(9, 11, 6)
     q_r, attn = tensor((2, 3, 9, 6), dtype, 'transposed'), tensor((2, 3, 9, 11), dtype, seed=3)
 
-    def reference(q_r, attn, index):
-        return (rpe_ops.reference_rpe_index(q_r, index) * attn,
-                rpe_ops.reference_rpe_reduce(attn.softmax(-1), index, q_r.shape[-1]))
-
     for got, want in zip(values_and_grads(attention_logits_and_bucket_sums, q_r, attn, index),
-                         values_and_grads(reference, q_r, attn, index)):
+                         values_and_grads(reference_attention_logits_and_bucket_sums, q_r, attn, index)):
         torch.testing.assert_close(got, want)
 
 
@@ -202,8 +295,13 @@ def test_without_extension_falls_back_and_warns_once_how_to_build(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         out = rpe_ops.rpe_reduce(v, index, 2)
+        y_qk = rpe_ops.rpe_index_qk(x, index, v.transpose(2, 3)[..., :3], index)
+        out_qk = rpe_ops.rpe_reduce_qk(v, index, 2, index, 3)
     assert torch.equal(y.double(), index_by_loop(x, index))
     assert_matches(out, reduce_by_loop(v, index, 2))
+    assert_matches(y_qk, index_qk_by_loop(x, index, v.transpose(2, 3)[..., :3], index))
+    for got, want in zip(out_qk, reduce_qk_by_loop(v, index, 2, index, 3)):
+        assert_matches(got, want)
 
 
 def test_build_has_cpu_kernels_and_cuda_kernels_when_nvcc_is_found():
@@ -227,6 +325,11 @@ def test_build_has_cpu_kernels_and_cuda_kernels_when_nvcc_is_found():
     (lambda x, v, i: rpe_ops.rpe_reduce(v, i, 0), ValueError, r'num_buckets must be a positive int'),
     (lambda x, v, i: rpe_ops.rpe_index(x.int(), i), TypeError, r'input must be float64, float32, float16 or bfloat16, got torch.int32'),
     (lambda x, v, i: rpe_ops.rpe_index(x, i.to('meta')), ValueError, r'index is on meta but input is on cpu\. Move it with index.to\(input.device\)'),
+    (lambda x, v, i: rpe_ops.rpe_index_qk(x, i, x, i), ValueError, r'expected input_t of shape \(B, H, Lk, Kt\) = \(2, 3, 5, Kt\)'),
+    (lambda x, v, i: rpe_ops.rpe_index_qk(x, i, v.transpose(2, 3), i[:, :4]), ValueError, r'index_t of shape \(3, 5\)'),
+    (lambda x, v, i: rpe_ops.rpe_index_qk(x, i, v.transpose(2, 3).double(), i), TypeError, r'input_t is torch.float64'),
+    (lambda x, v, i: rpe_ops.rpe_reduce_qk(v, i, 2, i.long(), 2), TypeError, r'index.to\(torch.int32\)'),
+    (lambda x, v, i: rpe_ops.rpe_reduce_qk(v, i, 2, i, 0), ValueError, r'num_buckets must be a positive int'),
 ])
 def test_bad_inputs_raise_errors_that_say_what_to_do(call, error, message):
     x, v = tensor((1, 3, 4, 2), torch.float32), tensor((1, 3, 4, 5), torch.float32)
@@ -243,3 +346,7 @@ def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
         rpe_ops.rpe_index(x, index)
     with pytest.raises(IndexError, match=r'index\[1, 1\] = -1 is not a bucket id in \[0, 2\)'):
         rpe_ops.rpe_reduce(v, index.clamp(max=1), 2)
+    with pytest.raises(IndexError, match=r'index\[0, 3\] = 3 is not a bucket id in \[0, 3\)'):
+        rpe_ops.rpe_index_qk(x, index.clamp(min=0, max=2), tensor((1, 1, 4, 3), torch.float32), index)
+    with pytest.raises(IndexError, match=r'index\[1, 1\] = -1 is not a bucket id in \[0, 4\)'):
+        rpe_ops.rpe_reduce_qk(v, index.clamp(min=0, max=1), 2, index, 4)

@@ -10,6 +10,15 @@ TORCH_LIBRARY(rpe_ops, m) {
   // out[b, h, i, t] = sum_j values[b, h, i, j] * [index[i, j] == t]:
   // (B, H, Lq, Lk) -> (B, H, Lq, num_buckets). Each is the other's backward.
   m.def("rpe_reduce(Tensor values, Tensor index, int num_buckets) -> Tensor");
+  // The iRPE terms on keys and on queries of self-attention logits in one pass:
+  // Y[b, h, i, j] = input[b, h, i, index[i, j]] + input_t[b, h, j, index_t[i, j]]
+  // input (B, H, Lq, K), input_t (B, H, Lk, Kt), index and index_t (Lq, Lk).
+  m.def("rpe_index_qk(Tensor input, Tensor index, Tensor input_t, Tensor index_t) -> Tensor");
+  // Its backward, one read of values for both tables:
+  // out[b, h, i, t] = sum_j values[b, h, i, j] * [index[i, j] == t]     (B, H, Lq, num_buckets)
+  // out_t[b, h, j, t] = sum_i values[b, h, i, j] * [index_t[i, j] == t] (B, H, Lk, num_buckets_t)
+  m.def("rpe_reduce_qk(Tensor values, Tensor index, int num_buckets, Tensor index_t, "
+        "int num_buckets_t) -> (Tensor, Tensor)");
 }
 
 // A plain Python module (no pybind11): importing rpe_ops._C loads the library

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../rpe_index.h"
@@ -107,11 +108,111 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
   return out;
 }
 
+// Rows in (b, h)-major order here: the key-side table of one (b, h), Lk * Kt
+// entries that each row reads all across, stays in L2 while its Lq rows run.
+at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
+                            const at::Tensor& input_t_, const at::Tensor& index_t_) {
+  check_key_side(input_, index_, input_t_, index_t_, "rpe_index_qk");
+  const at::Tensor input = input_.contiguous(), input_t = input_t_.contiguous();
+  const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
+  const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1), Kt = input_t.size(3);
+  const int64_t rows = input.size(0) * input.size(1) * Lq;
+  check_bucket_ids(index, K, "rpe_index_qk");
+  check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)");
+  at::Tensor out = at::empty({input.size(0), input.size(1), Lq, Lk}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rpe_index_qk_cpu", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* in_t = input_t.const_data_ptr<scalar_t>();
+    const int32_t* idx = index.const_data_ptr<int32_t>();
+    const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, rows_per_chunk(Lk), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* in_row = in + row_offset(row, K);
+        const scalar_t* keys = in_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt);
+        const int64_t i = query_of_row(row, Lq);
+        const int32_t* idx_row = idx + index_row_offset(i, Lk);
+        const int32_t* idx_t_row = idx_t + index_row_offset(i, Lk);
+        scalar_t* y_row = y + row_offset(row, Lk);
+        for (int64_t j = 0; j < Lk; ++j)
+          y_row[j] = in_row[idx_row[j]] + keys[row_offset(j, Kt) + idx_t_row[j]];
+      }
+    });
+  });
+  return out;
+}
+
+// One task per (b, h): it owns out_t's (Lk, Kt) slice of that (b, h), summed
+// over all Lq rows in a buffer that stays in L2, so no two threads share an
+// output element. Each values element is read once for both tables.
+std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, const at::Tensor& index_,
+                                                     int64_t K, const at::Tensor& index_t_, int64_t Kt) {
+  check_rows_and_index(values_, index_, "rpe_reduce_qk");
+  TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce_qk: index has Lk = ", index_.size(1),
+              " columns but values has Lk = ", values_.size(3));
+  TORCH_CHECK(index_t_.sizes() == index_.sizes() && index_t_.scalar_type() == at::kInt &&
+                  index_t_.device() == index_.device(),
+              "rpe_reduce_qk: expected index_t like index, int32 ", index_.sizes(), ", got ",
+              index_t_.scalar_type(), " ", index_t_.sizes());
+  TORCH_CHECK(K >= 0 && Kt >= 0, "rpe_reduce_qk: num_buckets must be >= 0, got ", K, " and ", Kt);
+  const at::Tensor values = values_.contiguous();
+  const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
+  const int64_t B = values.size(0), H = values.size(1), Lq = values.size(2), Lk = values.size(3);
+  check_bucket_ids(index, K, "rpe_reduce_qk");
+  check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)");
+  at::Tensor out = at::empty({B, H, Lq, K}, values.options());
+  at::Tensor out_t = at::empty({B, H, Lk, Kt}, values.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const int32_t* idx = index.const_data_ptr<int32_t>();
+    const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    scalar_t* y_t = out_t.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> lanes(kLanes * K), keys(Lk * Kt);
+      acc_t* acc[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] = lanes.data() + l * K;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::fill(keys.begin(), keys.end(), acc_t(0));
+        for (int64_t row = bh * Lq; row < (bh + 1) * Lq; ++row) {
+          const scalar_t* v_row = v + row_offset(row, Lk);
+          const int64_t i = query_of_row(row, Lq);
+          const int32_t* idx_row = idx + index_row_offset(i, Lk);
+          const int32_t* idx_t_row = idx_t + index_row_offset(i, Lk);
+          std::fill(lanes.begin(), lanes.end(), acc_t(0));
+          int64_t j = 0;
+          for (; j + kLanes <= Lk; j += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const acc_t value = static_cast<acc_t>(v_row[j + l]);
+              acc[l][idx_row[j + l]] += value;
+              keys[row_offset(j + l, Kt) + idx_t_row[j + l]] += value;
+            }
+          for (; j < Lk; ++j) {
+            const acc_t value = static_cast<acc_t>(v_row[j]);
+            acc[0][idx_row[j]] += value;
+            keys[row_offset(j, Kt) + idx_t_row[j]] += value;
+          }
+          scalar_t* y_row = y + row_offset(row, K);
+          for (int64_t t = 0; t < K; ++t) y_row[t] = static_cast<scalar_t>((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]));
+        }
+        scalar_t* y_t_bh = y_t + row_offset(key_row_of(bh * Lq, 0, Lq, Lk), Kt);
+        for (int64_t e = 0; e < Lk * Kt; ++e) y_t_bh[e] = static_cast<scalar_t>(keys[e]);
+      }
+    });
+  });
+  return {out, out_t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rpe_ops, CPU, m) {
   m.impl("rpe_index", &rpe_index_cpu);
   m.impl("rpe_reduce", &rpe_reduce_cpu);
+  m.impl("rpe_index_qk", &rpe_index_qk_cpu);
+  m.impl("rpe_reduce_qk", &rpe_reduce_qk_cpu);
 }
 
 }  // namespace rpe_ops
