@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_irpe.irpe import build_rpe
+from detr_irpe.irpe import build_rpe, query_key_terms
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -75,9 +75,11 @@ class RPEMultiheadAttention(nn.Module):
         (B or 1, H, L, L) tensor made here, which add_query_key_products may overwrite.
         """
         terms = []
-        if self.rpe_k is not None:
+        if self.rpe_k is not None and self.rpe_q is not None:
+            terms.append(query_key_terms(self.rpe_q, self.rpe_k, q, k, height, width))  # one (B, H, L, L) pass
+        elif self.rpe_k is not None:
             terms.append(self.rpe_k(q, height, width))
-        if self.rpe_q is not None:
+        elif self.rpe_q is not None:
             terms.append(self.rpe_q(k, height, width, transpose_output=True))
         if key_padding_mask is not None:
             pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)

@@ -296,17 +296,20 @@ class iRPE(nn.Module):
         if not self.transposed:
             per_bucket = rpe_ops.rpe_reduce(x, ids, self.num_buckets)          # (B, H, L, K)
             return torch.matmul(per_bucket, self.lookup_table_weight.to(x.dtype))
-        L, K = ids.shape[0], self.num_buckets
-        if self.mode == 'bias':
-            table = self.lookup_table_bias.to(x.dtype)[None, :, None, :].expand(1, self.num_heads, L, K)
-            return rpe_ops.rpe_index(table, key_major_ids(ids, 0) if transpose_output else ids)  # (1, H, L, L)
-        per_bucket = torch.matmul(x, self.lookup_table_weight.to(x.dtype))     # (B, H, L, K)
+        per_bucket = self.per_bucket(x)                                         # (B or 1, H, L, K)
         if not transpose_output:
             return rpe_ops.rpe_index(per_bucket, ids)                           # (B, H, L, L)
         # out[i, j] = per_bucket[j, bucket(j, i)]: one gather from the flattened (L * K) row.
-        B, H = per_bucket.shape[:2]
+        B, H, L, K = per_bucket.shape
         flat = rpe_ops.rpe_index(per_bucket.reshape(B, H, 1, L * K), key_major_ids(ids, K).view(1, L * L))
         return flat.view(B, H, L, L)
+
+    def per_bucket(self, x):
+        """rpe_q / rpe_k: (B or 1, H, L, K), x_i . W[:, t] for every token i and bucket t (contextual, Eq. 14-15),
+        or the bias table repeated per token (bias); the term of a pair (i, j) is entry [i, bucket(i, j)]."""
+        if self.mode == 'bias':
+            return self.lookup_table_bias.to(x.dtype)[None, :, None, :].expand(1, self.num_heads, x.shape[2], self.num_buckets)
+        return torch.matmul(x, self.lookup_table_weight.to(x.dtype))
 
     def extra_repr(self):
         c = self.config
@@ -324,6 +327,24 @@ class iRPE_Cross(nn.Module):
 
     def forward(self, x, height=None, width=None, transpose_output=False):
         return self.rp_rows(x, height, width, transpose_output).add_(self.rp_cols(x, height, width, transpose_output))
+
+
+def query_key_terms(rpe_q, rpe_k, q, k, height=None, width=None):
+    """rpe_k(q) + rpe_q(k, transpose_output=True): the iRPE terms on keys and on queries of the logits
+    (Eq. 14 + 15), both gathered in one pass over the (L, L) pairs (rpe_ops.rpe_index_qk).
+
+    q, k: (B, H, L, head_dim), already scaled. Returns (B or 1, H or 1, L, L), a fresh tensor.
+    """
+    import rpe_ops
+    if isinstance(rpe_q, iRPE_Cross) and isinstance(rpe_k, iRPE_Cross):
+        return (query_key_terms(rpe_q.rp_rows, rpe_k.rp_rows, q, k, height, width)
+                .add_(query_key_terms(rpe_q.rp_cols, rpe_k.rp_cols, q, k, height, width)))
+    per_query, per_key = rpe_k.per_bucket(q), rpe_q.per_bucket(k)
+    if per_query.shape[:2] != per_key.shape[:2]:  # mixed settings (not from one get_rpe_config): two passes
+        return rpe_k(q, height, width) + rpe_q(k, height, width, transpose_output=True)
+    ids_k = rpe_k.bucket_ids(q.shape[2], height, width, q.device)
+    ids_q = rpe_q.bucket_ids(k.shape[2], height, width, k.device)
+    return rpe_ops.rpe_index_qk(per_query, ids_k, per_key, key_major_ids(ids_q, 0))
 
 
 def rpe_parameters(model):
