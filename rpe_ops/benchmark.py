@@ -83,6 +83,45 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
     }
 
 
+def benchmark_qk(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
+                 repeats=9, warmup=2, seed=0):
+    """The iRPE terms on keys and on queries of self-attention logits, forward + backward: one
+    rpe_index_qk (backward: one rpe_reduce_qk) vs two rpe_index passes and an add (backward: two
+    rpe_reduce), as the encoder computed them before. Median seconds and their ratio, interleaved.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B, H, L, K = batch, heads, length, buckets
+    ids = torch.randint(0, K, (L, L), generator=g, dtype=torch.int32).to(device)
+    per_query = torch.randn(B, H, L, K, generator=g).to(device, dtype).requires_grad_()
+    per_key = torch.randn(B, H, L, K, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(B, H, L, L, generator=g).to(device, dtype)
+    # as detr_irpe.irpe.key_major_ids makes them: bucket_ids[j, i], and j * K + bucket_ids[j, i]
+    transposed = ids.t().contiguous()
+    flat = (transposed + K * torch.arange(L, dtype=torch.int32, device=device)).view(1, L * L)
+
+    def separate():
+        key_term = rpe_ops.rpe_index(per_key.reshape(B, H, 1, L * K), flat).view(B, H, L, L)
+        return rpe_ops.rpe_index(per_query, ids).add_(key_term)
+
+    methods = {'rpe_index_qk': lambda: rpe_ops.rpe_index_qk(per_query, ids, per_key, transposed),
+               'two_rpe_index_and_add': separate}
+
+    def forward_backward(fn):
+        per_query.grad = per_key.grad = None
+        fn().backward(grad)
+
+    times = {name: [] for name in methods}
+    for r in range(warmup + repeats):
+        for name, fn in methods.items():
+            seconds = _time(lambda: forward_backward(fn), device)
+            if r >= warmup:
+                times[name].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {'sizes': {'B': B, 'H': H, 'L': L, 'K': K, 'dtype': str(dtype).replace('torch.', ''), 'device': device},
+            'median_seconds_forward_backward': median,
+            'speedup': median['two_rpe_index_and_add'] / median['rpe_index_qk']}
+
+
 def _time(fn, device):
     if device == 'cuda':
         torch.cuda.synchronize()

@@ -1,4 +1,5 @@
-"""Time rpe_ops.rpe_index against torch.gather at DETR-encoder size and print the ratios.
+"""Time rpe_ops.rpe_index against torch.gather, and rpe_index_qk against the two passes it replaces,
+at DETR-encoder size, and print the ratios.
 
     python tools/benchmark_op.py                       # B=2 H=8 L=25*38 K=81, float32, CPU
     python tools/benchmark_op.py --device cuda --json outputs/benchmark_op_cuda.json
@@ -9,7 +10,7 @@ import os
 
 import torch
 
-from rpe_ops.benchmark import benchmark
+from rpe_ops.benchmark import benchmark, benchmark_qk
 
 
 def main():
@@ -40,6 +41,13 @@ def main():
         print(f"{name:<26}{fwd * 1e3:>12.1f}{fb * 1e3:>12.1f}{ratio[0]:>8}{ratio[1]:>11}")
     print('x = baseline time / rpe_index time (higher: rpe_index faster); memory_floor = allocating and '
           'writing the (B, H, L, L) output (+ reading grad), which any implementation pays')
+
+    qk = benchmark_qk(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype), args.device,
+                      args.repeats)
+    result['qk'] = qk
+    t = qk['median_seconds_forward_backward']
+    print(f"iRPE on keys and queries, fwd+bwd: rpe_index_qk {t['rpe_index_qk'] * 1e3:.1f} ms, "
+          f"two rpe_index + add {t['two_rpe_index_and_add'] * 1e3:.1f} ms ({qk['speedup']:.2f}x)")
 
     os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
     with open(args.json, 'w') as f:
