@@ -40,18 +40,9 @@ class RPEMultiheadAttention(nn.Module):
         height, width: the feature map whose row-major tokens these are (they define relative positions).
         Returns (output (L, B, E), attention weights (B, H, L, L) or None).
         """
-        L, B, E = query.shape
-        H, d = self.num_heads, self.head_dim
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key:
-            q, k = F.linear(query, w[:2 * E], b[:2 * E]).chunk(2, dim=-1)
-        else:
-            q, k = F.linear(query, w[:E], b[:E]), F.linear(key, w[E:2 * E], b[E:2 * E])
-        v = F.linear(value, w[2 * E:], b[2 * E:])
-        # (L, B, E) -> (B, H, L, d)
-        q, k, v = (t.reshape(t.shape[0], B, H, d).permute(1, 2, 0, 3) for t in (q, k, v))
-        scale = d ** -0.5
-        q = q * scale
+        B, E = query.shape[1], self.embed_dim
+        q, k, v = self.project(query, key, value)
+        scale = self.head_dim ** -0.5
         bias = self.logits_bias(q, k * scale, key_padding_mask, height, width)
 
         dropout_p = self.dropout if self.training else 0.0
@@ -67,6 +58,27 @@ class RPEMultiheadAttention(nn.Module):
                 out = out + self.rpe_v(weights, height, width)
         out = out.permute(2, 0, 1, 3).reshape(-1, B, E)
         return self.out_proj(out), weights
+
+    def project(self, query, key, value=None):
+        """(L, B, E) inputs -> (B, H, L, d) q (scaled by d^-0.5), k and v (None without value)."""
+        E, H, d, B = self.embed_dim, self.num_heads, self.head_dim, query.shape[1]
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k = F.linear(query, w[:2 * E], b[:2 * E]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w[:E], b[:E]), F.linear(key, w[E:2 * E], b[E:2 * E])
+        v = None if value is None else F.linear(value, w[2 * E:], b[2 * E:])
+        # (L, B, E) -> (B, H, L, d)
+        q, k, v = (None if t is None else t.reshape(t.shape[0], B, H, d).permute(1, 2, 0, 3) for t in (q, k, v))
+        return q * d ** -0.5, k, v
+
+    @torch.no_grad()
+    def irpe_logits(self, query, key, height=None, width=None):
+        """The extra attention logits b_ij that iRPE adds (paper Fig. 5): rpe_k(q) + rpe_q(k)^T, without the
+        padding mask. query, key: (L, B, E) as forward takes them. Returns (B or 1, H or 1, L, L), or None
+        without iRPE on queries or keys."""
+        q, k, _ = self.project(query, key)
+        return self.logits_bias(q, k * self.head_dim ** -0.5, None, height, width)
 
     def logits_bias(self, q, k, key_padding_mask, height, width):
         """rpe_k(q) + rpe_q(k)^T + key padding (-inf), summed in the first term's storage.

@@ -108,35 +108,27 @@ def irpe_logit_terms(model, images, layer=0):
     """The extra attention logits b_ij that iRPE adds in encoder layer `layer` (paper Fig. 5), for a list of
     (3, H, W) images run through the model.
 
-    b = rpe_k(q * d^-0.5) + rpe_q(k * d^-0.5)^T, captured from the layer's rpe_k / rpe_q modules as the
-    forward pass computes them. Returns (b (B, num_heads, L, L), height, width) with L = height * width,
+    b = rpe_k(q * d^-0.5) + rpe_q(k * d^-0.5)^T, computed by the layer itself (irpe_logits) from the inputs
+    it gets in the forward pass. Returns (b (B, num_heads, L, L), height, width) with L = height * width,
     the tokens of the feature map in row-major order.
     """
     attn = encoder_self_attention(model, layer)
     captured = {}
 
-    def keep(name):
-        def hook(module, args, kwargs, output):
-            # A copy: the attention may add the other terms into this tensor in place.
-            term = output.detach().clone()
-            if name == 'q' and not kwargs.get('transpose_output', False):
-                term = term.transpose(2, 3)
-            captured[name] = term
-            size = tuple(args[1:3]) if len(args) >= 3 else (kwargs.get('height'), kwargs.get('width'))
-            captured['size'] = size
-        return hook
+    def keep(module, args, kwargs):
+        names = ('query', 'key', 'value', 'key_padding_mask', 'height', 'width')
+        captured.update(zip(names, args))
+        captured.update({k: v for k, v in kwargs.items() if k in names})
 
-    handles = [m.register_forward_hook(keep(n), with_kwargs=True)
-               for n, m in (('k', attn.rpe_k), ('q', attn.rpe_q)) if m is not None]
+    handle = attn.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         model(list(images))
     finally:
-        for h in handles:
-            h.remove()
-    height, width = captured['size']
+        handle.remove()
+    b = attn.irpe_logits(captured['query'], captured['key'], captured.get('height'), captured.get('width'))
+    height, width = captured.get('height'), captured.get('width')
     if height is None:  # the module was called without the map's size: a square map
-        height = width = math.isqrt(captured['k' if 'k' in captured else 'q'].shape[-1])
-    b = sum(captured[n] for n in ('k', 'q') if n in captured)
+        height = width = math.isqrt(b.shape[-1])
     return b.expand(len(images), attn.num_heads, *b.shape[2:]).float().cpu(), height, width
 
 
