@@ -75,6 +75,9 @@ def get_args_parser(add_help=True):
     p.add_argument('--eval_every', default=1, type=int, help='evaluate on val every N epochs')
     p.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on GPU)')
     p.add_argument('--num_workers', default=2, type=int)
+    p.add_argument('--threads', default=0, type=int,
+                   help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
+                        'threads of one process wait for each other at every operation when a core is taken')
     p.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     p.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     return p

@@ -32,6 +32,8 @@ def get_parser():
 def main(argv=None):
     parser = get_parser()
     args = parse_args_with_config(parser, argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if not args.resume:
         parser.error('--resume CHECKPOINT is required: the .pth file to evaluate')
     model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))

@@ -58,6 +58,8 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
 
 
 def main(args):
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     distributed.init_distributed(args)
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
