@@ -5,6 +5,7 @@ model-zoo files — plus, in ours, `step` (the next step within `epoch`) and `rn
 torch generator states), so that a resumed run ends at the same weights as an uninterrupted one.
 """
 import argparse
+import json
 import os
 import pickle
 import random
@@ -26,6 +27,21 @@ def save_checkpoint(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(obj, path, indent=1):
+    """Write JSON to `path` atomically (temporary file, then rename): a result is never left half written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=indent)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -157,7 +173,7 @@ def build_model_from_checkpoint(args, explicit=()):
                          'tools/train.py or a DETR model-zoo file.')
     taken = adopt_model_flags(args, checkpoint, explicit)
     if taken:
-        print(f'flags from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
+        print('flags from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
     if getattr(args, 'num_classes', None) is None and 'class_embed.bias' in checkpoint['model']:
         # Published files keep no num_classes in their args; the classifier's size says it.
         args.num_classes = checkpoint['model']['class_embed.bias'].shape[0] - 1

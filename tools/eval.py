@@ -8,7 +8,6 @@ split with pycocotools; write eval.json, and the detections as COCO results JSON
 
 Model flags (--backbone, --enc_rpe2d, ...) are taken from the checkpoint's saved args unless given.
 """
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import engine, get_args_parser  # noqa: E402
-from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
+from detr_irpe.checkpoint import build_model_from_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
 
 
@@ -45,14 +44,10 @@ def main(argv=None):
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset))
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device)
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'eval.json'), 'w') as f:
-        json.dump({**summary, 'checkpoint': os.path.abspath(args.resume)}, f, indent=1)
+    save_json({**summary, 'checkpoint': os.path.abspath(args.resume)}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
-        with open(args.results_json, 'w') as f:
-            json.dump(evaluator.results(), f)
+        save_json(evaluator.results(), args.results_json, indent=None)
         print(f'wrote {args.results_json}')
 
 

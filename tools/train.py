@@ -24,7 +24,8 @@ from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa: E402
-from detr_irpe.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state  # noqa: E402
+from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,  # noqa: E402
+                                  save_json, set_rng_state)
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 
 
@@ -51,9 +52,7 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val))
     summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device)
     if summary is not None and output_dir:
-        with open(os.path.join(output_dir, 'eval.json.tmp'), 'w') as f:
-            json.dump({**summary, 'epoch': epoch}, f, indent=1)
-        os.replace(os.path.join(output_dir, 'eval.json.tmp'), os.path.join(output_dir, 'eval.json'))
+        save_json({**summary, 'epoch': epoch}, os.path.join(output_dir, 'eval.json'))
     return summary
 
 
@@ -119,11 +118,9 @@ def main(args):
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps_per_epoch:
                 save(epoch, step)
 
-        try:
-            train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
-                                                 epoch, args, start_step=first, on_step=on_step)
-        except engine.NonFiniteLossError as e:
-            sys.exit(f'error: {e}')
+        # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
+        train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
+                                             epoch, args, start_step=first, on_step=on_step)
         lr_scheduler.step()
         save(epoch, None)
         log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
