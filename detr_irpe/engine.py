@@ -1,5 +1,6 @@
 """DETR's training recipe: optimizer, schedule, a resumable sampler, one epoch of training, evaluation."""
 import math
+import re
 import time
 import zlib
 
@@ -130,8 +131,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         optimizer.step()
 
-        logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items() if k in weights and '_' not in k[5:]}}
-        logged.update({k: v.item() for k, v in losses.items() if k == 'class_error'})
+        # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
+        logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items()
+                                          if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
