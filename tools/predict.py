@@ -14,7 +14,6 @@ Images found in the dataset's val annotation file keep their id there; others ar
 Category names come from that annotation file (--coco_path, or the synthetic set) when it can be read.
 Model flags come from the checkpoint unless given; output_dir defaults to <checkpoint folder>/predict.
 """
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import get_args_parser  # noqa: E402
-from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
+from detr_irpe.checkpoint import build_model_from_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
 from detr_irpe.inspect import (coco_results, draw_detections, list_images, load_image, predict,  # noqa: E402
                                save_figure)
@@ -79,8 +78,7 @@ def main(argv=None):
         shown = int((detections['scores'] >= args.threshold).sum())
         print(f'{path}: {shown} detections of score >= {args.threshold} -> {out}')
     for name, data in (('detections.json', results), ('images.json', images)):
-        with open(os.path.join(output_dir, name), 'w') as f:
-            json.dump(data, f)
+        save_json(data, os.path.join(output_dir, name), indent=None)
         print(f'wrote {os.path.join(output_dir, name)}')
     return output_dir
 
