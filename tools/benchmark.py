@@ -5,10 +5,9 @@
     python tools/benchmark.py --parts models attention --json outputs/bench_models.json
 """
 import argparse
-import json
-import os
 
 from detr_irpe.benchmark import markdown_table, run
+from detr_irpe.checkpoint import save_json
 
 
 def main():
@@ -22,9 +21,7 @@ def main():
 
     result = run(quick=args.quick, parts=args.parts, threads=args.threads)
     print(markdown_table(result))
-    os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump(result, f, indent=2)
+    save_json(result, args.json, indent=2)
     print(f'\nwrote {args.json}')
 
 

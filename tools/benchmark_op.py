@@ -5,11 +5,10 @@ at DETR-encoder size, and print the ratios.
     python tools/benchmark_op.py --device cuda --json outputs/benchmark_op_cuda.json
 """
 import argparse
-import json
-import os
 
 import torch
 
+from detr_irpe.checkpoint import save_json
 from rpe_ops.benchmark import benchmark, benchmark_qk
 
 
@@ -49,9 +48,7 @@ def main():
     print(f"iRPE on keys and queries, fwd+bwd: rpe_index_qk {t['rpe_index_qk'] * 1e3:.1f} ms, "
           f"two rpe_index + add {t['two_rpe_index_and_add'] * 1e3:.1f} ms ({qk['speedup']:.2f}x)")
 
-    os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump(result, f, indent=2)
+    save_json(result, args.json, indent=2)
     print(f'wrote {args.json}')
 
 
