@@ -12,6 +12,8 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_irpe.postprocess import coco_results
+
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
               'AR1', 'AR10', 'AR100', 'AR_small', 'AR_medium', 'AR_large')
 
@@ -26,14 +28,11 @@ class CocoEvaluator:
     def update(self, predictions):
         """predictions: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy in original-image pixels}}"""
         for image_id, pred in predictions.items():
-            image_id = int(image_id)
-            self.img_ids.append(image_id)
-            boxes = torch.as_tensor(pred['boxes'], dtype=torch.float64).reshape(-1, 4)
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            scores = torch.as_tensor(pred['scores']).reshape(-1).tolist()
-            labels = torch.as_tensor(pred['labels']).reshape(-1).tolist()
-            self._results += [{'image_id': image_id, 'category_id': int(label), 'bbox': box, 'score': float(score)}
-                              for box, score, label in zip(xywh, scores, labels)]
+            self.img_ids.append(int(image_id))
+            detections = {'scores': torch.as_tensor(pred['scores']).reshape(-1),
+                          'labels': torch.as_tensor(pred['labels']).reshape(-1),
+                          'boxes': torch.as_tensor(pred['boxes'], dtype=torch.float64).reshape(-1, 4)}
+            self._results += coco_results(image_id, detections, rounded=False)
 
     def synchronize_between_processes(self):
         """Gather the predictions of all ranks (no-op without torch.distributed)."""

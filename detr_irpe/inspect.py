@@ -226,19 +226,6 @@ def predict(model, postprocessors, images, device):
     return [{k: v.cpu() for k, v in r.items()} for r in postprocessors['bbox'](outputs, sizes)]
 
 
-def coco_results(image_id, detections, min_score=0.0):
-    """COCO results entries (image_id, category_id, bbox [x, y, w, h], score) of one image's detections."""
-    out = []
-    for score, label, box in zip(detections['scores'].tolist(), detections['labels'].tolist(),
-                                 detections['boxes'].tolist()):
-        if score >= min_score:
-            x0, y0, x1, y1 = box
-            out.append({'image_id': int(image_id), 'category_id': int(label),
-                        'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        'score': round(score, 4)})
-    return out
-
-
 def drawing_scale(width, height, min_size=512):
     """Integer factor by which an image is enlarged for drawing so its longer side is at least min_size."""
     return max(1, math.ceil(min_size / max(width, height)))

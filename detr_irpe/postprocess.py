@@ -22,3 +22,20 @@ class PostProcess(nn.Module):
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (B, 4)
         boxes = box_cxcywh_to_xyxy(outputs['pred_boxes']) * scale[:, None, :]
         return [{'scores': s, 'labels': l, 'boxes': b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def coco_results(image_id, detections, min_score=0.0, rounded=True):
+    """COCO results entries (image_id, category_id, bbox [x, y, w, h], score) of one image's detections
+    ('scores', 'labels', 'boxes' xyxy in pixels, as PostProcess returns them), those with score >= min_score.
+
+    rounded: bbox to 0.01 px and score to 4 decimals, for files people read; the evaluator keeps full precision.
+    """
+    out = []
+    for score, label, (x0, y0, x1, y1) in zip(detections['scores'].tolist(), detections['labels'].tolist(),
+                                              detections['boxes'].tolist()):
+        if score >= min_score:
+            bbox, score = [x0, y0, x1 - x0, y1 - y0], float(score)
+            if rounded:
+                bbox, score = [round(v, 2) for v in bbox], round(score, 4)
+            out.append({'image_id': int(image_id), 'category_id': int(label), 'bbox': bbox, 'score': score})
+    return out

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from detr_irpe import build_model, get_args_parser
-from detr_irpe.inspect import (bucket_map, coco_results, drawing_scale, irpe_logit_terms, read_log, sweep_table,
+from detr_irpe.postprocess import coco_results
+from detr_irpe.inspect import (bucket_map, drawing_scale, irpe_logit_terms, read_log, sweep_table,
                                uniform_reference_positions)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

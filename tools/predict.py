@@ -25,7 +25,8 @@ import datasets  # noqa: E402
 from detr_irpe import get_args_parser  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
-from detr_irpe.inspect import (coco_results, draw_detections, list_images, load_image, predict,  # noqa: E402
+from detr_irpe.postprocess import coco_results  # noqa: E402
+from detr_irpe.inspect import (draw_detections, list_images, load_image, predict,  # noqa: E402
                                save_figure)
 
 
