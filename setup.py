@@ -71,11 +71,17 @@ def pip_cuda_include_dirs():
 
 
 def rpe_ops_extension():
-    sources = [os.path.join(CSRC, 'rpe_index.cpp'), os.path.join(CSRC, 'cpu', 'rpe_index_kernel.cpp')]
-    cxx_flags = ['-O3']
+    sources = [os.path.join(CSRC, 'rpe_index.cpp')] + [
+        os.path.join(CSRC, 'cpu', name) for name in ('rpe_index_kernel.cpp', 'avx512.cpp', 'output_cache.cpp')]
+    # -fopenmp: at::parallel_for is a header template that splits work only where the including code is
+    # built with OpenMP; without it every CPU kernel runs on one thread. The link resolves libgomp.so.1 to
+    # the copy torch has already loaded, so the process keeps one OpenMP runtime.
+    cxx_flags = ['-O3', '-fopenmp']
+    link_flags = ['-fopenmp']
     toolkit = None if os.environ.get('RPE_OPS_NO_CUDA') == '1' else find_cuda_toolkit()
     if toolkit is None:
-        return cpp_extension.CppExtension('rpe_ops._C', sources, extra_compile_args={'cxx': cxx_flags})
+        return cpp_extension.CppExtension('rpe_ops._C', sources, extra_compile_args={'cxx': cxx_flags},
+                                          extra_link_args=link_flags)
 
     cpp_extension.CUDA_HOME = toolkit  # where BuildExtension looks for nvcc, headers, libcudart
     sources.append(os.path.join(CSRC, 'cuda', 'rpe_index_kernel.cu'))
@@ -86,7 +92,8 @@ def rpe_ops_extension():
         nvcc_flags += DEFAULT_CUDA_ARCH_FLAGS  # torch's default needs a visible GPU
     return cpp_extension.CUDAExtension(
         'rpe_ops._C', sources,
-        extra_compile_args={'cxx': cxx_flags + ['-DWITH_CUDA'] + extra_includes, 'nvcc': nvcc_flags})
+        extra_compile_args={'cxx': cxx_flags + ['-DWITH_CUDA'] + extra_includes, 'nvcc': nvcc_flags},
+        extra_link_args=link_flags)
 
 
 class BuildExtension(cpp_extension.BuildExtension):

@@ -19,6 +19,12 @@ fused ops make each of those passes over (B, H, Lq, Lk) once:
         out = rpe_reduce(values, index, K)
         out_t[b, h, j, t] = sum_i values[b, h, i, j] [index_t[i, j] = t]
 
+On CPU, float32 runs AVX-512 loops where the processor has them (portable
+loops otherwise; `build_info()['cpu_simd']`), and outputs of 2 MiB or more come
+from a cache of huge-page blocks that keeps freed outputs for the next call of
+the same size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the
+most it keeps, default 1024; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
+
 Each op is the other's backward (rpe_index / rpe_reduce, rpe_index_qk /
 rpe_reduce_qk), and all are torch custom ops (schema in
 csrc/rpe_index.cpp), so autograd and torch.compile(fullgraph=True) see them.
@@ -37,17 +43,34 @@ except ImportError as error:  # not built: fall back to the reference path
     _IMPORT_ERROR = error
 
 __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'reference_rpe_index',
-           'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info']
+           'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info',
+           'cache_info', 'empty_cache']
 
 
 def build_info():
-    """Which compiled kernels this install has: {'cpu': bool, 'cuda': bool, ...}."""
+    """Which compiled kernels this install has: {'cpu': bool, 'cuda': bool, 'cpu_simd': {'available': bool,
+    'enabled': bool} (the AVX-512 float32 loops), ...}."""
     return {
         'cpu': _C is not None,
         'cuda': _C is not None and _C.compiled_with_cuda(),
+        'cpu_simd': _C.cpu_simd() if _C is not None else {'available': False, 'enabled': False},
         'torch': torch.__version__,
         'import_error': None if _IMPORT_ERROR is None else str(_IMPORT_ERROR),
     }
+
+
+def cache_info():
+    """The CPU output cache: {'cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'}
+    (hits: outputs served from kept blocks; misses: new blocks). All zero without the compiled op."""
+    if _C is None:
+        return dict.fromkeys(('cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'), 0)
+    return _C.cpu_cache_stats()
+
+
+def empty_cache():
+    """Return the blocks the CPU output cache keeps to the OS (as torch.cuda.empty_cache does for CUDA)."""
+    if _C is not None:
+        _C.empty_cpu_cache()
 
 
 def rpe_index(input, index):

@@ -350,3 +350,104 @@ def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
         rpe_ops.rpe_index_qk(x, index.clamp(min=0, max=2), tensor((1, 1, 4, 3), torch.float32), index)
     with pytest.raises(IndexError, match=r'index\[1, 1\] = -1 is not a bucket id in \[0, 4\)'):
         rpe_ops.rpe_reduce_qk(v, index.clamp(min=0, max=1), 2, index, 4)
+
+
+# --- the CPU float32 loops (AVX-512 and portable) and the CPU output cache ---------------------
+
+def product_bucket_ids(height, width):
+    """Bucket ids of a real iRPE setting: long runs of keys in one bucket, unlike random ids."""
+    from detr_irpe.irpe import get_bucket_ids_2d
+    ids, num_buckets = get_bucket_ids_2d('product', height, width, skip=0, ratio=2.0)  # rpe-2.0-product
+    return ids.to(torch.int32), num_buckets
+
+
+@pytest.fixture(params=['avx512', 'portable'])
+def cpu_loops(request):
+    """Run a test once on each set of CPU loops."""
+    simd = request.param == 'avx512'
+    if simd and not rpe_ops.build_info()['cpu_simd']['available']:
+        pytest.skip('this CPU has no AVX-512; the portable loops are the only ones it runs')
+    before = rpe_ops._C._set_cpu_simd(simd)
+    assert rpe_ops.build_info()['cpu_simd']['enabled'] == simd
+    yield request.param
+    rpe_ops._C._set_cpu_simd(before)
+
+
+# (B, H, Lq, Lk): B*H below, at and past the 16 rows summed together, Lk with and without a tail of
+# fewer than 16 keys, rows that start off 64-byte boundaries.
+FLOAT_LOOP_SIZES = [(1, 1, 3, 37), (2, 1, 3, 16), (1, 16, 2, 48), (2, 9, 3, 35), (3, 7, 2, 21), (2, 17, 1, 70)]
+
+
+@compiled
+@pytest.mark.parametrize('ids', ['random', 'runs'])
+@pytest.mark.parametrize('size', FLOAT_LOOP_SIZES, ids=str)
+def test_cpu_float32_loops_agree_with_definitions(cpu_loops, size, ids):
+    B, H, Lq, Lk = size
+    K = 7
+    if ids == 'random':
+        index = bucket_ids(Lq, Lk, K)
+    else:  # blocks of keys in one bucket, some spanning a whole 16-key vector
+        index = ((torch.arange(Lk) // 19 + torch.arange(Lq)[:, None]) % K).to(torch.int32)
+    x, v = tensor((B, H, Lq, K), torch.float32), tensor((B, H, Lq, Lk), torch.float32, seed=2)
+    z = tensor((B, H, Lk, K + 2), torch.float32, seed=3)
+    index_t = bucket_ids(Lq, Lk, K + 2, seed=4)
+    assert torch.equal(rpe_ops.rpe_index(x, index).double(), index_by_loop(x, index))
+    assert_matches(rpe_ops.rpe_reduce(v, index, K), reduce_by_loop(v, index, K))
+    assert_matches(rpe_ops.rpe_index_qk(x, index, z, index_t), index_qk_by_loop(x, index, z, index_t))
+    for got, want in zip(rpe_ops.rpe_reduce_qk(v, index, K, index_t, K + 2),
+                         reduce_qk_by_loop(v, index, K, index_t, K + 2)):
+        assert_matches(got, want)
+
+
+@compiled
+def test_cpu_float32_loops_agree_on_real_bucket_ids_at_encoder_size(cpu_loops):
+    index, K = product_bucket_ids(25, 38)
+    x, v = tensor((2, 8, 950, K), torch.float32), tensor((2, 8, 950, 950), torch.float32, seed=2)
+    expected = x.gather(3, index.long().expand(2, 8, 950, 950))  # a copy: bit-exact
+    assert torch.equal(rpe_ops.rpe_index(x, index), expected)
+    summed = torch.zeros(2, 8, 950, K, dtype=torch.float64).scatter_add_(3, index.long().expand(2, 8, 950, 950),
+                                                                          v.double())
+    torch.testing.assert_close(rpe_ops.rpe_reduce(v, index, K), summed.float(), rtol=1e-5, atol=1e-4)
+
+
+@compiled
+def test_large_outputs_come_back_from_the_cache_fully_overwritten():
+    index, K = product_bucket_ids(16, 16)
+    x = [tensor((2, 8, 256, K), torch.float32, seed=s) for s in (1, 2)]  # outputs of 4 MiB
+    rpe_ops.empty_cache()
+    first = rpe_ops.rpe_index(x[0], index)
+    before = rpe_ops.cache_info()
+    assert before['cached_blocks'] == 0
+    del first
+    kept = rpe_ops.cache_info()
+    assert kept['cached_blocks'] == 1 and kept['cached_bytes'] >= 2 * 8 * 256 * 256 * 4
+    second = rpe_ops.rpe_index(x[1], index)  # same size: the kept block, holding the first output
+    after = rpe_ops.cache_info()
+    assert after['hits'] == before['hits'] + 1 and after['misses'] == before['misses']
+    assert torch.equal(second, x[1].gather(3, index.long().expand(2, 8, 256, 256)))
+    del second
+    rpe_ops.empty_cache()
+    assert rpe_ops.cache_info()['cached_bytes'] == 0
+
+
+@compiled
+@pytest.mark.parametrize('setting, check', [
+    ('0', "assert info['limit_bytes'] == 0 and info['cached_bytes'] == 0, info"),
+    ('3', "assert info['limit_bytes'] == 3 << 20 and info['cached_blocks'] == 1, info"),  # one 2 MiB block fits
+    ('lots', None),
+])
+def test_cache_limit_comes_from_the_environment(setting, check):
+    import os
+    import subprocess
+    import sys
+    code = ('import torch, rpe_ops\n'
+            'y = rpe_ops.rpe_index(torch.zeros(1, 1, 1024, 2), torch.zeros(1024, 600, dtype=torch.int32))\n'
+            'y = rpe_ops.rpe_index(torch.zeros(1, 1, 1024, 2), torch.zeros(1024, 512, dtype=torch.int32))\n'
+            'del y\ninfo = rpe_ops.cache_info()\n' + (check or ''))
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**os.environ, 'RPE_OPS_CPU_CACHE_MB': setting})
+    if check is None:
+        assert run.returncode != 0 and "RPE_OPS_CPU_CACHE_MB must be a whole number of MiB >= 0" in run.stderr
+        assert "got 'lots'" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr

@@ -21,8 +21,11 @@ def main():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', 'float64'])
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument('--json', default='outputs/benchmark_op.json', help='where to write the result')
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     result = benchmark(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype),
                        args.device, args.repeats)

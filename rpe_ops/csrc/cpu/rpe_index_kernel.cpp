@@ -1,6 +1,8 @@
 // CPU kernels of rpe_index / rpe_reduce: one (b, h, i) row per loop iteration,
 // rows split across threads with at::parallel_for. Each row reads and writes
-// only its own slice, so the reduce needs no atomics or locks.
+// only its own slice, so the reduce needs no atomics or locks. float32 runs the
+// AVX-512 loops of avx512.cpp where the CPU has them; outputs come from
+// output_cache.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -9,10 +11,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
 #include "../rpe_index.h"
+#include "avx512.h"
+#include "output_cache.h"
 
 namespace rpe_ops {
 namespace {
@@ -28,15 +33,17 @@ int64_t rows_per_chunk(int64_t row_width) {
 void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op) {
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int64_t n = index.numel();
-  int64_t bad = n;
+  int32_t lo = 0, hi = 0;  // a min/max pass vectorizes; a search for the first bad id would not
+  if (n > 0) lo = hi = idx[0];
   for (int64_t e = 0; e < n; ++e) {
-    if (!bucket_in_range(idx[e], K)) {
-      bad = e;
-      break;
-    }
+    lo = std::min(lo, idx[e]);
+    hi = std::max(hi, idx[e]);
   }
-  TORCH_CHECK_INDEX(bad == n, op, ": index[", bad / index.size(1), ", ", bad % index.size(1),
-                    "] = ", bad < n ? idx[bad] : 0, " is not a bucket id in [0, ", K, ")");
+  if (n == 0 || (bucket_in_range(lo, K) && bucket_in_range(hi, K))) return;
+  int64_t bad = 0;
+  while (bucket_in_range(idx[bad], K)) ++bad;
+  TORCH_CHECK_INDEX(false, op, ": index[", bad / index.size(1), ", ", bad % index.size(1), "] = ", idx[bad],
+                    " is not a bucket id in [0, ", K, ")");
 }
 
 at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
@@ -46,8 +53,21 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
   const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1);
   const int64_t BH = input.size(0) * input.size(1), rows = BH * Lq;
   check_bucket_ids(index, K, "rpe_index");
-  at::Tensor out = at::empty({input.size(0), input.size(1), Lq, Lk}, input.options());
+  at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
 
+  if (input.scalar_type() == at::kFloat && avx512::enabled()) {
+    const float* in = input.const_data_ptr<float>();
+    const int32_t* idx = index.const_data_ptr<int32_t>();
+    float* y = out.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, rows_per_chunk(Lk), [&](int64_t begin, int64_t end) {
+      for (int64_t step = begin; step < end; ++step) {
+        const int64_t row = row_of_query_major_step(step, BH, Lq);
+        avx512::index_row(in + row_offset(row, K), idx + index_row_offset(query_of_row(row, Lq), Lk),
+                          y + row_offset(row, Lk), Lk);
+      }
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rpe_index_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     const int32_t* idx = index.const_data_ptr<int32_t>();
@@ -70,6 +90,32 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
 // kLanes interleaved copies of the buckets let consecutive adds run in parallel.
 constexpr int64_t kLanes = 4;
 
+// float32 rpe_reduce on AVX-512: one task per (query i, group of up to 16
+// (b, h) rows), the rows of a group summed together, one per SIMD lane.
+void reduce_float_avx512(const at::Tensor& values, const at::Tensor& index, at::Tensor& out) {
+  const int64_t Lq = values.size(2), Lk = values.size(3), K = out.size(3);
+  const int64_t BH = values.size(0) * values.size(1);
+  const int64_t groups = (BH + avx512::kRows - 1) / avx512::kRows;
+  const float* v = values.const_data_ptr<float>();
+  const int32_t* idx = index.const_data_ptr<int32_t>();
+  float* y = out.mutable_data_ptr<float>();
+  at::parallel_for(0, Lq * groups, rows_per_chunk(avx512::kRows * Lk), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * K * avx512::kRows);
+    const float* rows[avx512::kRows];
+    float* out_rows[avx512::kRows];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / groups, first = (task % groups) * avx512::kRows;  // query-major, as above
+      const int n = static_cast<int>(std::min<int64_t>(avx512::kRows, BH - first));
+      for (int r = 0; r < n; ++r) {
+        const int64_t row = row_of_bh_query(first + r, i, Lq);
+        rows[r] = v + row_offset(row, Lk);
+        out_rows[r] = y + row_offset(row, K);
+      }
+      avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data());
+    }
+  });
+}
+
 at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
   check_rows_and_index(values_, index_, "rpe_reduce");
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce: index has Lk = ", index_.size(1),
@@ -80,8 +126,13 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
   const int64_t Lq = values.size(2), Lk = values.size(3);
   const int64_t BH = values.size(0) * values.size(1), rows = BH * Lq;
   check_bucket_ids(index, K, "rpe_reduce");
-  at::Tensor out = at::empty({values.size(0), values.size(1), Lq, K}, values.options());
+  at::Tensor out = empty_output({values.size(0), values.size(1), Lq, K}, values.options());
 
+  // One row per (b, h) would leave 15 of the 16 lanes idle: the portable loop is faster there.
+  if (values.scalar_type() == at::kFloat && avx512::enabled() && BH >= 2) {
+    reduce_float_avx512(values, index, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // half types accumulate in float
     const scalar_t* v = values.const_data_ptr<scalar_t>();
@@ -119,8 +170,24 @@ at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
   const int64_t rows = input.size(0) * input.size(1) * Lq;
   check_bucket_ids(index, K, "rpe_index_qk");
   check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)");
-  at::Tensor out = at::empty({input.size(0), input.size(1), Lq, Lk}, input.options());
+  at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
 
+  if (input.scalar_type() == at::kFloat && avx512::enabled() && Lk * Kt <= INT32_MAX) {  // 32-bit gather offsets
+    const float* in = input.const_data_ptr<float>();
+    const float* in_t = input_t.const_data_ptr<float>();
+    const int32_t* idx = index.const_data_ptr<int32_t>();
+    const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
+    float* y = out.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, rows_per_chunk(Lk), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t i = query_of_row(row, Lq);
+        avx512::index_qk_row(in + row_offset(row, K), idx + index_row_offset(i, Lk),
+                             in_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt), idx_t + index_row_offset(i, Lk),
+                             Kt, y + row_offset(row, Lk), Lk);
+      }
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rpe_index_qk_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     const scalar_t* in_t = input_t.const_data_ptr<scalar_t>();
@@ -161,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, 
   const int64_t B = values.size(0), H = values.size(1), Lq = values.size(2), Lk = values.size(3);
   check_bucket_ids(index, K, "rpe_reduce_qk");
   check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)");
-  at::Tensor out = at::empty({B, H, Lq, K}, values.options());
-  at::Tensor out_t = at::empty({B, H, Lk, Kt}, values.options());
+  at::Tensor out = empty_output({B, H, Lq, K}, values.options());
+  at::Tensor out_t = empty_output({B, H, Lk, Kt}, values.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,153 @@
+// AVX-512 loops of the float32 CPU kernels; see avx512.h. No ATen headers
+// here (see there why).
+#include "avx512.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+namespace rpe_ops {
+namespace avx512 {
+
+bool available() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+namespace {
+std::atomic<bool> switched_off{false};
+}
+
+bool enabled() { return available() && !switched_off.load(std::memory_order_relaxed); }
+
+void set_enabled(bool on) { switched_off.store(!on, std::memory_order_relaxed); }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+namespace {
+
+// Mask of the first n < 16 lanes.
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// In-register transpose: on entry r[l] holds 16 keys of row l; on exit r[j]
+// holds key j of the 16 rows. Three shuffle stages of 16 instructions each
+// plus one of 16 lane-block moves.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  // Pairs of rows interleaved: t[2p] lane q = r2p[4q], r2p+1[4q], r2p[4q+1], r2p+1[4q+1].
+  for (int p = 0; p < 8; ++p) {
+    t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+  }
+  // Quads of rows: u[4g + c] lane q = key 4q + c of rows 4g .. 4g + 3.
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  // A 4x4 transpose of 128-bit blocks across u[c], u[4 + c], u[8 + c], u[12 + c]:
+  // key 4q + c of all 16 rows.
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+inline void add_to(float* bucket, __m512 x) { _mm512_storeu_ps(bucket, _mm512_add_ps(_mm512_loadu_ps(bucket), x)); }
+
+}  // namespace
+
+void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk) {
+  int64_t j = 0;
+  // Up to the first 64-byte boundary of out_row, then whole cache lines with streaming stores.
+  const int64_t head = std::min<int64_t>(Lk, ((64 - reinterpret_cast<uintptr_t>(out_row) % 64) % 64) / 4);
+  if (head > 0) {
+    const __mmask16 m = first_lanes(head);
+    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row);
+    _mm512_mask_storeu_ps(out_row, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4));
+    j = head;
+  }
+  for (; j + 16 <= Lk; j += 16) {
+    const __m512i ids = _mm512_loadu_si512(index_row + j);
+    _mm512_stream_ps(out_row + j, _mm512_i32gather_ps(ids, in_row, 4));
+  }
+  if (j < Lk) {
+    const __mmask16 m = first_lanes(Lk - j);
+    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
+    _mm512_mask_storeu_ps(out_row + j, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4));
+  }
+}
+
+void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys,
+                  const int32_t* index_t_row, int64_t Kt, float* out_row, int64_t Lk) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i kt = _mm512_set1_epi32(static_cast<int32_t>(Kt));
+  for (int64_t j = 0; j < Lk; j += 16) {
+    const __mmask16 m = Lk - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first_lanes(Lk - j);
+    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), lane);
+    // keys row j, bucket index_t[j]: offset j * Kt + index_t[j]
+    const __m512i ids_t = _mm512_add_epi32(_mm512_mullo_epi32(key, kt), _mm512_maskz_loadu_epi32(m, index_t_row + j));
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 sum = _mm512_add_ps(_mm512_mask_i32gather_ps(zero, m, ids, in_row, 4),
+                                     _mm512_mask_i32gather_ps(zero, m, ids_t, keys, 4));
+    _mm512_mask_storeu_ps(out_row + j, m, sum);
+  }
+}
+
+void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch) {
+  // Two copies of the (K, 16) sums, for even and odd keys: neighbouring keys
+  // often share a bucket, and one copy would chain each add on the last.
+  float* even = scratch;
+  float* odd = scratch + K * kRows;
+  std::memset(scratch, 0, sizeof(float) * 2 * K * kRows);
+  __m512 col[16];
+  for (int64_t j0 = 0; j0 < Lk; j0 += 16) {
+    const int64_t n = Lk - j0 < 16 ? Lk - j0 : 16;
+    const __mmask16 keys = n == 16 ? static_cast<__mmask16>(0xFFFF) : first_lanes(n);
+    for (int r = 0; r < 16; ++r)  // rows past n_rows read nothing and stay zero
+      col[r] = _mm512_maskz_loadu_ps(r < n_rows ? keys : 0, (r < n_rows ? rows[r] : rows[0]) + j0);
+    transpose16(col);
+    const int32_t* ids = index_row + j0;
+    if (n == 16) {
+      // All 16 keys in one bucket (e.g. the clipped far distances): one add.
+      const __m512i v = _mm512_loadu_si512(ids);
+      if (_mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(ids[0])) == 0xFFFF) {
+        __m512 s[8];
+        for (int p = 0; p < 8; ++p) s[p] = _mm512_add_ps(col[2 * p], col[2 * p + 1]);
+        for (int p = 0; p < 4; ++p) s[p] = _mm512_add_ps(s[2 * p], s[2 * p + 1]);
+        add_to(even + ids[0] * kRows, _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+        continue;
+      }
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; jj += 2) {
+        add_to(even + ids[jj] * kRows, col[jj]);
+        add_to(odd + ids[jj + 1] * kRows, col[jj + 1]);
+      }
+    } else {
+      for (int64_t jj = 0; jj < n; ++jj) add_to((jj & 1 ? odd : even) + ids[jj] * kRows, col[jj]);
+    }
+  }
+  for (int64_t t = 0; t < K; ++t) {
+    alignas(64) float sum[16];
+    _mm512_store_ps(sum, _mm512_add_ps(_mm512_loadu_ps(even + t * kRows), _mm512_loadu_ps(odd + t * kRows)));
+    for (int r = 0; r < n_rows; ++r) out_rows[r][t] = sum[r];
+  }
+}
+
+#pragma GCC pop_options
+
+}  // namespace avx512
+}  // namespace rpe_ops
