@@ -24,7 +24,7 @@ import rpe_ops.benchmark
 from detr_irpe.args import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.detr import build_model
-from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.irpe import get_bucket_ids_2d, rpe_config_from_string
 
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
@@ -199,10 +199,15 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
                                      'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
     if 'op' in parts:
         h, w = FULL['attention_map']
-        op = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=81, repeats=cfg['op_repeats'])
-        result['rpe_index_vs_gather'] = {'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
-        ratios['rpe_index'] = {'gather / rpe_index (fwd+bwd)': op['speedup']['forward_backward']['gather'],
-                               'gather / rpe_index (fwd)': op['speedup']['forward']['gather']}
+        ids, num_buckets = get_bucket_ids_2d('product', h, w, ratio=2.0)  # those of IRPE_K: K = 81
+        ratios['rpe_index'] = {}
+        for kind, index in [('irpe ids', ids), ('random ids', None)]:
+            op = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=num_buckets,
+                                             repeats=cfg['op_repeats'], index=index)
+            result['rpe_index_vs_gather' + ('' if index is not None else '_random_ids')] = {
+                'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
+            ratios['rpe_index'][f'gather / rpe_index (fwd+bwd, {kind})'] = op['speedup']['forward_backward']['gather']
+            ratios['rpe_index'][f'gather / rpe_index (fwd, {kind})'] = op['speedup']['forward']['gather']
     if 'dc5' in parts:
         d = dc5(cfg['dc5_image'], cfg['dc5_steps'], cfg['dc5_rounds'])
         result['dc5'] = d
@@ -219,7 +224,10 @@ TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qk
            ('inference', 'irpe_qkv / plain', 1.10, True), ('inference', 'plain / plain_nn_mha', 1.00, True),
            ('attention_layer', 'irpe_k / plain', None, True), ('attention_layer', 'irpe_qkv / plain', None, True),
            ('attention_layer', 'plain / plain_nn_mha', 1.00, True),
-           ('rpe_index', 'gather / rpe_index (fwd+bwd)', 3.0, False), ('rpe_index', 'gather / rpe_index (fwd)', None, False),
+           ('rpe_index', 'gather / rpe_index (fwd+bwd, irpe ids)', 3.0, False),
+           ('rpe_index', 'gather / rpe_index (fwd, irpe ids)', None, False),
+           ('rpe_index', 'gather / rpe_index (fwd+bwd, random ids)', 3.0, False),
+           ('rpe_index', 'gather / rpe_index (fwd, random ids)', None, False),
            ('dc5', 'step irpe_qkv / plain', 1.20, True), ('dc5', 'peak memory irpe_qkv / plain', 1.20, True)]
 
 
@@ -231,7 +239,7 @@ def markdown_table(result):
              f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end.",
              f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
              f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
-             f"rpe_index B=2 H=8 L=950 K=81; DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "
+             f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids); DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "
              f"iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Medians of {s['repeats']} interleaved repeats "
              f"(training step = forward + loss + backward).", '',
              '| measurement | ratio | target | met |', '|---|---|---|---|']
@@ -243,16 +251,19 @@ def markdown_table(result):
         goal = '' if target is None else f"{'≤' if at_most else '≥'} {target:.2f}"
         met = '' if target is None or value is None else ('yes' if (value <= target if at_most else value >= target) else 'no')
         lines.append(f'| {section}: {name} | {shown} | {goal} | {met} |')
-    lines += ['', '| medians | ' + ' | '.join(MODELS) + ' |', '|---|' + '---|' * len(MODELS)]
+    if 'model_seconds' in result or 'attention_seconds' in result:
+        lines += ['', '| medians | ' + ' | '.join(MODELS) + ' |', '|---|' + '---|' * len(MODELS)]
     for key, label in [('train_step', 'training step (s)'), ('inference', 'inference (s)')]:
         if key in result.get('model_seconds', {}):
             lines.append(f'| {label} | ' + ' | '.join(f"{result['model_seconds'][key][n]:.2f}" for n in MODELS) + ' |')
     if 'attention_seconds' in result:
         lines.append('| attention layer fwd+bwd (ms) | ' + ' | '.join(f"{result['attention_seconds'][n] * 1e3:.0f}" for n in MODELS) + ' |')
-    if 'rpe_index_vs_gather' in result:
-        t = result['rpe_index_vs_gather']['median_seconds']['forward_backward']
-        floor = f", memory-traffic floor {t['memory_floor'] * 1e3:.1f} ms" if 'memory_floor' in t else ''
-        lines += ['', f"rpe_index fwd+bwd {t['rpe_index'] * 1e3:.1f} ms, torch.gather {t['gather'] * 1e3:.1f} ms{floor}."]
+    for key, kind in [('rpe_index_vs_gather', 'iRPE bucket ids'), ('rpe_index_vs_gather_random_ids', 'random ids')]:
+        if key in result:
+            t = result[key]['median_seconds']['forward_backward']
+            lines += ['', f"rpe_index fwd+bwd ({kind}) {t['rpe_index'] * 1e3:.1f} ms, torch.gather "
+                          f"{t['gather'] * 1e3:.1f} ms; a fresh (B, H, L, L) tensor written and grad read: "
+                          f"{t['memory_floor'] * 1e3:.1f} ms."]
     if 'dc5' in result:
         d = result['dc5']
         for name in ('plain', 'irpe_qkv'):

@@ -21,14 +21,22 @@ import rpe_ops
 
 
 def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
-              repeats=15, warmup=2, seed=0):
+              repeats=15, warmup=2, seed=0, index=None):
     """Median seconds of forward and forward+backward, op vs gather, and their ratios.
 
+    index: (length, length) int32 bucket ids in [0, buckets); default uniformly random ids
+    (real iRPE ids have long runs of one bucket, which helps the op's reduce).
     Also times 'memory_floor': writing a fresh (B, H, L, L) tensor (plus reading
-    grad, for forward+backward), which no implementation of the op can beat.
+    grad, for forward+backward), which a fresh output from torch's allocator costs.
     """
     g = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, buckets, (length, length), generator=g, dtype=torch.int32).to(device)
+    index_given = index
+    if index is None:
+        index = torch.randint(0, buckets, (length, length), generator=g, dtype=torch.int32)
+    elif index.shape != (length, length) or int(index.max()) >= buckets:
+        raise ValueError(f'expected index of shape ({length}, {length}) with ids below {buckets}, got '
+                         f'{tuple(index.shape)} with max {int(index.max())}')
+    index = index.to(device, torch.int32)
     x = torch.randn(batch, heads, length, buckets, generator=g).to(device, dtype).requires_grad_()
     grad = torch.randn(batch, heads, length, length, generator=g).to(device, dtype)
     index_bhll = index.long().expand(batch, heads, length, length)
@@ -65,14 +73,16 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
               for kind in ('forward', 'forward_backward')}
     return {
         'sizes': {'B': batch, 'H': heads, 'Lq': length, 'Lk': length, 'K': buckets,
-                  'dtype': str(dtype).replace('torch.', ''), 'device': device},
+                  'dtype': str(dtype).replace('torch.', ''), 'device': device,
+                  'index': 'random' if index_given is None else 'given'},
         'machine': {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
                     'processor': platform.processor() or platform.machine(),
                     'gpu': torch.cuda.get_device_name() if device == 'cuda' else None,
                     'load_average_1min': os.getloadavg()[0],
                     # 1 = huge pages for big tensors: fewer page faults when the (B, H, L, L) outputs are allocated
                     'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE', '0'),
-                    'torch': torch.__version__, 'rpe_ops_build': rpe_ops.build_info()},
+                    'torch': torch.__version__, 'rpe_ops_build': rpe_ops.build_info(),
+                    'rpe_ops_cpu_cache_limit_bytes': rpe_ops.cache_info()['limit_bytes']},
         'repeats': repeats,
         'median_seconds': median,
         # how many times faster rpe_index is than each baseline

@@ -95,7 +95,9 @@ def test_features_equal_torchvision_resnet_in_eval_mode():
         x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
         expected = reference.layer4(reference.layer3(reference.layer2(reference.layer1(x))))
         features, _, _ = backbone(images, torch.zeros(2, 96, 64, dtype=torch.bool))
-    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    # The backbone runs channels_last, the reference contiguous: different convolution kernels, so the
+    # sums round differently (up to ~3e-5 here on features of order 1).
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_mask_downsampled_by_nearest_neighbour():

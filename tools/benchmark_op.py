@@ -1,7 +1,8 @@
 """Time rpe_ops.rpe_index against torch.gather, and rpe_index_qk against the two passes it replaces,
 at DETR-encoder size, and print the ratios.
 
-    python tools/benchmark_op.py                       # B=2 H=8 L=25*38 K=81, float32, CPU
+    python tools/benchmark_op.py                       # B=2 H=8 L=25*38 K=81, float32, CPU, iRPE bucket ids
+    python tools/benchmark_op.py --ids random --threads 1
     python tools/benchmark_op.py --device cuda --json outputs/benchmark_op_cuda.json
 """
 import argparse
@@ -9,6 +10,7 @@ import argparse
 import torch
 
 from detr_irpe.checkpoint import save_json
+from detr_irpe.irpe import get_bucket_ids_2d
 from rpe_ops.benchmark import benchmark, benchmark_qk
 
 
@@ -22,18 +24,29 @@ def main():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument('--ids', default='product', choices=['product', 'random'],
+                        help='bucket ids: product = those of rpe-2.0-product on a 25x38 map (K = 81, needs '
+                             '--length 950 --buckets 81); random = uniform in [0, K)')
     parser.add_argument('--json', default='outputs/benchmark_op.json', help='where to write the result')
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    index = None
+    if args.ids == 'product':
+        if (args.length, args.buckets) != (25 * 38, 81):
+            parser.error(f'--ids product is the 25x38 map of rpe-2.0-product: use --length 950 --buckets 81 '
+                         f'(got --length {args.length} --buckets {args.buckets}), or --ids random')
+        index, _ = get_bucket_ids_2d('product', 25, 38, ratio=2.0)
     result = benchmark(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype),
-                       args.device, args.repeats)
+                       args.device, args.repeats, index=index)
+    result['sizes']['index'] = args.ids
     m, s = result['machine'], result['sizes']
     print(f"machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
           f"gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}, "
           f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}")
-    print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}; "
+    print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}, "
+          f"{s['index']} bucket ids; "
           f"median of {result['repeats']} interleaved repeats")
     print(f"{'method':<26}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
     for name in result['median_seconds']['forward']:
@@ -41,8 +54,9 @@ def main():
         ratio = [result['speedup'][kind].get(name) for kind in ('forward', 'forward_backward')]
         ratio = ['' if r is None else f'{r:.2f}' for r in ratio]
         print(f"{name:<26}{fwd * 1e3:>12.1f}{fb * 1e3:>12.1f}{ratio[0]:>8}{ratio[1]:>11}")
-    print('x = baseline time / rpe_index time (higher: rpe_index faster); memory_floor = allocating and '
-          'writing the (B, H, L, L) output (+ reading grad), which any implementation pays')
+    print('x = baseline time / rpe_index time (higher: rpe_index faster); memory_floor = a fresh (B, H, L, L) '
+          "tensor from torch's allocator, written (+ grad read): what gather's output costs before any gathering "
+          "(rpe_index's outputs come from its huge-page cache instead)")
 
     qk = benchmark_qk(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype), args.device,
                       args.repeats)
