@@ -81,28 +81,33 @@ class RPEMultiheadAttention(nn.Module):
         return self.logits_bias(q, k * self.head_dim ** -0.5, None, height, width)
 
     def logits_bias(self, q, k, key_padding_mask, height, width):
-        """rpe_k(q) + rpe_q(k)^T + key padding (-inf), summed in the first term's storage.
+        """rpe_k(q) + rpe_q(k)^T with -inf on padded keys, in the iRPE term's own storage.
 
         q, k: (B, H, L, d), both already scaled. Returns None, (B, 1, 1, L) (padding only), or a
         (B or 1, H, L, L) tensor made here, which add_query_key_products may overwrite.
         """
-        terms = []
         if self.rpe_k is not None and self.rpe_q is not None:
-            terms.append(query_key_terms(self.rpe_q, self.rpe_k, q, k, height, width))  # one (B, H, L, L) pass
+            total = query_key_terms(self.rpe_q, self.rpe_k, q, k, height, width)  # one (B, H, L, L) pass
         elif self.rpe_k is not None:
-            terms.append(self.rpe_k(q, height, width))
+            total = self.rpe_k(q, height, width)
         elif self.rpe_q is not None:
-            terms.append(self.rpe_q(k, height, width, transpose_output=True))
-        if key_padding_mask is not None:
-            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            terms.append(pad.masked_fill_(key_padding_mask, float('-inf'))[:, None, None, :])
-        if not terms:
+            total = self.rpe_q(k, height, width, transpose_output=True)
+        elif key_padding_mask is None:
             return None
-        total = terms[0]
-        for term in terms[1:]:
-            # The iRPE terms are fresh tensors: add in place where the sum keeps the first one's shape.
-            fits = total.shape[-2] > 1 and torch.broadcast_shapes(total.shape, term.shape) == total.shape
-            total = total.add_(term) if fits else total + term
+        else:
+            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            return pad.masked_fill_(key_padding_mask, float('-inf'))[:, None, None, :]
+        if key_padding_mask is not None:
+            # The iRPE term is a fresh tensor: write -inf into the padded key columns only, rather than
+            # adding a (B, 1, 1, L) row of zeros and -inf to every entry (a whole (B, H, L, L) pass).
+            if total.shape[0] != key_padding_mask.shape[0]:
+                total = total.expand(key_padding_mask.shape[0], *total.shape[1:]).contiguous()
+            if total.is_cuda:  # there, finding the columns would wait for the GPU; one pass does not
+                return total.masked_fill_(key_padding_mask[:, None, None, :], float('-inf'))
+            for b, padded in enumerate(key_padding_mask):
+                columns = padded.nonzero().flatten()
+                if columns.numel():
+                    total[b].index_fill_(-1, columns, float('-inf'))
         return total
 
 
