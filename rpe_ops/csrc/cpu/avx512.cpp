@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstring>
 
 namespace rpe_ops {
@@ -68,46 +69,64 @@ inline void add_to(float* bucket, __m512 x) { _mm512_storeu_ps(bucket, _mm512_ad
 
 }  // namespace
 
-void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk) {
-  int64_t j = 0;
-  // Up to the first 64-byte boundary of out_row, then whole cache lines with streaming stores.
-  const int64_t head = std::min<int64_t>(Lk, ((64 - reinterpret_cast<uintptr_t>(out_row) % 64) % 64) / 4);
-  if (head > 0) {
-    const __mmask16 m = first_lanes(head);
-    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row);
-    _mm512_mask_storeu_ps(out_row, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4));
-    j = head;
-  }
-  for (; j + 16 <= Lk; j += 16) {
-    const __m512i ids = _mm512_loadu_si512(index_row + j);
-    _mm512_stream_ps(out_row + j, _mm512_i32gather_ps(ids, in_row, 4));
-  }
-  if (j < Lk) {
-    const __mmask16 m = first_lanes(Lk - j);
-    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
-    _mm512_mask_storeu_ps(out_row + j, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4));
-  }
+namespace {
+
+// Writes out_row[0, Lk) one vector at a time, value(j, mask) giving keys j .. j + 15: masked
+// stores up to the first 64-byte boundary and for the tail, streaming stores in between (the
+// output is too large to stay in cache; streaming skips reading each line before writing it).
+template <typename Value>
+inline void write_row(float* out_row, int64_t Lk, Value value) {
+  int64_t j = std::min<int64_t>(Lk, ((64 - reinterpret_cast<uintptr_t>(out_row) % 64) % 64) / 4);
+  if (j > 0) _mm512_mask_storeu_ps(out_row, first_lanes(j), value(0, first_lanes(j)));
+  for (; j + 16 <= Lk; j += 16) _mm512_stream_ps(out_row + j, value(j, static_cast<__mmask16>(0xFFFF)));
+  if (j < Lk) _mm512_mask_storeu_ps(out_row + j, first_lanes(Lk - j), value(j, first_lanes(Lk - j)));
 }
 
-void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys,
-                  const int32_t* index_t_row, int64_t Kt, float* out_row, int64_t Lk) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i kt = _mm512_set1_epi32(static_cast<int32_t>(Kt));
-  for (int64_t j = 0; j < Lk; j += 16) {
-    const __mmask16 m = Lk - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first_lanes(Lk - j);
+// Offsets t * Lk + j of keys j .. j + 15 in a (Kt, Lk) table, t = their bucket ids.
+inline __m512i key_offsets(__m512i ids_t, int64_t j, int64_t Lk) {
+  return _mm512_add_epi32(_mm512_mullo_epi32(ids_t, _mm512_set1_epi32(static_cast<int32_t>(Lk))),
+                          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
+}
+
+// True if all 16 ids equal the first, `first` (then the 16 keys' entries are contiguous).
+inline bool one_bucket(__m512i ids, int32_t first) {
+  return _mm512_cmpeq_epi32_mask(ids, _mm512_set1_epi32(first)) == 0xFFFF;
+}
+}  // namespace
+
+bool all_in_range(const int32_t* ids, int64_t n, int64_t K) {
+  // As unsigned numbers, negative ids are above every K: one compare per id.
+  const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
+  __mmask16 bad = 0;
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) bad |= _mm512_cmpge_epu32_mask(_mm512_loadu_si512(ids + e), k);
+  if (e < n) bad |= _mm512_mask_cmpge_epu32_mask(first_lanes(n - e), _mm512_maskz_loadu_epi32(first_lanes(n - e), ids + e), k);
+  return bad == 0;
+}
+
+void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk) {
+  write_row(out_row, Lk, [&](int64_t j, __mmask16 m) {
     const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
-    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), lane);
-    // keys row j, bucket index_t[j]: offset j * Kt + index_t[j]
-    const __m512i ids_t = _mm512_add_epi32(_mm512_mullo_epi32(key, kt), _mm512_maskz_loadu_epi32(m, index_t_row + j));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4);
+  });
+}
+
+void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
+                  const int32_t* index_t_row, int64_t Lk, float* out_row) {
+  write_row(out_row, Lk, [&](int64_t j, __mmask16 m) {
     const __m512 zero = _mm512_setzero_ps();
-    const __m512 sum = _mm512_add_ps(_mm512_mask_i32gather_ps(zero, m, ids, in_row, 4),
-                                     _mm512_mask_i32gather_ps(zero, m, ids_t, keys, 4));
-    _mm512_mask_storeu_ps(out_row + j, m, sum);
-  }
+    const __m512 q = _mm512_mask_i32gather_ps(zero, m, _mm512_maskz_loadu_epi32(m, index_row + j), in_row, 4);
+    const __m512i ids_t = _mm512_maskz_loadu_epi32(m, index_t_row + j);
+    const __m512 k = m == 0xFFFF && one_bucket(ids_t, index_t_row[j])
+                         ? _mm512_loadu_ps(keys_t + index_t_row[j] * Lk + j)
+                         : _mm512_mask_i32gather_ps(zero, m, key_offsets(ids_t, j, Lk), keys_t, 4);
+    return _mm512_add_ps(q, k);
+  });
 }
 
 void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
-                 float* const* out_rows, float* scratch) {
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
   // Two copies of the (K, 16) sums, for even and odd keys: neighbouring keys
   // often share a bucket, and one copy would chain each add on the last.
   float* even = scratch;
@@ -120,6 +139,8 @@ void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row,
     for (int r = 0; r < 16; ++r)  // rows past n_rows read nothing and stay zero
       col[r] = _mm512_maskz_loadu_ps(r < n_rows ? keys : 0, (r < n_rows ? rows[r] : rows[0]) + j0);
     transpose16(col);
+    if (key_sums != nullptr)  // key j0 + jj, bucket index_t[j0 + jj]: one vector of kRows sums each
+      for (int64_t jj = 0; jj < n; ++jj) add_to(key_sums + ((j0 + jj) * Kt + index_t_row[j0 + jj]) * kRows, col[jj]);
     const int32_t* ids = index_row + j0;
     if (n == 16) {
       // All 16 keys in one bucket (e.g. the clipped far distances): one add.

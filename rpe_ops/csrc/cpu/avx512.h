@@ -23,20 +23,29 @@ bool available();
 bool enabled();
 void set_enabled(bool on);
 
+// True if every ids[e], e < n, lies in [0, K).
+bool all_in_range(const int32_t* ids, int64_t n, int64_t K);
+
 // out_row[j] = in_row[index_row[j]] for j < Lk.
 void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk);
 
-// out_row[j] = in_row[index_row[j]] + keys[j * Kt + index_t_row[j]] for j < Lk (Lk * Kt < 2^31).
-void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys,
-                  const int32_t* index_t_row, int64_t Kt, float* out_row, int64_t Lk);
+// out_row[j] = in_row[index_row[j]] + keys_t[index_t_row[j] * Lk + j] for j < Lk, with keys_t the
+// key-side table of this (b, h) transposed to (Kt, Lk) (Kt * Lk < 2^31): neighbouring keys mostly
+// share a bucket, so they read neighbouring entries -- one load where all 16 do.
+void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
+                  const int32_t* index_t_row, int64_t Lk, float* out_row);
 
 // For the n_rows <= kRows rows that share index_row (one query i, several (b, h)):
 //   out_rows[r][t] = sum_j rows[r][j] * [index_row[j] == t],  j < Lk, t < K.
 // Sixteen rows are summed at once, one per lane: the values of 16 keys are
 // transposed in registers so that each key adds one vector to its bucket.
 // scratch: 2 * K * kRows floats.
+// With key_sums (else nullptr), also the key-side sums of rpe_reduce_qk for this query:
+//   key_sums[(j * Kt + index_t_row[j]) * kRows + r] += rows[r][j]
+// into a (Lk, Kt, kRows) table of this group of rows, summed over the queries it is given.
 void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
-                 float* const* out_rows, float* scratch);
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row = nullptr, int64_t Kt = 0,
+                 float* key_sums = nullptr);
 
 }  // namespace avx512
 }  // namespace rpe_ops

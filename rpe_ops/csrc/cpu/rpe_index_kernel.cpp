@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,6 +34,7 @@ int64_t rows_per_chunk(int64_t row_width) {
 void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op) {
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int64_t n = index.numel();
+  if (avx512::enabled() && avx512::all_in_range(idx, n, K)) return;
   int32_t lo = 0, hi = 0;  // a min/max pass vectorizes; a search for the first bad id would not
   if (n > 0) lo = hi = idx[0];
   for (int64_t e = 0; e < n; ++e) {
@@ -116,6 +118,51 @@ void reduce_float_avx512(const at::Tensor& values, const at::Tensor& index, at::
   });
 }
 
+// float32 rpe_reduce_qk on AVX-512, one read of values: the groups of 16 rows of
+// reduce_float_avx512, whose transposed vectors (one (b, h) per lane) also go to
+// the key-side sums, in a (Lk, Kt, 16) table per group. Consecutive queries
+// mostly hit the same entries of it (bucket ids change slowly along a column
+// too), so the table's working set stays in L2. Queries are split into one
+// range per thread, each with its own tables (at most 256 MiB in all), which
+// are summed at the end.
+void reduce_qk_float_avx512(const at::Tensor& values, const at::Tensor& index, const at::Tensor& index_t,
+                            at::Tensor& out, at::Tensor& out_t) {
+  constexpr int64_t R = avx512::kRows;
+  const int64_t Lq = values.size(2), Lk = values.size(3), K = out.size(3), Kt = out_t.size(3);
+  const int64_t BH = values.size(0) * values.size(1), groups = (BH + R - 1) / R;
+  const int64_t table = groups * Lk * Kt * R;  // floats of one range's key-side tables
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), Lq, (int64_t(256) << 20) / (4 * table)}));
+  at::Tensor partial = empty_output({parts, groups, Lk, Kt, R}, values.options()).zero_();
+  const float* v = values.const_data_ptr<float>();
+  const int32_t* idx = index.const_data_ptr<int32_t>();
+  const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
+  float* y = out.mutable_data_ptr<float>();
+  float* sums = partial.mutable_data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * K * R);
+    const float* rows[R];
+    float* out_rows[R];
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t i = part * Lq / parts; i < (part + 1) * Lq / parts; ++i) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int n = static_cast<int>(std::min<int64_t>(R, BH - g * R));
+          for (int r = 0; r < n; ++r) {
+            const int64_t row = row_of_bh_query(g * R + r, i, Lq);
+            rows[r] = v + row_offset(row, Lk);
+            out_rows[r] = y + row_offset(row, K);
+          }
+          avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data(),
+                              idx_t + index_row_offset(i, Lk), Kt, sums + (part * groups + g) * Lk * Kt * R);
+        }
+      }
+    }
+  });
+  // (groups, Lk, Kt, R) -> (B * H, Lk, Kt): lane r of group g is (b, h) = g * R + r
+  const at::Tensor total = parts > 1 ? partial.sum(0) : partial[0];
+  out_t.view({BH, Lk, Kt}).copy_(total.permute({0, 3, 1, 2}).reshape({groups * R, Lk, Kt}).slice(0, 0, BH));
+}
+
 at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
   check_rows_and_index(values_, index_, "rpe_reduce");
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce: index has Lk = ", index_.size(1),
@@ -159,7 +206,7 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
   return out;
 }
 
-// Rows in (b, h)-major order here: the key-side table of one (b, h), Lk * Kt
+// Portable loops: rows in (b, h)-major order, so that the key-side table of one (b, h), Lk * Kt
 // entries that each row reads all across, stays in L2 while its Lq rows run.
 at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
                             const at::Tensor& input_t_, const at::Tensor& index_t_) {
@@ -172,18 +219,22 @@ at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
   check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)");
   at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
 
-  if (input.scalar_type() == at::kFloat && avx512::enabled() && Lk * Kt <= INT32_MAX) {  // 32-bit gather offsets
+  if (input.scalar_type() == at::kFloat && avx512::enabled() && Kt * Lk <= INT32_MAX) {
+    // The key-side table transposed to (B, H, Kt, Lk): see avx512::index_qk_row.
+    const at::Tensor keys_t = input_t.transpose(2, 3).contiguous();
     const float* in = input.const_data_ptr<float>();
-    const float* in_t = input_t.const_data_ptr<float>();
+    const float* k_t = keys_t.const_data_ptr<float>();
     const int32_t* idx = index.const_data_ptr<int32_t>();
     const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
     float* y = out.mutable_data_ptr<float>();
+    // Query-major, as rpe_index: both index rows of query i serve all B*H rows while in cache.
+    const int64_t BH = input.size(0) * input.size(1);
     at::parallel_for(0, rows, rows_per_chunk(Lk), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t i = query_of_row(row, Lq);
+      for (int64_t step = begin; step < end; ++step) {
+        const int64_t row = row_of_query_major_step(step, BH, Lq), i = query_of_row(row, Lq);
         avx512::index_qk_row(in + row_offset(row, K), idx + index_row_offset(i, Lk),
-                             in_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt), idx_t + index_row_offset(i, Lk),
-                             Kt, y + row_offset(row, Lk), Lk);
+                             k_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt), idx_t + index_row_offset(i, Lk), Lk,
+                             y + row_offset(row, Lk));
       }
     });
     return out;
@@ -210,7 +261,7 @@ at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
   return out;
 }
 
-// One task per (b, h): it owns out_t's (Lk, Kt) slice of that (b, h), summed
+// Portable loops: one task per (b, h); it owns out_t's (Lk, Kt) slice of that (b, h), summed
 // over all Lq rows in a buffer that stays in L2, so no two threads share an
 // output element. Each values element is read once for both tables.
 std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, const at::Tensor& index_,
@@ -231,6 +282,10 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, 
   at::Tensor out = empty_output({B, H, Lq, K}, values.options());
   at::Tensor out_t = empty_output({B, H, Lk, Kt}, values.options());
 
+  if (values.scalar_type() == at::kFloat && avx512::enabled() && B * H >= 2) {
+    reduce_qk_float_avx512(values, index, index_t, out, out_t);
+    return {out, out_t};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* v = values.const_data_ptr<scalar_t>();
