@@ -100,14 +100,19 @@ class RPEMultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             # The iRPE term is a fresh tensor: write -inf into the padded key columns only, rather than
             # adding a (B, 1, 1, L) row of zeros and -inf to every entry (a whole (B, H, L, L) pass).
+            # Outside autograd, so the gradient passes through unchanged, as it did through that add
+            # (index_fill_'s own backward would copy it): at padded keys it is exactly zero anyway, the
+            # softmax weight there being 0.
             if total.shape[0] != key_padding_mask.shape[0]:
                 total = total.expand(key_padding_mask.shape[0], *total.shape[1:]).contiguous()
-            if total.is_cuda:  # there, finding the columns would wait for the GPU; one pass does not
-                return total.masked_fill_(key_padding_mask[:, None, None, :], float('-inf'))
-            for b, padded in enumerate(key_padding_mask):
-                columns = padded.nonzero().flatten()
-                if columns.numel():
-                    total[b].index_fill_(-1, columns, float('-inf'))
+            with torch.no_grad():
+                if total.is_cuda:  # there, finding the columns would wait for the GPU; one pass does not
+                    total.masked_fill_(key_padding_mask[:, None, None, :], float('-inf'))
+                else:
+                    for b, padded in enumerate(key_padding_mask):
+                        columns = padded.nonzero().flatten()
+                        if columns.numel():
+                            total[b].index_fill_(-1, columns, float('-inf'))
         return total
 
 

@@ -31,7 +31,7 @@ IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
 # name: (--enc_rpe2d, encoder attention on torch.nn.MultiheadAttention)
 MODELS = {'plain': ('', False), 'irpe_k': (IRPE_K, False), 'irpe_qkv': (IRPE_QKV, False), 'plain_nn_mha': ('', True)}
 FULL = {'images': [(640, 853), (600, 800)], 'attention_map': (25, 38), 'dc5_image': (640, 853),
-        'repeats': 4, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 1}
+        'repeats': 5, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 2}
 QUICK = {'images': [(320, 427), (300, 400)], 'attention_map': (12, 16), 'dc5_image': (320, 427),
          'repeats': 3, 'attention_repeats': 5, 'op_repeats': 5, 'dc5_steps': 2, 'dc5_rounds': 1}
 

@@ -133,6 +133,9 @@ def test_loads_plain_torchvision_state_dict(tmp_path):
     assert set(body_sd) == {k for k in source if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
     for k, v in body_sd.items():
         assert torch.equal(v, source[k]), k
+    # loaded from contiguous tensors, the convolution weights stay channels_last (the fast layout)
+    convs = [v for k, v in body_sd.items() if v.dim() == 4]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
 
 
 def test_loads_detr_checkpoint_with_model_key(tmp_path):
