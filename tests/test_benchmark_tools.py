@@ -1,0 +1,50 @@
+"""The benchmark scripts run and write what they print (their timings are not checked: benchmarks are
+scripts, not timed tests)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', script), *flags], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_benchmark_op_prints_and_saves_the_ratios(tmp_path):
+    out = tmp_path / 'op.json'
+    proc = run('benchmark_op.py', '--ids', 'random', '--length', '48', '--buckets', '9', '--repeats', '1',
+               '--threads', '1', '--json', str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result['sizes'] == {'B': 2, 'H': 8, 'Lq': 48, 'Lk': 48, 'K': 9, 'dtype': 'float32', 'device': 'cpu',
+                               'index': 'random'}
+    assert result['machine']['torch_threads'] == 1
+    for kind in ('forward', 'forward_backward'):
+        speedup = result['speedup'][kind]['gather']
+        median = result['median_seconds'][kind]
+        assert speedup == pytest.approx(median['gather'] / median['rpe_index'])
+        assert f"{speedup:.2f}" in proc.stdout
+    assert 'rpe_index_qk' in proc.stdout and result['qk']['speedup'] > 0
+
+
+def test_benchmark_op_says_which_sizes_the_irpe_ids_need():
+    proc = run('benchmark_op.py', '--length', '48')
+    assert proc.returncode == 2
+    assert '--ids product is the 25x38 map of rpe-2.0-product: use --length 950 --buckets 81' in proc.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_table_of_the_op_part(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = run('benchmark.py', '--quick', '--parts', 'op', '--threads', '1', '--json', str(out))
+    assert proc.returncode == 0, proc.stderr
+    ratios = json.loads(out.read_text())['ratios']['rpe_index']
+    assert set(ratios) == {f'gather / rpe_index ({kind}, {ids})' for kind in ('fwd', 'fwd+bwd')
+                           for ids in ('irpe ids', 'random ids')}
+    for name, value in ratios.items():
+        assert f'| rpe_index: {name} | {value:.3f} |' in proc.stdout
