@@ -92,6 +92,19 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
 // kLanes interleaved copies of the buckets let consecutive adds run in parallel.
 constexpr int64_t kLanes = 4;
 
+// The rows of query i for (b, h) group g (b * H + h in [g * 16, g * 16 + 16)) in
+// values (width Lk) and in the per-bucket sums (width K); returns their number.
+int group_rows(const float* values, float* sums, int64_t g, int64_t i, int64_t BH, int64_t Lq, int64_t Lk,
+               int64_t K, const float** rows, float** out_rows) {
+  const int n = static_cast<int>(std::min<int64_t>(avx512::kRows, BH - g * avx512::kRows));
+  for (int r = 0; r < n; ++r) {
+    const int64_t row = row_of_bh_query(g * avx512::kRows + r, i, Lq);
+    rows[r] = values + row_offset(row, Lk);
+    out_rows[r] = sums + row_offset(row, K);
+  }
+  return n;
+}
+
 // float32 rpe_reduce on AVX-512: one task per (query i, group of up to 16
 // (b, h) rows), the rows of a group summed together, one per SIMD lane.
 void reduce_float_avx512(const at::Tensor& values, const at::Tensor& index, at::Tensor& out) {
@@ -106,13 +119,8 @@ void reduce_float_avx512(const at::Tensor& values, const at::Tensor& index, at::
     const float* rows[avx512::kRows];
     float* out_rows[avx512::kRows];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / groups, first = (task % groups) * avx512::kRows;  // query-major, as above
-      const int n = static_cast<int>(std::min<int64_t>(avx512::kRows, BH - first));
-      for (int r = 0; r < n; ++r) {
-        const int64_t row = row_of_bh_query(first + r, i, Lq);
-        rows[r] = v + row_offset(row, Lk);
-        out_rows[r] = y + row_offset(row, K);
-      }
+      const int64_t i = task / groups;  // query-major, as above
+      const int n = group_rows(v, y, task % groups, i, BH, Lq, Lk, K, rows, out_rows);
       avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data());
     }
   });
@@ -146,12 +154,7 @@ void reduce_qk_float_avx512(const at::Tensor& values, const at::Tensor& index, c
     for (int64_t part = begin; part < end; ++part) {
       for (int64_t i = part * Lq / parts; i < (part + 1) * Lq / parts; ++i) {
         for (int64_t g = 0; g < groups; ++g) {
-          const int n = static_cast<int>(std::min<int64_t>(R, BH - g * R));
-          for (int r = 0; r < n; ++r) {
-            const int64_t row = row_of_bh_query(g * R + r, i, Lq);
-            rows[r] = v + row_offset(row, Lk);
-            out_rows[r] = y + row_offset(row, K);
-          }
+          const int n = group_rows(v, y, g, i, BH, Lq, Lk, K, rows, out_rows);
           avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data(),
                               idx_t + index_row_offset(i, Lk), Kt, sums + (part * groups + g) * Lk * Kt * R);
         }
