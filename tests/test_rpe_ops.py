@@ -352,7 +352,7 @@ def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
         rpe_ops.rpe_reduce_qk(v, index.clamp(min=0, max=1), 2, index, 4)
 
 
-# --- the CPU float32 loops (AVX-512 and portable) and the CPU output cache ---------------------
+# --- the CPU loops (AVX-512 and portable) and the CPU output cache ---------------------
 
 def product_bucket_ids(height, width):
     """Bucket ids of a real iRPE setting: long runs of keys in one bucket, unlike random ids."""
@@ -379,17 +379,18 @@ FLOAT_LOOP_SIZES = [(1, 1, 3, 37), (2, 1, 3, 16), (1, 16, 2, 48), (2, 9, 3, 35),
 
 
 @compiled
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize('ids', ['random', 'runs'])
 @pytest.mark.parametrize('size', FLOAT_LOOP_SIZES, ids=str)
-def test_cpu_float32_loops_agree_with_definitions(cpu_loops, size, ids):
+def test_cpu_loops_agree_with_definitions(cpu_loops, size, ids, dtype):
     B, H, Lq, Lk = size
     K = 7
     if ids == 'random':
         index = bucket_ids(Lq, Lk, K)
     else:  # blocks of keys in one bucket, some spanning a whole 16-key vector
         index = ((torch.arange(Lk) // 19 + torch.arange(Lq)[:, None]) % K).to(torch.int32)
-    x, v = tensor((B, H, Lq, K), torch.float32), tensor((B, H, Lq, Lk), torch.float32, seed=2)
-    z = tensor((B, H, Lk, K + 2), torch.float32, seed=3)
+    x, v = tensor((B, H, Lq, K), dtype), tensor((B, H, Lq, Lk), dtype, seed=2)
+    z = tensor((B, H, Lk, K + 2), dtype, seed=3)
     index_t = bucket_ids(Lq, Lk, K + 2, seed=4)
     assert torch.equal(rpe_ops.rpe_index(x, index).double(), index_by_loop(x, index))
     assert_matches(rpe_ops.rpe_reduce(v, index, K), reduce_by_loop(v, index, K))

@@ -13,7 +13,8 @@ namespace rpe_ops {
 namespace avx512 {
 
 bool available() {
-  static const bool has = __builtin_cpu_supports("avx512f");
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
   return has;
 }
 
@@ -26,7 +27,7 @@ bool enabled() { return available() && !switched_off.load(std::memory_order_rela
 void set_enabled(bool on) { switched_off.store(!on, std::memory_order_relaxed); }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 
 namespace {
 
@@ -125,8 +126,21 @@ void index_qk_row(const float* in_row, const int32_t* index_row, const float* ke
   });
 }
 
-void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
-                 float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
+namespace {
+
+// 16 values as float32, lanes outside m zero (and not read).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16Bits* p, __mmask16 m) {  // bfloat16: the upper half of a float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const Float16Bits* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+template <typename T>
+void reduce_rows_of(const T* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                    float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
   // Two copies of the (K, 16) sums, for even and odd keys: neighbouring keys
   // often share a bucket, and one copy would chain each add on the last.
   float* even = scratch;
@@ -137,7 +151,7 @@ void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row,
     const int64_t n = Lk - j0 < 16 ? Lk - j0 : 16;
     const __mmask16 keys = n == 16 ? static_cast<__mmask16>(0xFFFF) : first_lanes(n);
     for (int r = 0; r < 16; ++r)  // rows past n_rows read nothing and stay zero
-      col[r] = _mm512_maskz_loadu_ps(r < n_rows ? keys : 0, (r < n_rows ? rows[r] : rows[0]) + j0);
+      col[r] = load16((r < n_rows ? rows[r] : rows[0]) + j0, r < n_rows ? keys : 0);
     transpose16(col);
     if (key_sums != nullptr)  // key j0 + jj, bucket index_t[j0 + jj]: one vector of kRows sums each
       for (int64_t jj = 0; jj < n; ++jj) add_to(key_sums + ((j0 + jj) * Kt + index_t_row[j0 + jj]) * kRows, col[jj]);
@@ -166,6 +180,23 @@ void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row,
     _mm512_store_ps(sum, _mm512_add_ps(_mm512_loadu_ps(even + t * kRows), _mm512_loadu_ps(odd + t * kRows)));
     for (int r = 0; r < n_rows; ++r) out_rows[r][t] = sum[r];
   }
+}
+
+}  // namespace
+
+void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
+  reduce_rows_of(rows, n_rows, index_row, Lk, K, out_rows, scratch, index_t_row, Kt, key_sums);
+}
+
+void reduce_rows(const BFloat16Bits* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
+  reduce_rows_of(rows, n_rows, index_row, Lk, K, out_rows, scratch, index_t_row, Kt, key_sums);
+}
+
+void reduce_rows(const Float16Bits* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row, int64_t Kt, float* key_sums) {
+  reduce_rows_of(rows, n_rows, index_row, Lk, K, out_rows, scratch, index_t_row, Kt, key_sums);
 }
 
 #pragma GCC pop_options

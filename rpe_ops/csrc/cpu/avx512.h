@@ -15,7 +15,12 @@ namespace avx512 {
 // Rows of one reduce call that share an index row: one per 32-bit SIMD lane.
 constexpr int kRows = 16;
 
-// True when this CPU and OS run AVX-512F code.
+// The bits of a bfloat16 / float16 value (c10::BFloat16 / c10::Half store exactly these).
+struct BFloat16Bits { uint16_t x; };
+struct Float16Bits { uint16_t x; };
+
+// True when this CPU and OS run AVX-512 F, BW and VL code.
+
 bool available();
 
 // Whether the CPU kernels use these loops: available() unless switched off
@@ -43,7 +48,14 @@ void index_qk_row(const float* in_row, const int32_t* index_row, const float* ke
 // With key_sums (else nullptr), also the key-side sums of rpe_reduce_qk for this query:
 //   key_sums[(j * Kt + index_t_row[j]) * kRows + r] += rows[r][j]
 // into a (Lk, Kt, kRows) table of this group of rows, summed over the queries it is given.
+// The same for bfloat16 and float16 rows, summed in float32; out_rows are float32.
 void reduce_rows(const float* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row = nullptr, int64_t Kt = 0,
+                 float* key_sums = nullptr);
+void reduce_rows(const BFloat16Bits* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
+                 float* const* out_rows, float* scratch, const int32_t* index_t_row = nullptr, int64_t Kt = 0,
+                 float* key_sums = nullptr);
+void reduce_rows(const Float16Bits* const* rows, int n_rows, const int32_t* index_row, int64_t Lk, int64_t K,
                  float* const* out_rows, float* scratch, const int32_t* index_t_row = nullptr, int64_t Kt = 0,
                  float* key_sums = nullptr);
 

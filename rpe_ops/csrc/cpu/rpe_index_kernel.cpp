@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../rpe_index.h"
@@ -92,71 +93,98 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
 // kLanes interleaved copies of the buckets let consecutive adds run in parallel.
 constexpr int64_t kLanes = 4;
 
-// The rows of query i for (b, h) group g (b * H + h in [g * 16, g * 16 + 16)) in
-// values (width Lk) and in the per-bucket sums (width K); returns their number.
-int group_rows(const float* values, float* sums, int64_t g, int64_t i, int64_t BH, int64_t Lq, int64_t Lk,
-               int64_t K, const float** rows, float** out_rows) {
-  const int n = static_cast<int>(std::min<int64_t>(avx512::kRows, BH - g * avx512::kRows));
-  for (int r = 0; r < n; ++r) {
-    const int64_t row = row_of_bh_query(g * avx512::kRows + r, i, Lq);
-    rows[r] = values + row_offset(row, Lk);
-    out_rows[r] = sums + row_offset(row, K);
-  }
-  return n;
-}
+// The element type the AVX-512 loops read for a tensor's scalar_t (same bits).
+template <typename scalar_t>
+using simd_t = std::conditional_t<std::is_same_v<scalar_t, float>, float,
+                                  std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, avx512::BFloat16Bits,
+                                                     avx512::Float16Bits>>;
 
-// float32 rpe_reduce on AVX-512: one task per (query i, group of up to 16
-// (b, h) rows), the rows of a group summed together, one per SIMD lane.
-void reduce_float_avx512(const at::Tensor& values, const at::Tensor& index, at::Tensor& out) {
+// The rows of query i for the (b, h) group g (b * H + h in [16 g, 16 g + 16)),
+// and where their per-bucket sums go: the float32 output rows themselves, or,
+// for half types, a float32 buffer that store() then rounds into the output.
+template <typename scalar_t>
+struct Group {
+  int n = 0;
+  const simd_t<scalar_t>* rows[avx512::kRows];
+  float* sums[avx512::kRows];
+  scalar_t* out[avx512::kRows];
+  std::vector<float> buffer;
+
+  explicit Group(int64_t K) : buffer(std::is_same_v<scalar_t, float> ? 0 : avx512::kRows * K) {}
+
+  void select(const scalar_t* values, scalar_t* y, int64_t g, int64_t i, int64_t BH, int64_t Lq, int64_t Lk,
+              int64_t K) {
+    n = static_cast<int>(std::min<int64_t>(avx512::kRows, BH - g * avx512::kRows));
+    for (int r = 0; r < n; ++r) {
+      const int64_t row = row_of_bh_query(g * avx512::kRows + r, i, Lq);
+      rows[r] = reinterpret_cast<const simd_t<scalar_t>*>(values + row_offset(row, Lk));
+      out[r] = y + row_offset(row, K);
+      sums[r] = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out[r]) : buffer.data() + r * K;
+    }
+  }
+
+  void store(int64_t K) {
+    if constexpr (!std::is_same_v<scalar_t, float>)
+      for (int r = 0; r < n; ++r)
+        for (int64_t t = 0; t < K; ++t) out[r][t] = static_cast<scalar_t>(sums[r][t]);
+  }
+};
+
+// rpe_reduce on AVX-512 (float32, bfloat16, float16; sums in float32): one task
+// per (query i, group of up to 16 (b, h) rows), the rows of a group summed
+// together, one per SIMD lane.
+template <typename scalar_t>
+void reduce_avx512(const at::Tensor& values, const at::Tensor& index, at::Tensor& out) {
   const int64_t Lq = values.size(2), Lk = values.size(3), K = out.size(3);
   const int64_t BH = values.size(0) * values.size(1);
   const int64_t groups = (BH + avx512::kRows - 1) / avx512::kRows;
-  const float* v = values.const_data_ptr<float>();
+  const scalar_t* v = values.const_data_ptr<scalar_t>();
   const int32_t* idx = index.const_data_ptr<int32_t>();
-  float* y = out.mutable_data_ptr<float>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, Lq * groups, rows_per_chunk(avx512::kRows * Lk), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * K * avx512::kRows);
-    const float* rows[avx512::kRows];
-    float* out_rows[avx512::kRows];
+    Group<scalar_t> group(K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / groups;  // query-major, as above
-      const int n = group_rows(v, y, task % groups, i, BH, Lq, Lk, K, rows, out_rows);
-      avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data());
+      group.select(v, y, task % groups, i, BH, Lq, Lk, K);
+      avx512::reduce_rows(group.rows, group.n, idx + index_row_offset(i, Lk), Lk, K, group.sums, scratch.data());
+      group.store(K);
     }
   });
 }
 
-// float32 rpe_reduce_qk on AVX-512, one read of values: the groups of 16 rows of
-// reduce_float_avx512, whose transposed vectors (one (b, h) per lane) also go to
-// the key-side sums, in a (Lk, Kt, 16) table per group. Consecutive queries
+// rpe_reduce_qk on AVX-512, one read of values: the groups of 16 rows of
+// reduce_avx512, whose transposed vectors (one (b, h) per lane) also go to the
+// key-side sums, in a float32 (Lk, Kt, 16) table per group. Consecutive queries
 // mostly hit the same entries of it (bucket ids change slowly along a column
 // too), so the table's working set stays in L2. Queries are split into one
 // range per thread, each with its own tables (at most 256 MiB in all), which
 // are summed at the end.
-void reduce_qk_float_avx512(const at::Tensor& values, const at::Tensor& index, const at::Tensor& index_t,
-                            at::Tensor& out, at::Tensor& out_t) {
+template <typename scalar_t>
+void reduce_qk_avx512(const at::Tensor& values, const at::Tensor& index, const at::Tensor& index_t,
+                      at::Tensor& out, at::Tensor& out_t) {
   constexpr int64_t R = avx512::kRows;
   const int64_t Lq = values.size(2), Lk = values.size(3), K = out.size(3), Kt = out_t.size(3);
   const int64_t BH = values.size(0) * values.size(1), groups = (BH + R - 1) / R;
   const int64_t table = groups * Lk * Kt * R;  // floats of one range's key-side tables
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), Lq, (int64_t(256) << 20) / (4 * table)}));
-  at::Tensor partial = empty_output({parts, groups, Lk, Kt, R}, values.options()).zero_();
-  const float* v = values.const_data_ptr<float>();
+  at::Tensor partial = empty_output({parts, groups, Lk, Kt, R}, values.options().dtype(at::kFloat)).zero_();
+  const scalar_t* v = values.const_data_ptr<scalar_t>();
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
-  float* y = out.mutable_data_ptr<float>();
-  float* sums = partial.mutable_data_ptr<float>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  float* key_sums = partial.mutable_data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * K * R);
-    const float* rows[R];
-    float* out_rows[R];
+    Group<scalar_t> group(K);
     for (int64_t part = begin; part < end; ++part) {
       for (int64_t i = part * Lq / parts; i < (part + 1) * Lq / parts; ++i) {
         for (int64_t g = 0; g < groups; ++g) {
-          const int n = group_rows(v, y, g, i, BH, Lq, Lk, K, rows, out_rows);
-          avx512::reduce_rows(rows, n, idx + index_row_offset(i, Lk), Lk, K, out_rows, scratch.data(),
-                              idx_t + index_row_offset(i, Lk), Kt, sums + (part * groups + g) * Lk * Kt * R);
+          group.select(v, y, g, i, BH, Lq, Lk, K);
+          avx512::reduce_rows(group.rows, group.n, idx + index_row_offset(i, Lk), Lk, K, group.sums, scratch.data(),
+                              idx_t + index_row_offset(i, Lk), Kt, key_sums + (part * groups + g) * Lk * Kt * R);
+          group.store(K);
         }
       }
     }
@@ -164,6 +192,14 @@ void reduce_qk_float_avx512(const at::Tensor& values, const at::Tensor& index, c
   // (groups, Lk, Kt, R) -> (B * H, Lk, Kt): lane r of group g is (b, h) = g * R + r
   const at::Tensor total = parts > 1 ? partial.sum(0) : partial[0];
   out_t.view({BH, Lk, Kt}).copy_(total.permute({0, 3, 1, 2}).reshape({groups * R, Lk, Kt}).slice(0, 0, BH));
+}
+
+// Whether the AVX-512 reduce loops take these values: float32 or half types, and
+// more than one (b, h) row per query (one row would leave 15 of 16 lanes idle).
+bool avx512_reduce(const at::Tensor& values) {
+  const auto dtype = values.scalar_type();
+  return avx512::enabled() && values.size(0) * values.size(1) >= 2 &&
+         (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
 }
 
 at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
@@ -178,9 +214,10 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
   check_bucket_ids(index, K, "rpe_reduce");
   at::Tensor out = empty_output({values.size(0), values.size(1), Lq, K}, values.options());
 
-  // One row per (b, h) would leave 15 of the 16 lanes idle: the portable loop is faster there.
-  if (values.scalar_type() == at::kFloat && avx512::enabled() && BH >= 2) {
-    reduce_float_avx512(values, index, out);
+  if (avx512_reduce(values)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_avx512", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) reduce_avx512<scalar_t>(values, index, out);
+    });
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_cpu", [&] {
@@ -285,8 +322,10 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, 
   at::Tensor out = empty_output({B, H, Lq, K}, values.options());
   at::Tensor out_t = empty_output({B, H, Lk, Kt}, values.options());
 
-  if (values.scalar_type() == at::kFloat && avx512::enabled() && B * H >= 2) {
-    reduce_qk_float_avx512(values, index, index_t, out, out_t);
+  if (avx512_reduce(values)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_avx512", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) reduce_qk_avx512<scalar_t>(values, index, index_t, out, out_t);
+    });
     return {out, out_t};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_cpu", [&] {
