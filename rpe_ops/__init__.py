@@ -19,8 +19,9 @@ fused ops make each of those passes over (B, H, Lq, Lk) once:
         out = rpe_reduce(values, index, K)
         out_t[b, h, j, t] = sum_i values[b, h, i, j] [index_t[i, j] = t]
 
-On CPU, float32 runs AVX-512 loops where the processor has them (portable
-loops otherwise; `build_info()['cpu_simd']`), and outputs of 2 MiB or more come
+On CPU, the ops run AVX-512 loops where the processor has them (portable
+loops otherwise; `build_info()['cpu_simd']`): all four for float32, the two
+reductions also for bfloat16 and float16, and outputs of 2 MiB or more come
 from a cache of huge-page blocks that keeps freed outputs for the next call of
 the same size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the
 most it keeps, default 1024; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
@@ -49,7 +50,7 @@ __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'referenc
 
 def build_info():
     """Which compiled kernels this install has: {'cpu': bool, 'cuda': bool, 'cpu_simd': {'available': bool,
-    'enabled': bool} (the AVX-512 float32 loops), ...}."""
+    'enabled': bool} (the AVX-512 loops), ...}."""
     return {
         'cpu': _C is not None,
         'cuda': _C is not None and _C.compiled_with_cuda(),

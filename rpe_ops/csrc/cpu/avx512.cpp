@@ -1,4 +1,4 @@
-// AVX-512 loops of the float32 CPU kernels; see avx512.h. No ATen headers
+// AVX-512 loops of the CPU kernels; see avx512.h. No ATen headers
 // here (see there why).
 #include "avx512.h"
 

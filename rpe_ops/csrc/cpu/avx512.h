@@ -1,5 +1,6 @@
-// AVX-512 loops of the float32 CPU kernels, for CPUs that have it (checked at
-// run time; other CPUs and dtypes run the portable loops in rpe_index_kernel.cpp).
+// AVX-512 loops of the CPU kernels, for CPUs that have it (checked at run time;
+// other CPUs run the portable loops in rpe_index_kernel.cpp): the index ops for
+// float32, the reductions for float32, bfloat16 and float16.
 //
 // avx512.cpp is compiled for AVX-512 function by function and includes no
 // ATen header, so no inline ATen code is ever built with AVX-512 instructions

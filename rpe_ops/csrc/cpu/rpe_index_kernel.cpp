@@ -1,8 +1,8 @@
 // CPU kernels of rpe_index / rpe_reduce: one (b, h, i) row per loop iteration,
 // rows split across threads with at::parallel_for. Each row reads and writes
-// only its own slice, so the reduce needs no atomics or locks. float32 runs the
-// AVX-512 loops of avx512.cpp where the CPU has them; outputs come from
-// output_cache.h.
+// only its own slice, so the reduce needs no atomics or locks. Where the CPU
+// has AVX-512, the loops of avx512.cpp run instead (see avx512.h for which);
+// outputs come from output_cache.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
