@@ -12,6 +12,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -76,8 +77,9 @@ def rpe_ops_extension():
     # -fopenmp: at::parallel_for is a header template that splits work only where the including code is
     # built with OpenMP; without it every CPU kernel runs on one thread. The link resolves libgomp.so.1 to
     # the copy torch has already loaded, so the process keeps one OpenMP runtime.
-    cxx_flags = ['-O3', '-fopenmp']
-    link_flags = ['-fopenmp']
+    openmp = ['-fopenmp'] if sys.platform.startswith('linux') else []  # where torch ships libgomp
+    cxx_flags = ['-O3'] + openmp
+    link_flags = openmp
     toolkit = None if os.environ.get('RPE_OPS_NO_CUDA') == '1' else find_cuda_toolkit()
     if toolkit is None:
         return cpp_extension.CppExtension('rpe_ops._C', sources, extra_compile_args={'cxx': cxx_flags},
