@@ -10,6 +10,7 @@ The folder is read back through datasets.coco exactly like COCO, so a demo run e
 
 `meta.json` in the folder stores the settings; a folder made with other settings is regenerated.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -138,23 +139,25 @@ def ensure_synthetic_coco(root, num_train=1000, num_val=100, image_size=128, num
                 'objects': [int(v) for v in objects], 'object_size': [float(v) for v in object_size],
                 'seed': int(seed)}
     root = Path(root)
-    meta = root / 'meta.json'
-    if meta.is_file() and json.loads(meta.read_text()) == settings:
-        return root
-    if root.exists() and not meta.is_file() and any(root.iterdir()):
-        raise FileExistsError(f'synthetic_dir {root} is not empty and was not made by this generator (no meta.json); '
-                              f'refusing to overwrite it, choose another --synthetic_dir')
-    # Generate next to the target and move it in place, so an interrupted or concurrent run never leaves a
-    # half-written folder that looks complete.
-    tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_split(tmp, 'train', 0, num_train, settings)
-    write_split(tmp, 'val', 1, num_val, settings)
-    (tmp / 'meta.json').write_text(json.dumps(settings, sort_keys=True))
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process got there first; it used the same settings
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One process at a time makes or checks the folder (e.g. the runs of a parallel sweep): the others
+    # wait here, then find it made. Without this, a later process replaced the folder another was reading.
+    with open(root.with_name(f'{root.name}.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = root / 'meta.json'
+        if meta.is_file() and json.loads(meta.read_text()) == settings:
+            return root
+        if root.exists() and not meta.is_file() and any(root.iterdir()):
+            raise FileExistsError(f'synthetic_dir {root} is not empty and was not made by this generator (no '
+                                  f'meta.json); refusing to overwrite it, choose another --synthetic_dir')
+        # Generate next to the target and move it in place, so that an interrupted run never leaves a
+        # half-written folder that looks complete.
+        tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_split(tmp, 'train', 0, num_train, settings)
+        write_split(tmp, 'val', 1, num_val, settings)
+        (tmp / 'meta.json').write_text(json.dumps(settings, sort_keys=True))
+        shutil.rmtree(root, ignore_errors=True)  # made with other settings
+        os.rename(tmp, root)
     return root

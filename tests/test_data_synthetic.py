@@ -47,6 +47,37 @@ def test_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / 'precious.txt').read_text() == 'keep me'
 
 
+CONCURRENT_READER = """
+import json, sys, time
+from pathlib import Path
+from datasets.synthetic import ensure_synthetic_coco
+root = Path(sys.argv[1])
+settings = json.loads(sys.argv[2])
+settings['objects'], settings['object_size'] = tuple(settings['objects']), tuple(settings['object_size'])
+ensure_synthetic_coco(root, **settings)
+end = time.time() + 3
+while time.time() < end:  # keep reading, as a training run would, while the other processes start
+    for split in ('train', 'val'):
+        data = json.loads((root / 'annotations' / f'instances_{split}2017.json').read_text())
+        assert all((root / f'{split}2017' / im['file_name']).is_file() for im in data['images'])
+"""
+
+
+def test_processes_making_the_same_folder_at_once_never_pull_it_from_under_each_other(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = tmp_path / 'shared'
+    settings = json.dumps({**SMALL, 'num_train': 60})
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, '-c', CONCURRENT_READER, str(root), settings], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert json.loads((root / 'meta.json').read_text())['num_train'] == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['shared', 'shared.lock']  # no stray tmp folders
+
+
 def test_annotations_follow_the_settings(tmp_path):
     settings = {**SMALL, 'num_train': 30}
     root = ensure_synthetic_coco(tmp_path, **settings)
