@@ -81,6 +81,7 @@ inline void write_row(float* out_row, int64_t Lk, Value value) {
   if (j > 0) _mm512_mask_storeu_ps(out_row, first_lanes(j), value(0, first_lanes(j)));
   for (; j + 16 <= Lk; j += 16) _mm512_stream_ps(out_row + j, value(j, static_cast<__mmask16>(0xFFFF)));
   if (j < Lk) _mm512_mask_storeu_ps(out_row + j, first_lanes(Lk - j), value(j, first_lanes(Lk - j)));
+  _mm_sfence();  // streaming stores are weakly ordered: make them visible before any later store
 }
 
 // Offsets t * Lk + j of keys j .. j + 15 in a (Kt, Lk) table, t = their bucket ids.
