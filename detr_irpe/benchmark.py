@@ -24,7 +24,7 @@ import rpe_ops.benchmark
 from detr_irpe.args import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.detr import build_model
-from detr_irpe.irpe import get_bucket_ids_2d, rpe_config_from_string
+from detr_irpe.irpe import build_rpe, rpe_config_from_string
 
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
@@ -32,8 +32,18 @@ IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
 MODELS = {'plain': ('', False), 'irpe_k': (IRPE_K, False), 'irpe_qkv': (IRPE_QKV, False), 'plain_nn_mha': ('', True)}
 FULL = {'images': [(640, 853), (600, 800)], 'attention_map': (25, 38), 'dc5_image': (640, 853),
         'repeats': 5, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 2}
+# the rpe_index timings: bucket ids (as the ratios name them), suffix of 'rpe_index_vs_gather' in the result,
+# and how the table's summary line names them
+OP_CASES = [('irpe ids', '', 'iRPE bucket ids'), ('random ids', '_random_ids', 'random ids')]
 QUICK = {'images': [(320, 427), (300, 400)], 'attention_map': (12, 16), 'dc5_image': (320, 427),
          'repeats': 3, 'attention_repeats': 5, 'op_repeats': 5, 'dc5_steps': 2, 'dc5_rounds': 1}
+
+
+def irpe_k_bucket_ids(height, width):
+    """The bucket ids ((L, L) int32, L = height * width) and their count K that IRPE_K's encoder layers index
+    with on a height x width map: the iRPE-on-keys module's own."""
+    _, rpe_k, _ = build_rpe(rpe_config_from_string(IRPE_K), head_dim=32, num_heads=8)
+    return rpe_k.bucket_ids(height * width, height, width), rpe_k.num_buckets
 
 
 class NNMultiheadAttention(nn.MultiheadAttention):
@@ -199,13 +209,12 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
                                      'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
     if 'op' in parts:
         h, w = FULL['attention_map']
-        ids, num_buckets = get_bucket_ids_2d('product', h, w, ratio=2.0)  # those of IRPE_K: K = 81
+        ids, num_buckets = irpe_k_bucket_ids(h, w)  # K = 81
         ratios['rpe_index'] = {}
-        for kind, index in [('irpe ids', ids), ('random ids', None)]:
+        for kind, suffix, _ in OP_CASES:
             op = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=num_buckets,
-                                             repeats=cfg['op_repeats'], index=index)
-            result['rpe_index_vs_gather' + ('' if index is not None else '_random_ids')] = {
-                'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
+                                             repeats=cfg['op_repeats'], index=ids if kind == 'irpe ids' else None)
+            result['rpe_index_vs_gather' + suffix] = {'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
             ratios['rpe_index'][f'gather / rpe_index (fwd+bwd, {kind})'] = op['speedup']['forward_backward']['gather']
             ratios['rpe_index'][f'gather / rpe_index (fwd, {kind})'] = op['speedup']['forward']['gather']
     if 'dc5' in parts:
@@ -258,9 +267,9 @@ def markdown_table(result):
             lines.append(f'| {label} | ' + ' | '.join(f"{result['model_seconds'][key][n]:.2f}" for n in MODELS) + ' |')
     if 'attention_seconds' in result:
         lines.append('| attention layer fwd+bwd (ms) | ' + ' | '.join(f"{result['attention_seconds'][n] * 1e3:.0f}" for n in MODELS) + ' |')
-    for key, kind in [('rpe_index_vs_gather', 'iRPE bucket ids'), ('rpe_index_vs_gather_random_ids', 'random ids')]:
-        if key in result:
-            t = result[key]['median_seconds']['forward_backward']
+    for _, suffix, kind in OP_CASES:
+        if 'rpe_index_vs_gather' + suffix in result:
+            t = result['rpe_index_vs_gather' + suffix]['median_seconds']['forward_backward']
             lines += ['', f"rpe_index fwd+bwd ({kind}) {t['rpe_index'] * 1e3:.1f} ms, torch.gather "
                           f"{t['gather'] * 1e3:.1f} ms; a fresh (B, H, L, L) tensor written and grad read: "
                           f"{t['memory_floor'] * 1e3:.1f} ms."]

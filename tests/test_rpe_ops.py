@@ -355,10 +355,9 @@ def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
 # --- the CPU loops (AVX-512 and portable) and the CPU output cache ---------------------
 
 def product_bucket_ids(height, width):
-    """Bucket ids of a real iRPE setting: long runs of keys in one bucket, unlike random ids."""
-    from detr_irpe.irpe import get_bucket_ids_2d
-    ids, num_buckets = get_bucket_ids_2d('product', height, width, skip=0, ratio=2.0)  # rpe-2.0-product
-    return ids.to(torch.int32), num_buckets
+    """Bucket ids of a real iRPE setting (rpe-2.0-product): long runs of keys in one bucket, unlike random ids."""
+    from detr_irpe.benchmark import irpe_k_bucket_ids
+    return irpe_k_bucket_ids(height, width)
 
 
 @pytest.fixture(params=['avx512', 'portable'])

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from detr_irpe.checkpoint import save_json
-from detr_irpe.irpe import get_bucket_ids_2d
+from detr_irpe.benchmark import irpe_k_bucket_ids
 from rpe_ops.benchmark import benchmark, benchmark_qk
 
 
@@ -34,10 +34,10 @@ def main():
 
     index = None
     if args.ids == 'product':
-        if (args.length, args.buckets) != (25 * 38, 81):
-            parser.error(f'--ids product is the 25x38 map of rpe-2.0-product: use --length 950 --buckets 81 '
-                         f'(got --length {args.length} --buckets {args.buckets}), or --ids random')
-        index, _ = get_bucket_ids_2d('product', 25, 38, ratio=2.0)
+        index, num_buckets = irpe_k_bucket_ids(25, 38)
+        if (args.length, args.buckets) != (index.shape[0], num_buckets):
+            parser.error(f'--ids product is the 25x38 map of rpe-2.0-product: use --length {index.shape[0]} '
+                         f'--buckets {num_buckets} (got --length {args.length} --buckets {args.buckets}), or --ids random')
     result = benchmark(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype),
                        args.device, args.repeats, index=index)
     result['sizes']['index'] = args.ids
