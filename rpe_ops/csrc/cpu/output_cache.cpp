@@ -40,7 +40,6 @@ class OutputAllocator final : public c10::Allocator {
     const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (limit_ == kUnset) limit_ = limit_from_env();
       // The smallest kept block that fits and is at most twice the request.
       auto best = kept_.end();
       for (auto it = kept_.begin(); it != kept_.end(); ++it)
@@ -73,7 +72,6 @@ class OutputAllocator final : public c10::Allocator {
 
   OutputCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (limit_ == kUnset) limit_ = limit_from_env();
     return {kept_bytes_, kept_.size(), limit_, hits_, misses_};
   }
 
@@ -95,7 +93,6 @@ class OutputAllocator final : public c10::Allocator {
     std::list<Block> dropped;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (limit_ == kUnset) limit_ = limit_from_env();
       if (block->bytes <= limit_) {
         kept_.push_front(*block);
         kept_bytes_ += block->bytes;
@@ -112,18 +109,18 @@ class OutputAllocator final : public c10::Allocator {
   }
 
  public:
-  // Never destroyed: tensors may be freed during interpreter shutdown.
+  // Made at the first use (reading RPE_OPS_CPU_CACHE_MB then; a bad value throws, and the next use tries
+  // again), never destroyed: tensors may be freed during interpreter shutdown.
   static OutputAllocator& instance() {
     static OutputAllocator* allocator = new OutputAllocator();
     return *allocator;
   }
 
  private:
-  static constexpr size_t kUnset = ~size_t(0);
   std::mutex mutex_;
   std::list<Block> kept_;
   size_t kept_bytes_ = 0;
-  size_t limit_ = kUnset;
+  const size_t limit_ = limit_from_env();
   size_t hits_ = 0, misses_ = 0;
 };
 

@@ -12,7 +12,7 @@
 //     and handed out again to a request of at least half their size, as the
 //     next encoder layer or training step asks for the same shape again.
 // The limit is RPE_OPS_CPU_CACHE_MB (default 1024; 0 keeps nothing) read at
-// the first allocation; rpe_ops.empty_cache() returns the kept blocks to the OS.
+// the first use; rpe_ops.empty_cache() returns the kept blocks to the OS.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -88,11 +88,6 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
   return out;
 }
 
-// Neighbouring keys often share a bucket (all far keys fall in the clipped
-// bucket), which would chain every add on the one before it through memory;
-// kLanes interleaved copies of the buckets let consecutive adds run in parallel.
-constexpr int64_t kLanes = 4;
-
 // The element type the AVX-512 loops read for a tensor's scalar_t (same bits).
 template <typename scalar_t>
 using simd_t = std::conditional_t<std::is_same_v<scalar_t, float>, float,
@@ -201,6 +196,11 @@ bool avx512_reduce(const at::Tensor& values) {
   return avx512::enabled() && values.size(0) * values.size(1) >= 2 &&
          (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
 }
+
+// Neighbouring keys often share a bucket (all far keys fall in the clipped
+// bucket), which would chain every add on the one before it through memory;
+// kLanes interleaved copies of the buckets let consecutive adds run in parallel.
+constexpr int64_t kLanes = 4;
 
 at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
   check_rows_and_index(values_, index_, "rpe_reduce");
