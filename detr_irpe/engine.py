@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from detr_irpe import distributed
 from detr_irpe.irpe import rpe_parameters
+from detr_irpe.precision import choose_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -17,20 +18,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_optimizer(model, args):
-    """AdamW with three groups: the backbone (--lr_backbone), the iRPE tables (no weight decay), the rest."""
-    backbone, tables, rest = [], [], []
+    """AdamW with the published main.py's two groups: the backbone (--lr_backbone) and everything else,
+    iRPE tables included, all with --weight_decay. --rpe_weight_decay different from --weight_decay (0: the
+    paper's appendix) puts the tables in a third group of their own."""
     table_ids = {id(p) for p in rpe_parameters(model)}
+    rpe_decay = args.weight_decay if getattr(args, 'rpe_weight_decay', None) is None else args.rpe_weight_decay
+    own_group = rpe_decay != args.weight_decay
+    backbone, tables, rest = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in table_ids:
+        if own_group and id(p) in table_ids:
             tables.append(p)
         elif name.startswith('backbone.') or '.backbone.' in name:
             backbone.append(p)
         else:
             rest.append(p)
     groups = [{'params': rest}, {'params': backbone, 'lr': args.lr_backbone},
-              {'params': tables, 'weight_decay': 0.0}]
+              {'params': tables, 'weight_decay': rpe_decay}]
     return torch.optim.AdamW([g for g in groups if g['params']], lr=args.lr, weight_decay=args.weight_decay)
 
 
@@ -94,12 +99,20 @@ class ResumableSampler(Sampler):
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, device, epoch, args, start_step=0,
-                    on_step=None):
+                    on_step=None, precision=None, scaler=None):
     """One epoch from batch `start_step`. on_step(step) is called after each optimizer step (for periodic
-    checkpoints). Returns averaged losses. Raises NonFiniteLossError naming epoch and step."""
+    checkpoints). Returns averaged losses. Raises NonFiniteLossError naming epoch and step.
+
+    precision: a detr_irpe.precision.Precision (default: what --amp means on `device`); scaler: its
+    grad_scaler(), kept by the caller across epochs and in checkpoints (default: a fresh one). A step the
+    scaler skips for inf/nan gradients is not an error: the scale halves and training goes on."""
+    if precision is None:
+        precision = choose_precision(device, getattr(args, 'amp', False))
+    if scaler is None:
+        scaler = precision.grad_scaler()
     model.train()
     criterion.train()
-    sums, count = {}, 0
+    sums, count, skipped = {}, 0, 0
     steps = start_step + len(data_loader)
     bar = tqdm(data_loader, total=len(data_loader), initial=0, desc=f'epoch {epoch}', dynamic_ncols=True,
                disable=not distributed.is_main_process(), mininterval=2.0)
@@ -113,8 +126,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             g['lr'] = lr * factor
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=torch.device(device).type, enabled=getattr(args, 'amp', False),
-                            dtype=torch.float16 if torch.device(device).type == 'cuda' else torch.bfloat16):
+        with precision.autocast():
             outputs = model(images)
         outputs = {k: _float(v) for k, v in outputs.items()}
         # Checked before matching too: the Hungarian matcher cannot take non-finite costs.
@@ -126,10 +138,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; the '
                                      'last good checkpoint was kept. Lower --lr or check the data of this step.')
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if args.clip_max_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-        optimizer.step()
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan (float16 only)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:  # the scale drops exactly when the step was skipped
+            skipped += 1
 
         # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
         logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items()
@@ -144,6 +161,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     for g, lr in zip(optimizer.param_groups, base_lrs):
         g['lr'] = lr
     averages = {k: v / max(count, 1) for k, v in sums.items()}
+    if scaler.is_enabled():
+        averages['skipped_steps'] = skipped  # the same on every process: the scaler sees the reduced gradients
     return distributed.all_reduce_mean(averages)
 
 

@@ -14,6 +14,11 @@ from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.irpe import rpe_parameters
 
 
+# How the iRPE lookup tables start: 'xavier' as every other transformer matrix (the published code),
+# 'zero' (the paper's appendix).
+RPE_INITS = ('xavier', 'zero')
+
+
 def with_pos(x, pos):
     return x if pos is None else x + pos
 
@@ -110,17 +115,23 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, normalize_before=False, rpe_config=None):
+                 dropout=0.1, normalize_before=False, rpe_config=None, rpe_init='xavier'):
         super().__init__()
+        if rpe_init not in RPE_INITS:
+            raise ValueError(f'rpe_init {rpe_init!r} is not one of {list(RPE_INITS)}: --rpe_init xavier (the '
+                             "published code's recipe) or zero (the paper's appendix).")
         enc = EncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before, rpe_config)
         self.encoder = Encoder(enc, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None)
         dec = DecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.decoder = Decoder(dec, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model, self.nhead = d_model, nhead
-        tables = {id(p) for p in rpe_parameters(self)}
+        # DETR's init: xavier_uniform_ on every parameter of more than one dimension, in registration order.
+        # The published iRPE code's tables live inside each encoder layer's self_attn (after in_proj_weight
+        # and out_proj), so they are among them, and the random stream of every later parameter depends on
+        # it. rpe_init='zero' leaves them at zero (the paper's appendix: the model starts as plain DETR).
+        kept_at_zero = {id(p) for p in rpe_parameters(self)} if rpe_init == 'zero' else set()
         for p in self.parameters():
-            # iRPE tables start at zero (the model starts as plain DETR); the rest as in DETR.
-            if p.dim() > 1 and id(p) not in tables:
+            if p.dim() > 1 and id(p) not in kept_at_zero:
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src, mask, query_embed, pos):
@@ -141,4 +152,5 @@ class Transformer(nn.Module):
 def build_transformer(args, rpe_config=None):
     return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-                       dropout=args.dropout, normalize_before=args.pre_norm, rpe_config=rpe_config)
+                       dropout=args.dropout, normalize_before=args.pre_norm, rpe_config=rpe_config,
+                       rpe_init=getattr(args, 'rpe_init', 'xavier'))

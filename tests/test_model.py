@@ -86,12 +86,12 @@ def test_every_enc_rpe2d_setting_trains_on_two_image_sizes(rpe):
     assert torch.isfinite(loss)
     tables = [(n, p) for n, p in model.named_parameters() if 'lookup_table' in n]
     assert tables and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in tables)
-    # Tables start at zero; their gradient is not zero once the loss depends on them.
+    # Their gradient is not zero once the loss depends on them.
     assert any(p.grad.abs().sum() > 0 for _, p in tables)
 
 
-def test_irpe_tables_of_a_new_model_are_zero_so_it_starts_as_plain_detr():
-    model = build_model(parse(TINY + ['--enc_rpe2d', 'rpe-2.0-cross-ctx-0-qkv']))[0]
+def test_irpe_tables_of_a_new_model_with_rpe_init_zero_are_zero_so_it_starts_as_plain_detr():
+    model = build_model(parse(TINY + ['--enc_rpe2d', 'rpe-2.0-cross-ctx-0-qkv', '--rpe_init', 'zero']))[0]
     tables = {n: p for n, p in model.named_parameters() if 'lookup_table' in n}
     assert len(tables) == 6 and all(torch.count_nonzero(p) == 0 for p in tables.values())
     others = [p for n, p in model.named_parameters() if n.startswith('transformer.') and p.dim() > 1 and n not in tables]

@@ -140,8 +140,9 @@ def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index
     assert torch.equal(a, b) and not torch.equal(a, ds[2])
 
 
-def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables():
-    args = get_args_parser().parse_args(TINY + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-qk', '--lr_backbone', '1e-5'])
+def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables_with_rpe_weight_decay_0():
+    args = get_args_parser().parse_args(TINY + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-qk', '--lr_backbone', '1e-5',
+                                                '--rpe_weight_decay', '0'])
     model = build_model(args)[0]
     optimizer = engine.build_optimizer(model, args)
     names = {id(p): n for n, p in model.named_parameters()}
