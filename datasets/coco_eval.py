@@ -1,25 +1,51 @@
-"""COCO bbox evaluation with pycocotools' COCOeval.
+"""COCO bbox evaluation: faster-coco-eval's C++ COCOeval where it is installed, pycocotools' COCOeval
+(the reference implementation) otherwise or when asked; both give the same 12 stats and per-category AP.
 
 Only the images passed to `update` are evaluated (all ground-truth images if `update` was never called).
 Categories are the ground truth's; predicted labels are COCO category ids.
 """
 import contextlib
 import copy
+import importlib.util
 import io
 
 import torch
-import torch.distributed as dist
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from detr_irpe import distributed
 from detr_irpe.postprocess import coco_results
 
+BACKENDS = ('faster_coco_eval', 'pycocotools')
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
               'AR1', 'AR10', 'AR100', 'AR_small', 'AR_medium', 'AR_large')
+# The 12 lines of COCOeval.summarize() for bbox: (AP or AR, IoU, area, max detections).
+_TABLE = [(1, None, 'all', 100), (1, .5, 'all', 100), (1, .75, 'all', 100), (1, None, 'small', 100),
+          (1, None, 'medium', 100), (1, None, 'large', 100), (0, None, 'all', 1), (0, None, 'all', 10),
+          (0, None, 'all', 100), (0, None, 'small', 100), (0, None, 'medium', 100), (0, None, 'large', 100)]
+
+
+def default_backend():
+    """'faster_coco_eval' where the package is installed (about 7x faster on val2017), else 'pycocotools'."""
+    return 'faster_coco_eval' if importlib.util.find_spec('faster_coco_eval') else 'pycocotools'
+
+
+def resolve_backend(backend=None):
+    """The backend to use: `backend` (one of BACKENDS) if it is installed, default_backend() for None.
+    Tools call it at start-up, so a missing package stops a run before training, not after an epoch."""
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f'--eval_backend {backend!r} is not one of {", ".join(BACKENDS)}.')
+    if importlib.util.find_spec(backend) is None:
+        package = backend.replace('_', '-')
+        raise ValueError(f'--eval_backend {backend}: the package {package} is not installed; install it '
+                         f'(pip install {package}; `make setup` installs the pinned version) or pass '
+                         f'--eval_backend {"pycocotools" if backend != "pycocotools" else "faster_coco_eval"}.')
+    return backend
 
 
 class CocoEvaluator:
-    def __init__(self, coco_gt):
+    def __init__(self, coco_gt, backend=None):
+        """coco_gt: a pycocotools COCO (the dataset's); backend: one of BACKENDS, None for default_backend()."""
+        self.backend = resolve_backend(backend)
         self.coco_gt = copy.deepcopy(coco_gt)
         self.img_ids = []
         self._results = []
@@ -35,11 +61,10 @@ class CocoEvaluator:
             self._results += coco_results(image_id, detections, rounded=False)
 
     def synchronize_between_processes(self):
-        """Gather the predictions of all ranks (no-op without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.img_ids, self._results))
+        """Gather the predictions of all processes to the main process, which alone runs COCOeval (no-op
+        without torch.distributed). The other processes are left with none."""
+        gathered = distributed.gather_to_main((self.img_ids, self._results))
+        gathered = gathered or []
         self.img_ids = [i for ids, _ in gathered for i in ids]
         self._results = [r for _, results in gathered for r in results]
 
@@ -50,22 +75,15 @@ class CocoEvaluator:
     def summarize(self):
         """Run COCOeval, print the 12-line COCO table and per-category AP.
         Returns {'bbox': [12 floats, -1 where undefined], 'per_category_ap': {category name: AP or -1}}."""
-        if self._results:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt = self.coco_gt.loadRes(copy.deepcopy(self._results))  # loadRes adds keys in place
-        else:  # loadRes cannot take an empty list
-            coco_dt = COCO()
-            coco_dt.dataset = {'images': self.coco_gt.dataset['images'], 'annotations': [],
-                               'categories': copy.deepcopy(self.coco_gt.dataset.get('categories', []))}
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt.createIndex()
-        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType='bbox')
-        coco_eval.params.imgIds = sorted(set(self.img_ids)) or sorted(self.coco_gt.getImgIds())
+        img_ids = sorted(set(self.img_ids)) or sorted(self.coco_gt.getImgIds())
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-        coco_eval.summarize()
+            coco_eval = (self._faster_coco_eval if self.backend == 'faster_coco_eval' else self._pycocotools)(img_ids)
         self.coco_eval = coco_eval
+        stats = [float(s) for s in coco_eval.stats[:12]]
+        for (ap, iou, area, max_dets), value in zip(_TABLE, stats):
+            title, kind = ('Average Precision', '(AP)') if ap else ('Average Recall', '(AR)')
+            iou_text = '0.50:0.95' if iou is None else f'{iou:0.2f}'
+            print(f' {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {value:0.3f}')
 
         # precision: (iou thresholds, recall thresholds, categories, area ranges, max dets); -1 = no ground truth
         precision = coco_eval.eval['precision']
@@ -77,4 +95,33 @@ class CocoEvaluator:
         print(f'{"category":<{width}}  AP@[.5:.95]')
         for name, ap in per_category_ap.items():
             print(f'{name:<{width}}  {ap:.3f}')
-        return {'bbox': [float(s) for s in coco_eval.stats], 'per_category_ap': per_category_ap}
+        return {'bbox': stats, 'per_category_ap': per_category_ap}
+
+    def _pycocotools(self, img_ids):
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        if self._results:
+            coco_dt = self.coco_gt.loadRes(copy.deepcopy(self._results))  # loadRes adds keys in place
+        else:  # pycocotools' loadRes cannot take an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {'images': self.coco_gt.dataset['images'], 'annotations': [],
+                               'categories': copy.deepcopy(self.coco_gt.dataset.get('categories', []))}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType='bbox')
+        coco_eval.params.imgIds = img_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        return coco_eval
+
+    def _faster_coco_eval(self, img_ids):
+        from faster_coco_eval import COCO, COCOeval_faster
+        quiet = dict(print_function=lambda *args, **kwargs: None)
+        coco_gt = COCO(copy.deepcopy(self.coco_gt.dataset), **quiet)
+        coco_dt = coco_gt.loadRes(copy.deepcopy(self._results))
+        coco_eval = COCOeval_faster(coco_gt, coco_dt, iouType='bbox', **quiet)
+        coco_eval.params.imgIds = img_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        return coco_eval

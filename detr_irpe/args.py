@@ -223,6 +223,9 @@ def get_args_parser(add_help=True):
     p.add_argument('--checkpoint_every', default=0, type=int_range(0),
                    help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
     p.add_argument('--eval_every', default=1, type=int_range(1), help='evaluate on val every N epochs')
+    p.add_argument('--eval_backend', default=None, choices=['faster_coco_eval', 'pycocotools'],
+                   help="COCOeval implementation (default: faster_coco_eval where installed, else pycocotools); "
+                        "both give the same stats")
     p.add_argument('--amp', action='store_true',
                    help='autocast to what the device computes natively (detr_irpe/precision.py): bfloat16 on GPUs '
                         'that have it, float16 with a gradient scaler on older GPUs, bfloat16 on CPUs with '

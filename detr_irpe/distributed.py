@@ -35,11 +35,30 @@ def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def process_device():
+    """The device the tensors of a collective must be on: this process's CUDA device under nccl (which
+    takes nothing else; init_distributed made it the current device), the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
 def all_reduce_mean(values):
-    """Average a dict of floats over processes (for logging)."""
-    if get_world_size() == 1:
+    """Average a dict of floats over processes (for logging). The same keys on every process."""
+    if not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=process_device())
     dist.all_reduce(t)
     return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def gather_to_main(obj):
+    """[obj of process 0, obj of process 1, ...] on the main process, None on the others: what only the
+    main process uses (detections for COCOeval) is sent there alone, not to every process. Pickled into
+    tensors on process_device() by torch (its current CUDA device under nccl)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered

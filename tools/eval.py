@@ -35,13 +35,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if not args.resume:
         parser.error('--resume CHECKPOINT is required: the .pth file to evaluate')
+    args.eval_backend = datasets.coco_eval.resolve_backend(args.eval_backend)
     model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     device = torch.device(args.device)
     model.to(device)
     dataset = datasets.build_dataset('val', args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers)
-    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset))
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device)
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
     save_json({**summary, 'checkpoint': os.path.abspath(args.resume)}, os.path.join(output_dir, 'eval.json'))

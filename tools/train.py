@@ -48,8 +48,8 @@ def make_loaders(args, dataset_train, dataset_val):
     return train_set, sampler, train_loader, val_loader
 
 
-def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch):
-    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val))
+def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch, backend=None):
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val), backend=backend)
     summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device)
     if summary is not None and output_dir:
         save_json({**summary, 'epoch': epoch}, os.path.join(output_dir, 'eval.json'))
@@ -59,6 +59,7 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
 def main(args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    args.eval_backend = datasets.coco_eval.resolve_backend(args.eval_backend)
     distributed.init_distributed(args)
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
@@ -95,7 +96,8 @@ def main(args):
         print(f'resumed from {args.resume}: epoch {start_epoch}, step {start_step}')
 
     if args.eval:
-        run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1)
+        run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
+                 args.eval_backend)
         return
 
     writer = make_writer(args)
@@ -126,7 +128,8 @@ def main(args):
         log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                'time': round(time.time() - started, 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch)
+            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch,
+                               args.eval_backend)
             if summary is not None:
                 log['test_coco_eval_bbox'] = summary['bbox']
         if distributed.is_main_process():
