@@ -198,6 +198,10 @@ def get_args_parser(add_help=True):
     p.add_argument('--enc_rpe2d', default='', type=enc_rpe2d_flag,
                    help=f"iRPE in encoder self-attention: {RPE_STRING_FORMAT}, e.g. 'rpe-2.0-product-ctx-1-k'; "
                         "empty for none")
+    p.add_argument('--attention_impl', default='auto', choices=['auto', 'sdpa', 'flex'],
+                   help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE on "
+                        "values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
+                        "'auto' flex on CUDA where it applies, sdpa otherwise")
     p.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
                    help='classes + 1 (largest category id + 1); default 91 for coco, the dataset\'s own otherwise')
 

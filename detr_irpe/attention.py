@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detr_irpe.flex import check_attention_impl, flex_irpe_attention, use_flex
 from detr_irpe.irpe import build_rpe, query_key_terms
 
 
@@ -17,10 +18,11 @@ class RPEMultiheadAttention(nn.Module):
     out = softmax(logits) v + rpe_v(softmax(logits)).
     Where no attention weights are needed (no iRPE on values, need_weights=False) this runs
     F.scaled_dot_product_attention with the iRPE terms as its additive float mask; otherwise the
-    explicit softmax. Both give the same numbers.
+    explicit softmax. Both give the same numbers. attention_impl 'flex' (or 'auto' on CUDA) runs those
+    cases through flex_attention with the iRPE terms inside the kernel instead (detr_irpe.flex.use_flex).
     """
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, rpe_config=None):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, rpe_config=None, attention_impl='auto'):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}: '
@@ -33,6 +35,8 @@ class RPEMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
+        check_attention_impl(attention_impl, self.rpe_v)
+        self.attention_impl = attention_impl  # 'auto', 'sdpa' or 'flex': see detr_irpe.flex.use_flex
 
     def forward(self, query, key, value, key_padding_mask=None, height=None, width=None, need_weights=False):
         """query, key, value: (L, B, E) sequence-first, as in DETR; key_padding_mask: (B, L), True on padding.
@@ -42,10 +46,14 @@ class RPEMultiheadAttention(nn.Module):
         """
         B, E = query.shape[1], self.embed_dim
         q, k, v = self.project(query, key, value)
+        dropout_p = self.dropout if self.training else 0.0
+        if use_flex(self.attention_impl, q, self.rpe_q, self.rpe_k, self.rpe_v, need_weights, dropout_p):
+            # The iRPE terms inside one flex_attention kernel (detr_irpe.flex), no (B, H, L, L) tensor.
+            out = flex_irpe_attention(q, k, v, self.rpe_q, self.rpe_k, key_padding_mask, height, width)
+            return self.out_proj(out.permute(2, 0, 1, 3).reshape(-1, B, E)), None
         scale = self.head_dim ** -0.5
         bias = self.logits_bias(q, k * scale, key_padding_mask, height, width)
 
-        dropout_p = self.dropout if self.training else 0.0
         weights = None
         # SDPA fuses softmax and its mask where it can; on CPU it has no fused kernel with dropout, and its
         # fallback is slower than the explicit softmax below.

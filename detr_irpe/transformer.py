@@ -24,9 +24,11 @@ def with_pos(x, pos):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, normalize_before=False, rpe_config=None):
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, normalize_before=False, rpe_config=None,
+                 attention_impl='auto'):
         super().__init__()
-        self.self_attn = RPEMultiheadAttention(d_model, nhead, dropout=dropout, rpe_config=rpe_config)
+        self.self_attn = RPEMultiheadAttention(d_model, nhead, dropout=dropout, rpe_config=rpe_config,
+                                               attention_impl=attention_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -115,12 +117,12 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, normalize_before=False, rpe_config=None, rpe_init='xavier'):
+                 dropout=0.1, normalize_before=False, rpe_config=None, rpe_init='xavier', attention_impl='auto'):
         super().__init__()
         if rpe_init not in RPE_INITS:
             raise ValueError(f'rpe_init {rpe_init!r} is not one of {list(RPE_INITS)}: --rpe_init xavier (the '
                              "published code's recipe) or zero (the paper's appendix).")
-        enc = EncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before, rpe_config)
+        enc = EncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before, rpe_config, attention_impl)
         self.encoder = Encoder(enc, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None)
         dec = DecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.decoder = Decoder(dec, num_decoder_layers, nn.LayerNorm(d_model))
@@ -153,4 +155,5 @@ def build_transformer(args, rpe_config=None):
     return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                        dropout=args.dropout, normalize_before=args.pre_norm, rpe_config=rpe_config,
-                       rpe_init=getattr(args, 'rpe_init', 'xavier'))
+                       rpe_init=getattr(args, 'rpe_init', 'xavier'),
+                       attention_impl=getattr(args, 'attention_impl', 'auto'))
