@@ -19,12 +19,15 @@ fused ops make each of those passes over (B, H, Lq, Lk) once:
         out = rpe_reduce(values, index, K)
         out_t[b, h, j, t] = sum_i values[b, h, i, j] [index_t[i, j] = t]
 
-On CPU, the ops run AVX-512 loops where the processor has them (portable
-loops otherwise; `build_info()['cpu_simd']`): all four for float32, the two
-reductions also for bfloat16 and float16, and outputs of 2 MiB or more come
-from a cache of huge-page blocks that keeps freed outputs for the next call of
-the same size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the
-most it keeps, default 1024; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
+On CPU, each op runs portable loops or, where the processor has AVX-512, AVX-512
+loops (all four ops for float32, the two reductions also for bfloat16 and
+float16; rpe_index and rpe_index_qk with plain or streaming stores): whichever
+was fastest when timed on the op's first call in the process, unless
+RPE_OPS_CPU_LOOPS or `set_cpu_loops` forces a set; `build_info()['cpu_loops']`
+says which and why (csrc/cpu/loops.h). Outputs of 2 MiB or more come from a
+cache of huge-page blocks that keeps freed outputs for the next call of the
+same size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the most
+it keeps, default 1024; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
 
 Each op is the other's backward (rpe_index / rpe_reduce, rpe_index_qk /
 rpe_reduce_qk), and all are torch custom ops (schema in
@@ -45,16 +48,20 @@ except ImportError as error:  # not built: fall back to the reference path
 
 __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'reference_rpe_index',
            'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info',
-           'cache_info', 'empty_cache']
+           'cache_info', 'empty_cache', 'set_cpu_loops']
+
+CPU_LOOPS = ('auto', 'portable', 'avx512', 'avx512_stream')
 
 
 def build_info():
-    """Which compiled kernels this install has: {'cpu': bool, 'cuda': bool, 'cpu_simd': {'available': bool,
-    'enabled': bool} (the AVX-512 loops), ...}."""
+    """Which compiled kernels this install has and which CPU loops run: {'cpu': bool, 'cuda': bool,
+    'cpu_loops': {'setting': 'auto' or a forced set, 'set_by': 'default' | 'RPE_OPS_CPU_LOOPS' | 'set_cpu_loops',
+    'candidates': the loops this CPU can run, 'ops': {'rpe_index': {'loops': the chosen set (None before the
+    op's first call), 'reason': why, 'milliseconds': {set: time on the measured problem}}, ...}}, ...}."""
     return {
         'cpu': _C is not None,
         'cuda': _C is not None and _C.compiled_with_cuda(),
-        'cpu_simd': _C.cpu_simd() if _C is not None else {'available': False, 'enabled': False},
+        'cpu_loops': _C.cpu_loops() if _C is not None else None,
         'torch': torch.__version__,
         'import_error': None if _IMPORT_ERROR is None else str(_IMPORT_ERROR),
     }
@@ -66,6 +73,19 @@ def cache_info():
     if _C is None:
         return dict.fromkeys(('cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'), 0)
     return _C.cpu_cache_stats()
+
+
+def set_cpu_loops(loops):
+    """Force the CPU loops of every op for this process: 'portable', 'avx512' (plain stores) or
+    'avx512_stream' (rpe_index / rpe_index_qk write with streaming stores; the reductions run 'avx512'),
+    or 'auto' to go back to the fastest as timed at each op's first call. Returns the previous setting.
+    The RPE_OPS_CPU_LOOPS environment variable sets the same at start-up."""
+    if loops not in CPU_LOOPS:
+        raise ValueError(f'rpe_ops.set_cpu_loops: expected one of {", ".join(CPU_LOOPS)}, got {loops!r}')
+    if _C is None:
+        raise RuntimeError(f'rpe_ops.set_cpu_loops: the compiled extension is not available ({_IMPORT_ERROR}); '
+                           f'build it with `pip install --no-build-isolation -e .`')
+    return _C.set_cpu_loops(loops)
 
 
 def empty_cache():

@@ -360,16 +360,17 @@ def product_bucket_ids(height, width):
     return irpe_k_bucket_ids(height, width)
 
 
-@pytest.fixture(params=['avx512', 'portable'])
+CPU_LOOP_SETS = ['portable', 'avx512', 'avx512_stream']
+
+
+@pytest.fixture(params=CPU_LOOP_SETS)
 def cpu_loops(request):
-    """Run a test once on each set of CPU loops."""
-    simd = request.param == 'avx512'
-    if simd and not rpe_ops.build_info()['cpu_simd']['available']:
-        pytest.skip('this CPU has no AVX-512; the portable loops are the only ones it runs')
-    before = rpe_ops._C._set_cpu_simd(simd)
-    assert rpe_ops.build_info()['cpu_simd']['enabled'] == simd
+    """Run a test once on each set of CPU loops, forced for every op."""
+    if request.param not in rpe_ops.build_info()['cpu_loops']['candidates']:
+        pytest.skip(f'this CPU has no AVX-512: it runs only the portable loops, not {request.param}')
+    before = rpe_ops.set_cpu_loops(request.param)
     yield request.param
-    rpe_ops._C._set_cpu_simd(before)
+    rpe_ops.set_cpu_loops(before)
 
 
 # (B, H, Lq, Lk): B*H below, at and past the 16 rows summed together, Lk with and without a tail of
@@ -400,6 +401,16 @@ def test_cpu_loops_agree_with_definitions(cpu_loops, size, ids, dtype):
 
 
 @compiled
+def test_forced_loops_are_the_ones_reported_for_every_op(cpu_loops):
+    info = rpe_ops.build_info()['cpu_loops']
+    assert info['setting'] == cpu_loops and info['set_by'] == 'set_cpu_loops'
+    for op, choice in info['ops'].items():
+        # the reductions write no large output: they have no streaming variant
+        want = 'avx512' if cpu_loops == 'avx512_stream' and 'reduce' in op else cpu_loops
+        assert choice['loops'] == want and choice['reason'].startswith('forced by rpe_ops.set_cpu_loops'), (op, choice)
+
+
+@compiled
 def test_cpu_float32_loops_agree_on_real_bucket_ids_at_encoder_size(cpu_loops):
     index, K = product_bucket_ids(25, 38)
     x, v = tensor((2, 8, 950, K), torch.float32), tensor((2, 8, 950, 950), torch.float32, seed=2)
@@ -411,7 +422,7 @@ def test_cpu_float32_loops_agree_on_real_bucket_ids_at_encoder_size(cpu_loops):
 
 
 @compiled
-def test_large_outputs_come_back_from_the_cache_fully_overwritten():
+def test_large_outputs_come_back_from_the_cache_fully_overwritten(cpu_loops):
     index, K = product_bucket_ids(16, 16)
     x = [tensor((2, 8, 256, K), torch.float32, seed=s) for s in (1, 2)]  # outputs of 4 MiB
     rpe_ops.empty_cache()
@@ -451,3 +462,67 @@ def test_cache_limit_comes_from_the_environment(setting, check):
         assert "got 'lots'" in run.stderr
     else:
         assert run.returncode == 0, run.stderr
+
+
+def run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+USE_EVERY_OP = ('import json, torch, rpe_ops\n'
+                'x, v, i = torch.ones(2, 8, 40, 5), torch.ones(2, 8, 40, 40), torch.zeros(40, 40, dtype=torch.int32)\n'
+                'rpe_ops.rpe_index(x, i); rpe_ops.rpe_reduce(v, i, 5)\n'
+                'rpe_ops.rpe_index_qk(x, i, x, i); rpe_ops.rpe_reduce_qk(v, i, 5, i, 5)\n'
+                "print(json.dumps(rpe_ops.build_info()['cpu_loops']))\n")
+
+
+@compiled
+def test_auto_loops_are_the_fastest_measured_or_a_simpler_one_within_five_percent():
+    """Chosen at each op's first call: the reported times decide it (a more complex set must win by 5%)."""
+    import json
+    run = run_python(USE_EVERY_OP, RPE_OPS_CPU_LOOPS='auto')
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info['setting'] == 'auto' and info['set_by'] == 'RPE_OPS_CPU_LOOPS'
+    for op, choice in info['ops'].items():
+        sets = [s for s in info['candidates'] if not ('reduce' in op and s == 'avx512_stream')]
+        if len(sets) == 1:  # no AVX-512: nothing to time
+            assert choice['loops'] == 'portable' and choice['milliseconds'] == {}, (op, choice)
+            continue
+        ms = choice['milliseconds']
+        assert list(ms) == sets and all(t > 0 for t in ms.values()), (op, choice)
+        best = sets[0]
+        for s in sets[1:]:
+            if ms[s] < 0.95 * ms[best]:
+                best = s
+        assert choice['loops'] == best and choice['reason'].startswith('fastest when timed'), (op, choice)
+
+
+@compiled
+@pytest.mark.parametrize('setting', ['portable', 'vectorized'])
+def test_loops_from_the_environment_are_checked_and_reported(setting):
+    import json
+    run = run_python(USE_EVERY_OP, RPE_OPS_CPU_LOOPS=setting)
+    if setting == 'vectorized':
+        assert run.returncode != 0
+        assert ("RPE_OPS_CPU_LOOPS must be one of auto, portable, avx512, avx512_stream, got 'vectorized'"
+                in run.stderr), run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info['setting'] == 'portable' and info['set_by'] == 'RPE_OPS_CPU_LOOPS'
+    assert all(c['loops'] == 'portable' and c['reason'] == 'forced by RPE_OPS_CPU_LOOPS=portable'
+               for c in info['ops'].values()), info
+
+
+@compiled
+def test_set_cpu_loops_says_what_it_takes():
+    with pytest.raises(ValueError, match=r"expected one of auto, portable, avx512, avx512_stream, got 'sse'"):
+        rpe_ops.set_cpu_loops('sse')
+    if 'avx512' not in rpe_ops.build_info()['cpu_loops']['candidates']:
+        with pytest.raises(ValueError, match=r'this CPU has no AVX-512 .* use .portable. or .auto.'):
+            rpe_ops.set_cpu_loops('avx512')
+    before = rpe_ops.set_cpu_loops('portable')
+    assert rpe_ops.set_cpu_loops(before) == 'portable'

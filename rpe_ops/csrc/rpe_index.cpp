@@ -2,9 +2,13 @@
 // cpu/rpe_index_kernel.cpp and cuda/rpe_index_kernel.cu; autograd and the fake
 // (meta) kernels are registered from Python in rpe_ops/__init__.py.
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include "cpu/avx512.h"
+#include <exception>
+#include <string>
+
+#include "cpu/loops.h"
 #include "cpu/output_cache.h"
 
 TORCH_LIBRARY(rpe_ops, m) {
@@ -36,17 +40,53 @@ PyObject* compiled_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
-PyObject* cpu_simd(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:O,s:O}", "available", rpe_ops::avx512::available() ? Py_True : Py_False, "enabled",
-                       rpe_ops::avx512::enabled() ? Py_True : Py_False);
+// A C++ exception as a Python one: ValueError for a bad setting, RuntimeError otherwise.
+PyObject* raise(const std::exception& error) {
+  PyErr_SetString(dynamic_cast<const c10::ValueError*>(&error) ? PyExc_ValueError : PyExc_RuntimeError,
+                  dynamic_cast<const c10::Error*>(&error) ? static_cast<const c10::Error&>(error).what_without_backtrace()
+                                                          : error.what());
+  return nullptr;
 }
 
-PyObject* set_cpu_simd(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  const bool was = rpe_ops::avx512::enabled();
-  rpe_ops::avx512::set_enabled(on != 0);
-  return PyBool_FromLong(was);
+// {'setting', 'set_by', 'candidates': [...], 'ops': {op: {'loops', 'reason', 'milliseconds': {loops: ms}}}}
+PyObject* cpu_loops(PyObject*, PyObject*) {
+  rpe_ops::LoopsReport report;
+  try {
+    report = rpe_ops::loops_report();
+  } catch (const std::exception& error) {
+    return raise(error);
+  }
+  PyObject* candidates = PyList_New(0);
+  for (const std::string& c : report.candidates) {
+    PyObject* name = PyUnicode_FromString(c.c_str());
+    PyList_Append(candidates, name);
+    Py_DECREF(name);
+  }
+  PyObject* ops = PyDict_New();
+  for (const auto& choice : report.ops) {
+    PyObject* ms = PyDict_New();
+    for (const auto& [loops, milliseconds] : choice.milliseconds) {
+      PyObject* value = PyFloat_FromDouble(milliseconds);
+      PyDict_SetItemString(ms, loops.c_str(), value);
+      Py_DECREF(value);
+    }
+    PyObject* loops = choice.loops.empty() ? (Py_INCREF(Py_None), Py_None) : PyUnicode_FromString(choice.loops.c_str());
+    PyObject* entry = Py_BuildValue("{s:N,s:s,s:N}", "loops", loops, "reason", choice.reason.c_str(), "milliseconds", ms);
+    PyDict_SetItemString(ops, choice.op.c_str(), entry);
+    Py_DECREF(entry);
+  }
+  return Py_BuildValue("{s:s,s:s,s:N,s:N}", "setting", report.setting.c_str(), "set_by", report.set_by.c_str(),
+                       "candidates", candidates, "ops", ops);
+}
+
+PyObject* set_cpu_loops(PyObject*, PyObject* arg) {
+  const char* setting = PyUnicode_AsUTF8(arg);
+  if (setting == nullptr) return nullptr;
+  try {
+    return PyUnicode_FromString(rpe_ops::set_loops(setting).c_str());
+  } catch (const std::exception& error) {
+    return raise(error);
+  }
 }
 
 PyObject* cpu_cache_stats(PyObject*, PyObject*) {
@@ -65,9 +105,9 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS,
      "True if the CUDA kernels were compiled into this build."},
-    {"cpu_simd", cpu_simd, METH_NOARGS, "{'available': bool, 'enabled': bool} for the AVX-512 CPU loops."},
-    {"_set_cpu_simd", set_cpu_simd, METH_O,
-     "Switch the AVX-512 CPU loops on or off (tests, comparisons); returns the previous setting."},
+    {"cpu_loops", cpu_loops, METH_NOARGS, "Which CPU loops each op runs, and why (see cpu/loops.h)."},
+    {"set_cpu_loops", set_cpu_loops, METH_O,
+     "Force the CPU loops of every op ('portable', 'avx512', 'avx512_stream') or 'auto'; returns the previous setting."},
     {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS, "Counters of the CPU output cache (see output_cache.h)."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Free the blocks the CPU output cache keeps."},
     {nullptr, nullptr, 0, nullptr}};

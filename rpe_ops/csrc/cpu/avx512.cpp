@@ -5,7 +5,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstring>
 
@@ -17,14 +16,6 @@ bool available() {
                           __builtin_cpu_supports("avx512vl");
   return has;
 }
-
-namespace {
-std::atomic<bool> switched_off{false};
-}
-
-bool enabled() { return available() && !switched_off.load(std::memory_order_relaxed); }
-
-void set_enabled(bool on) { switched_off.store(!on, std::memory_order_relaxed); }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
@@ -73,15 +64,25 @@ inline void add_to(float* bucket, __m512 x) { _mm512_storeu_ps(bucket, _mm512_ad
 namespace {
 
 // Writes out_row[0, Lk) one vector at a time, value(j, mask) giving keys j .. j + 15: masked
-// stores up to the first 64-byte boundary and for the tail, streaming stores in between (the
-// output is too large to stay in cache; streaming skips reading each line before writing it).
-template <typename Value>
+// stores up to the first 64-byte boundary and for the tail, whole aligned vectors in between,
+// as plain stores or (kStream) streaming stores.
+template <bool kStream, typename Value>
 inline void write_row(float* out_row, int64_t Lk, Value value) {
   int64_t j = std::min<int64_t>(Lk, ((64 - reinterpret_cast<uintptr_t>(out_row) % 64) % 64) / 4);
   if (j > 0) _mm512_mask_storeu_ps(out_row, first_lanes(j), value(0, first_lanes(j)));
-  for (; j + 16 <= Lk; j += 16) _mm512_stream_ps(out_row + j, value(j, static_cast<__mmask16>(0xFFFF)));
+  for (; j + 16 <= Lk; j += 16) {
+    const __m512 x = value(j, static_cast<__mmask16>(0xFFFF));
+    if constexpr (kStream) _mm512_stream_ps(out_row + j, x);
+    else _mm512_store_ps(out_row + j, x);
+  }
   if (j < Lk) _mm512_mask_storeu_ps(out_row + j, first_lanes(Lk - j), value(j, first_lanes(Lk - j)));
-  _mm_sfence();  // streaming stores are weakly ordered: make them visible before any later store
+  if constexpr (kStream) _mm_sfence();  // streaming stores are weakly ordered: make them visible before any later store
+}
+
+template <typename Value>
+inline void write_row(bool stream, float* out_row, int64_t Lk, Value value) {
+  if (stream) write_row<true>(out_row, Lk, value);
+  else write_row<false>(out_row, Lk, value);
 }
 
 // Offsets t * Lk + j of keys j .. j + 15 in a (Kt, Lk) table, t = their bucket ids.
@@ -107,16 +108,16 @@ bool all_in_range(const int32_t* ids, int64_t n, int64_t K) {
   return bad == 0;
 }
 
-void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk) {
-  write_row(out_row, Lk, [&](int64_t j, __mmask16 m) {
+void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk, bool stream) {
+  write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
     const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4);
   });
 }
 
 void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
-                  const int32_t* index_t_row, int64_t Lk, float* out_row) {
-  write_row(out_row, Lk, [&](int64_t j, __mmask16 m) {
+                  const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream) {
+  write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
     const __m512 zero = _mm512_setzero_ps();
     const __m512 q = _mm512_mask_i32gather_ps(zero, m, _mm512_maskz_loadu_epi32(m, index_row + j), in_row, 4);
     const __m512i ids_t = _mm512_maskz_loadu_epi32(m, index_t_row + j);

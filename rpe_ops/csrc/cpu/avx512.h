@@ -20,26 +20,24 @@ constexpr int kRows = 16;
 struct BFloat16Bits { uint16_t x; };
 struct Float16Bits { uint16_t x; };
 
-// True when this CPU and OS run AVX-512 F, BW and VL code.
-
+// True when this CPU and OS run AVX-512 F, BW and VL code. Whether the kernels
+// then use these loops is decided per op in loops.h.
 bool available();
-
-// Whether the CPU kernels use these loops: available() unless switched off
-// (rpe_ops._C._set_cpu_simd(False), for tests and comparisons).
-bool enabled();
-void set_enabled(bool on);
 
 // True if every ids[e], e < n, lies in [0, K).
 bool all_in_range(const int32_t* ids, int64_t n, int64_t K);
 
 // out_row[j] = in_row[index_row[j]] for j < Lk.
-void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk);
+// stream: write out_row with streaming (non-temporal) stores, which skip reading
+// each line before writing it -- faster on some CPUs for outputs far larger than
+// the caches, 12x slower on others (an Ice Lake Xeon); loops.h decides.
+void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk, bool stream);
 
 // out_row[j] = in_row[index_row[j]] + keys_t[index_t_row[j] * Lk + j] for j < Lk, with keys_t the
 // key-side table of this (b, h) transposed to (Kt, Lk) (Kt * Lk < 2^31): neighbouring keys mostly
 // share a bucket, so they read neighbouring entries -- one load where all 16 do.
 void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
-                  const int32_t* index_t_row, int64_t Lk, float* out_row);
+                  const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream);
 
 // For the n_rows <= kRows rows that share index_row (one query i, several (b, h)):
 //   out_rows[r][t] = sum_j rows[r][j] * [index_row[j] == t],  j < Lk, t < K.

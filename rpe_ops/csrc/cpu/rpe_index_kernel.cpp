@@ -1,8 +1,8 @@
 // CPU kernels of rpe_index / rpe_reduce: one (b, h, i) row per loop iteration,
 // rows split across threads with at::parallel_for. Each row reads and writes
-// only its own slice, so the reduce needs no atomics or locks. Where the CPU
-// has AVX-512, the loops of avx512.cpp run instead (see avx512.h for which);
-// outputs come from output_cache.h.
+// only its own slice, so the reduce needs no atomics or locks. Each kernel takes
+// the loops to run (the portable ones here, or those of avx512.cpp); loops.h
+// picks them per op and host. Outputs come from output_cache.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,6 +19,7 @@
 
 #include "../rpe_index.h"
 #include "avx512.h"
+#include "loops.h"
 #include "output_cache.h"
 
 namespace rpe_ops {
@@ -32,10 +33,10 @@ int64_t rows_per_chunk(int64_t row_width) {
 
 // One pass over the (Lq, Lk) index per call, instead of a check per element in
 // each of the B*H rows that read it.
-void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op) {
+void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op, Loops loops) {
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int64_t n = index.numel();
-  if (avx512::enabled() && avx512::all_in_range(idx, n, K)) return;
+  if (loops != Loops::kPortable && avx512::all_in_range(idx, n, K)) return;
   int32_t lo = 0, hi = 0;  // a min/max pass vectorizes; a search for the first bad id would not
   if (n > 0) lo = hi = idx[0];
   for (int64_t e = 0; e < n; ++e) {
@@ -49,16 +50,19 @@ void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op) {
                     " is not a bucket id in [0, ", K, ")");
 }
 
-at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
+}  // namespace
+
+at::Tensor rpe_index_cpu(Loops loops, const at::Tensor& input_, const at::Tensor& index_) {
   check_rows_and_index(input_, index_, "rpe_index");
   const at::Tensor input = input_.contiguous();
   const at::Tensor index = index_.contiguous();
   const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1);
   const int64_t BH = input.size(0) * input.size(1), rows = BH * Lq;
-  check_bucket_ids(index, K, "rpe_index");
+  check_bucket_ids(index, K, "rpe_index", loops);
   at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
 
-  if (input.scalar_type() == at::kFloat && avx512::enabled()) {
+  if (input.scalar_type() == at::kFloat && loops != Loops::kPortable) {
+    const bool stream = loops == Loops::kAvx512Stream;
     const float* in = input.const_data_ptr<float>();
     const int32_t* idx = index.const_data_ptr<int32_t>();
     float* y = out.mutable_data_ptr<float>();
@@ -66,7 +70,7 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
       for (int64_t step = begin; step < end; ++step) {
         const int64_t row = row_of_query_major_step(step, BH, Lq);
         avx512::index_row(in + row_offset(row, K), idx + index_row_offset(query_of_row(row, Lq), Lk),
-                          y + row_offset(row, Lk), Lk);
+                          y + row_offset(row, Lk), Lk, stream);
       }
     });
     return out;
@@ -87,6 +91,8 @@ at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
   });
   return out;
 }
+
+namespace {
 
 // The element type the AVX-512 loops read for a tensor's scalar_t (same bits).
 template <typename scalar_t>
@@ -191,9 +197,9 @@ void reduce_qk_avx512(const at::Tensor& values, const at::Tensor& index, const a
 
 // Whether the AVX-512 reduce loops take these values: float32 or half types, and
 // more than one (b, h) row per query (one row would leave 15 of 16 lanes idle).
-bool avx512_reduce(const at::Tensor& values) {
+bool avx512_reduce(Loops loops, const at::Tensor& values) {
   const auto dtype = values.scalar_type();
-  return avx512::enabled() && values.size(0) * values.size(1) >= 2 &&
+  return loops != Loops::kPortable && values.size(0) * values.size(1) >= 2 &&
          (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
 }
 
@@ -202,7 +208,9 @@ bool avx512_reduce(const at::Tensor& values) {
 // kLanes interleaved copies of the buckets let consecutive adds run in parallel.
 constexpr int64_t kLanes = 4;
 
-at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
+}  // namespace
+
+at::Tensor rpe_reduce_cpu(Loops loops, const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
   check_rows_and_index(values_, index_, "rpe_reduce");
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce: index has Lk = ", index_.size(1),
               " columns but values has Lk = ", values_.size(3));
@@ -211,10 +219,10 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
   const at::Tensor index = index_.contiguous();
   const int64_t Lq = values.size(2), Lk = values.size(3);
   const int64_t BH = values.size(0) * values.size(1), rows = BH * Lq;
-  check_bucket_ids(index, K, "rpe_reduce");
+  check_bucket_ids(index, K, "rpe_reduce", loops);
   at::Tensor out = empty_output({values.size(0), values.size(1), Lq, K}, values.options());
 
-  if (avx512_reduce(values)) {
+  if (avx512_reduce(loops, values)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_avx512", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) reduce_avx512<scalar_t>(values, index, out);
     });
@@ -248,18 +256,19 @@ at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, i
 
 // Portable loops: rows in (b, h)-major order, so that the key-side table of one (b, h), Lk * Kt
 // entries that each row reads all across, stays in L2 while its Lq rows run.
-at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
+at::Tensor rpe_index_qk_cpu(Loops loops, const at::Tensor& input_, const at::Tensor& index_,
                             const at::Tensor& input_t_, const at::Tensor& index_t_) {
   check_key_side(input_, index_, input_t_, index_t_, "rpe_index_qk");
   const at::Tensor input = input_.contiguous(), input_t = input_t_.contiguous();
   const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
   const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1), Kt = input_t.size(3);
   const int64_t rows = input.size(0) * input.size(1) * Lq;
-  check_bucket_ids(index, K, "rpe_index_qk");
-  check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)");
+  check_bucket_ids(index, K, "rpe_index_qk", loops);
+  check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)", loops);
   at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
 
-  if (input.scalar_type() == at::kFloat && avx512::enabled() && Kt * Lk <= INT32_MAX) {
+  if (input.scalar_type() == at::kFloat && loops != Loops::kPortable && Kt * Lk <= INT32_MAX) {
+    const bool stream = loops == Loops::kAvx512Stream;
     // The key-side table transposed to (B, H, Kt, Lk): see avx512::index_qk_row.
     const at::Tensor keys_t = input_t.transpose(2, 3).contiguous();
     const float* in = input.const_data_ptr<float>();
@@ -274,7 +283,7 @@ at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
         const int64_t row = row_of_query_major_step(step, BH, Lq), i = query_of_row(row, Lq);
         avx512::index_qk_row(in + row_offset(row, K), idx + index_row_offset(i, Lk),
                              k_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt), idx_t + index_row_offset(i, Lk), Lk,
-                             y + row_offset(row, Lk));
+                             y + row_offset(row, Lk), stream);
       }
     });
     return out;
@@ -304,8 +313,9 @@ at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_,
 // Portable loops: one task per (b, h); it owns out_t's (Lk, Kt) slice of that (b, h), summed
 // over all Lq rows in a buffer that stays in L2, so no two threads share an
 // output element. Each values element is read once for both tables.
-std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, const at::Tensor& index_,
-                                                     int64_t K, const at::Tensor& index_t_, int64_t Kt) {
+std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(Loops loops, const at::Tensor& values_,
+                                                     const at::Tensor& index_, int64_t K,
+                                                     const at::Tensor& index_t_, int64_t Kt) {
   check_rows_and_index(values_, index_, "rpe_reduce_qk");
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce_qk: index has Lk = ", index_.size(1),
               " columns but values has Lk = ", values_.size(3));
@@ -317,12 +327,12 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, 
   const at::Tensor values = values_.contiguous();
   const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
   const int64_t B = values.size(0), H = values.size(1), Lq = values.size(2), Lk = values.size(3);
-  check_bucket_ids(index, K, "rpe_reduce_qk");
-  check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)");
+  check_bucket_ids(index, K, "rpe_reduce_qk", loops);
+  check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)", loops);
   at::Tensor out = empty_output({B, H, Lq, K}, values.options());
   at::Tensor out_t = empty_output({B, H, Lk, Kt}, values.options());
 
-  if (avx512_reduce(values)) {
+  if (avx512_reduce(loops, values)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_avx512", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) reduce_qk_avx512<scalar_t>(values, index, index_t, out, out_t);
     });
@@ -370,13 +380,19 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, 
   return {out, out_t};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(rpe_ops, CPU, m) {
-  m.impl("rpe_index", &rpe_index_cpu);
-  m.impl("rpe_reduce", &rpe_reduce_cpu);
-  m.impl("rpe_index_qk", &rpe_index_qk_cpu);
-  m.impl("rpe_reduce_qk", &rpe_reduce_qk_cpu);
+  m.impl("rpe_index", [](const at::Tensor& input, const at::Tensor& index) {
+    return rpe_index_cpu(loops_for(Op::kIndex), input, index);
+  });
+  m.impl("rpe_reduce", [](const at::Tensor& values, const at::Tensor& index, int64_t K) {
+    return rpe_reduce_cpu(loops_for(Op::kReduce), values, index, K);
+  });
+  m.impl("rpe_index_qk", [](const at::Tensor& input, const at::Tensor& index, const at::Tensor& input_t,
+                            const at::Tensor& index_t) {
+    return rpe_index_qk_cpu(loops_for(Op::kIndexQk), input, index, input_t, index_t);
+  });
+  m.impl("rpe_reduce_qk", [](const at::Tensor& values, const at::Tensor& index, int64_t K, const at::Tensor& index_t,
+                             int64_t Kt) { return rpe_reduce_qk_cpu(loops_for(Op::kReduceQk), values, index, K, index_t, Kt); });
 }
 
 }  // namespace rpe_ops
