@@ -64,7 +64,12 @@ class RPEMultiheadAttention(nn.Module):
             out = weights @ v
             if self.rpe_v is not None:
                 out = out + self.rpe_v(weights, height, width)
-        out = out.permute(2, 0, 1, 3).reshape(-1, B, E)
+        out = out.permute(2, 0, 1, 3)
+        if torch.compiler.is_exporting():
+            # torch.export records this reshape as a view of SDPA's output as laid out on CPU, (L, B, H, d);
+            # the ONNX exporter's retrace gets a contiguous (B, H, L, d) one, which no view can reshape.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(-1, B, E)
         return self.out_proj(out), weights
 
     def project(self, query, key, value=None):
@@ -114,7 +119,9 @@ class RPEMultiheadAttention(nn.Module):
             if total.shape[0] != key_padding_mask.shape[0]:
                 total = total.expand(key_padding_mask.shape[0], *total.shape[1:]).contiguous()
             with torch.no_grad():
-                if total.is_cuda:  # there, finding the columns would wait for the GPU; one pass does not
+                # One pass over (B, H, L, L) on GPU, where finding the columns would wait for it, and under
+                # torch.compile / torch.export, where the columns' count is data a graph cannot branch on.
+                if total.is_cuda or torch.compiler.is_compiling():
                     total.masked_fill_(key_padding_mask[:, None, None, :], float('-inf'))
                 else:
                     for b, padded in enumerate(key_padding_mask):

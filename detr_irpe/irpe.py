@@ -177,7 +177,20 @@ def clip_index(relative_position, beta_int, dtype=torch.int32):
     return near.clip(-beta_int, beta_int).to(dtype)
 
 
-@functools.lru_cache(maxsize=128)
+def cached_when_eager(function):
+    """functools.lru_cache(maxsize=128) in eager mode; the plain function while torch.compile or
+    torch.export traces, so that bucket ids are computed in the graph from the feature map's size: a cache
+    can hold neither a symbolic (dynamic) height and width nor the tracer's fake tensors."""
+    cached = functools.lru_cache(maxsize=128)(function)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        return function(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
+    call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+    return call
+
+
+@cached_when_eager
 def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piecewise', device='cpu'):
     """Bucket ids of every (query, key) pair of an height x width map in row-major token order.
 
@@ -195,8 +208,10 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
             return clip_index(x, beta_int)
         return piecewise_index(x, alpha, beta, gamma)
 
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    # Row and column of each token in row-major order (broadcasts, not repeat_interleave: the ONNX
+    # exporter's repeat_interleave mistakes a symbolic repeat count).
+    rows = torch.arange(height)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width)[None, :].expand(height, width).reshape(-1)
     dr = rows[:, None] - rows[None, :]
     dc = cols[:, None] - cols[None, :]
     if method == 'euc':
@@ -222,7 +237,7 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
     return ids.to(device=device, dtype=torch.int32).contiguous(), num_buckets
 
 
-@functools.lru_cache(maxsize=128)
+@cached_when_eager
 def key_major_ids(bucket_ids, row_stride):
     """out[i, j] = j * row_stride + bucket_ids[j, i], int32 (L, L), contiguous.
 
@@ -245,6 +260,8 @@ def _map_size(num_tokens, skip, height, width):
     if height is None or width is None or height * width + skip != num_tokens:
         raise ValueError(f'iRPE got {num_tokens} tokens but height={height}, width={width}, skip={skip}: '
                          'height * width + skip must equal the number of tokens.')
+    if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt):
+        return height, width  # a dynamic size under torch.export: int() would fix it to the example's
     return int(height), int(width)
 
 

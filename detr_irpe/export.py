@@ -1,0 +1,222 @@
+"""Export a detector for deployment: an ONNX file that plain onnxruntime runs, or a torch.export program (.pt2).
+
+The exported graph takes `images` (B, 3, H, W) float32, normalised as for evaluation, and `mask` (B, H, W)
+bool, True on padding, with B, H and W dynamic, and returns `pred_logits` (B, Q, num_classes + 1) and
+`pred_boxes` (B, Q, 4) normalised cxcywh: the model's own outputs (post-processing stays in Python, see
+detr_irpe.postprocess). Bucket ids are computed inside the graph from the feature map's size (see
+irpe.cached_when_eager), so one file serves every image size.
+
+The rpe_ops custom ops stay in the .pt2 program (import rpe_ops before torch.export.load, as load_pt2 does);
+in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (ONNX_TRANSLATIONS).
+"""
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+FORMATS = ('onnx', 'pt2')
+INPUT_NAMES = ('images', 'mask')
+OUTPUT_NAMES = ('pred_logits', 'pred_boxes')
+# ScatterElements' reduction='add' (rpe_reduce, iRPE on values) is ONNX opset 16; the exporter itself
+# starts at 18. onnxscript knows opsets up to 23.
+MIN_OPSET, MAX_OPSET = 18, 23
+# The example batch of the export: its H x W are not those of the images it will see (all dynamic).
+EXAMPLE_SIZE = (2, 224, 288)
+
+
+class DetectorOutputs(nn.Module):
+    """(images (B, 3, H, W), mask (B, H, W)) -> (pred_logits, pred_boxes): the detector without the
+    auxiliary decoder outputs, in the tuple form an exported graph returns."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images, mask):
+        out = self.detector(images, mask)
+        return out['pred_logits'], out['pred_boxes']
+
+
+def example_inputs(batch=2, height=224, width=288, padded=True):
+    """Random (images (batch, 3, height, width), mask (batch, height, width)); with padded, the last image
+    covers only the top-left 3/4 x 2/3 of the batch (True in the mask outside it)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    if padded and batch > 1:
+        mask[-1, height * 3 // 4:, :] = True
+        mask[-1, :, width * 2 // 3:] = True
+        images[-1].masked_fill_(mask[-1], 0.0)
+    return images, mask
+
+
+def dynamic_shapes():
+    """Batch, height and width of both inputs as named dynamic dimensions (the ONNX file keeps the names)."""
+    Dim = torch.export.Dim
+    batch, height, width = Dim('batch', min=1, max=1024), Dim('height', min=33, max=8192), Dim('width', min=33, max=8192)
+    return {'images': {0: batch, 2: height, 3: width}, 'mask': {0: batch, 1: height, 2: width}}
+
+
+def export_program(model, example=None):
+    """torch.export.ExportedProgram of DetectorOutputs(model) in eval mode, with dynamic batch, height, width."""
+    images, mask = example if example is not None else example_inputs(*EXAMPLE_SIZE)
+    with torch.no_grad():
+        return torch.export.export(DetectorOutputs(model).eval(), (images, mask), dynamic_shapes=dynamic_shapes())
+
+
+# ---- ONNX lowering of the rpe_ops custom ops (their definitions: rpe_ops/__init__.py) ----
+
+def _onnx_translations():
+    from onnxscript import opset18 as op
+
+    def gather_per_bucket(input, index):
+        """y[b, h, i, j] = input[b, h, i, index[i, j]]: index broadcast to (B, H, Lq, Lk), one GatherElements."""
+        shape = op.Concat(op.Shape(input, start=0, end=3), op.Shape(index, start=1, end=2), axis=0)
+        return op.GatherElements(input, op.Expand(op.Cast(index, to=7), shape), axis=3)  # to=7: int64
+
+    def rpe_index(input, index):
+        return gather_per_bucket(input, index)
+
+    def rpe_index_qk(input, index, input_t, index_t):
+        # The key-side term, gathered per key row with the transposed ids, then transposed back.
+        key_side = gather_per_bucket(input_t, op.Transpose(index_t, perm=[1, 0]))
+        return op.Add(gather_per_bucket(input, index), op.Transpose(key_side, perm=[0, 1, 3, 2]))
+
+    def rpe_reduce(values, index, num_buckets):
+        """out[b, h, i, t] = sum over j with index[i, j] == t of values[b, h, i, j]: a ScatterElements
+        with reduction 'add' into zeros (B, H, Lq, num_buckets)."""
+        shape = op.Concat(op.Shape(values, start=0, end=3), op.Constant(value_ints=[num_buckets]), axis=0)
+        zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), values), shape)
+        ids = op.Expand(op.Cast(index, to=7), op.Shape(values))
+        return op.ScatterElements(zeros, ids, values, axis=3, reduction='add')
+
+    return {torch.ops.rpe_ops.rpe_index.default: rpe_index,
+            torch.ops.rpe_ops.rpe_index_qk.default: rpe_index_qk,
+            torch.ops.rpe_ops.rpe_reduce.default: rpe_reduce}
+
+
+def onnx_translations():
+    """{rpe_ops op overload: onnxscript translation} for torch.onnx.export(custom_translation_table=...);
+    empty without the compiled op (the model then runs torch.gather / scatter_add, which export as they are)."""
+    import rpe_ops
+    if not rpe_ops.build_info()['cpu']:
+        return {}
+    return _onnx_translations()
+
+
+# ---- files ----
+
+def check_output_path(path):
+    """Raise ValueError saying what to do when `path` cannot be written (missing or read-only folder, a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f'--output {path!r} is a folder; give a file name, e.g. {os.path.join(path, "detr.onnx")!r}.')
+    if not os.path.isdir(folder):
+        raise ValueError(f'--output {path!r}: the folder {folder!r} does not exist; create it first or choose '
+                         'another path.')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'--output {path!r}: the folder {folder!r} is not writable; choose a path in a folder '
+                         'you can write to.')
+
+
+def check_opset(opset):
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f'ONNX opset {opset!r} is not supported: the exporter writes opsets {MIN_OPSET} to '
+                         f'{MAX_OPSET}; pass --opset {MIN_OPSET} for the widest runtime support.')
+
+
+def _write_atomically(path, write):
+    """write(temporary path) in path's folder, then rename: a failed export leaves no partial file."""
+    check_output_path(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def export_pt2(model, path, example=None):
+    """Write the torch.export program of `model` to `path` (torch.export.save). Returns the program."""
+    program = export_program(model, example)
+    _write_atomically(path, lambda tmp: torch.export.save(program, tmp))
+    return program
+
+
+def load_pt2(path):
+    """The ExportedProgram saved by export_pt2 (its .module() is callable as (images, mask))."""
+    import rpe_ops  # noqa: F401  registers the rpe_ops custom ops the program calls
+    return torch.export.load(path)
+
+
+def export_onnx(model, path, opset=MIN_OPSET, example=None):
+    """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators.
+    Returns the torch.onnx.ONNXProgram."""
+    check_opset(opset)
+    check_output_path(path)
+    program = export_program(model, example)
+    onnx_program = torch.onnx.export(program, (), opset_version=opset, dynamo=True, input_names=list(INPUT_NAMES),
+                                     output_names=list(OUTPUT_NAMES), custom_translation_table=onnx_translations(),
+                                     optimize=True, verbose=False)
+    _write_atomically(path, lambda tmp: onnx_program.save(tmp, external_data=False))
+    return onnx_program
+
+
+def onnx_session(path, threads=0):
+    """An onnxruntime InferenceSession of `path` on the CPU (threads 0: onnxruntime's default)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+class OnnxDetector:
+    """An exported ONNX file run by onnxruntime, called as the PyTorch detector is: on a list of (3, H_i, W_i)
+    images (padded and masked as the model pads them) or on (images (B, 3, H, W), mask (B, H, W)).
+    Returns {'pred_logits', 'pred_boxes'} as CPU torch tensors, ready for detr_irpe.postprocess."""
+
+    def __init__(self, path, threads=0):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
+                                    '--format onnx --output FILE.')
+        self.session = onnx_session(path, threads)
+
+    def __call__(self, samples, mask=None):
+        from detr_irpe.detr import batch_images
+        if isinstance(samples, (list, tuple)):
+            samples, mask = batch_images([s.cpu() for s in samples])
+        if mask is None:
+            mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
+        outputs = self.session.run(list(OUTPUT_NAMES), {'images': samples.detach().cpu().float().numpy(),
+                                                        'mask': mask.cpu().numpy()})
+        return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}
+
+
+def run_exported(path, fmt, images, mask):
+    """(pred_logits, pred_boxes) of an exported file (fmt 'onnx' or 'pt2') on (images, mask)."""
+    if fmt == 'onnx':
+        out = OnnxDetector(path)(images, mask)
+        return out['pred_logits'], out['pred_boxes']
+    with torch.no_grad():
+        return load_pt2(path).module()(images, mask)
+
+
+# A size unlike the export's, so that a check sees the dynamic height and width at work.
+CHECK_SIZE = (2, 193, 257)
+
+
+@torch.no_grad()
+def max_difference(model, path, fmt, size=CHECK_SIZE):
+    """(size, largest |difference|) between the exported file and `model` on a batch of that size
+    (batch, height, width) whose last image is padded."""
+    images, mask = example_inputs(*size)
+    expected = DetectorOutputs(model).eval()(images, mask)
+    got = run_exported(path, fmt, images, mask)
+    return size, max((a - b).abs().max().item() for a, b in zip(got, expected))

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Export a checkpoint for deployment: an ONNX file that plain onnxruntime runs, or a torch.export program.
+
+    python tools/export.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth \\
+        --format onnx --output outputs/smoke/detr.onnx
+    python tools/export.py --resume detr_irpe_r50_150ep.pth --format pt2 --output runs/detr_irpe.pt2
+
+Inputs of the exported graph: images (B, 3, H, W) float32, normalised as for evaluation, and mask (B, H, W)
+bool, True on padding; outputs pred_logits (B, Q, num_classes + 1) and pred_boxes (B, Q, 4) normalised
+cxcywh. B, H and W are dynamic (H, W at least 33). Model flags come from the checkpoint unless given; the
+export runs on the CPU. After writing, the file is run once on a batch of another size and compared with
+the PyTorch model (the largest difference is printed).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+from detr_irpe import get_args_parser  # noqa: E402
+from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
+from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
+from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_opset, check_output_path,  # noqa: E402
+                              export_onnx, export_pt2, max_difference)
+
+
+def get_parser():
+    parser = datasets.add_dataset_args(get_args_parser())
+    parser.description = __doc__
+    parser.add_argument('--format', choices=FORMATS, default=None,
+                        help='onnx (onnxruntime, TensorRT, OpenVINO) or pt2 (torch.export.save); default: from '
+                             "--output's extension")
+    parser.add_argument('--output', required=True, help='the file to write (.onnx or .pt2)')
+    parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, {MIN_OPSET} to {MAX_OPSET}')
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parse_args_with_config(parser, argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if not args.resume:
+        parser.error('--resume CHECKPOINT is required: the .pth file to export')
+    fmt = args.format or os.path.splitext(args.output)[1].lstrip('.').lower()
+    if fmt not in FORMATS:
+        parser.error(f'--output {args.output!r} ends in neither .onnx nor .pt2: pass --format onnx or --format pt2.')
+    # Checked before the slow part, so that a typo costs no export.
+    if fmt == 'onnx':
+        check_opset(args.opset)
+    check_output_path(args.output)
+    args.device = 'cpu'
+    model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+    if fmt == 'onnx':
+        export_onnx(model, args.output, opset=args.opset)
+    else:
+        export_pt2(model, args.output)
+    print(f'wrote {args.output}')
+    size, difference = max_difference(model, args.output, fmt)
+    print(f'checked on a batch of {size[0]} images of {size[1]}x{size[2]} (one padded): largest difference from '
+          f'PyTorch {difference:.2e}')
+    return args.output
+
+
+if __name__ == '__main__':
+    run_tool(main)
