@@ -10,7 +10,6 @@ Weights are random (--backbone_weights none): times do not depend on them.
 """
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -173,7 +172,7 @@ def dc5(image, steps, rounds):
 
 def machine():
     return {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-            'processor': platform.processor() or platform.machine(), 'torch': torch.__version__,
+            'torch': torch.__version__,
             'cuda': torch.cuda.is_available(), 'rpe_ops_compiled': rpe_ops.build_info()['cpu'],
             'load_average_1min_start': os.getloadavg()[0]}
 
@@ -217,6 +216,14 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
             result['rpe_index_vs_gather' + suffix] = {'sizes': op['sizes'], 'median_seconds': op['median_seconds']}
             ratios['rpe_index'][f'gather / rpe_index (fwd+bwd, {kind})'] = op['speedup']['forward_backward']['gather']
             ratios['rpe_index'][f'gather / rpe_index (fwd, {kind})'] = op['speedup']['forward']['gather']
+            # the loops chosen on this host against the portable ones (float32)
+            loops = rpe_ops.benchmark.benchmark_loops(batch=2, heads=8, length=h * w, buckets=num_buckets,
+                                                      repeats=cfg['op_repeats'], ops=('rpe_index',),
+                                                      index=ids if kind == 'irpe ids' else None)
+            result['cpu_loops' + suffix] = loops
+            for k, short in (('forward', 'fwd'), ('forward_backward', 'fwd+bwd')):
+                ratios['rpe_index'][f'chosen loops / portable ({short}, {kind})'] = \
+                    loops['vs_portable']['rpe_index'][k]['chosen']
     if 'dc5' in parts:
         d = dc5(cfg['dc5_image'], cfg['dc5_steps'], cfg['dc5_rounds'])
         result['dc5'] = d
@@ -224,11 +231,12 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
                          'peak memory irpe_qkv / plain': ratio(d['irpe_qkv']['peak_rss_bytes'], d['plain']['peak_rss_bytes'])}
     result['ratios'] = ratios
     result['machine']['load_average_1min_end'] = os.getloadavg()[0]
+    result['machine']['host'] = rpe_ops.benchmark.host()  # after the runs: the loops each op chose
     return result
 
 
 # (section, ratio, target, True when the ratio must stay at or below the target)
-TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qkv / plain', 1.10, True),
+TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qkv / plain', 1.05, True),
            ('train_step', 'plain / plain_nn_mha', 1.00, True), ('inference', 'irpe_k / plain', 1.02, True),
            ('inference', 'irpe_qkv / plain', 1.10, True), ('inference', 'plain / plain_nn_mha', 1.00, True),
            ('attention_layer', 'irpe_k / plain', None, True), ('attention_layer', 'irpe_qkv / plain', None, True),
@@ -237,14 +245,16 @@ TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qk
            ('rpe_index', 'gather / rpe_index (fwd, irpe ids)', None, False),
            ('rpe_index', 'gather / rpe_index (fwd+bwd, random ids)', 3.0, False),
            ('rpe_index', 'gather / rpe_index (fwd, random ids)', None, False),
-           ('dc5', 'step irpe_qkv / plain', 1.20, True), ('dc5', 'peak memory irpe_qkv / plain', 1.20, True)]
+           *[('rpe_index', f'chosen loops / portable ({k}, {ids})', 1.15, True)
+             for ids in ('irpe ids', 'random ids') for k in ('fwd', 'fwd+bwd')],
+           ('dc5', 'step irpe_qkv / plain', 1.15, True), ('dc5', 'peak memory irpe_qkv / plain', 1.10, True)]
 
 
 def markdown_table(result):
     """The ratios with their targets, then the medians they come from, as Markdown."""
     m, s = result['machine'], result['sizes']
-    lines = [f"Machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
-             f"{'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
+    lines = [rpe_ops.benchmark.describe_host(m['host']) + '.',
+             f"Machine: {'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
              f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end.",
              f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
              f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "

@@ -20,6 +20,41 @@ import torch
 import rpe_ops
 
 
+def host():
+    """The CPU figures come from and what decides its code paths: {'cpu_model', 'cpu_count', 'avx512f',
+    'avx512_bf16', 'amx' (None where torch cannot tell), 'torch_cpu_capability' (the kernels torch runs),
+    'torch_threads', 'rpe_ops_cpu_loops': {op: loops chosen (None before its first call)}}."""
+    model, family = platform.processor() or platform.machine(), ''
+    try:  # Linux: the marketing name and, for hosts that show only 'AMD EPYC', family and model
+        with open('/proc/cpuinfo') as f:
+            fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get('model name', model)
+        family = f" (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    except OSError:
+        pass
+    cpu = getattr(torch, 'cpu', None)
+
+    def feature(name):
+        fn = getattr(cpu, name, None)
+        return bool(fn()) if fn is not None else None
+
+    loops = rpe_ops.build_info()['cpu_loops']
+    return {'cpu_model': model + family, 'cpu_count': os.cpu_count(), 'avx512f': feature('_is_avx512_supported'),
+            'avx512_bf16': feature('_is_avx512_bf16_supported'), 'amx': feature('_is_amx_tile_supported'),
+            'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(), 'torch_threads': torch.get_num_threads(),
+            'rpe_ops_cpu_loops_setting': None if loops is None else loops['setting'],
+            'rpe_ops_cpu_loops': {} if loops is None else {op: c['loops'] for op, c in loops['ops'].items()}}
+
+
+def describe_host(h):
+    """One line naming the host of a measurement: CPU, deciding features, the rpe_ops loops chosen."""
+    chosen = ', '.join(f'{op} {loops}' for op, loops in h['rpe_ops_cpu_loops'].items() if loops) or 'none used yet'
+    return (f"host: {h['cpu_model']}, {h['cpu_count']} cores ({h['torch_threads']} torch threads); avx512f "
+            f"{h['avx512f']}, avx512_bf16 {h['avx512_bf16']}, amx {h['amx']}; torch CPU capability "
+            f"{h['torch_cpu_capability']}; rpe_ops CPU loops ({h['rpe_ops_cpu_loops_setting']}): {chosen}")
+
+
 def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
               repeats=15, warmup=2, seed=0, index=None):
     """Median seconds of forward and forward+backward, op vs gather, and their ratios.
@@ -76,7 +111,7 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
                   'dtype': str(dtype).replace('torch.', ''), 'device': device,
                   'index': 'random' if index_given is None else 'given'},
         'machine': {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-                    'processor': platform.processor() or platform.machine(),
+                    'host': host(),  # after the runs: the loops the ops chose
                     'gpu': torch.cuda.get_device_name() if device == 'cuda' else None,
                     'load_average_1min': os.getloadavg()[0],
                     # 1 = huge pages for big tensors: fewer page faults when the (B, H, L, L) outputs are allocated
@@ -130,6 +165,60 @@ def benchmark_qk(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float
     return {'sizes': {'B': B, 'H': H, 'L': L, 'K': K, 'dtype': str(dtype).replace('torch.', ''), 'device': device},
             'median_seconds_forward_backward': median,
             'speedup': median['two_rpe_index_and_add'] / median['rpe_index_qk']}
+
+
+def benchmark_loops(batch=2, heads=8, length=25 * 38, buckets=81, repeats=9, warmup=1, seed=0, index=None,
+                    ops=('rpe_index', 'rpe_index_qk')):
+    """The CPU loop sets side by side: each op's forward and forward+backward (float32) under every set
+    this CPU runs, forced with rpe_ops.set_cpu_loops, and under the set chosen for it (the process's
+    setting; 'auto': the fastest at first use). Median seconds, interleaved, and each time / portable's.
+    The chosen sets are fixed before timing starts.
+    """
+    g = torch.Generator().manual_seed(seed)
+    L, K = length, buckets
+    if index is None:
+        index = torch.randint(0, K, (L, L), generator=g, dtype=torch.int32)
+    index_t = index.t().contiguous()
+    x = torch.randn(batch, heads, L, K, generator=g).requires_grad_()
+    x_t = torch.randn(batch, heads, L, K, generator=g).requires_grad_()
+    grad = torch.randn(batch, heads, L, L, generator=g)
+    calls = {'rpe_index': lambda: rpe_ops.rpe_index(x, index),
+             'rpe_index_qk': lambda: rpe_ops.rpe_index_qk(x, index, x_t, index_t)}
+    info = rpe_ops.build_info()['cpu_loops']
+    setting = info['setting']
+    for name in ops:  # each op's loops (and its backward's) are chosen now, not inside a timed call
+        x.grad = x_t.grad = None
+        calls[name]().backward(grad)
+    sets = ['chosen'] + info['candidates']
+
+    def forward(fn):
+        with torch.no_grad():
+            fn()
+
+    def forward_backward(fn):
+        x.grad = x_t.grad = None
+        fn().backward(grad)
+
+    times = {(op, kind, s): [] for op in ops for kind in ('forward', 'forward_backward') for s in sets}
+    try:
+        for r in range(warmup + repeats):
+            for op, kind, s in times:
+                rpe_ops.set_cpu_loops(setting if s == 'chosen' else s)
+                seconds = _time(lambda: (forward if kind == 'forward' else forward_backward)(calls[op]), 'cpu')
+                if r >= warmup:
+                    times[op, kind, s].append(seconds)
+    finally:
+        rpe_ops.set_cpu_loops(setting)
+    median = {key: statistics.median(t) for key, t in times.items()}
+    return {'sizes': {'B': batch, 'H': heads, 'L': L, 'K': K, 'dtype': 'float32'},
+            'chosen': {op: rpe_ops.build_info()['cpu_loops']['ops'][op]['loops'] for op in
+                       [*ops, *(('rpe_reduce',) if 'rpe_index' in ops else ()),
+                        *(('rpe_reduce_qk',) if 'rpe_index_qk' in ops else ())]},
+            'median_seconds': {op: {kind: {s: median[op, kind, s] for s in sets}
+                                    for kind in ('forward', 'forward_backward')} for op in ops},
+            # time / portable's time: the default's must stay near 1 or below
+            'vs_portable': {op: {kind: {s: median[op, kind, s] / median[op, kind, 'portable'] for s in sets}
+                                 for kind in ('forward', 'forward_backward')} for op in ops}}
 
 
 def _time(fn, device):

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import rpe_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +27,18 @@ def test_benchmark_op_prints_and_saves_the_ratios(tmp_path):
     assert result['sizes'] == {'B': 2, 'H': 8, 'Lq': 48, 'Lk': 48, 'K': 9, 'dtype': 'float32', 'device': 'cpu',
                                'index': 'random'}
     assert result['machine']['torch_threads'] == 1
+    host = result['machine']['host']  # the CPU named, its deciding features, the loops each op chose
+    assert host['cpu_model'] and host['torch_cpu_capability'] == torch.backends.cpu.get_cpu_capability()
+    assert set(host) >= {'avx512f', 'avx512_bf16', 'amx'}
+    assert set(host['rpe_ops_cpu_loops']) == {'rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk'}
+    assert f"host: {host['cpu_model']}" in proc.stdout and f"torch CPU capability {host['torch_cpu_capability']}" in proc.stdout
+    loops = result['cpu_loops']
+    for op in ('rpe_index', 'rpe_index_qk'):
+        assert loops['chosen'][op] == host['rpe_ops_cpu_loops'][op] and f'{op} {loops["chosen"][op]}' in proc.stdout
+        for kind, t in loops['median_seconds'][op].items():
+            assert set(t) == {'chosen', *rpe_ops.build_info()['cpu_loops']['candidates']}
+            for name, seconds in t.items():
+                assert loops['vs_portable'][op][kind][name] == pytest.approx(seconds / t['portable'])
     for kind in ('forward', 'forward_backward'):
         speedup = result['speedup'][kind]['gather']
         median = result['median_seconds'][kind]
@@ -44,7 +59,8 @@ def test_benchmark_table_of_the_op_part(tmp_path):
     proc = run('benchmark.py', '--quick', '--parts', 'op', '--threads', '1', '--json', str(out))
     assert proc.returncode == 0, proc.stderr
     ratios = json.loads(out.read_text())['ratios']['rpe_index']
-    assert set(ratios) == {f'gather / rpe_index ({kind}, {ids})' for kind in ('fwd', 'fwd+bwd')
-                           for ids in ('irpe ids', 'random ids')}
+    assert set(ratios) == {f'{what} ({kind}, {ids})' for what in ('gather / rpe_index', 'chosen loops / portable')
+                           for kind in ('fwd', 'fwd+bwd') for ids in ('irpe ids', 'random ids')}
+    assert 'host: ' in proc.stdout and 'rpe_ops CPU loops (auto): rpe_index ' in proc.stdout
     for name, value in ratios.items():
         assert f'| rpe_index: {name} | {value:.3f} |' in proc.stdout

@@ -1,33 +1,41 @@
-"""Time rpe_ops.rpe_index against torch.gather, and rpe_index_qk against the two passes it replaces,
-at DETR-encoder size, and print the ratios.
+"""Time rpe_ops.rpe_index against torch.gather, rpe_index_qk against the two passes it replaces and, on
+CPU, the loops each op chose against the portable loops (and every other set this CPU runs), at
+DETR-encoder size, and print the ratios with the host they were measured on.
 
     python tools/benchmark_op.py                       # B=2 H=8 L=25*38 K=81, float32, CPU, iRPE bucket ids
     python tools/benchmark_op.py --ids random --threads 1
+    RPE_OPS_CPU_LOOPS=portable ATEN_CPU_CAPABILITY=avx2 python tools/benchmark_op.py   # as on a host without AVX-512
     python tools/benchmark_op.py --device cuda --json outputs/benchmark_op_cuda.json
 """
 import argparse
 
 import torch
 
+from detr_irpe.args import device_flag, int_range, non_empty
 from detr_irpe.checkpoint import save_json
 from detr_irpe.benchmark import irpe_k_bucket_ids
-from rpe_ops.benchmark import benchmark, benchmark_qk
+from rpe_ops.benchmark import benchmark, benchmark_loops, benchmark_qk, describe_host, host
 
 
-def main():
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--heads', type=int, default=8)
-    parser.add_argument('--length', type=int, default=25 * 38, help='Lq = Lk (feature-map H*W)')
-    parser.add_argument('--buckets', type=int, default=81, help='K, lookup-table size')
+    parser.add_argument('--batch', type=int_range(1, 1024), default=2)
+    parser.add_argument('--heads', type=int_range(1, 1024), default=8)
+    parser.add_argument('--length', type=int_range(1, 10 ** 5), default=25 * 38, help='Lq = Lk (feature-map H*W)')
+    parser.add_argument('--buckets', type=int_range(1, 10 ** 5), default=81, help='K, lookup-table size')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', 'float64'])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--repeats', type=int, default=15)
-    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument('--device', default='cpu', type=device_flag)
+    parser.add_argument('--repeats', type=int_range(1, 10 ** 4), default=15)
+    parser.add_argument('--threads', type=int_range(1, 4096), default=None, help="torch threads (default: torch's)")
     parser.add_argument('--ids', default='product', choices=['product', 'random'],
                         help='bucket ids: product = those of rpe-2.0-product on a 25x38 map (K = 81, needs '
                              '--length 950 --buckets 81); random = uniform in [0, K)')
-    parser.add_argument('--json', default='outputs/benchmark_op.json', help='where to write the result')
+    parser.add_argument('--json', default='outputs/benchmark_op.json', type=non_empty, help='where to write the result')
+    return parser
+
+
+def main():
+    parser = get_parser()
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -42,8 +50,7 @@ def main():
                        args.device, args.repeats, index=index)
     result['sizes']['index'] = args.ids
     m, s = result['machine'], result['sizes']
-    print(f"machine: {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['processor']}, "
-          f"gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}, "
+    print(f"machine: gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}, "
           f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}")
     print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}, "
           f"{s['index']} bucket ids; "
@@ -65,6 +72,17 @@ def main():
     print(f"iRPE on keys and queries, fwd+bwd: rpe_index_qk {t['rpe_index_qk'] * 1e3:.1f} ms, "
           f"two rpe_index + add {t['two_rpe_index_and_add'] * 1e3:.1f} ms ({qk['speedup']:.2f}x)")
 
+    if args.device == 'cpu' and args.dtype == 'float32':
+        loops = benchmark_loops(args.batch, args.heads, args.length, args.buckets, args.repeats, index=index)
+        result['cpu_loops'] = loops
+        print(f"CPU loops, float32 (chosen: {', '.join(f'{op} {s}' for op, s in loops['chosen'].items())}); "
+              f"ms, and / portable:")
+        for op, kinds in loops['median_seconds'].items():
+            for kind, t in kinds.items():
+                print(f"  {op:<13}{kind:<17}" + '  '.join(
+                    f"{s} {v * 1e3:.1f} ({loops['vs_portable'][op][kind][s]:.2f})" for s, v in t.items()))
+    result['machine']['host'] = host()  # every op has chosen its loops by now
+    print(describe_host(result['machine']['host']))
     save_json(result, args.json, indent=2)
     print(f'wrote {args.json}')
 
