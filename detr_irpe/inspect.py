@@ -1,5 +1,5 @@
 """What the inspection tools share: bucket maps (paper Fig. 6-9), the iRPE term b_ij of an encoder layer
-(Fig. 5), drawn detections, training logs and sweep tables (Table 6).
+(Fig. 5), drawn detections and training logs. Sweeps (Table 6) are in detr_irpe/sweep.py.
 
 Pictures are drawn with matplotlib's Agg backend and returned as figures; the tools save them.
 """
@@ -310,66 +310,3 @@ def plot_logs(runs, panels=LOG_PANELS):
     fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 4), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
-
-
-# ------------------------------------------------------------------------------------------ sweeps
-
-def run_name(spec):
-    """A folder name for one sweep entry: a config file's stem, or the --enc_rpe2d string ('none' if empty)."""
-    if spec.endswith(('.yaml', '.yml')):
-        return os.path.splitext(os.path.basename(spec))[0]
-    return spec or 'none'
-
-
-def describe_run(args):
-    """Table 6 columns of a run from its parsed training flags: abs. pos., iRPE, buckets, epochs."""
-    config = rpe_config_from_string(args.enc_rpe2d)
-    one = None if config is None else (config.rpe_k or config.rpe_q or config.rpe_v)
-    if one is None:
-        rel, buckets = 'none', '-'
-    else:
-        side = 2 * one.beta_int + 1
-        rel = one.mode + ('-clip' if one.index_func == 'clip' else '')
-        buckets = f'{side}x{side}' if one.method == 'product' else f'{side} ({one.method})'
-    abs_pos = {'sine': 'sinusoid'}.get(args.position_embedding, args.position_embedding)
-    return {'abs. pos.': abs_pos, 'iRPE': rel, 'buckets': buckets, 'epochs': str(args.epochs)}
-
-
-def sweep_table(rows):
-    """Markdown table like the paper's Table 6. rows: dicts with 'name', the describe_run() columns, and
-    'bbox' (the 12 COCO stats of eval.json, in [0, 1]) or None for a run that failed; AP columns in %."""
-    head = ['#', 'run', 'abs. pos.', 'iRPE', 'buckets', 'epochs', *COCO_STATS]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---:' if h in COCO_STATS or h == '#' else '---'
-                                                           for h in head) + '|']
-    for i, row in enumerate(rows, 1):
-        bbox = row.get('bbox')
-        stats = [f'{100 * v:.1f}' if v >= 0 else '-' for v in bbox[:6]] if bbox else ['failed'] + [''] * 5
-        cells = [str(i), row['name']] + [row.get(k, '') for k in head[2:6]] + stats
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
-
-def run_processes(commands, log_paths, parallel=1, env=None):
-    """Run each command (a list of strings) with its output going to its log file, at most `parallel` at a
-    time; print a line as each ends. Returns the exit codes in order."""
-    import subprocess
-    import time
-    pending = list(range(len(commands)))
-    running, codes = {}, [None] * len(commands)
-    while pending or running:
-        while pending and len(running) < parallel:
-            i = pending.pop(0)
-            os.makedirs(os.path.dirname(os.path.abspath(log_paths[i])), exist_ok=True)
-            log = open(log_paths[i], 'w')
-            print(f'[{i + 1}/{len(commands)}] started, output in {log_paths[i]}', flush=True)
-            running[i] = (subprocess.Popen(commands[i], stdout=log, stderr=subprocess.STDOUT, env=env), log,
-                          time.time())
-        time.sleep(0.2)
-        for i, (proc, log, started) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                codes[i] = proc.returncode
-                state = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode}), see {log_paths[i]}'
-                print(f'[{i + 1}/{len(commands)}] {state} in {time.time() - started:.0f} s', flush=True)
-                del running[i]
-    return codes

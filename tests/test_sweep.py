@@ -1,17 +1,31 @@
 """Ablations: the Table 6 presets against the paper's text, and tools/sweep.py's seeds, statistics, device
 slots and restarts."""
 import glob
+import importlib.util
+import json
 import os
 import re
+import statistics
+import sys
 
 import pytest
+from scipy import stats
 
 import datasets
-from detr_irpe import get_args_parser
+from detr_irpe import get_args_parser, sweep
 from detr_irpe.config import parse_args_with_config
 from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.sweep import device_slots, launch_command, visible_gpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------------------- Table 6 presets
@@ -97,3 +111,203 @@ def test_table6_presets_say_whether_the_papers_text_fixes_their_row():
         assert ('NOT fixed by the paper' in head) == (row in (3, 7)), path
         assert ('Fixed by the paper' in head) == (row not in (3, 7)), path
         assert ('inferred' in head) or row not in (3, 7), path
+
+
+# ------------------------------------------------------------------------------- where runs go
+
+def test_visible_gpus_are_named_as_cuda_visible_devices_names_them():
+    assert visible_gpus(None, 3) == ['0', '1', '2']
+    assert visible_gpus('4,6', 2) == ['4', '6']  # a child must get '6', not '1'
+    assert visible_gpus('', 0) == [] and visible_gpus(None, 0) == []
+
+
+@pytest.mark.parametrize('n_gpus', [1, 2, 3, 4, 8])
+@pytest.mark.parametrize('gpus_per_run', [1, 2, 3])
+@pytest.mark.parametrize('runs_per_gpu', [1, 2])
+def test_device_slots_give_every_run_its_own_gpus_unless_sharing_is_asked(n_gpus, gpus_per_run, runs_per_gpu):
+    gpus = [str(g) for g in range(10, 10 + n_gpus)]
+    if gpus_per_run > n_gpus:
+        with pytest.raises(ValueError, match=f'--gpus_per_run {gpus_per_run}'):
+            device_slots(gpus, gpus_per_run, runs_per_gpu)
+        return
+    slots = device_slots(gpus, gpus_per_run, runs_per_gpu)
+    assert len(slots) == (n_gpus // gpus_per_run) * runs_per_gpu
+    for slot in slots:
+        assert len(slot) == gpus_per_run == len(set(slot)) and set(slot) <= set(gpus)
+    for g in gpus:  # at most runs_per_gpu runs at a time on any GPU
+        assert sum(g in slot for slot in slots) in ((0, runs_per_gpu) if n_gpus % gpus_per_run else (runs_per_gpu,))
+    first = [g for slot in slots[:n_gpus // gpus_per_run] for g in slot]
+    assert len(first) == len(set(first))  # the first runs land on different GPUs
+    assert device_slots([], gpus_per_run, runs_per_gpu) == []
+
+
+def test_launch_command_sets_the_gpus_of_its_slot_and_uses_torchrun_for_several():
+    argv = ['--config', 'c.yaml', '--seed', '7']
+    command, env = launch_command(argv, None, 29500)
+    assert command[-4:] == argv and command[1].endswith(os.path.join('tools', 'train.py')) and env == {}
+    command, env = launch_command(argv, ('5',), 29500)
+    assert env == {'CUDA_VISIBLE_DEVICES': '5'} and 'torch.distributed.run' not in command
+    command, env = launch_command(argv, ('2', '3'), 29501)
+    assert env == {'CUDA_VISIBLE_DEVICES': '2,3'}
+    assert command[1:7] == ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29501']
+    assert command[-5:] == [command[-5]] + argv and command[-5].endswith('train.py')
+
+
+def test_run_processes_never_runs_two_processes_on_one_slot_at_once(tmp_path, monkeypatch):
+    """Stand-in runs write their GPUs and start / end times; no two overlapping runs may share a GPU."""
+    script = ('import os, sys, time; t = time.time(); time.sleep(0.3); '
+              'print(os.environ.get("CUDA_VISIBLE_DEVICES", "cpu"), t, time.time(), sys.argv[1])')
+    real = sweep.launch_command
+    monkeypatch.setattr(sweep, 'launch_command',
+                        lambda argv, slot, port: ([sys.executable, '-c', script, argv[0]], real(argv, slot, port)[1]))
+    runs = [([str(i)], str(tmp_path / f'{i}.out')) for i in range(7)]
+    slots = device_slots(['0', '1', '2', '3'], gpus_per_run=2)
+    assert sweep.run_processes(runs, slots) == [0] * 7
+    spans = []
+    for i in range(7):
+        gpus, start, end, name = open(tmp_path / f'{i}.out').read().split()
+        assert name == str(i)
+        spans.append((set(gpus.split(',')), float(start), float(end)))
+    assert all(len(gpus) == 2 for gpus, _, _ in spans)
+    for a, (gpus_a, start_a, end_a) in enumerate(spans):
+        for gpus_b, start_b, end_b in spans[a + 1:]:
+            if start_a < end_b and start_b < end_a:  # overlapping in time
+                assert not gpus_a & gpus_b
+
+
+# ------------------------------------------------------------------------------- statistics
+
+ENTRIES = ['none', 'rpe-2.0-product-bias-1-k', 'rpe-2.0-product-ctx-1-k']
+
+
+def write_eval(folder, bbox, epoch):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'eval.json'), 'w') as f:
+        json.dump({'bbox': bbox, 'epoch': epoch}, f)
+
+
+def direct_statistics(output_dir, entries, seeds, epochs, baseline):
+    """Per entry and stat: the values (in %) over seeds of the final eval.json files, their mean, sample
+    std, min and max; and the paired differences against `baseline` with scipy's paired t-test interval."""
+    def values(entry):
+        out = {}
+        for s in seeds:
+            path = os.path.join(output_dir, entry, f'seed{s}', 'eval.json')
+            result = json.load(open(path)) if os.path.exists(path) else None
+            if result and result['epoch'] == epochs - 1:
+                out[s] = result['bbox']
+        return out
+    base = values(baseline)
+    table = {}
+    for entry in entries:
+        runs = values(entry)
+        for k, metric in enumerate(['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']):
+            xs = [100 * runs[s][k] for s in seeds if s in runs and runs[s][k] >= 0]
+            row = {'n': len(xs)}
+            if len(xs) > 1:
+                row.update(mean=statistics.mean(xs), std=statistics.stdev(xs), min=min(xs), max=max(xs))
+            pairs = [s for s in seeds if s in runs and s in base and runs[s][k] >= 0 and base[s][k] >= 0]
+            if entry != baseline and len(pairs) > 1:
+                a, b = [100 * runs[s][k] for s in pairs], [100 * base[s][k] for s in pairs]
+                ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+                row.update(diff=statistics.mean(a) - statistics.mean(b), low=ci.low, high=ci.high, pairs=len(pairs))
+            table[entry, metric] = row
+    return table
+
+
+def test_sweep_table_over_seeds_matches_a_direct_computation_from_eval_json(tmp_path):
+    seeds, rng = [42, 43, 44], __import__('random').Random(0)
+    for e, entry in enumerate(ENTRIES):
+        for s in seeds:
+            bbox = [round(rng.uniform(0.1, 0.5) + 0.02 * e, 4) for _ in range(5)] + [-1.0] + [0.3] * 6
+            write_eval(tmp_path / entry / f'seed{s}', bbox, epoch=0)
+    os.remove(tmp_path / ENTRIES[2] / 'seed43' / 'eval.json')                      # a failed run
+    write_eval(tmp_path / ENTRIES[1] / 'seed44', [0.9] * 12, epoch=3)              # not of the final epoch
+    argv = ['--config', SMOKE, *ENTRIES, '--seeds', '3', '--baseline', ENTRIES[1], '--table_only',
+            '--output_dir', str(tmp_path)]
+    with pytest.raises(RuntimeError, match='2 of 9 runs have no eval.json of their final epoch'):
+        tool('sweep').main(argv)
+    summary = json.load(open(tmp_path / 'table.json'))
+    table = (tmp_path / 'table.md').read_text().splitlines()
+    direct = direct_statistics(str(tmp_path), ENTRIES, seeds, epochs=1, baseline=ENTRIES[1])
+    assert summary['seeds'] == seeds and summary['baseline'] == ENTRIES[1]
+    for i, entry in enumerate(summary['entries']):
+        name = ENTRIES[i]
+        assert entry['name'] == name and entry['finished'] == (2 if i else 3)
+        row = next(line for line in table if line.startswith(f'| {i + 1} | {name} | ') and '±' in line)
+        cells = [c.strip() for c in row.strip('|').split('|')]
+        for k, metric in enumerate(summary['metrics']):
+            want, got = direct[name, metric], entry['stats'][metric]
+            assert got['n'] == want['n']
+            if want['n'] > 1:
+                for key in ('mean', 'std', 'min', 'max'):
+                    assert got[key] == pytest.approx(want[key], abs=1e-9)
+                assert cells[7 + k] == f'{want["mean"]:.1f} ± {want["std"]:.1f} ({want["min"]:.1f}–{want["max"]:.1f})'
+            else:
+                assert cells[7 + k] == '-'
+            if 'diff' in want:
+                d = entry['vs_baseline'][metric]
+                assert (d['n'], d['mean'], d['low'], d['high']) == pytest.approx(
+                    (want['pairs'], want['diff'], want['low'], want['high']), abs=1e-9)
+        assert (entry['vs_baseline'] is None) == (name == ENTRIES[1])
+    # the differences table: the ctx entry pairs with the baseline on seed 42 only (43 failed, 44 stale)
+    ctx = next(line for line in table if line.startswith(f'| 3 | {ENTRIES[2]} | ') and '±' not in line)
+    cells = [c.strip() for c in ctx.strip('|').split('|')]
+    assert cells[2] == '1' and '[' not in cells[3]  # one pair: a difference, no interval
+    none = next(line for line in table if line.startswith(f'| 1 | none | ') and '±' not in line)
+    d = direct['none', 'AP']
+    assert [c.strip() for c in none.strip('|').split('|')][3] == f'{d["diff"]:+.1f} [{d["low"]:+.1f}, {d["high"]:+.1f}]'
+
+
+def test_one_seed_keeps_the_table_of_one_ap_per_cell():
+    entries = [{'name': 'none', 'abs. pos.': 'sinusoid', 'iRPE': 'none', 'buckets': '-', 'epochs': '150',
+                'results': {42: [0.396, 0.6, 0.4, 0.2, 0.43, -1.0] + [0.0] * 6}},
+               {'name': 'rpe-2.0-product-ctx-1-k', 'abs. pos.': 'sinusoid', 'iRPE': 'contextual', 'buckets': '9x9',
+                'epochs': '150', 'results': {42: None}}]
+    assert sweep.sweep_table(sweep.summarize(entries, [42])).splitlines() == [
+        '| # | run | abs. pos. | iRPE | buckets | epochs | AP | AP50 | AP75 | APs | APm | APl |',
+        '|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|',
+        '| 1 | none | sinusoid | none | - | 150 | 39.6 | 60.0 | 40.0 | 20.0 | 43.0 | - |',
+        '| 2 | rpe-2.0-product-ctx-1-k | sinusoid | contextual | 9x9 | 150 | failed |  |  |  |  |  |']
+
+
+# ------------------------------------------------------------------------- a real sweep, restarted
+
+@pytest.mark.slow
+def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothing_again(tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    argv = ['--config', SMOKE, 'none', 'rpe-2.0-product-bias-1-k', '--seeds', '2', '--parallel', '4', '--threads',
+            '1', '--output_dir', str(out), '--synthetic_dir', str(tmp_path / 'data')]
+    table = tool('sweep').main(argv)
+    assert table == (out / 'table.md').read_text().strip()
+    folders = [out / e / f'seed{s}' for e in ENTRIES[:2] for s in (42, 43)]
+    for folder in folders:  # each run trained with its own seed, to the end
+        assert json.load(open(folder / 'run.json'))['flags']['seed'] == int(folder.name[4:])
+        assert json.load(open(folder / 'eval.json'))['epoch'] == 0
+    summary = json.load(open(out / 'table.json'))
+    direct = direct_statistics(str(out), ENTRIES[:2], [42, 43], epochs=1, baseline='none')
+    for entry in summary['entries']:
+        for metric in summary['metrics']:
+            want = direct[entry['name'], metric]
+            assert entry['stats'][metric]['n'] == want['n']
+            if want['n'] > 1:
+                assert entry['stats'][metric]['mean'] == pytest.approx(want['mean'], abs=1e-9)
+                assert entry['stats'][metric]['std'] == pytest.approx(want['std'], abs=1e-9)
+            if 'diff' in want:
+                assert entry['vs_baseline'][metric]['mean'] == pytest.approx(want['diff'], abs=1e-9)
+    capsys.readouterr()
+
+    # Started again: every run finished, nothing is trained (the checkpoints stay as they were).
+    stamps = {f: os.path.getmtime(f / 'checkpoint.pth') for f in folders}
+    evaluated = json.load(open(folders[1] / 'eval.json'))['bbox']
+    os.remove(folders[1] / 'eval.json')  # killed during its final evaluation: only that is done again
+    assert tool('sweep').main(argv) == table
+    printed = capsys.readouterr().out
+    assert printed.count('skipped') == 3 and printed.count('started') == 1
+    assert {f: os.path.getmtime(f / 'checkpoint.pth') for f in folders} == stamps
+    again = json.load(open(folders[1] / 'eval.json'))
+    assert again['epoch'] == 0 and again['bbox'] == evaluated  # the final checkpoint, evaluated
+
+    # The same folders with another recipe: refused before anything runs.
+    with pytest.raises(ValueError, match='--lr 0.0001 then, 0.0003 now'):
+        tool('sweep').main(argv + ['--lr', '3e-4'])

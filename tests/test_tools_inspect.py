@@ -1,4 +1,4 @@
-"""Inspection tools: bucket maps, the iRPE term b_ij, predictions, log plots, sweeps; and the files they write."""
+"""Inspection tools: bucket maps, the iRPE term b_ij, predictions, log plots; and the files they write (sweeps: test_sweep.py)."""
 import importlib.util
 import json
 import math
@@ -12,8 +12,7 @@ from PIL import Image
 
 from detr_irpe import build_model, get_args_parser
 from detr_irpe.postprocess import coco_results
-from detr_irpe.inspect import (bucket_map, drawing_scale, irpe_logit_terms, read_log, sweep_table,
-                               uniform_reference_positions)
+from detr_irpe.inspect import bucket_map, drawing_scale, irpe_logit_terms, read_log, uniform_reference_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
@@ -192,18 +191,6 @@ def test_plot_logs_writes_one_png_for_several_runs(tmp_path, capsys):
         tool('plot_logs').main([a, b, '--labels', 'one'])
 
 
-def test_sweep_table_is_markdown_in_percent():
-    rows = [{'name': 'none', 'abs. pos.': 'sinusoid', 'iRPE': 'none', 'buckets': '-', 'epochs': '150',
-             'bbox': [0.396, 0.6, 0.4, 0.2, 0.43, -1.0] + [0.0] * 6},
-            {'name': 'rpe-2.0-product-ctx-1-k', 'abs. pos.': 'sinusoid', 'iRPE': 'contextual', 'buckets': '9x9',
-             'epochs': '150', 'bbox': None}]
-    assert sweep_table(rows).splitlines() == [
-        '| # | run | abs. pos. | iRPE | buckets | epochs | AP | AP50 | AP75 | APs | APm | APl |',
-        '|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|',
-        '| 1 | none | sinusoid | none | - | 150 | 39.6 | 60.0 | 40.0 | 20.0 | 43.0 | - |',
-        '| 2 | rpe-2.0-product-ctx-1-k | sinusoid | contextual | 9x9 | 150 | failed |  |  |  |  |  |']
-
-
 @pytest.mark.parametrize('name', ['visualize_buckets', 'visualize_rpe', 'predict', 'plot_logs', 'sweep'])
 def test_every_tool_has_help_with_an_example(name):
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{name}.py'), '--help'], cwd=ROOT,
@@ -260,18 +247,3 @@ def test_visualize_rpe_writes_the_grid_of_a_trained_layer(smoke_run, tmp_path):
     assert os.path.basename(path) == f'rpe_{image.stem}_layer0.png'
     w, h = png_size(path)
     assert w > h > 200  # the image beside a 5 x 5 grid of maps
-
-
-@pytest.mark.slow
-def test_sweep_trains_each_entry_and_prints_its_row(tmp_path, capsys):
-    table = tool('sweep').main(['--config', SMOKE, 'none', 'rpe-2.0-product-bias-1-k', '--output_dir',
-                                str(tmp_path), '--synthetic_dir', str(tmp_path / 'data'), '--parallel', '2'])
-    lines = table.splitlines()
-    assert len(lines) == 4 and lines == (tmp_path / 'table.md').read_text().splitlines()
-    assert lines[2].startswith('| 1 | none | sinusoid | none | - | 1 |')
-    assert lines[3].startswith('| 2 | rpe-2.0-product-bias-1-k | sinusoid | bias | 9x9 | 1 |')
-    for line, name in zip(lines[2:], ('none', 'rpe-2.0-product-bias-1-k')):
-        bbox = json.load(open(tmp_path / name / 'eval.json'))['bbox']
-        cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        assert cells[6:12] == [f'{100 * v:.1f}' if v >= 0 else '-' for v in bbox[:6]]
-        assert json.load(open(tmp_path / name / 'eval.json'))['epoch'] == 0
