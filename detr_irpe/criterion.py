@@ -5,11 +5,11 @@ Logged, not trained on: 'class_error' (top-1 error in % on matched queries) and
 'cardinality_error' (L1 between the number of predicted objects and of targets).
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
+from . import distributed
 from .box_ops import box_cxcywh_to_xyxy
 from .matcher import build_matcher
 
@@ -84,7 +84,7 @@ class SetCriterion(nn.Module):
         Returns a dict of scalar losses; those of aux_outputs[i] carry the suffix `_{i}`."""
         final_outputs = {k: v for k, v in outputs.items() if k != 'aux_outputs'}
         indices = self.matcher(final_outputs, targets)
-        num_boxes = self.average_num_boxes(targets, outputs['pred_logits'].device)
+        num_boxes = self.average_num_boxes(targets)
 
         losses = {}
         for loss in self.losses:
@@ -98,14 +98,11 @@ class SetCriterion(nn.Module):
         return losses
 
     @staticmethod
-    def average_num_boxes(targets, device) -> float:
+    def average_num_boxes(targets) -> float:
         """Number of target boxes per process, averaged over processes, at least 1."""
-        num_boxes = torch.as_tensor([float(sum(len(t['labels']) for t in targets))], device=device)
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_boxes)
-            world_size = dist.get_world_size()
-        return torch.clamp(num_boxes / world_size, min=1).item()
+        # Through distributed.all_reduce_mean: its tensor is on the process's device (CUDA under nccl).
+        num_boxes = float(sum(len(t['labels']) for t in targets))
+        return max(distributed.all_reduce_mean({'num_boxes': num_boxes})['num_boxes'], 1.0)
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
