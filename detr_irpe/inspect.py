@@ -290,16 +290,40 @@ def run_label(log_path):
     return os.path.basename(os.path.dirname(os.path.abspath(log_path))) or log_path
 
 
-def plot_logs(runs, panels=LOG_PANELS):
-    """Figure of training curves: one panel per (field, title), one line per run. runs: {label: records}."""
+def seed_band(seeds, field, band='minmax'):
+    """The curve of `field` over the seeds of one sweep entry: (epochs, mean, low, high) at the epochs where
+    every seed logged a value (>= 0). low, high: the min and max over seeds (band 'minmax'), or the mean
+    minus and plus their sample standard deviation (band 'std'; zero width for one seed).
+    seeds: one list of read_log() records per seed."""
+    if band not in ('minmax', 'std'):
+        raise ValueError(f"band {band!r} is not one of 'minmax', 'std'.")
+    by_seed = [{r['epoch']: r[field] for r in records if r.get(field) is not None and r[field] >= 0}
+               for records in seeds]
+    epochs = sorted(set.intersection(*(set(values) for values in by_seed)))
+    values = np.array([[v[e] for v in by_seed] for e in epochs], dtype=float).reshape(len(epochs), len(seeds))
+    mean = values.mean(axis=1)
+    if band == 'minmax':
+        return epochs, mean, values.min(axis=1), values.max(axis=1)
+    sd = values.std(axis=1, ddof=1) if len(seeds) > 1 else np.zeros_like(mean)
+    return epochs, mean, mean - sd, mean + sd
+
+
+def plot_logs(runs, panels=LOG_PANELS, band='minmax'):
+    """Figure of training curves: one panel per (field, title), one line per run. runs: {label: records},
+    or {label: [records, records, ...]} for the seeds of one sweep entry, drawn as their mean with a band
+    (seed_band)."""
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for (field, title), ax in zip(panels, axes.flat):
         for label, records in runs.items():
-            points = [(r['epoch'], r[field]) for r in records if r.get(field) is not None and r[field] >= 0]
-            if points:
-                ax.plot(*zip(*points), marker='.' if len(points) < 30 else None, label=label)
+            seeds = records if records and isinstance(records[0], list) else [records]
+            epochs, mean, low, high = seed_band(seeds, field, band)
+            if epochs:
+                line, = ax.plot(epochs, mean, marker='.' if len(epochs) < 30 else None,
+                                label=label if len(seeds) == 1 else f'{label} (mean of {len(seeds)} seeds, {band})')
+                if len(seeds) > 1:
+                    ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=7)

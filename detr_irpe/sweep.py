@@ -29,6 +29,14 @@ def run_dir(output_dir, name, seed):
     return os.path.join(output_dir, name, f'seed{seed}')
 
 
+def seed_logs(folder):
+    """The log.txt of every seed of a sweep entry's folder (output_dir/<entry>), in seed order; [] for a
+    folder that is not a sweep entry's."""
+    seeds = [d for d in os.listdir(folder) if d.startswith('seed') and d[4:].lstrip('-').isdigit()
+             and os.path.isfile(os.path.join(folder, d, 'log.txt'))]
+    return [os.path.join(folder, d, 'log.txt') for d in sorted(seeds, key=lambda d: int(d[4:]))]
+
+
 def describe_run(args):
     """Table 6 columns of a run from its parsed training flags: abs. pos., iRPE, buckets, epochs."""
     config = rpe_config_from_string(args.enc_rpe2d)

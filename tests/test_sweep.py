@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 import datasets
-from detr_irpe import get_args_parser, sweep
+from detr_irpe import get_args_parser, inspect, sweep
 from detr_irpe.config import parse_args_with_config
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.sweep import device_slots, launch_command, visible_gpus
@@ -311,3 +311,56 @@ def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothin
     # The same folders with another recipe: refused before anything runs.
     with pytest.raises(ValueError, match='--lr 0.0001 then, 0.0003 now'):
         tool('sweep').main(argv + ['--lr', '3e-4'])
+
+
+# ------------------------------------------------------------------------- curves over seeds
+
+def write_seed_log(path, losses, aps):
+    """A log.txt of tools/train.py: one record per epoch with train_loss and the COCO stats."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        for epoch, (loss, ap) in enumerate(zip(losses, aps)):
+            f.write(json.dumps({'epoch': epoch, 'train_loss': loss, 'test_coco_eval_bbox': [ap, 2 * ap] + [0.0] * 10})
+                    + '\n')
+
+
+@pytest.mark.parametrize('band', ['minmax', 'std'])
+def test_plot_logs_draws_a_sweep_entry_as_the_mean_of_its_seeds_with_a_band(tmp_path, capsys, band):
+    losses = {42: [5.0, 4.0, 3.5], 43: [5.5, 3.0, 2.5], 44: [6.0, 4.5]}  # seed 44 stopped after 2 epochs
+    aps = {42: [0.1, 0.2, 0.3], 43: [0.0, 0.3, 0.4], 44: [0.2, 0.1]}
+    for s in losses:
+        write_seed_log(str(tmp_path / 'sweep' / 'ctx' / f'seed{s}' / 'log.txt'), losses[s], aps[s])
+    write_seed_log(str(tmp_path / 'single' / 'log.txt'), [4.0, 3.0, 2.0], [0.1, 0.1, 0.1])
+    captured = {}
+    real_plot_logs = inspect.plot_logs
+
+    def keep(runs, **kwargs):
+        captured['fig'] = fig = real_plot_logs(runs, **kwargs)
+        captured['axes'] = {ax.get_title(): ax for ax in fig.axes}
+        return fig
+    module = tool('plot_logs')
+    module.plot_logs = keep
+    path = module.main([str(tmp_path / 'sweep' / 'ctx'), str(tmp_path / 'single'), '--band', band,
+                        '--output_dir', str(tmp_path / 'out')])
+    assert os.path.getsize(path) > 0
+    out = capsys.readouterr().out
+    assert 'ctx seed42: 3 epochs' in out and 'ctx seed44: 2 epochs' in out and 'single: 3 epochs' in out
+    for title, values in (('loss', losses), ('AP (val)', aps)):
+        ax = captured['axes'][title]
+        mean_line, single_line = ax.get_lines()
+        epochs = [0, 1]  # the epochs every seed has
+        columns = [[values[s][e] for s in (42, 43, 44)] for e in epochs]
+        assert list(mean_line.get_xdata()) == epochs and list(single_line.get_xdata()) == [0, 1, 2]
+        assert list(mean_line.get_ydata()) == pytest.approx([statistics.mean(c) for c in columns])
+        if band == 'minmax':
+            low, high = [min(c) for c in columns], [max(c) for c in columns]
+        else:
+            low = [statistics.mean(c) - statistics.stdev(c) for c in columns]
+            high = [statistics.mean(c) + statistics.stdev(c) for c in columns]
+        (polygon,) = ax.collections  # one band: the single run has none
+        ys = polygon.get_paths()[0].vertices[:, 1]
+        assert min(ys) == pytest.approx(min(low)) and max(ys) == pytest.approx(max(high))
+        for e in epochs:  # the band's edges at each epoch
+            at = sorted(y for x, y in polygon.get_paths()[0].vertices if x == e)
+            assert at[0] == pytest.approx(low[e]) and at[-1] == pytest.approx(high[e])
+    assert 'ctx (mean of 3 seeds' in captured['axes']['loss'].get_lines()[0].get_label()
