@@ -175,6 +175,15 @@ def test_run_processes_never_runs_two_processes_on_one_slot_at_once(tmp_path, mo
                 assert not gpus_a & gpus_b
 
 
+
+def test_sweep_refuses_an_unknown_baseline_and_gpus_per_run_on_the_cpu_before_training(tmp_path):
+    flags = ['--config', SMOKE, 'none', 'rpe-2.0-product-ctx-1-k', '--output_dir', str(tmp_path)]
+    with pytest.raises(ValueError, match="--baseline 'rpe-2.0-product-bias-1-k' is none of the entries"):
+        tool('sweep').main(flags + ['--baseline', 'rpe-2.0-product-bias-1-k'])
+    with pytest.raises(ValueError, match='--gpus_per_run 2 needs runs on GPUs, but they run on cpu'):
+        tool('sweep').main(flags + ['--gpus_per_run', '2'])
+    assert not any('train.out' in files for _, _, files in os.walk(tmp_path))  # nothing was started
+
 # ------------------------------------------------------------------------------- statistics
 
 ENTRIES = ['none', 'rpe-2.0-product-bias-1-k', 'rpe-2.0-product-ctx-1-k']

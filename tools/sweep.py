@@ -128,6 +128,7 @@ def main(argv=None):
     for run in runs:  # all checked before any starts: a mismatch stops the sweep with nothing trained
         check_same_run(run['dir'], run['flags'])
     if not args.table_only:
+        slots = gpu_slots(args, runs)
         todo = [r for r in runs if final_result(r['dir'], r['epochs']) is None]
         for run in runs:
             if run not in todo:
@@ -135,7 +136,6 @@ def main(argv=None):
         for run in todo:
             save_json({'argv': run['argv'], 'flags': run['flags']}, os.path.join(run['dir'], 'run.json'))
             run['argv'] = run['argv'] + resume_flags(run['dir'], run['epochs'])
-        slots = gpu_slots(args, runs)
         env = dict(os.environ)
         at_once = max(1, min(len(slots), len(todo)))
         env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // at_once)))
