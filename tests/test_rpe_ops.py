@@ -480,15 +480,21 @@ USE_EVERY_OP = ('import json, torch, rpe_ops\n'
 
 @compiled
 def test_auto_loops_are_the_fastest_measured_or_a_simpler_one_within_five_percent():
-    """Chosen at each op's first call: the reported times decide it (a more complex set must win by 5%)."""
+    """The index ops choose at their first call: the reported times decide it (a more complex set must win
+    by 5%). The reductions, whose sums depend on the loops, go by CPU features: AVX-512 where it runs."""
     import json
     run = run_python(USE_EVERY_OP, RPE_OPS_CPU_LOOPS='auto')
     assert run.returncode == 0, run.stderr
     info = json.loads(run.stdout)
     assert info['setting'] == 'auto' and info['set_by'] == 'RPE_OPS_CPU_LOOPS'
-    for op, choice in info['ops'].items():
-        sets = [s for s in info['candidates'] if not ('reduce' in op and s == 'avx512_stream')]
-        if len(sets) == 1:  # no AVX-512: nothing to time
+    simd = 'avx512' in info['candidates']
+    for op in ('rpe_reduce', 'rpe_reduce_qk'):
+        choice = info['ops'][op]
+        assert choice['loops'] == ('avx512' if simd else 'portable') and choice['milliseconds'] == {}, (op, choice)
+        assert choice['reason'].startswith('by CPU features'), (op, choice)
+    for op in ('rpe_index', 'rpe_index_qk'):
+        choice, sets = info['ops'][op], info['candidates']
+        if not simd:  # nothing to time
             assert choice['loops'] == 'portable' and choice['milliseconds'] == {}, (op, choice)
             continue
         ms = choice['milliseconds']

@@ -100,7 +100,7 @@ at::Tensor probe_ids() {
 at::Tensor probe_values(at::IntArrayRef sizes) {
   at::Tensor values = at::empty(sizes, at::kFloat);
   float* v = values.mutable_data_ptr<float>();
-  for (int64_t e = 0; e < values.numel(); ++e) v[e] = 0.01f * static_cast<float>(e & 63);
+  for (int64_t e = 0; e < values.numel(); ++e) v[e] = 0.01f * static_cast<float>(e % 97);
   return values;
 }
 
@@ -110,27 +110,18 @@ double milliseconds_of(const std::function<void()>& run) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Times every candidate of `op` on the measured problem; returns the chosen one and fills ms.
+// Times every candidate of `op` (rpe_index or rpe_index_qk) on the measured problem; returns the chosen
+// one and fills ms.
 Loops measure(Op op, std::vector<double>& ms) {
   const std::vector<Loops> cands = candidates(op);
   ms.assign(cands.size(), std::numeric_limits<double>::infinity());
   if (cands.size() == 1) return cands[0];
   const int64_t L = kHeight * kWidth, K = (2 * kClip + 1) * (2 * kClip + 1);
   const at::Tensor index = probe_ids(), index_t = index.t().contiguous();
-  at::Tensor table, table_t, values;
-  if (writes_large_output(op)) {
-    table = probe_values({kB, kH, L, K});
-    table_t = probe_values({kB, kH, L, K});
-  } else {
-    values = probe_values({kB, kH, L, L});
-  }
+  const at::Tensor table = probe_values({kB, kH, L, K}), table_t = probe_values({kB, kH, L, K});
   auto run = [&](Loops loops) {
-    switch (op) {
-      case Op::kIndex: rpe_index_cpu(loops, table, index); break;
-      case Op::kReduce: rpe_reduce_cpu(loops, values, index, K); break;
-      case Op::kIndexQk: rpe_index_qk_cpu(loops, table, index, table_t, index_t); break;
-      case Op::kReduceQk: rpe_reduce_qk_cpu(loops, values, index, K, index_t, K); break;
-    }
+    if (op == Op::kIndexQk) rpe_index_qk_cpu(loops, table, index, table_t, index_t);
+    else rpe_index_cpu(loops, table, index);
   };
   run(cands[0]);  // warm-up: the output block mapped (the cache of output_cache.h hands it to every later call)
   for (int round = 0; round < kRounds; ++round)
@@ -150,6 +141,7 @@ Loops loops_for(Op op) {
   State& s = state();
   const int forced = s.forced.load(std::memory_order_relaxed);
   if (forced >= 0) return for_op(op, static_cast<Loops>(forced));
+  if (!writes_large_output(op)) return candidates(op).back();  // by CPU features: see loops.h
   const int o = static_cast<int>(op);
   const int known = s.measured[o].load(std::memory_order_acquire);
   if (known >= 0) return static_cast<Loops>(known);
@@ -192,6 +184,11 @@ LoopsReport loops_report() {
       choice.loops = loops_name(for_op(op, static_cast<Loops>(forced)));
       choice.reason = "forced by " + std::string(s.set_by == "RPE_OPS_CPU_LOOPS" ? "RPE_OPS_CPU_LOOPS=" : "rpe_ops.set_cpu_loops: ") +
                       s.setting + (choice.loops != s.setting ? " (the reductions have no streaming variant)" : "");
+    } else if (!writes_large_output(op)) {
+      choice.loops = loops_name(cands.back());
+      choice.reason = cands.size() == 1 ? "by CPU features: no AVX-512 (F, BW and VL)"
+                                        : "by CPU features: AVX-512 (F, BW and VL); not timed, so that runs "
+                                          "with one seed sum in one order (see loops.h)";
     } else if (known < 0) {
       choice.reason = "not used yet in this process: chosen at its first call";
     } else {

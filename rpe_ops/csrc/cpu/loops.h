@@ -1,18 +1,22 @@
 // Which loops each CPU op runs, decided per host at run time.
 //
 // A fast path that wins on one CPU can lose badly on another of the same kind:
-// rpe_index's AVX-512 loop with streaming stores was 1.3x faster than with plain
-// stores on an AMD EPYC (Zen 4) and 12x slower on an Intel Xeon (Ice Lake). So
-// no loop is picked by CPU features alone. The candidates are
+// rpe_index's AVX-512 loop with streaming stores was faster than with plain stores
+// on an AMD EPYC (Zen 4) and 12x slower on an Intel Xeon (Ice Lake). The sets are
 //   portable       plain C++ loops, any CPU
 //   avx512         the loops of avx512.h, plain stores      (CPUs with AVX-512 F/BW/VL)
 //   avx512_stream  the same, rpe_index / rpe_index_qk writing their output with
 //                  streaming stores (the reductions have no large output: as avx512)
-// and on first use in a process each op times them on one problem of DETR-encoder
-// proportions (float32; 3 rounds of calls, interleaved, about 40-200 ms once per op
-// on 2 cores) and keeps the fastest. A candidate
-// must beat the simpler ones before it by kMargin to be chosen, so noise does not
-// trade a loop for a more complex one that is no faster.
+// rpe_index and rpe_index_qk time every set this CPU runs on their first call in a
+// process, on one problem of DETR-encoder proportions (float32; 3 rounds of calls,
+// interleaved, about 40-200 ms once per op on 2 cores), and keep the fastest; a more
+// complex set must beat the simpler ones before it by kMargin, so that noise does not
+// trade a loop for a more complex one that is no faster. Their outputs are the same
+// bits on every set, so the choice cannot change a result.
+// rpe_reduce and rpe_reduce_qk go by CPU features (avx512 where it runs): each set sums
+// in its own order (equal up to rounding, not bit for bit), and a timed choice, which
+// noise can flip between runs, would let two runs with one seed train differently.
+// Their AVX-512 loops are 4-5x faster than the portable ones (Zen 4; see docs/benchmark.md).
 //
 // RPE_OPS_CPU_LOOPS=auto|portable|avx512|avx512_stream (read at first use; default
 // auto) or rpe_ops.set_cpu_loops(...) forces one set for every op instead.
@@ -33,7 +37,7 @@ constexpr int kNumOps = 4;
 const char* loops_name(Loops loops);
 const char* op_name(Op op);
 
-// The loops `op` runs now: forced, or measured on its first call.
+// The loops `op` runs now: forced, by CPU features, or measured on its first call.
 Loops loops_for(Op op);
 
 // Force one set ("portable", "avx512", "avx512_stream") for every op, or "auto" (measure; earlier
