@@ -27,6 +27,8 @@ except ImportError:  # torch < 2.5
 ATTENTION_IMPLS = ('auto', 'sdpa', 'flex')
 # The dtypes torch's FlexAttention compiles for on CPU.
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Its CUDA kernels multiply with tl.dot, which needs at least 16 columns.
+MIN_CUDA_HEAD_DIM = 16
 
 
 def check_attention_impl(attention_impl, rpe_v=None):
@@ -49,15 +51,16 @@ def check_attention_impl(attention_impl, rpe_v=None):
 def use_flex(attention_impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p):
     """Whether RPEMultiheadAttention.forward runs flex_irpe_attention (True) or its SDPA/explicit path.
 
-    auto: on CUDA, with iRPE on queries or keys (without, SDPA's own kernels are the fused attention),
-    none on values, no weights asked for and no dropout. flex: always, but for need_weights (the explicit
-    path gives them); attention dropout in training is an error.
+    q: (B, H, L, head_dim). auto: on CUDA, head_dim at least MIN_CUDA_HEAD_DIM, iRPE on queries or keys
+    (without, SDPA's own kernels are the fused attention), none on values, no weights asked for and no
+    dropout. flex: always, but for need_weights (the explicit path gives them); attention dropout in
+    training is an error.
     """
     if attention_impl == 'sdpa' or need_weights:
         return False
     if attention_impl == 'auto':
-        return (flex_attention is not None and q.is_cuda and rpe_v is None and dropout_p == 0.0
-                and (rpe_q is not None or rpe_k is not None))
+        return (flex_attention is not None and q.is_cuda and q.shape[-1] >= MIN_CUDA_HEAD_DIM and rpe_v is None
+                and dropout_p == 0.0 and (rpe_q is not None or rpe_k is not None))
     if dropout_p > 0.0:
         raise ValueError(f'--attention_impl flex has no attention dropout (dropout {dropout_p} in training): use '
                          '--dropout 0, or --attention_impl auto (SDPA, with dropout, while training).')
@@ -114,11 +117,15 @@ def flex_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, key_padding_mask=None, 
     """
     if flex_attention is None:
         check_attention_impl('flex')
+    if q.is_cuda and q.shape[-1] < MIN_CUDA_HEAD_DIM:
+        raise ValueError(f'flex attention on CUDA needs a head dimension of at least {MIN_CUDA_HEAD_DIM}, got '
+                         f'{q.shape[-1]} (--hidden_dim / --nheads): use --attention_impl auto or sdpa, or fewer heads.')
     if not q.is_cuda:
         if q.dtype not in CPU_DTYPES:
             raise ValueError(f'flex attention on CPU runs in {[str(t) for t in CPU_DTYPES]}, got {q.dtype}: use '
                              '--attention_impl sdpa for other dtypes.')
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        tables = [p for m in (rpe_q, rpe_k) if m is not None for p in m.parameters()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in [q, k, v] + tables):
             raise NotImplementedError('flex attention on CPU has a forward only (torch FlexAttention has no CPU '
                                       'backward): run it under torch.no_grad(), or train with --attention_impl '
                                       'auto or sdpa on CPU.')

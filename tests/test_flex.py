@@ -179,7 +179,8 @@ def test_auto_keeps_the_sdpa_path_on_cpu(monkeypatch):
 
 
 def test_where_flex_applies():
-    cpu, cuda = types.SimpleNamespace(is_cuda=False), types.SimpleNamespace(is_cuda=True)
+    cpu, cuda = (types.SimpleNamespace(is_cuda=on_cuda, shape=(2, 8, 950, 32)) for on_cuda in (False, True))
+    narrow_heads = types.SimpleNamespace(is_cuda=True, shape=(2, 8, 950, 8))
     rpe = object()
     #            impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p
     assert use_flex('auto', cuda, None, rpe, None, False, 0.0)
@@ -189,6 +190,7 @@ def test_where_flex_applies():
     assert not use_flex('auto', cuda, None, rpe, rpe, False, 0.0)       # iRPE on values needs the weights
     assert not use_flex('auto', cuda, None, rpe, None, True, 0.0)       # weights asked for
     assert not use_flex('auto', cuda, None, rpe, None, False, 0.1)      # flex has no attention dropout
+    assert not use_flex('auto', narrow_heads, None, rpe, None, False, 0.0)  # its CUDA kernels need head_dim >= 16
     assert not use_flex('sdpa', cuda, None, rpe, None, False, 0.0)
     assert use_flex('flex', cpu, None, None, None, False, 0.0)
     assert not use_flex('flex', cpu, None, rpe, None, True, 0.0)        # the explicit path gives the weights
