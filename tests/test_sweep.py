@@ -321,6 +321,14 @@ def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothin
     with pytest.raises(ValueError, match='--lr 0.0001 then, 0.0003 now'):
         tool('sweep').main(argv + ['--lr', '3e-4'])
 
+    # A longer budget: a run continues from its checkpoint, the epoch it had is not trained again.
+    first_epoch = open(folders[0] / 'log.txt').readline()
+    tool('sweep').main(argv[:2] + ['none', '--seeds', '1', '--epochs', '2'] + argv[6:])
+    assert 'resumed from' in (folders[0] / 'train.out').read_text()
+    lines = open(folders[0] / 'log.txt').read().splitlines()
+    assert [json.loads(line)['epoch'] for line in lines] == [0, 1] and lines[0] + '\n' == first_epoch
+    assert json.load(open(folders[0] / 'eval.json'))['epoch'] == 1
+
 
 # ------------------------------------------------------------------------- curves over seeds
 
