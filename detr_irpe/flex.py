@@ -93,7 +93,7 @@ def irpe_score_mod(rpe_q=None, rpe_k=None, q=None, k=None, height=None, width=No
 
     def score_mod(score, b, h, q_idx, kv_idx):
         for values, ids, on_queries in terms:
-            # Index 0 along a broadcast dimension (shared head, bias table); which is known here, not per score.
+            # Index 0 along a broadcast dimension (shared head, bias table): decided once, when flex traces this.
             bb = b if values.shape[0] > 1 else 0
             hh = h if values.shape[1] > 1 else 0
             if on_queries:   # rpe_q: the key's values against the query, at bucket(j, i)
