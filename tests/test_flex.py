@@ -105,6 +105,21 @@ def test_compiled_flex_forward_equals_textbook_attention(method, mode, shared, r
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
 
 
+def test_compiled_flex_forward_in_bfloat16_under_autocast():
+    """As --amp runs it: bfloat16 q, k, v and per-bucket values; to bfloat16's precision (a wrong bucket
+    or row would be off by about the size of the output)."""
+    config, rpe_q, rpe_k = rpe_modules('product', 'ctx', False, 'qk', 1)
+    q, k, v, mask = (t if t.dtype == torch.bool else t.bfloat16() for t in random_inputs(1, True))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = flex_irpe_attention(q, k, v, rpe_q, rpe_k, mask, H_MAP, W_MAP)
+    with torch.no_grad():
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        logits = q64 @ k64.transpose(-1, -2) + reference_logits_term(config, rpe_q, rpe_k, q64, k64 * D ** -0.5)
+        expected = logits.masked_fill(mask[:, None, None, :], float('-inf')).softmax(-1) @ v64
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def dense_score_mod(score_mod, L, dtype):
     """The score_mod on every (b, h, q_idx, kv_idx) at once, from a zero score: (B, H, L, L)."""
     b = torch.arange(B).view(B, 1, 1, 1)
