@@ -6,39 +6,47 @@
 """
 import torch.utils.data
 
+from detr_irpe.args import MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, float_range, int_range, non_empty
+
 from . import coco, synthetic
 from .coco_eval import CocoEvaluator
 from .transforms import make_transforms
 
-__all__ = ['add_dataset_args', 'build_dataset', 'collate_fn', 'get_coco_api_from_dataset', 'num_classes_for',
-           'CocoEvaluator', 'make_transforms']
+__all__ = ['add_dataset_args', 'build_dataset', 'check_training_batches', 'collate_fn', 'get_coco_api_from_dataset',
+           'num_classes_for', 'CocoEvaluator', 'make_transforms']
 
 COCO_NUM_CLASSES = 91  # DETR: max COCO category id (90) + 1
+MIN_SYNTHETIC_SIDE = 16  # the smallest shapes must still cover a few pixels
 
 
 def add_dataset_args(parser):
+    side = int_range(1, MAX_IMAGE_SIDE)  # pixels
     group = parser.add_argument_group('data')
-    group.add_argument('--train_scales', type=int, nargs='+', default=list(range(480, 801, 32)),
+    group.add_argument('--train_scales', type=side, nargs='+', default=list(range(480, 801, 32)),
                        help='training: the shorter side is resized to one of these')
-    group.add_argument('--train_max_size', type=int, default=1333, help='training: longest side at most this')
-    group.add_argument('--crop_scales', type=int, nargs='+', default=[400, 500, 600],
+    group.add_argument('--train_max_size', type=side, default=1333, help='training: longest side at most this')
+    group.add_argument('--crop_scales', type=side, nargs='+', default=[400, 500, 600],
                        help='training, crop branch: shorter side resized to one of these before the crop')
-    group.add_argument('--crop_size', type=int, nargs=2, default=[384, 600], metavar=('MIN', 'MAX'),
+    group.add_argument('--crop_size', type=side, nargs=2, default=[384, 600], metavar=('MIN', 'MAX'),
                        help='training, crop branch: crop height and width are drawn in [MIN, MAX]')
-    group.add_argument('--val_size', type=int, default=800, help='validation: shorter side')
-    group.add_argument('--val_max_size', type=int, default=1333, help='validation: longest side at most this')
-    group.add_argument('--synthetic_dir', default='.cache/synthetic',
+    group.add_argument('--val_size', type=side, default=800, help='validation: shorter side')
+    group.add_argument('--val_max_size', type=side, default=1333, help='validation: longest side at most this')
+    group.add_argument('--synthetic_dir', default='.cache/synthetic', type=non_empty,
                        help='where --dataset_file synthetic writes its COCO-layout folder')
-    group.add_argument('--synthetic_train', type=int, default=1000, help='synthetic: number of training images')
-    group.add_argument('--synthetic_val', type=int, default=100, help='synthetic: number of validation images')
-    group.add_argument('--synthetic_image_size', type=int, default=128, help='synthetic: image side in pixels')
-    group.add_argument('--synthetic_classes', type=int, default=4,
+    group.add_argument('--synthetic_train', type=int_range(1, MAX_COUNT), default=1000,
+                       help='synthetic: number of training images')
+    group.add_argument('--synthetic_val', type=int_range(1, MAX_COUNT), default=100,
+                       help='synthetic: number of validation images')
+    group.add_argument('--synthetic_image_size', type=int_range(MIN_SYNTHETIC_SIDE, MAX_IMAGE_SIDE), default=128,
+                       help='synthetic: image side in pixels')
+    group.add_argument('--synthetic_classes', type=int_range(1, len(synthetic.SHAPES)), default=4,
                        help=f'synthetic: number of shape categories (at most {len(synthetic.SHAPES)})')
-    group.add_argument('--synthetic_objects', type=int, nargs=2, default=[1, 3], metavar=('MIN', 'MAX'),
+    group.add_argument('--synthetic_objects', type=int_range(0, 100), nargs=2, default=[1, 3], metavar=('MIN', 'MAX'),
                        help='synthetic: objects per image')
-    group.add_argument('--synthetic_object_size', type=float, nargs=2, default=[0.2, 0.45], metavar=('MIN', 'MAX'),
-                       help='synthetic: object size sqrt(w h) as a fraction of the image side')
-    group.add_argument('--synthetic_seed', type=int, default=0, help='synthetic: seed of the drawing')
+    group.add_argument('--synthetic_object_size', type=float_range(0.01, 1), nargs=2, default=[0.2, 0.45],
+                       metavar=('MIN', 'MAX'), help='synthetic: object size sqrt(w h) as a fraction of the image side')
+    group.add_argument('--synthetic_seed', type=int_range(0, MAX_SEED), default=0,
+                       help='synthetic: seed of the drawing')
     return parser
 
 
@@ -61,6 +69,16 @@ def build_dataset(image_set, args):
                                  crop_scales=args.crop_scales, crop_size=args.crop_size,
                                  val_size=args.val_size, val_max_size=args.val_max_size)
     return coco.build(image_set, root, transforms)
+
+
+def check_training_batches(dataset, args):
+    """A ValueError when not one full training batch (--batch_size per process x processes) fits in `dataset`:
+    batches are full ones (as DETR), so every epoch would run no step at all."""
+    world_size = getattr(args, 'world_size', 1) or 1
+    if args.batch_size * world_size > len(dataset):
+        processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
+        raise ValueError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
+                         f'images: no full batch, so no training step would run; lower --batch_size')
 
 
 def collate_fn(batch):

@@ -14,16 +14,15 @@ Each sample is `(image (3, H, W) float normalised, target)` with
   orig_size int64 (2,) [h, w] of the image file;  size int64 (2,) [h, w] after the transforms
 Images without objects are kept (N = 0). Grayscale, CMYK and palette images are converted to RGB.
 
-Bad data (evaluation always uses the untouched annotation file through pycocotools):
+Bad data (the whole policy: datasets/validate.py; evaluation uses the annotations that passed it):
   - missing folder / annotation file: FileNotFoundError naming the path and the expected layout.
+  - invalid JSON, a malformed entry: what stops the run and what is skipped (warned, counted) is in validate.py.
   - unreadable, truncated or missing image: a warning naming the file, the `skipped` counter goes up, and
     the next readable image in index order is returned instead (so a DataLoader worker never dies on one bad
     file and batches keep their size). `skipped` counts failed reads, in every epoch, summed over
     DataLoader workers (it lives in shared memory). If no image at all can be read: RuntimeError.
   - box with width or height <= 0: dropped. Box reaching outside the image: clipped to it, and dropped if
     nothing is left. One warning per annotation id (per process) naming the annotation file and the id.
-  - annotation whose category id is not in the categories list: dropped, with one warning at load time
-    naming the annotation file and the ids (first 10 of them and the count).
 """
 import io
 import os
@@ -37,6 +36,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from .transforms import boxes_to_normalized_cxcywh
+from .validate import load_coco
 
 MAX_WORKERS = 256
 LAYOUT = ('expected coco_path/{train2017,val2017}/ (or {train2017,val2017}.zip holding {train2017,val2017}/*.jpg) '
@@ -47,18 +47,17 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     """`root` is an image folder or a zip file whose members are `<zip stem>/<file_name>`."""
 
     def __init__(self, root, ann_file, transforms=None):
-        super().__init__(root, ann_file)
-        self._transforms = transforms
+        # torchvision's __init__ would read the file with pycocotools, which checks nothing: ours validates it.
+        torchvision.datasets.VisionDataset.__init__(self, root)
         self.ann_file = str(ann_file)
+        self.coco, self.skipped_entries = load_coco(self.ann_file)
+        self.ids = sorted(self.coco.imgs)
+        self._transforms = transforms
         # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the
         # count survives workers under fork and spawn alike and needs no lock
         self._skipped = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
         self._warned = set()
         self._zip, self._zip_pid = None, None
-        unknown = [a['id'] for a in self.coco.anns.values() if a.get('category_id') not in self.coco.cats]
-        if unknown:
-            warnings.warn(f'{self.ann_file}: {len(unknown)} annotation(s) have a category id missing from the '
-                          f'categories list and are ignored, e.g. annotation ids {unknown[:10]}')
 
     @property
     def skipped(self):
@@ -106,7 +105,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         """Annotations of one image -> target with XYXY pixel `BoundingBoxes`, before any transform."""
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann.get('iscrowd', 0) or ann.get('category_id') not in self.coco.cats:
+            if ann['iscrowd']:
                 continue
             x, y, w, h = ann['bbox']
             x1, y1 = min(max(x, 0), width), min(max(y, 0), height)

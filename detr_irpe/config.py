@@ -1,5 +1,6 @@
 """YAML presets (configs/*.yaml): keys are flag names without dashes; command-line flags override them."""
 import argparse
+import difflib
 import sys
 
 import yaml
@@ -17,30 +18,64 @@ def parse_args_with_config(parser, argv=None):
 
 
 def load_config(path, parser):
+    """The flag values of a YAML preset, each checked as the same flag on the command line would be (its type,
+    range, choices and number of values; a switch takes true or false). A problem is the parser's usage error."""
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise SystemExit(f'--config {path!r} does not exist; presets live in configs/ (e.g. configs/smoke.yaml).')
-    except yaml.YAMLError as e:
-        raise SystemExit(f'--config {path!r} is not valid YAML: {e}')
+        parser.error(f'--config {path!r} does not exist; presets live in configs/ (e.g. configs/smoke.yaml).')
+    except IsADirectoryError:
+        parser.error(f'--config {path!r} is a folder; expected a YAML file such as configs/smoke.yaml.')
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        parser.error(f'--config {path!r} is not valid YAML: ' + ' '.join(str(e).split()))
     if not isinstance(values, dict):
-        raise SystemExit(f'--config {path!r} must be a mapping of flag names to values, got {type(values).__name__}.')
-    actions = {a.dest: a for a in parser._actions}
-    unknown = sorted(k for k in values if k not in actions)
-    if unknown:
-        raise SystemExit(f'--config {path!r} has keys that are no flag of this tool: {", ".join(unknown)}. '
-                         f'Keys are flag names without dashes, e.g. enc_rpe2d, batch_size.')
-    for key, value in values.items():
-        # Values go through the flag's own type check, so a preset cannot hold what the flag would refuse.
-        action = actions[key]
-        if action.type is not None and value is not None:
-            try:
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-                raise SystemExit(f'--config {path!r}: {key}: {e}')
-        values[key] = value
-    return values
+        parser.error(f'--config {path!r} must be a mapping of flag names to values, got {type(values).__name__}.')
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')}
+    for key in values:
+        if key not in actions:
+            close = difflib.get_close_matches(str(key), list(actions), n=1)
+            hint = f'did you mean {close[0]}?' if close else 'keys are flag names without dashes, e.g. batch_size'
+            parser.error(f'--config {path!r}: {key!r} is no flag of this tool; {hint}')
+    return {key: preset_value(parser, actions[key], value, f'--config {path!r}: {key}')
+            for key, value in values.items()}
+
+
+def preset_value(parser, action, value, where):
+    """One preset value through the checks of its flag; `where` starts the error message."""
+    if action.nargs == 0:  # a switch: store_true / store_false
+        if not isinstance(value, bool):
+            parser.error(f'{where}: expected true or false, got {value!r}')
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        parser.error(f'{where}: expected a value, got null (leave the key out for the default {action.default!r})')
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if many != isinstance(value, list):
+        expected = f'a list of {action.nargs} values' if isinstance(action.nargs, int) else (
+            'a list of values' if many else 'a single value, not a list')
+        parser.error(f'{where}: expected {expected}, got {value!r}')
+    items = value if many else [value]
+    if (isinstance(action.nargs, int) and len(items) != action.nargs) or (action.nargs == '+' and not items):
+        parser.error(f'{where}: expected {action.nargs if action.nargs != "+" else "at least 1"} values, '
+                     f'got {len(items)}: {value!r}')
+    checked = []
+    for item in items:
+        if isinstance(item, (dict, list)):
+            parser.error(f'{where}: expected a plain value, got {item!r}')
+        # The flag's type sees the text a command line would give, so 2.5 is no integer and `yes` no number.
+        text = item if isinstance(item, str) else ('true' if item is True else 'false' if item is False else str(item))
+        try:
+            item = action.type(text) if action.type is not None else text
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            parser.error(f'{where}: {e}')
+        if action.choices is not None and item not in action.choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in action.choices], n=1)
+            hint = f'; did you mean {close[0]}?' if close else ''
+            parser.error(f'{where}: {item!r} is not one of {", ".join(map(str, action.choices))}{hint}')
+        checked.append(item)
+    return checked if many else checked[0]
 
 
 def explicit_flags(parser, argv=None):

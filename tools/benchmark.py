@@ -6,18 +6,23 @@
 """
 import argparse
 
+from detr_irpe.args import int_range, non_empty
 from detr_irpe.benchmark import markdown_table, run
 from detr_irpe.checkpoint import save_json
 
 
-def main():
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='smaller sizes and fewer repeats')
     parser.add_argument('--parts', nargs='+', default=['models', 'attention', 'op', 'dc5'],
                         choices=['models', 'attention', 'op', 'dc5'])
-    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument('--json', default='outputs/benchmark.json', help='where to write the result')
-    args = parser.parse_args()
+    parser.add_argument('--threads', type=int_range(1, 4096), default=None, help="torch threads (default: torch's)")
+    parser.add_argument('--json', default='outputs/benchmark.json', type=non_empty, help='where to write the result')
+    return parser
+
+
+def main():
+    args = get_parser().parse_args()
 
     result = run(quick=args.quick, parts=args.parts, threads=args.threads)
     print(markdown_table(result))

@@ -39,29 +39,38 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.synthetic import SHAPES, make_image  # noqa: E402
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from detr_irpe.args import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, float_range,  # noqa: E402
+                            int_range, non_empty)
 
 PRETRAIN_SPLIT = 7  # datasets.synthetic uses split index 0 (train) and 1 (val); these images are disjoint
 
 
-def get_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+def get_parser():
+    p = ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--output', default='configs/weights/synthetic_resnet18.pth')
-    p.add_argument('--images', type=int, default=6000, help='distinct pre-training images (kept in memory)')
-    p.add_argument('--image_size', type=int, default=128)
-    p.add_argument('--classes', type=int, default=len(SHAPES))
-    p.add_argument('--objects', type=int, nargs=2, default=[1, 4])
-    p.add_argument('--object_size', type=float, nargs=2, default=[0.15, 0.5])
-    p.add_argument('--scales', type=int, nargs='+', default=[128],
+    p.add_argument('--output', default='configs/weights/synthetic_resnet18.pth', type=non_empty)
+    p.add_argument('--images', type=int_range(1, MAX_COUNT), default=6000,
+                   help='distinct pre-training images (kept in memory)')
+    p.add_argument('--image_size', type=int_range(32, MAX_IMAGE_SIDE), default=128)
+    p.add_argument('--classes', type=int_range(1, len(SHAPES)), default=len(SHAPES))
+    p.add_argument('--objects', type=int_range(0, 100), nargs=2, default=[1, 4], metavar=('MIN', 'MAX'))
+    p.add_argument('--object_size', type=float_range(0.01, 1), nargs=2, default=[0.15, 0.5],
+                   metavar=('MIN', 'MAX'))
+    p.add_argument('--scales', type=int_range(32, MAX_IMAGE_SIDE), nargs='+', default=[128],
                    help='each batch is resized to one of these sides (e.g. 128 192 256 for several input sizes)')
-    p.add_argument('--steps', type=int, default=500)
-    p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--weight_decay', type=float, default=1e-4)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--save_every', type=int, default=0, help='also write the weights every N steps (0: only at the end)')
-    return p.parse_args()
+    p.add_argument('--steps', type=int_range(1), default=500)
+    p.add_argument('--batch_size', type=int_range(1), default=16)
+    p.add_argument('--lr', type=float_range(0), default=2e-3)
+    p.add_argument('--weight_decay', type=float_range(0), default=1e-4)
+    p.add_argument('--seed', type=int_range(0, MAX_SEED), default=0)
+    p.add_argument('--threads', type=int_range(1, 4096), default=2)
+    p.add_argument('--save_every', type=int_range(0), default=0,
+                   help='also write the weights every N steps (0: only at the end)')
+    return p
+
+
+def get_args():
+    return get_parser().parse_args()
 
 
 def make_images(args):

@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 
 import datasets  # noqa: E402
 from detr_irpe import get_args_parser  # noqa: E402
+from detr_irpe.args import MAX_SEED, int_range  # noqa: E402
 from detr_irpe.checkpoint import load_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 from detr_irpe.sweep import (check_same_run, describe_run, device_slots, final_result, run_dir,  # noqa: E402
@@ -45,13 +46,17 @@ def get_parser():
     p.add_argument('entries', nargs='+', metavar='ENTRY',
                    help="an --enc_rpe2d string ('none': no iRPE) or a config file (.yaml)")
     p.add_argument('--config', default=None, help='the preset of the --enc_rpe2d entries')
-    p.add_argument('--seed', type=int, default=42, help='the first seed')
-    p.add_argument('--seeds', type=int, default=1, help='seeds per entry: --seed, --seed + 1, ... (the same for all)')
+    p.add_argument('--seed', type=int_range(0, MAX_SEED), default=42, help='the first seed')
+    p.add_argument('--seeds', type=int_range(1, 1000), default=1,
+                   help='seeds per entry: --seed, --seed + 1, ... (the same for all)')
     p.add_argument('--baseline', default=None, metavar='ENTRY',
                    help='the entry the others are compared with (default: the first)')
-    p.add_argument('--parallel', type=int, default=1, help='runs at a time on the CPU (each its own process)')
-    p.add_argument('--gpus_per_run', type=int, default=1, help='GPUs of each run (more than 1: through torchrun)')
-    p.add_argument('--runs_per_gpu', type=int, default=1, help='runs that may share one GPU')
+    p.add_argument('--parallel', type=int_range(1, 1024), default=1,
+                   help='runs at a time on the CPU (each its own process)')
+    p.add_argument('--gpus_per_run', type=int_range(1, 1024), default=1,
+                   help='GPUs of each run (more than 1: through torchrun)')
+    p.add_argument('--runs_per_gpu', type=int_range(1, 64), default=1,
+                   help='runs that may share one GPU')
     p.add_argument('--table_only', action='store_true', help="print the table of the runs' eval.json, train nothing")
     p.add_argument('--output_dir', default='outputs/sweep')
     return p

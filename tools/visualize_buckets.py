@@ -14,21 +14,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from detr_irpe.args import float_range, int_range, non_empty  # noqa: E402
 from detr_irpe.config import run_tool  # noqa: E402
 from detr_irpe.inspect import plot_bucket_maps, save_figure  # noqa: E402
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ratio', type=float, default=1.9, help='iRPE ratio: alpha, beta, gamma = 1, 2, 8 times it')
-    p.add_argument('--size', type=int, nargs='+', default=[14], metavar='N',
+    p.add_argument('--ratio', type=float_range(0.5, 100), default=1.9,
+                   help='iRPE ratio: alpha, beta, gamma = 1, 2, 8 times it')
+    p.add_argument('--size', type=int_range(1, 200), nargs='+', default=[14], metavar='N',
                    help='map height (and width, if a second number is given; else square)')
-    p.add_argument('--reference', type=int, nargs=2, action='append', metavar=('ROW', 'COL'),
+    p.add_argument('--reference', type=int_range(0, 199), nargs=2, action='append', metavar=('ROW', 'COL'),
                    help='reference (query) position; repeat for several (default: 0 0 and the centre)')
     p.add_argument('--index_func', nargs='+', default=['piecewise', 'clip'], choices=['piecewise', 'clip'])
     p.add_argument('--no_numbers', action='store_true', help='colours only, no bucket ids in the cells')
-    p.add_argument('--dpi', type=int, default=90)
-    p.add_argument('--name', default=None, help='file name of the PNG')
+    p.add_argument('--dpi', type=int_range(10, 1200), default=90)
+    p.add_argument('--name', default=None, type=non_empty, help='file name of the PNG')
     p.add_argument('--output_dir', default='outputs')
     return p
 

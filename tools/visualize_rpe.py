@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import build_model, get_args_parser  # noqa: E402
+from detr_irpe.args import MAX_LAYERS, MAX_WIDTH, int_range, non_empty  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
 from detr_irpe.inspect import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,  # noqa: E402
@@ -31,11 +32,13 @@ from detr_irpe.inspect import (describe_rpe, irpe_logit_terms, load_image, plot_
 def get_parser():
     parser = datasets.add_dataset_args(get_args_parser())
     parser.description = __doc__
-    parser.add_argument('--image', required=True, help='the image whose feature map is shown')
-    parser.add_argument('--layer', type=int, default=0, help='encoder layer (0 is the first, -1 the last)')
-    parser.add_argument('--head', type=int, default=None, help='one attention head (default: mean over heads)')
-    parser.add_argument('--grid', type=int, default=5, help='reference positions per side')
-    parser.add_argument('--dpi', type=int, default=100)
+    parser.add_argument('--image', required=True, type=non_empty, help='the image whose feature map is shown')
+    parser.add_argument('--layer', type=int_range(-MAX_LAYERS, MAX_LAYERS - 1), default=0,
+                        help='encoder layer (0 is the first, -1 the last)')
+    parser.add_argument('--head', type=int_range(0, MAX_WIDTH - 1), default=None,
+                        help='one attention head (default: mean over heads)')
+    parser.add_argument('--grid', type=int_range(1, 50), default=5, help='reference positions per side')
+    parser.add_argument('--dpi', type=int_range(10, 1200), default=100)
     return parser
 
 

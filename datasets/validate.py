@@ -1,0 +1,170 @@
+"""What a COCO annotation file must hold, and what happens when it does not: the one place of that policy.
+
+The run stops (ValueError naming the file and what to fix) when the file as a whole cannot be trusted:
+  - it is not valid JSON (file, line, column), not UTF-8, or not a JSON object;
+  - it has no list under 'images', 'annotations' or 'categories';
+  - a category lacks an integer 'id' or a string 'name', or two categories share an id (the label space);
+  - two image entries share an id, or two annotations do (ids are what training and evaluation match by);
+  - no valid image entry is left.
+One entry is skipped, with a warning naming the file, the image or annotation id and the field, and a count
+of all skipped entries at the end (the first MAX_NAMED problems are named one by one):
+  - an image entry whose 'id' is not an integer or whose 'file_name' is not a non-empty string (its
+    annotations are skipped with it);
+  - an annotation whose 'id', 'image_id' or 'category_id' is not an integer, whose 'bbox' is not a list of 4
+    finite numbers [x, y, w, h], whose 'iscrowd' is not 0 or 1, or whose 'area' is not a finite number;
+  - an annotation of an image that is not in 'images', or of a category that is not in 'categories'.
+A missing 'iscrowd' is 0; a missing 'area' is w * h of the box (pycocotools' evaluation reads it for its
+small / medium / large ranges). Other fields ('width', 'height', 'segmentation', ...) are passed on unread.
+
+Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
+dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
+naming the annotation id; an unreadable image is skipped with a warning naming the file and counted.
+"""
+import contextlib
+import io
+import json
+import math
+import warnings
+
+from pycocotools.coco import COCO
+
+MAX_NAMED = 10  # problems named one by one; the rest are only counted
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_json(path):
+    """The parsed JSON of `path`; invalid JSON is a ValueError naming the file, line and column."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'annotation file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} '
+                         f'(character {e.pos}); a file cut short (an interrupted download or copy) looks like this: '
+                         f'get it again') from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f'annotation file {path} is not UTF-8 text (byte {e.start}); expected a COCO JSON '
+                         f'file') from None
+
+
+def image_problem(image):
+    """Why an image entry cannot be used, naming the field, or None."""
+    if not isinstance(image, dict):
+        return f'is a {type(image).__name__}, expected an object'
+    if 'id' not in image:
+        return "has no 'id'"
+    if not is_int(image['id']):
+        return f"field 'id' is {image['id']!r}, expected an integer"
+    if 'file_name' not in image:
+        return "has no 'file_name'"
+    if not isinstance(image['file_name'], str) or not image['file_name']:
+        return f"field 'file_name' is {image['file_name']!r}, expected a non-empty string"
+    return None
+
+
+def annotation_problem(ann, image_ids, category_ids):
+    """Why an annotation cannot be used, naming the field, or None."""
+    if not isinstance(ann, dict):
+        return f'is a {type(ann).__name__}, expected an object'
+    for field in ('id', 'image_id', 'category_id', 'bbox'):
+        if field not in ann:
+            return f'has no {field!r}'
+    for field in ('id', 'image_id', 'category_id'):
+        if not is_int(ann[field]):
+            return f'field {field!r} is {ann[field]!r}, expected an integer'
+    bbox = ann['bbox']
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+        return f"field 'bbox' is {bbox!r}, expected [x, y, width, height]: 4 finite numbers"
+    if 'iscrowd' in ann and ann['iscrowd'] not in (0, 1):
+        return f"field 'iscrowd' is {ann['iscrowd']!r}, expected 0 or 1"
+    if 'area' in ann and not is_number(ann['area']):
+        return f"field 'area' is {ann['area']!r}, expected a finite number"
+    if ann['image_id'] not in image_ids:
+        return f"refers to image id {ann['image_id']}, which is not in 'images' (or was skipped)"
+    if ann['category_id'] not in category_ids:
+        return f"has category id {ann['category_id']}, which is not in 'categories'"
+    return None
+
+
+def entry_name(kind, entry, position):
+    """'image id 7' when the entry has a usable id, else 'image entry #3' (its position in the list)."""
+    if isinstance(entry, dict) and is_int(entry.get('id')):
+        return f"{kind} id {entry['id']}"
+    return f'{kind} entry #{position} (no usable id)'
+
+
+def validate_annotations(data, path):
+    """(a COCO dict holding only the valid entries, number of entries skipped) for the parsed file `data`.
+    Raises ValueError where the policy above stops the run; warns for each skipped entry."""
+    if not isinstance(data, dict):
+        raise ValueError(f'annotation file {path} holds a JSON {type(data).__name__}; expected an object with '
+                         f"'images', 'annotations' and 'categories' lists (the COCO format)")
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data.get(key), list):
+            got = 'is missing' if key not in data else f'is a {type(data[key]).__name__}'
+            raise ValueError(f"annotation file {path}: {key!r} {got}; expected a list (the COCO format: 'images', "
+                             f"'annotations', 'categories')")
+    category_ids = set()
+    for position, cat in enumerate(data['categories']):
+        if not (isinstance(cat, dict) and is_int(cat.get('id')) and isinstance(cat.get('name'), str)):
+            raise ValueError(f'annotation file {path}: category entry #{position} ({cat!r:.80}) needs an integer '
+                             f"'id' and a string 'name'; fix the categories list (the run stops: it defines the "
+                             f'labels)')
+        if cat['id'] in category_ids:
+            raise ValueError(f"annotation file {path}: category id {cat['id']} is listed twice; ids must be unique")
+        category_ids.add(cat['id'])
+
+    skipped = []  # one line per skipped entry
+    images, image_ids = [], set()
+    for position, image in enumerate(data['images']):
+        problem = image_problem(image)
+        if problem:
+            skipped.append(f'{entry_name("image", image, position)} {problem}; skipped with its annotations')
+            continue
+        if image['id'] in image_ids:
+            raise ValueError(f"annotation file {path}: image id {image['id']} is listed twice (the second time as "
+                             f"{image['file_name']!r}); ids must be unique: the run stops, as the annotations of that "
+                             f'id cannot be told apart')
+        image_ids.add(image['id'])
+        images.append(image)
+    if not images:
+        raise ValueError(f"annotation file {path}: no usable image entry (of {len(data['images'])}); every image needs "
+                         f"an integer 'id' and a 'file_name'")
+
+    annotations, annotation_ids = [], set()
+    for position, ann in enumerate(data['annotations']):
+        problem = annotation_problem(ann, image_ids, category_ids)
+        if problem:
+            image = f", image id {ann['image_id']}" if isinstance(ann, dict) and is_int(ann.get('image_id')) else ''
+            skipped.append(f'{entry_name("annotation", ann, position)}{image} {problem}; skipped')
+            continue
+        if ann['id'] in annotation_ids:
+            raise ValueError(f"annotation file {path}: annotation id {ann['id']} is listed twice; ids must be unique")
+        annotation_ids.add(ann['id'])
+        x, y, w, h = ann['bbox']
+        annotations.append({'iscrowd': 0, 'area': w * h, **ann})
+
+    for line in skipped[:MAX_NAMED]:
+        warnings.warn(f'{path}: {line}')
+    if skipped:
+        more = f' (the first {MAX_NAMED} named above)' if len(skipped) > MAX_NAMED else ''
+        warnings.warn(f"{path}: skipped {len(skipped)} entries{more}: {len(images)} of {len(data['images'])} images "
+                      f"and {len(annotations)} of {len(data['annotations'])} annotations are used; see "
+                      f'datasets/validate.py for what each entry needs')
+    return {**data, 'images': images, 'annotations': annotations}, len(skipped)
+
+
+def load_coco(path):
+    """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped)."""
+    data, skipped = validate_annotations(read_json(path), path)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco, skipped
