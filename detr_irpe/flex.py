@@ -35,8 +35,8 @@ def check_attention_impl(attention_impl, rpe_v=None):
     """Raise ValueError for an attention implementation that cannot run: unknown, flex without
     torch.nn.attention.flex_attention, or flex with iRPE on values."""
     if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f'attention_impl {attention_impl!r} is not one of {list(ATTENTION_IMPLS)}: use --attention_impl '
-                         "auto (flex on CUDA where it applies, SDPA otherwise), sdpa or flex.")
+        raise ValueError(f'attention_impl {attention_impl!r} is not one of {list(ATTENTION_IMPLS)}: use '
+                         '--attention_impl auto (flex on CUDA where it applies, SDPA otherwise), sdpa or flex.')
     if attention_impl != 'flex':
         return
     if flex_attention is None:
