@@ -86,9 +86,9 @@ def annotation_problem(ann, image_ids, category_ids):
     if 'area' in ann and not is_number(ann['area']):
         return f"field 'area' is {ann['area']!r}, expected a finite number"
     if ann['image_id'] not in image_ids:
-        return f"refers to image id {ann['image_id']}, which is not in 'images' (or was skipped)"
+        return f"field 'image_id' is {ann['image_id']}, the id of no image in 'images' (or of one skipped)"
     if ann['category_id'] not in category_ids:
-        return f"has category id {ann['category_id']}, which is not in 'categories'"
+        return f"field 'category_id' is {ann['category_id']}, the id of no category in 'categories'"
     return None
 
 
