@@ -11,7 +11,7 @@ PINNED := torch==2.14.1 torchvision==0.29.1 pycocotools==2.0.11 faster-coco-eval
           setuptools==84.2.1 wheel onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
 SOURCES := setup.py $(wildcard rpe_ops/csrc/*.* rpe_ops/csrc/*/*.*)
 
-.PHONY: setup demo test test-quick benchmark clean
+.PHONY: setup demo test test-quick benchmark gpu-check clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -36,6 +36,11 @@ test-quick: setup
 
 benchmark: setup
 	$(PY) tools/benchmark.py
+
+# On a bare GPU machine (python, torch 2.4+, torchvision, nvcc, ninja; no .venv, no downloads): builds rpe_ops
+# in place against the installed torch, runs the named checks and the benchmark, writes outputs/gpu_check.json.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --output outputs/gpu_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info rpe_ops/*.so

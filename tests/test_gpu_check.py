@@ -1,0 +1,99 @@
+"""tools/gpu_check.py run on CPU (--device cpu --quick, no build): its checks, table, JSON and exit status.
+
+The CUDA comparisons themselves need a GPU (`make gpu-check`); here the script proves it runs, that a check
+finds a fault, and that one failing check neither stops the others nor passes unnoticed.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
+FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu']
+
+
+def run_script(*argv):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, SCRIPT, '--device', 'cpu', '--quick', '--no_build', *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def gpu_check():
+    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_the_report(tmp_path):
+    out = tmp_path / 'report.json'
+    run = run_script('--checks', *FAST_CHECKS, '--benchmarks', 'op_vs_gather', '--output', str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report['torch'] == torch.__version__ and report['device'].startswith('cpu')
+    assert list(report['checks']) == FAST_CHECKS and report['failed'] == []
+    skipped = report['checks'].pop('detr_step_cuda_vs_cpu')
+    assert skipped['passed'] is None and 'CUDA' in skipped['skipped']
+    assert all(r['passed'] is True for r in report['checks'].values()), report['checks']
+    # the compiled graph holds all four ops; every op was compared in every dtype
+    assert len(report['checks']['compile_sees_op']['ops_in_graph']) == 4
+    assert report['checks']['op_matches_reference']['compared'] == 3 * 4 * (3 + 2 + 1 + 2)
+    assert report['benchmark']['op_vs_gather']['gather / rpe_index']['forward_backward']['gather'] > 0
+    for name in FAST_CHECKS + ['op_vs_gather']:
+        assert f'| {name} |' in run.stdout  # the printed table has a row per check and benchmark part
+
+
+def test_a_wrong_op_fails_the_op_check(gpu_check, monkeypatch, tmp_path):
+    import rpe_ops
+    right = rpe_ops.rpe_index
+    monkeypatch.setattr(rpe_ops, 'rpe_index', lambda x, index: right(x, index) + 1e-3)
+    result = gpu_check.check_op('cpu', quick=True)
+    assert result['passed'] is False
+    assert result['failures'] and all(f.startswith('rpe_index forward') for f in result['failures'])
+
+
+def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, monkeypatch, tmp_path):
+    def broken(device, quick):
+        raise RuntimeError('the kernel wrote garbage')
+
+    def broken_benchmark(device, quick):
+        raise ValueError('no timer')
+    monkeypatch.setitem(gpu_check.CHECKS, 'gradcheck_float64', broken)
+    monkeypatch.setitem(gpu_check.BENCHMARKS, 'op_vs_gather', broken_benchmark)
+    out = tmp_path / 'report.json'
+    status = gpu_check.main(['--device', 'cpu', '--quick', '--no_build', '--checks', 'gradcheck_float64', 'extension',
+                             '--benchmarks', 'op_vs_gather', '--output', str(out)])
+    report = json.loads(out.read_text())
+    assert status == 1 and report['failed'] == ['gradcheck_float64', 'benchmark op_vs_gather']
+    failed = report['checks']['gradcheck_float64']
+    assert failed['passed'] is False and failed['error'] == 'RuntimeError: the kernel wrote garbage'
+    assert report['checks']['extension']['passed'] is True  # ran after the failure
+    assert report['benchmark']['op_vs_gather']['error'] == 'ValueError: no timer'
+
+
+def test_cuda_without_a_gpu_is_a_usage_error_that_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, SCRIPT, '--device', 'cuda', '--no_build'], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and 'sees no CUDA device' in run.stderr and '--device cpu' in run.stderr
+
+
+@pytest.mark.slow
+def test_the_whole_quick_cpu_run_passes(tmp_path):
+    """Every check and benchmark part at --quick sizes: the code paths `make gpu-check` takes, on CPU."""
+    out = tmp_path / 'report.json'
+    run = run_script('--output', str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report['benchmark']) == {'train_step', 'op_vs_gather', 'flex_vs_op', 'dc5_memory'}
+    assert report['checks']['amp_step']['passed'] is True
+    for part in ('plain', 'irpe_qkv'):
+        assert report['benchmark']['dc5_memory'][part]['step_seconds'] > 0
