@@ -471,29 +471,42 @@ def run_python(code, **env):
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, **env})
 
 
-USE_EVERY_OP = ('import json, torch, rpe_ops\n'
-                'x, v, i = torch.ones(2, 8, 40, 5), torch.ones(2, 8, 40, 40), torch.zeros(40, 40, dtype=torch.int32)\n'
-                'rpe_ops.rpe_index(x, i); rpe_ops.rpe_reduce(v, i, 5)\n'
-                'rpe_ops.rpe_index_qk(x, i, x, i); rpe_ops.rpe_reduce_qk(v, i, 5, i, 5)\n'
-                "print(json.dumps(rpe_ops.build_info()['cpu_loops']))\n")
+def use_every_op(L):
+    """Code that calls the four ops with (1, 1, L, L) outputs and prints build_info()['cpu_loops'] as JSON."""
+    return ('import json, torch, rpe_ops\n'
+            f'x, v, i = torch.ones(1, 1, {L}, 5), torch.ones(1, 1, {L}, {L}), torch.zeros({L}, {L}, dtype=torch.int32)\n'
+            'rpe_ops.rpe_index(x, i); rpe_ops.rpe_reduce(v, i, 5)\n'
+            'rpe_ops.rpe_index_qk(x, i, x, i); rpe_ops.rpe_reduce_qk(v, i, 5, i, 5)\n'
+            "print(json.dumps(rpe_ops.build_info()['cpu_loops']))\n")
+
+
+USE_EVERY_OP = use_every_op(40)
+# outputs of 8 MiB or more: what the index ops time their loops on
+LARGE = 1450  # 1450 * 1450 * 4 bytes > 8 MiB
 
 
 @compiled
 def test_auto_loops_are_the_fastest_measured_or_a_simpler_one_within_five_percent():
-    """The index ops choose at their first call: the reported times decide it (a more complex set must win
-    by 5%). The reductions, whose sums depend on the loops, go by CPU features: AVX-512 where it runs."""
+    """The index ops time their loops at their first call with an output of 8 MiB or more (smaller outputs run
+    the portable loops): the reported times decide (a more complex set must win by 5%). The reductions,
+    whose sums depend on the loops, go by CPU features: AVX-512 where it runs."""
     import json
-    run = run_python(USE_EVERY_OP, RPE_OPS_CPU_LOOPS='auto')
+    run = run_python(USE_EVERY_OP + use_every_op(LARGE), RPE_OPS_CPU_LOOPS='auto')
     assert run.returncode == 0, run.stderr
-    info = json.loads(run.stdout)
-    assert info['setting'] == 'auto' and info['set_by'] == 'RPE_OPS_CPU_LOOPS'
-    simd = 'avx512' in info['candidates']
-    for op in ('rpe_reduce', 'rpe_reduce_qk'):
-        choice = info['ops'][op]
-        assert choice['loops'] == ('avx512' if simd else 'portable') and choice['milliseconds'] == {}, (op, choice)
-        assert choice['reason'].startswith('by CPU features'), (op, choice)
+    small, large = [json.loads(line) for line in run.stdout.splitlines()]
+    assert large['setting'] == 'auto' and large['set_by'] == 'RPE_OPS_CPU_LOOPS'
+    simd = 'avx512' in large['candidates']
     for op in ('rpe_index', 'rpe_index_qk'):
-        choice, sets = info['ops'][op], info['candidates']
+        choice = small['ops'][op]
+        assert choice['loops'] == 'portable' and choice['milliseconds'] == {}, (op, choice)
+        assert choice['reason'].startswith('outputs under 8 MiB (every call so far) run the portable loops'), choice
+    for op in ('rpe_reduce', 'rpe_reduce_qk'):
+        for info in (small, large):
+            choice = info['ops'][op]
+            assert choice['loops'] == ('avx512' if simd else 'portable') and choice['milliseconds'] == {}, (op, choice)
+            assert choice['reason'].startswith('by CPU features'), (op, choice)
+    for op in ('rpe_index', 'rpe_index_qk'):
+        choice, sets = large['ops'][op], large['candidates']
         if not simd:  # nothing to time
             assert choice['loops'] == 'portable' and choice['milliseconds'] == {}, (op, choice)
             continue

@@ -21,6 +21,8 @@ namespace {
 
 // A more complex candidate must be this much faster than the best simpler one.
 constexpr double kMargin = 0.05;
+// Outputs smaller than this run the portable loops in auto mode (see loops.h).
+constexpr int64_t kSmallOutputBytes = int64_t(8) << 20;
 constexpr int kRounds = 3;  // timed calls per candidate, interleaved; the fastest counts
 
 // The measured problem: B=2, H=8 on a kHeight x kWidth map (L = 768; a DETR-R50 encoder map is
@@ -137,11 +139,12 @@ Loops measure(Op op, std::vector<double>& ms) {
 const char* loops_name(Loops loops) { return kNames[static_cast<int>(loops)]; }
 const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
 
-Loops loops_for(Op op) {
+Loops loops_for(Op op, int64_t output_bytes) {
   State& s = state();
   const int forced = s.forced.load(std::memory_order_relaxed);
   if (forced >= 0) return for_op(op, static_cast<Loops>(forced));
   if (!writes_large_output(op)) return candidates(op).back();  // by CPU features: see loops.h
+  if (output_bytes < kSmallOutputBytes) return Loops::kPortable;
   const int o = static_cast<int>(op);
   const int known = s.measured[o].load(std::memory_order_acquire);
   if (known >= 0) return static_cast<Loops>(known);
@@ -190,13 +193,17 @@ LoopsReport loops_report() {
                                         : "by CPU features: AVX-512 (F, BW and VL); not timed, so that runs "
                                           "with one seed sum in one order (see loops.h)";
     } else if (known < 0) {
-      choice.reason = "not used yet in this process: chosen at its first call";
+      choice.loops = loops_name(Loops::kPortable);
+      choice.reason = "outputs under 8 MiB (every call so far) run the portable loops; the sets are timed at "
+                      "the first call with a larger output";
     } else {
       choice.loops = loops_name(static_cast<Loops>(known));
       choice.reason = cands.size() == 1
                           ? "the only candidate: this CPU has no AVX-512 (F, BW and VL)"
-                          : "fastest when timed at first use (B=2, H=8, L=24x32, K=81, float32, " +
-                                std::to_string(s.threads[o]) + " threads; a more complex loop must win by 5%)";
+                          : "fastest when timed at the first call with an output of 8 MiB or more (B=2, H=8, "
+                            "L=24x32, K=81, float32, " + std::to_string(s.threads[o]) +
+                                " threads; a more complex set must win by 5%); outputs under 8 MiB run the "
+                                "portable loops";
     }
     report.ops.push_back(std::move(choice));
   }

@@ -7,12 +7,14 @@
 //   avx512         the loops of avx512.h, plain stores      (CPUs with AVX-512 F/BW/VL)
 //   avx512_stream  the same, rpe_index / rpe_index_qk writing their output with
 //                  streaming stores (the reductions have no large output: as avx512)
-// rpe_index and rpe_index_qk time every set this CPU runs on their first call in a
-// process, on one problem of DETR-encoder proportions (float32; 3 rounds of calls,
-// interleaved, about 40-200 ms once per op on 2 cores), and keep the fastest; a more
-// complex set must beat the simpler ones before it by kMargin, so that noise does not
-// trade a loop for a more complex one that is no faster. Their outputs are the same
-// bits on every set, so the choice cannot change a result.
+// rpe_index and rpe_index_qk time every set this CPU runs at their first call in a
+// process whose output is 8 MiB or more, on one problem of DETR-encoder proportions
+// (float32; 3 rounds of calls, interleaved, about 40-200 ms once per op on 2 cores),
+// and keep the fastest; a more complex set must beat the simpler ones before it by
+// kMargin, so that noise does not trade a loop for a more complex one that is no
+// faster. Smaller outputs run the portable loops: such calls take well under a
+// millisecond, less than timing would cost (tests, the demo's 4x4 maps). Their outputs
+// are the same bits on every set, so neither choice can change a result.
 // rpe_reduce and rpe_reduce_qk go by CPU features (avx512 where it runs): each set sums
 // in its own order (equal up to rounding, not bit for bit), and a timed choice, which
 // noise can flip between runs, would let two runs with one seed train differently.
@@ -37,8 +39,8 @@ constexpr int kNumOps = 4;
 const char* loops_name(Loops loops);
 const char* op_name(Op op);
 
-// The loops `op` runs now: forced, by CPU features, or measured on its first call.
-Loops loops_for(Op op);
+// The loops `op` runs for a call writing output_bytes: forced, by CPU features, or timed (see above).
+Loops loops_for(Op op, int64_t output_bytes);
 
 // Force one set ("portable", "avx512", "avx512_stream") for every op, or "auto" (measure; earlier
 // measurements are kept). Throws on an unknown name or on AVX-512 loops for a CPU without them.

@@ -380,19 +380,30 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(Loops loops, const at::Tens
   return {out, out_t};
 }
 
+namespace {
+
+// Bytes of the (B, H, Lq, Lk) output of rpe_index / rpe_index_qk: what decides whether its loops are timed.
+int64_t index_output_bytes(const at::Tensor& input, const at::Tensor& index) {
+  return input.dim() == 4 && index.dim() == 2
+             ? input.size(0) * input.size(1) * input.size(2) * index.size(1) * static_cast<int64_t>(input.element_size())
+             : 0;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(rpe_ops, CPU, m) {
   m.impl("rpe_index", [](const at::Tensor& input, const at::Tensor& index) {
-    return rpe_index_cpu(loops_for(Op::kIndex), input, index);
+    return rpe_index_cpu(loops_for(Op::kIndex, index_output_bytes(input, index)), input, index);
   });
   m.impl("rpe_reduce", [](const at::Tensor& values, const at::Tensor& index, int64_t K) {
-    return rpe_reduce_cpu(loops_for(Op::kReduce), values, index, K);
+    return rpe_reduce_cpu(loops_for(Op::kReduce, 0), values, index, K);
   });
   m.impl("rpe_index_qk", [](const at::Tensor& input, const at::Tensor& index, const at::Tensor& input_t,
                             const at::Tensor& index_t) {
-    return rpe_index_qk_cpu(loops_for(Op::kIndexQk), input, index, input_t, index_t);
+    return rpe_index_qk_cpu(loops_for(Op::kIndexQk, index_output_bytes(input, index)), input, index, input_t, index_t);
   });
   m.impl("rpe_reduce_qk", [](const at::Tensor& values, const at::Tensor& index, int64_t K, const at::Tensor& index_t,
-                             int64_t Kt) { return rpe_reduce_qk_cpu(loops_for(Op::kReduceQk), values, index, K, index_t, Kt); });
+                             int64_t Kt) { return rpe_reduce_qk_cpu(loops_for(Op::kReduceQk, 0), values, index, K, index_t, Kt); });
 }
 
 }  // namespace rpe_ops
