@@ -221,7 +221,9 @@ def get_args_parser(add_help=True):
     p.add_argument('--output_dir', default='', help='where to save checkpoints, logs and eval.json')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag)
     p.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
-    p.add_argument('--resume', default='', help='checkpoint to resume from (a path)')
+    p.add_argument('--resume', default='',
+                   help="checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, "
+                        'else start fresh: one command line for the first launch and every restart)')
     p.add_argument('--start_epoch', default=0, type=int_range(0))
     p.add_argument('--eval', action='store_true', help='only evaluate')
     p.add_argument('--checkpoint_every', default=0, type=int_range(0),

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically, read without running code, checked against the model's flags.
 
 A checkpoint is a dict: model, optimizer, lr_scheduler, epoch, args — as DETR's and the published
-model-zoo files — plus, in ours, `step` (the next step within `epoch`) and `rng` (python, numpy and
-torch generator states), so that a resumed run ends at the same weights as an uninterrupted one.
+model-zoo files — plus, in ours, `step` (the next step within `epoch`), `rng` (python, numpy and torch
+generator states of the main process) and `rng_per_process` (every process's, for dropout under DDP), so
+that a resumed run ends at the same weights as an uninterrupted one.
 """
 import argparse
 import json
@@ -10,10 +11,14 @@ import os
 import pickle
 import random
 import re
+import signal
+import sys
 import tempfile
 
 import numpy as np
 import torch
+
+from detr_irpe import distributed
 
 
 def save_checkpoint(state, path):
@@ -63,8 +68,9 @@ def load_checkpoint(path):
         raise RuntimeError(f'refusing to load checkpoint {path!r}: it holds objects other than tensors, plain '
                            f'containers and argparse.Namespace, and unpickling them could run code. Nothing of it '
                            f'was run. Detail: {str(e).splitlines()[0]}') from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RuntimeError(f'checkpoint {path!r} cannot be read ({e}); it may be truncated or not a torch file.') from None
+    except Exception as e:  # garbage bytes fail anywhere in the unpickler (EOFError, KeyError, ...)
+        raise RuntimeError(f'checkpoint {path!r} cannot be read ({type(e).__name__}: {e}); it may be truncated or '
+                           'not a torch file.') from None
 
 
 # Which flag most likely differs when a key of this form mismatches.
@@ -109,6 +115,72 @@ def load_model_state(model, state_dict, source='checkpoint'):
                      "trained with (a checkpoint of tools/train.py keeps them under 'args').")
         raise ValueError('\n'.join(lines))
     model.load_state_dict(state_dict)
+
+
+def resolve_resume(resume, output_dir):
+    """The checkpoint to resume from: --resume as given, or for `--resume auto` output_dir/checkpoint.pth
+    when it exists and '' (start fresh) when it does not, so one command line serves the first launch and
+    every restart. Under several processes output_dir must be one folder that all of them see."""
+    if resume != 'auto':
+        return resume
+    if not output_dir:
+        raise ValueError('--resume auto looks for checkpoint.pth in --output_dir, and no --output_dir was given; '
+                         'pass --output_dir RUN_FOLDER.')
+    path = os.path.join(output_dir, 'checkpoint.pth')
+    # An existing but unreadable file is load_checkpoint's error, not a fresh start that would overwrite it.
+    return path if os.path.exists(path) else ''
+
+
+def load_optimizer_state(optimizer, state, source):
+    """optimizer.load_state_dict with a message for the one mismatch a flag explains: the parameter groups."""
+    saved, ours = len(state.get('param_groups', [])), len(optimizer.param_groups)
+    if saved != ours:
+        raise ValueError(f'{source}: its optimizer has {saved} parameter groups, this run {ours}. Runs written '
+                         'before the published recipe became the default kept the iRPE tables in a group of their '
+                         'own (no weight decay): pass --rpe_weight_decay 0 to continue such a run; otherwise pass '
+                         'the --lr_backbone / --rpe_weight_decay of the run that wrote it.')
+    optimizer.load_state_dict(state)
+
+
+def process_rng_state(checkpoint):
+    """This process's generator states from a checkpoint: its own where every process's were kept by a run
+    of the same size, else the main process's (older checkpoints, another number of processes)."""
+    per_process = checkpoint.get('rng_per_process')
+    if per_process and len(per_process) == distributed.get_world_size():
+        return per_process[distributed.get_rank()]
+    return checkpoint['rng']
+
+
+# The exit status after the checkpoint of a SIGTERM: 128 + 15, what a process ended by SIGTERM reports, so
+# SLURM and torchrun see a terminated run (not a completed one, not a crash of the code), and a requeued job
+# continues it with --resume auto.
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
+
+
+class Preemption:
+    """SIGTERM (SLURM preempting or cancelling a job, torchrun stopping its workers) becomes a request: the
+    training loop writes a checkpoint at the current step and exits with PREEMPTED_EXIT_STATUS. The handler
+    only sets a flag, so a checkpoint being written when the signal comes is finished, not cut."""
+
+    def __init__(self):
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True
+
+    def requested(self):
+        """True on every process once any of them got SIGTERM, so all stop at the same step."""
+        return distributed.any_process(self.signalled)
+
+    @staticmethod
+    def exit(where, path):
+        """Leave after the main process wrote the checkpoint `path` (None: no --output_dir) at `where`."""
+        distributed.barrier()  # the main process has finished writing before any process exits
+        done = f'checkpoint {path} written at {where}' if path else f'no --output_dir, no checkpoint ({where})'
+        print(f'SIGTERM: {done}; exiting with status {PREEMPTED_EXIT_STATUS} (continue with --resume auto)',
+              flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 def rng_state():

@@ -21,6 +21,11 @@ def init_distributed(args):
                             world_size=args.world_size, rank=args.rank)
     args.distributed = True
     dist.barrier()
+    if (args.rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0
+            and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
+        print('warning: torchrun --max-restarts with its shared rendezvous store: a restarted group can read the '
+              "previous group's addresses and fail to connect (pytorch/pytorch#135712); launch torchrun with "
+              'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.', flush=True)
 
 
 def is_main_process():
@@ -62,3 +67,17 @@ def gather_to_main(obj):
     gathered = [None] * get_world_size() if is_main_process() else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def any_process(flag):
+    """True on every process if `flag` is true on any (a max all-reduce on process_device())."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=process_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()[0] > 0
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -24,8 +24,9 @@ from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa: E402
-from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,  # noqa: E402
-                                  save_json, set_rng_state)
+from detr_irpe.checkpoint import (Preemption, load_checkpoint, load_model_state,  # noqa: E402
+                                  load_optimizer_state, process_rng_state, resolve_resume, rng_state,
+                                  save_checkpoint, save_json, set_rng_state)
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 
 
@@ -81,19 +82,20 @@ def main(args):
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val)
 
     start_epoch, start_step = args.start_epoch, 0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {args.resume}')
+    resume = resolve_resume(args.resume, args.output_dir)  # --resume auto: output_dir's checkpoint, if any
+    if resume:
+        checkpoint = load_checkpoint(resume)
+        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}')
         if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
-            optimizer.load_state_dict(checkpoint['optimizer'])
+            load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             if checkpoint.get('step') is not None:
                 start_epoch, start_step = checkpoint['epoch'], checkpoint['step']
             else:
                 start_epoch = checkpoint['epoch'] + 1
             if 'rng' in checkpoint:
-                set_rng_state(checkpoint['rng'])
-        print(f'resumed from {args.resume}: epoch {start_epoch}, step {start_step}')
+                set_rng_state(process_rng_state(checkpoint))
+        print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
 
     if args.eval:
         run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
@@ -103,11 +105,16 @@ def main(args):
     writer = make_writer(args)
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
 
+    preemption = Preemption()
+
     def save(epoch, step):
-        if checkpoint_path and distributed.is_main_process():
+        if not checkpoint_path:
+            return
+        states = distributed.gather_to_main(rng_state())  # every process's, so dropout resumes exactly
+        if distributed.is_main_process():
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
-                             'args': vars(args), 'rng': rng_state()}, checkpoint_path)
+                             'args': vars(args), 'rng': states[0], 'rng_per_process': states}, checkpoint_path)
 
     steps_per_epoch = len(sampler) // args.batch_size
     started = time.time()
@@ -117,14 +124,19 @@ def main(args):
         train_set.set_epoch(epoch)
 
         def on_step(step, epoch=epoch):
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps_per_epoch:
+            stop = preemption.requested()  # SIGTERM: a checkpoint at this step, then exit
+            if step < steps_per_epoch and (stop or (args.checkpoint_every and step % args.checkpoint_every == 0)):
                 save(epoch, step)
+                if stop:
+                    preemption.exit(f'epoch {epoch}, step {step}', checkpoint_path)
 
         # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
         train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
                                              epoch, args, start_step=first, on_step=on_step)
         lr_scheduler.step()
         save(epoch, None)
+        if preemption.requested():  # before the evaluation: a scheduler's grace period is short
+            preemption.exit(f'the end of epoch {epoch}', checkpoint_path)
         log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                'time': round(time.time() - started, 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:

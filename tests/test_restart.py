@@ -1,0 +1,155 @@
+"""Restarts that resume by themselves: --resume auto, torchrun --max-restarts after a SIGKILLed worker, and
+SIGTERM (SLURM preemption) writing a checkpoint at the current step before exiting with status 143."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from detr_irpe import distributed, engine, get_args_parser
+from detr_irpe.checkpoint import (PREEMPTED_EXIT_STATUS, load_checkpoint, load_optimizer_state, process_rng_state,
+                                  resolve_resume, save_checkpoint)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
+
+
+def test_resume_auto_finds_the_run_folders_checkpoint_or_starts_fresh(tmp_path):
+    assert resolve_resume('auto', str(tmp_path)) == ''
+    assert resolve_resume('some/file.pth', str(tmp_path)) == 'some/file.pth'
+    assert resolve_resume('', str(tmp_path)) == ''
+    save_checkpoint({'epoch': 0}, str(tmp_path / 'checkpoint.pth'))
+    assert resolve_resume('auto', str(tmp_path)) == str(tmp_path / 'checkpoint.pth')
+    with pytest.raises(ValueError, match='--resume auto.*--output_dir'):
+        resolve_resume('auto', '')
+
+
+def test_an_unreadable_checkpoint_is_an_error_for_resume_auto_not_a_fresh_start(tmp_path):
+    (tmp_path / 'checkpoint.pth').write_bytes(b'half a checkpoint')
+    with pytest.raises(RuntimeError, match='cannot be read'):
+        load_checkpoint(resolve_resume('auto', str(tmp_path)))
+    assert (tmp_path / 'checkpoint.pth').read_bytes() == b'half a checkpoint'
+
+
+def test_each_process_gets_its_own_random_state_back():
+    states = [{'torch': torch.tensor([r])} for r in range(3)]
+    checkpoint = {'rng': states[0], 'rng_per_process': states}
+    assert process_rng_state(checkpoint) is states[0]  # one process (no process group): rank 0 of 1 ...
+    assert process_rng_state({'rng': states[0]}) is states[0]  # ... and a checkpoint of an older run
+
+
+def test_an_optimizer_of_another_recipe_names_the_flag(tmp_path):
+    tiny = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
+            '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '32', '--num_queries', '5', '--device', 'cpu',
+            '--enc_rpe2d', 'rpe-2.0-product-ctx-1-k']
+    from detr_irpe import build_model
+    args = get_args_parser().parse_args(tiny + ['--rpe_weight_decay', '0'])
+    model = build_model(args)[0]
+    three_groups = engine.build_optimizer(model, args).state_dict()
+    two_groups = engine.build_optimizer(model, get_args_parser().parse_args(tiny))
+    with pytest.raises(ValueError, match='3 parameter groups, this run 2.*--rpe_weight_decay 0'):
+        load_optimizer_state(two_groups, three_groups, '--resume x.pth')
+
+
+# --- torchrun end to end -------------------------------------------------------------------------------
+
+COMMON = ['--epochs', '3', '--batch_size', '2', '--checkpoint_every', '1', '--eval_every', '100', '--dropout', '0.1',
+          '--num_workers', '0', '--config', SMOKE]
+
+
+def _torchrun(*argv):
+    return [os.path.join(os.path.dirname(PY), 'torchrun'), '--standalone', '--nproc_per_node', '2', *argv]
+
+
+def _env():
+    # A restarted group must not read the previous group's addresses from torchrun's shared store
+    # (pytorch/pytorch#135712): the README's torchrun --max-restarts command lines set this too.
+    return {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+
+
+def _workers(parent):
+    """{rank: pid} of the training processes torchrun `parent` started (read from /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+            if b'RANK' in env:
+                found[int(env[b'RANK'])] = int(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _position(path):
+    """(epoch, step) of the checkpoint at `path`, the end of an epoch counting as step 10**9; None if absent."""
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, RuntimeError):
+        return None
+    return state['epoch'], 10 ** 9 if state['step'] is None else state['step']
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_sigterm_checkpoints_then_resume_auto_ends_at_the_same_weights(tmp_path):
+    data = ['--synthetic_dir', str(tmp_path / 'synthetic')]
+    straight = subprocess.run(_torchrun(os.path.join(ROOT, 'tools', 'train.py'), *COMMON, *data,
+                                        '--output_dir', str(tmp_path / 'straight')),
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = ['--output_dir', str(tmp_path / 'run'), '--resume', 'auto']
+    checkpoint = str(tmp_path / 'run' / 'checkpoint.pth')
+    agent = subprocess.Popen(_torchrun('--max-restarts', '1', '--monitor-interval', '0.1',
+                                       os.path.join(ROOT, 'tools', 'train.py'), *COMMON, *data, *run),
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # 1. SIGKILL the second worker mid-epoch: torchrun brings the group back, which resumes by itself.
+        deadline, killed, first = time.time() + 240, None, {}
+        while time.time() < deadline and agent.poll() is None and killed is None:
+            position = _position(checkpoint)
+            if position is not None and position[0] == 0 and 2 <= position[1] < 10 ** 9:
+                first = _workers(agent.pid)
+                os.kill(first[1], signal.SIGKILL)
+                killed = position
+            time.sleep(0.02)
+        assert killed is not None, 'the run ended before a worker could be killed mid-epoch'
+        # 2. SIGTERM both workers of the new group once it has trained past the kill: each checkpoints at its
+        # current step and exits with 143 (no restart left: torchrun stops).
+        terminated = None
+        while time.time() < deadline and agent.poll() is None and terminated is None:
+            position = _position(checkpoint)
+            workers = _workers(agent.pid)
+            if position is not None and position > killed and len(workers) == 2 and set(workers.values()).isdisjoint(first.values()):
+                for pid in workers.values():
+                    os.kill(pid, signal.SIGTERM)
+                terminated = position
+            time.sleep(0.02)
+        assert terminated is not None, 'the restarted group did not train past the kill in time'
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0 and f'exitcode  : {PREEMPTED_EXIT_STATUS}' in stderr, stderr[-3000:]
+    at_sigterm = _position(checkpoint)
+    assert at_sigterm is not None and at_sigterm >= terminated  # complete, and not behind what was there
+    assert at_sigterm < (2, 10 ** 9)  # the run was stopped before its end
+
+    # 3. The same command line again (as a requeued SLURM job would run it) finishes the run.
+    resumed = subprocess.run(_torchrun(os.path.join(ROOT, 'tools', 'train.py'), *COMMON, *data, *run),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resumed from' in resumed.stdout
+    a = load_checkpoint(str(tmp_path / 'straight' / 'checkpoint.pth'))['model']
+    b = load_checkpoint(checkpoint)['model']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
