@@ -365,7 +365,8 @@ def query_key_terms(rpe_q, rpe_k, q, k, height=None, width=None):
 
 
 def rpe_parameters(model):
-    """The iRPE lookup tables of a model: they start at zero and are not weight-decayed."""
+    """The iRPE lookup tables of a model. A module built here starts them at zero; DETR's transformer then
+    Xavier-initialises them (--rpe_init) and its optimizer decays them (--rpe_weight_decay) by default."""
     return [p for m in model.modules() if isinstance(m, iRPE) for p in m.parameters(recurse=False)]
 
 

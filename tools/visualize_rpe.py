@@ -9,7 +9,7 @@ reference positions i spread uniformly over the feature map of an image, the map
 
 b_ij = rpe_k(q_i)_j (+ rpe_q(k_j)_i) in the logits of softmax(q k^T / sqrt(d) + b), averaged over heads
 unless --head is given; one colour scale for all 25 maps. Model flags come from the checkpoint unless given;
-without --resume the model is built from the flags (its iRPE tables start at zero, so b_ij is 0).
+without --resume the model is built from the flags (its iRPE tables untrained: Xavier noise, or 0 with --rpe_init zero).
 A larger --val_size gives a larger feature map (the backbone's stride is 32). Writes
 output_dir/rpe_<image>_layer<k>.png; output_dir defaults to the checkpoint's folder.
 """
@@ -53,7 +53,8 @@ def main(argv=None):
             args.num_classes = datasets.num_classes_for(args)
         model = build_model(args)[0].eval()
         source = 'untrained model'
-        print('no --resume: the model is built from the flags; its iRPE tables are still zero, so b_ij is 0.')
+        print('no --resume: the model is built from the flags; its iRPE tables are untrained (Xavier noise, or '
+              'zero with --rpe_init zero), so b_ij shows nothing learned.')
     model.to(torch.device(args.device))
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
     image, tensor = load_image(args.image, transform)
