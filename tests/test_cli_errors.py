@@ -1,12 +1,18 @@
 """Bad input to the tools ends in a message that names it, never in a traceback."""
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import datasets
 from detr_irpe import get_args_parser
 from detr_irpe.config import explicit_flags, parse_args_with_config
+from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.position_encoding import build_position_encoding
+from detr_irpe.transformer import build_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +38,17 @@ def test_config_values_are_defaults_and_flags_override_them(tmp_path):
 
 
 @pytest.mark.parametrize('text,message', [
-    ('batchsize: 8\n', 'batchsize'),
+    ('batchsize: 8\n', "'batchsize' is no flag of this tool; did you mean batch_size?"),
+    ('backbone: resnet5\n', "backbone: 'resnet5' is not one of resnet18, resnet34, resnet50, resnet101; did you mean "
+                             'resnet50?'),
+    ('crop_size: 5\n', 'crop_size: expected a list of 2 values, got 5'),
+    ('crop_size: [600, 384]\n', 'argument --crop_size: MIN 600 is larger than MAX 384'),
+    ('amp: 3\n', 'amp: expected true or false, got 3'),
+    ('batch_size: 2.5\n', "batch_size: expected an integer >= 1, got '2.5'"),
+    ('batch_size: true\n', "batch_size: expected an integer >= 1, got 'true'"),
+    ('num_queries: 0\n', "num_queries: expected an integer in [1, 10000000], got '0'"),
+    ('hidden_dim: 250\n', '--hidden_dim 250 is not divisible by --nheads 8'),
+    ('hidden_dim: 250\nnheads: 2\n', '--position_embedding sine needs --hidden_dim divisible by 4'),
     ('enc_rpe2d: rpe-2.0-product\n', "'rpe-2.0-product'"),
     ('- a list\n', 'mapping'),
     ('lr: [unclosed\n', 'not valid YAML'),
@@ -40,8 +56,43 @@ def test_config_values_are_defaults_and_flags_override_them(tmp_path):
 def test_bad_config_file_is_a_clear_error(tmp_path, text, message, capsys):
     config = write(tmp_path / 'bad.yaml', text)
     with pytest.raises(SystemExit) as e:
-        parse_args_with_config(get_args_parser(), ['--config', config])
+        parse_args_with_config(datasets.add_dataset_args(get_args_parser()), ['--config', config])
     assert message in str(e.value) + capsys.readouterr().err
+
+
+def encoder_and_decoder_run(args):
+    """Whether the position encoding and a transformer of these flags run on a 2x3 feature map."""
+    try:
+        encoding = build_position_encoding(args)
+        transformer = build_transformer(args, rpe_config_from_string(args.enc_rpe2d))
+        src, mask = torch.randn(1, args.hidden_dim, 2, 3), torch.zeros(1, 2, 3, dtype=torch.bool)
+        transformer(src, mask, torch.randn(2, args.hidden_dim), None if encoding is None else encoding(src, mask))
+        return True
+    except Exception:  # noqa: BLE001 -- any failure: these flags do not make a working model
+        return False
+
+
+def without_checks_across_flags(argv):
+    """The namespace argv gives when each flag passes its own check (the checks across flags skipped)."""
+    return argparse.ArgumentParser.parse_known_args(get_args_parser(), argv)[0]
+
+
+@pytest.mark.parametrize('position_embedding', ['sine', 'learned', 'none'])
+def test_hidden_dim_and_nheads_are_accepted_exactly_when_the_model_runs(position_embedding, capsys):
+    for nheads in (1, 2, 3, 8):
+        for hidden_dim in range(1, 41):
+            argv = ['--hidden_dim', str(hidden_dim), '--nheads', str(nheads), '--position_embedding',
+                    position_embedding, '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '8',
+                    '--enc_rpe2d', 'rpe-2.0-product-ctx-1-k', '--backbone_weights', 'none', '--device', 'cpu']
+            try:
+                get_args_parser().parse_args(argv)
+                accepted = True
+            except SystemExit:
+                message = capsys.readouterr().err.strip().splitlines()[-1]
+                assert '--hidden_dim' in message and 'error' in message, message
+                accepted = False
+            runs = encoder_and_decoder_run(without_checks_across_flags(argv))
+            assert accepted == runs, (hidden_dim, nheads, position_embedding, accepted)
 
 
 def _assert_clean_failure(run, *needles):

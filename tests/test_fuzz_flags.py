@@ -191,12 +191,17 @@ class Fuzz:
         self.tool, self.make_parser, self.parse, self.base_argv = tool, make_parser, parse, base_argv
         self.run, self.skip = run, set(skip)
         self.answers = []  # (input, 'usage error' | 'ran' | 'error' | 'accepted', detail)
+        self.kinds = {}  # (where: 'command line' | 'preset', dest, words) -> the answer's kind
         self.failures = []
 
     def actions(self):
         return [a for a in self.make_parser()._actions if a.option_strings and a.dest not in self.skip]
 
-    def answer(self, label, flag_names, argv):
+    def answer(self, label, flag_names, argv, key):
+        self._answer(label, flag_names, argv)
+        self.kinds[key] = self.answers[-1][1]
+
+    def _answer(self, label, flag_names, argv):
         args, last_line = parse_in_process(lambda a: self.parse(self.make_parser(), a), argv)
         if args is None:
             if 'Traceback' in last_line or 'error' not in last_line or not any(n in last_line for n in flag_names):
@@ -217,7 +222,7 @@ class Fuzz:
             for words in bad_values(action):
                 flag = action.option_strings[-1]
                 self.answer(f'{self.tool} {flag} {" ".join(map(repr, words))}', [flag],
-                            self.base_argv + [flag] + words)
+                            self.base_argv + [flag] + words, ('command line', action.dest, tuple(words)))
 
     def presets(self, folder, base_preset):
         """Each bad value written into a copy of the base preset (`base_preset`, a dict), given as --config."""
@@ -229,7 +234,8 @@ class Fuzz:
                 with open(path, 'w') as f:
                     f.write(yaml.safe_dump({**base_preset, action.dest: preset_value(words, action)}))
                 flag = action.option_strings[-1]
-                self.answer(f'{self.tool} preset {action.dest}: {words}', [flag, action.dest], ['--config', path])
+                self.answer(f'{self.tool} preset {action.dest}: {words}', [flag, action.dest], ['--config', path],
+                            ('preset', action.dest, tuple(words)))
 
 
 @pytest.fixture(scope='module')
@@ -287,6 +293,15 @@ def test_every_flag_of_train_gives_a_usage_error_naming_it_or_runs(detr_fuzz, wo
 
 
 TOOLS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'tools', '*.py')))
+def test_a_preset_value_gets_the_same_answer_as_on_the_command_line(detr_fuzz):
+    compared = 0
+    for (where, dest, words), kind in detr_fuzz.kinds.items():
+        if where == 'preset':
+            assert kind == detr_fuzz.kinds[('command line', dest, words)], (dest, words, kind)
+            compared += 1
+    assert compared > 400
+
+
 OTHER_TOOLS = [t for t in TOOLS if t != 'train']
 
 
