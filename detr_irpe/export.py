@@ -9,8 +9,10 @@ irpe.cached_when_eager), so one file serves every image size.
 The rpe_ops custom ops stay in the .pt2 program (import rpe_ops before torch.export.load, as load_pt2 does);
 in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (ONNX_TRANSLATIONS).
 """
+import copy
 import os
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -31,7 +33,10 @@ class DetectorOutputs(nn.Module):
 
     def __init__(self, detector):
         super().__init__()
-        self.detector = detector
+        # A shallow copy that shares the weights: the auxiliary outputs are for training losses, and
+        # with one decoder layer their loop is an empty unbind that torch.export.load cannot read back.
+        self.detector = copy.copy(detector)
+        self.detector.aux_loss = False
 
     def forward(self, images, mask):
         out = self.detector(images, mask)
@@ -130,7 +135,9 @@ def _write_atomically(path, write):
     """write(temporary path) in path's folder, then rename: a failed export leaves no partial file."""
     check_output_path(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    # The temporary name keeps the extension: torch.export.save wants .pt2.
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=os.path.splitext(path)[1],
+                               dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -151,7 +158,10 @@ def export_pt2(model, path, example=None):
 def load_pt2(path):
     """The ExportedProgram saved by export_pt2 (its .module() is callable as (images, mask))."""
     import rpe_ops  # noqa: F401  registers the rpe_ops custom ops the program calls
-    return torch.export.load(path)
+    with warnings.catch_warnings():
+        # Said of weights that are views of one storage (in_proj_weight's slices): they load whole, on the CPU.
+        warnings.filterwarnings('ignore', message='No complete tensor found in the group')
+        return torch.export.load(path)
 
 
 def export_onnx(model, path, opset=MIN_OPSET, example=None):
@@ -163,6 +173,9 @@ def export_onnx(model, path, opset=MIN_OPSET, example=None):
     onnx_program = torch.onnx.export(program, (), opset_version=opset, dynamo=True, input_names=list(INPUT_NAMES),
                                      output_names=list(OUTPUT_NAMES), custom_translation_table=onnx_translations(),
                                      optimize=True, verbose=False)
+    # The program's symbols (s0, s1, ...) as the dimension names of dynamic_shapes(), in the whole graph.
+    images = onnx_program.model.graph.inputs[0]
+    onnx_program.rename_axes({images.shape[0]: 'batch', images.shape[2]: 'height', images.shape[3]: 'width'})
     _write_atomically(path, lambda tmp: onnx_program.save(tmp, external_data=False))
     return onnx_program
 
@@ -220,3 +233,26 @@ def max_difference(model, path, fmt, size=CHECK_SIZE):
     expected = DetectorOutputs(model).eval()(images, mask)
     got = run_exported(path, fmt, images, mask)
     return size, max((a - b).abs().max().item() for a, b in zip(got, expected))
+
+
+# DETR's evaluation sizes, as in the README's performance table.
+BENCHMARK_SIZES = ((640, 853), (600, 800))
+
+
+@torch.no_grad()
+def time_against_pytorch(model, path, fmt, sizes=BENCHMARK_SIZES, repeats=5, threads=0):
+    """Median seconds of one inference on a padded batch of random images of `sizes`: {'exported': ...,
+    'pytorch': ...} (the exported file through onnxruntime or the loaded .pt2 program, and `model` eagerly),
+    taking turns in every repeat (detr_irpe.benchmark.interleaved), with `threads` CPU threads (0: default)."""
+    from detr_irpe.benchmark import interleaved
+    from detr_irpe.detr import batch_images
+    generator = torch.Generator().manual_seed(0)
+    images, mask = batch_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model = DetectorOutputs(model).eval()
+    if fmt == 'onnx':
+        exported = OnnxDetector(path, threads)
+    else:
+        exported = load_pt2(path).module()
+    return interleaved({'exported': lambda: exported(images, mask), 'pytorch': lambda: model(images, mask)}, repeats)

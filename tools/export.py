@@ -21,9 +21,10 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 from detr_irpe import get_args_parser  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
+from detr_irpe.args import int_range  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
 from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_opset, check_output_path,  # noqa: E402
-                              export_onnx, export_pt2, max_difference)
+                              export_onnx, export_pt2, max_difference, time_against_pytorch)
 
 
 def get_parser():
@@ -33,7 +34,10 @@ def get_parser():
                         help='onnx (onnxruntime, TensorRT, OpenVINO) or pt2 (torch.export.save); default: from '
                              "--output's extension")
     parser.add_argument('--output', required=True, help='the file to write (.onnx or .pt2)')
-    parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, {MIN_OPSET} to {MAX_OPSET}')
+    parser.add_argument('--benchmark', type=int_range(0), default=0, metavar='REPEATS',
+                        help='then time the exported file against PyTorch eager on two images (640x853, 600x800), '
+                             'medians of this many interleaved repeats (0: no timing)')
+    parser.add_argument('--opset', type=int_range(MIN_OPSET, MAX_OPSET), default=MIN_OPSET, help=f'ONNX opset, {MIN_OPSET} to {MAX_OPSET}')
     return parser
 
 
@@ -61,6 +65,12 @@ def main(argv=None):
     size, difference = max_difference(model, args.output, fmt)
     print(f'checked on a batch of {size[0]} images of {size[1]}x{size[2]} (one padded): largest difference from '
           f'PyTorch {difference:.2e}')
+    if args.benchmark > 0:
+        times = time_against_pytorch(model, args.output, fmt, repeats=args.benchmark, threads=args.threads)
+        runner = 'onnxruntime' if fmt == 'onnx' else 'the .pt2 program'
+        print(f'inference on two images (640x853, 600x800), {torch.get_num_threads()} threads: {runner} '
+              f'{times["exported"]:.3f} s, PyTorch eager {times["pytorch"]:.3f} s, ratio '
+              f'{times["exported"] / times["pytorch"]:.3f}')
     return args.output
 
 

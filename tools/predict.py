@@ -6,6 +6,8 @@ threshold as PNG, and all detections as a COCO results JSON.
         .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict
     python tools/predict.py --resume detr_irpe_r50_150ep.pth --coco_path /data/coco street.jpg park.jpg \\
         --threshold 0.7 --output_dir runs/predict
+    python tools/predict.py --config configs/smoke.yaml --onnx outputs/smoke/detr.onnx \
+        .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict_onnx     # onnxruntime, no checkpoint
 
 Writes output_dir/<image name>.png, detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
 in pixels of the image file, score; every query's detection, whatever its score, so it can be scored with
@@ -13,6 +15,8 @@ pycocotools) and images.json (id, file_name, width, height of each image: the im
 Images found in the dataset's val annotation file keep their id there; others are numbered from 1.
 Category names come from that annotation file (--coco_path, or the synthetic set) when it can be read.
 Model flags come from the checkpoint unless given; output_dir defaults to <checkpoint folder>/predict.
+With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
+pictures and JSON; model flags are not needed, --config still gives the data flags (--val_size, names).
 """
 import os
 import sys
@@ -23,9 +27,11 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import get_args_parser  # noqa: E402
+from detr_irpe.args import MAX_IMAGE_SIDE, float_range, int_range  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
-from detr_irpe.postprocess import coco_results  # noqa: E402
+from detr_irpe.export import OnnxDetector  # noqa: E402
+from detr_irpe.postprocess import PostProcess, coco_results  # noqa: E402
 from detr_irpe.inspect import (draw_detections, list_images, load_image, predict,  # noqa: E402
                                save_figure)
 
@@ -34,8 +40,10 @@ def get_parser():
     parser = datasets.add_dataset_args(get_args_parser())
     parser.description = __doc__
     parser.add_argument('inputs', nargs='+', help='image files or folders of images')
-    parser.add_argument('--threshold', type=float, default=0.5, help='draw the boxes scoring at least this')
-    parser.add_argument('--min_size', type=int, default=512,
+    parser.add_argument('--onnx', default=None, metavar='FILE',
+                        help='run this ONNX file of tools/export.py with onnxruntime, instead of a checkpoint')
+    parser.add_argument('--threshold', type=float_range(0, 1), default=0.5, help='draw the boxes scoring at least this')
+    parser.add_argument('--min_size', type=int_range(1, MAX_IMAGE_SIDE), default=512,
                         help='smaller images are drawn enlarged by an integer factor up to at least this size')
     return parser
 
@@ -54,17 +62,21 @@ def val_annotations(args):
 def main(argv=None):
     parser = get_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.resume:
-        parser.error('--resume CHECKPOINT is required: the .pth file to run')
+    if bool(args.resume) == bool(args.onnx):
+        parser.error('give either --resume CHECKPOINT (the .pth file to run) or --onnx FILE (an export of '
+                     'tools/export.py), not both or neither')
     paths = list_images(args.inputs)
-    model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
-    device = torch.device(args.device)
-    model.to(device)
+    if args.onnx:
+        model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
+    else:
+        model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+        device = torch.device(args.device)
+        model.to(device)
     coco = val_annotations(args)
     names = {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {}
     known_ids = {os.path.basename(img['file_name']): img['id'] for img in coco.dataset['images']} if coco else {}
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'predict')
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume or args.onnx)), 'predict')
     results, images = [], []
     for n, path in enumerate(paths, 1):
         image, tensor = load_image(path, transform)
