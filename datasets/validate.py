@@ -45,7 +45,7 @@ def read_json(path):
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f'annotation file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} '
+        raise ValueError(f'annotation file {path} is not valid JSON: {e.msg}: line {e.lineno}, column {e.colno} '
                          f'(character {e.pos}); a file cut short (an interrupted download or copy) looks like this: '
                          f'get it again') from None
     except UnicodeDecodeError as e:
