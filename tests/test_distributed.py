@@ -154,9 +154,11 @@ def _run(rank, tmp, pose_as_nccl):
             evaluator = datasets.CocoEvaluator(_ground_truth(), backend='pycocotools')
             with contextlib.redirect_stdout(io.StringIO()):
                 summary = engine.evaluate(model, postprocessors, [_batch(mine, 10 + rank)], evaluator, 'cpu')
+            # SIGTERM on one process stops all of them at the same step
+            stop = (distributed.any_process(rank == 1), distributed.any_process(False))
         dist.destroy_process_group()
     return {'averages': averages, 'calls': checker.calls, 'sent': checker.sent, 'summary': summary,
-            'held': (evaluator.img_ids, evaluator.results())}
+            'held': (evaluator.img_ids, evaluator.results()), 'stop': stop}
 
 
 def _worker(rank, tmp):
@@ -192,8 +194,9 @@ def test_training_and_evaluation_collectives_run_on_the_process_device(two_proce
 
 @pytest.mark.slow
 def test_logged_losses_are_the_mean_over_processes(two_process_run):
-    sent = [rank['sent']['all_reduce'][-1].double() for rank in two_process_run]  # the last: logged losses
     keys = sorted(two_process_run[0]['averages'])
+    # the logged losses' all-reduce (the others carry one number: box counts, stop requests)
+    sent = [[t for t in rank['sent']['all_reduce'] if t.numel() == len(keys)][-1].double() for rank in two_process_run]
     mean = (sent[0] + sent[1]) / 2
     for rank in two_process_run:
         assert [rank['averages'][k] for k in keys] == pytest.approx(mean.tolist(), rel=1e-12)
@@ -209,3 +212,8 @@ def test_detections_are_gathered_to_the_main_process_only(two_process_run):
     assert sorted(main['held'][0]) == [1, 2, 3, 4] and len(main['held'][1]) == 4 * 5  # 5 queries per image
     assert other['held'] == ([], []) and other['summary'] is None
     assert len(main['summary']['bbox']) == 12
+
+
+@pytest.mark.slow
+def test_a_stop_request_on_one_process_reaches_all(two_process_run):
+    assert [rank['stop'] for rank in two_process_run] == [(True, False), (True, False)]
