@@ -183,6 +183,13 @@ class Preemption:
         sys.exit(PREEMPTED_EXIT_STATUS)
 
 
+def loader_worker_ignores_sigterm(worker_id):
+    """DataLoader worker_init_fn: a SIGTERM sent to the whole process group (SLURM, torchrun) must not kill
+    the data workers, or the main process fails on their death before it can write its checkpoint. They end
+    with the main process, as always."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def rng_state():
     """The python, numpy and torch generator states, in a form weights_only loading accepts."""
     np_state = np.random.get_state()

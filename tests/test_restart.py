@@ -153,3 +153,28 @@ def test_killed_worker_restarts_and_sigterm_checkpoints_then_resume_auto_ends_at
     b = load_checkpoint(checkpoint)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_the_current_step_and_exits_143(tmp_path):
+    """As SLURM and torchrun send it: to every process, DataLoader workers included (they must survive it)."""
+    out = tmp_path / 'out'
+    run = subprocess.Popen([PY, os.path.join(ROOT, 'tools', 'train.py'), '--config', SMOKE, '--epochs', '3',
+                            '--num_workers', '2', '--eval_every', '100', '--output_dir', str(out),
+                            '--synthetic_dir', str(tmp_path / 'synthetic'), '--resume', 'auto'],
+                           cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and run.poll() is None and _position(str(out / 'checkpoint.pth')) is None:
+            time.sleep(0.02)
+        first = _position(str(out / 'checkpoint.pth'))  # the end of epoch 0 (no --checkpoint_every)
+        os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert first == (0, 10 ** 9)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    assert 'SIGTERM: checkpoint' in stdout
+    assert (0, 10 ** 9) < _position(str(out / 'checkpoint.pth')) < (2, 10 ** 9)

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
 import datasets  # noqa: E402
 from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa: E402
 from detr_irpe.checkpoint import (Preemption, load_checkpoint, load_model_state,  # noqa: E402
-                                  load_optimizer_state, process_rng_state, resolve_resume, rng_state,
+                                  loader_worker_ignores_sigterm, load_optimizer_state, process_rng_state, resolve_resume, rng_state,
                                   save_checkpoint, save_json, set_rng_state)
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 
@@ -42,10 +42,12 @@ def make_loaders(args, dataset_train, dataset_val):
     # resumed run's dropout sees the same random numbers as an uninterrupted one.
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
                               collate_fn=datasets.collate_fn, num_workers=args.num_workers,
-                              generator=torch.Generator().manual_seed(args.seed))
+                              generator=torch.Generator().manual_seed(args.seed),
+                              worker_init_fn=loader_worker_ignores_sigterm)
     val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
     val_loader = DataLoader(dataset_val, batch_size=args.batch_size, sampler=val_sampler, collate_fn=datasets.collate_fn,
-                            num_workers=args.num_workers, generator=torch.Generator())
+                            num_workers=args.num_workers, generator=torch.Generator(),
+                            worker_init_fn=loader_worker_ignores_sigterm)
     return train_set, sampler, train_loader, val_loader
 
 
