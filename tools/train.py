@@ -28,6 +28,7 @@ from detr_irpe.checkpoint import (Preemption, load_checkpoint, load_model_state,
                                   loader_worker_ignores_sigterm, load_optimizer_state, process_rng_state, resolve_resume, rng_state,
                                   save_checkpoint, save_json, set_rng_state)
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
+from detr_irpe.precision import choose_precision  # noqa: E402
 
 
 def get_parser():
@@ -78,6 +79,12 @@ def main(args):
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep model_without_ddp's keys, without _orig_mod.
+    precision = choose_precision(device, args.amp)
+    if args.amp:
+        print(precision.describe())
+    scaler = precision.grad_scaler()
     print(f'parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable')
     optimizer = engine.build_optimizer(model_without_ddp, args)
     lr_scheduler = engine.build_lr_scheduler(optimizer, args)
@@ -97,6 +104,8 @@ def main(args):
                 start_epoch = checkpoint['epoch'] + 1
             if 'rng' in checkpoint:
                 set_rng_state(process_rng_state(checkpoint))
+            if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
+                scaler.load_state_dict(checkpoint['scaler'])
         print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
 
     if args.eval:
@@ -116,7 +125,8 @@ def main(args):
         if distributed.is_main_process():
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
-                             'args': vars(args), 'rng': states[0], 'rng_per_process': states}, checkpoint_path)
+                             'args': vars(args), 'rng': states[0], 'rng_per_process': states,
+                             'scaler': scaler.state_dict()}, checkpoint_path)
 
     steps_per_epoch = len(sampler) // args.batch_size
     started = time.time()
@@ -134,7 +144,8 @@ def main(args):
 
         # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
         train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
-                                             epoch, args, start_step=first, on_step=on_step)
+                                             epoch, args, start_step=first, on_step=on_step, precision=precision,
+                                             scaler=scaler)
         lr_scheduler.step()
         save(epoch, None)
         if preemption.requested():  # before the evaluation: a scheduler's grace period is short
