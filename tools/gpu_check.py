@@ -29,7 +29,11 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError as error:
+    raise SystemExit(f'gpu_check needs PyTorch (2.4 or later) installed for {sys.executable} ({error}). On the GPU '
+                     f'machine, run it with the python that has torch: make gpu-check PYTHON=/path/to/python') from None
 
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
