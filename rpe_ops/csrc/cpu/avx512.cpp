@@ -98,12 +98,17 @@ inline bool one_bucket(__m512i ids, int32_t first) {
 }
 }  // namespace
 
-bool all_in_range(const int32_t* ids, int64_t n, int64_t K) {
+bool all_in_range(const int32_t* ids, int64_t n, int64_t K, int64_t* one_bucket_vectors) {
   // As unsigned numbers, negative ids are above every K: one compare per id.
   const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
   __mmask16 bad = 0;
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16) bad |= _mm512_cmpge_epu32_mask(_mm512_loadu_si512(ids + e), k);
+  int64_t e = 0, runs = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512i v = _mm512_loadu_si512(ids + e);
+    bad |= _mm512_cmpge_epu32_mask(v, k);
+    if (one_bucket_vectors != nullptr) runs += one_bucket(v, ids[e]);
+  }
+  if (one_bucket_vectors != nullptr) *one_bucket_vectors = runs;
   if (e < n) bad |= _mm512_mask_cmpge_epu32_mask(first_lanes(n - e), _mm512_maskz_loadu_epi32(first_lanes(n - e), ids + e), k);
   return bad == 0;
 }

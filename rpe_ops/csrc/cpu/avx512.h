@@ -24,8 +24,9 @@ struct Float16Bits { uint16_t x; };
 // then use these loops is decided per op in loops.h.
 bool available();
 
-// True if every ids[e], e < n, lies in [0, K).
-bool all_in_range(const int32_t* ids, int64_t n, int64_t K);
+// True if every ids[e], e < n, lies in [0, K). With one_bucket_vectors (else nullptr), also counts
+// the vectors ids[16 v .. 16 v + 15] whose 16 ids are all equal into *one_bucket_vectors.
+bool all_in_range(const int32_t* ids, int64_t n, int64_t K, int64_t* one_bucket_vectors = nullptr);
 
 // out_row[j] = in_row[index_row[j]] for j < Lk.
 // stream: write out_row with streaming (non-temporal) stores, which skip reading

@@ -9,10 +9,10 @@
 //                  streaming stores (the reductions have no large output: as avx512)
 // rpe_index and rpe_index_qk time every set this CPU runs at their first call in a
 // process whose output is 8 MiB or more, on one problem of DETR-encoder proportions
-// (float32; 3 rounds of calls, interleaved, about 40-200 ms once per op on 2 cores),
-// and keep the fastest; a more complex set must beat the simpler ones before it by
-// kMargin, so that noise does not trade a loop for a more complex one that is no
-// faster. Smaller outputs run the portable loops: such calls take well under a
+// (float32; 3 rounds of calls, interleaved, timed in process CPU time; about 40-200 ms
+// once per op on 2 cores), and keep the fastest; a more complex set must beat the
+// simpler ones before it by kMargin, so that noise does not trade a loop for a more
+// complex one that is no faster. Smaller outputs run the portable loops: such calls take well under a
 // millisecond, less than timing would cost (tests, the demo's 4x4 maps). Their outputs
 // are the same bits on every set, so neither choice can change a result.
 // rpe_reduce and rpe_reduce_qk go by CPU features (avx512 where it runs): each set sums
