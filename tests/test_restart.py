@@ -129,7 +129,8 @@ def test_killed_worker_restarts_and_sigterm_checkpoints_then_resume_auto_ends_at
         while time.time() < deadline and agent.poll() is None and terminated is None:
             position = _position(checkpoint)
             workers = _workers(agent.pid)
-            if position is not None and position > killed and len(workers) == 2 and set(workers.values()).isdisjoint(first.values()):
+            new_group = len(workers) == 2 and set(workers.values()).isdisjoint(first.values())
+            if position is not None and position > killed and new_group:
                 for pid in workers.values():
                     os.kill(pid, signal.SIGTERM)
                 terminated = position
