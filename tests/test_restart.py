@@ -36,11 +36,16 @@ def test_an_unreadable_checkpoint_is_an_error_for_resume_auto_not_a_fresh_start(
     assert (tmp_path / 'checkpoint.pth').read_bytes() == b'half a checkpoint'
 
 
-def test_each_process_gets_its_own_random_state_back():
+def test_each_process_gets_its_own_random_state_back(monkeypatch):
     states = [{'torch': torch.tensor([r])} for r in range(3)]
     checkpoint = {'rng': states[0], 'rng_per_process': states}
-    assert process_rng_state(checkpoint) is states[0]  # one process (no process group): rank 0 of 1 ...
-    assert process_rng_state({'rng': states[0]}) is states[0]  # ... and a checkpoint of an older run
+    monkeypatch.setattr(distributed, 'get_world_size', lambda: 3)
+    for rank in range(3):
+        monkeypatch.setattr(distributed, 'get_rank', lambda rank=rank: rank)
+        assert process_rng_state(checkpoint) is states[rank]
+    assert process_rng_state({'rng': states[0]}) is states[0]  # a checkpoint of an older run
+    monkeypatch.setattr(distributed, 'get_world_size', lambda: 2)  # another number of processes
+    assert process_rng_state(checkpoint) is states[0]
 
 
 def test_an_optimizer_of_another_recipe_names_the_flag(tmp_path):
