@@ -12,8 +12,8 @@ from . import coco, synthetic
 from .coco_eval import CocoEvaluator
 from .transforms import make_transforms
 
-__all__ = ['add_dataset_args', 'build_dataset', 'check_training_batches', 'collate_fn', 'get_coco_api_from_dataset',
-           'num_classes_for', 'CocoEvaluator', 'make_transforms']
+__all__ = ['add_dataset_args', 'build_dataset', 'check_against_training_set', 'collate_fn',
+           'get_coco_api_from_dataset', 'num_classes_for', 'CocoEvaluator', 'make_transforms']
 
 COCO_NUM_CLASSES = 91  # DETR: max COCO category id (90) + 1
 MIN_SYNTHETIC_SIDE = 16  # the smallest shapes must still cover a few pixels
@@ -71,14 +71,24 @@ def build_dataset(image_set, args):
     return coco.build(image_set, root, transforms)
 
 
-def check_training_batches(dataset, args):
-    """A ValueError when not one full training batch (--batch_size per process x processes) fits in `dataset`:
-    batches are full ones (as DETR), so every epoch would run no step at all."""
+def check_against_training_set(dataset, args):
+    """A ValueError naming the flag when the flags do not fit the training set: not one full batch
+    (--batch_size per process x processes; batches are full ones, as DETR, so no step would run), or a
+    --num_classes not above every category id (the classifier would have no output for some labels)."""
+    num_classes = getattr(args, 'num_classes', None)
+    if num_classes is not None:
+        largest = max(get_coco_api_from_dataset(dataset).getCatIds(), default=0)
+        if largest >= num_classes:
+            raise ValueError(f'--num_classes {num_classes} is too small for category id {largest} of the training '
+                             f'set: pass at least --num_classes {largest + 1} (largest category id + 1), or leave '
+                             f'it out to take it from the data')
     world_size = getattr(args, 'world_size', 1) or 1
     if args.batch_size * world_size > len(dataset):
         processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
+        source = (f'--synthetic_train {args.synthetic_train}' if getattr(args, 'dataset_file', None) == 'synthetic'
+                  else f'in --coco_path {getattr(args, "coco_path", None)}')
         raise ValueError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
-                         f'images: no full batch, so no training step would run; lower --batch_size')
+                         f'images ({source}): no full batch, so no training step would run; lower --batch_size')
 
 
 def collate_fn(batch):

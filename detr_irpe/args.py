@@ -24,7 +24,7 @@ MAX_LAYERS = 128         # --enc_layers, --dec_layers
 MAX_COUNT = 10 ** 7      # queries, classes, images of the synthetic set
 MAX_IMAGE_SIDE = 10000   # every resize scale and maximum size, in pixels
 MAX_COEF = 1e6           # matching costs and loss weights: larger ones overflow the float32 cost matrix
-MAX_SEED = 2 ** 32 - 1   # numpy's seed range
+MAX_SEED = 2 ** 31 - 1   # numpy's seed range (< 2 ** 32), with room for the + rank of each process
 
 
 def _int_or_float(kind, text):
@@ -116,7 +116,8 @@ def check_flag_combinations(args):
         # The sine encoding gives half the channels to rows and half to columns, each in sin/cos pairs.
         if get('position_embedding') == 'sine' and hidden_dim % 4:
             return (f'--position_embedding sine needs --hidden_dim divisible by 4 (half the channels for rows, half '
-                    f'for columns, each in sin/cos pairs), got {hidden_dim}; e.g. --hidden_dim {hidden_dim // 4 * 4 or 4}')
+                    f'for columns, each in sin/cos pairs), got {hidden_dim}; '
+                    f'e.g. --hidden_dim {hidden_dim // 4 * 4 or 4}')
         if get('position_embedding') == 'learned' and hidden_dim % 2:
             return (f'--position_embedding learned needs an even --hidden_dim (half the channels for rows, half '
                     f'for columns), got {hidden_dim}')
@@ -161,7 +162,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def get_args_parser(add_help=True):
-    p = ArgumentParser('DETR with iRPE', add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description='DETR with iRPE', add_help=add_help,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--lr', default=1e-4, type=float_range(0))
     p.add_argument('--lr_backbone', default=1e-5, type=float_range(0), help='0 freezes the whole backbone')
     p.add_argument('--batch_size', default=2, type=int_range(1), help='images per process')
@@ -173,7 +175,7 @@ def get_args_parser(add_help=True):
                    help="iRPE tables start xavier-initialised like every transformer matrix (the published "
                         "code) or at zero (the paper's appendix)")
     p.add_argument('--epochs', default=300, type=int_range(0))
-    p.add_argument('--lr_drop', default=200, type=int_range(0), help='epoch at which the learning rate drops 10x')
+    p.add_argument('--lr_drop', default=200, type=int_range(1), help='epoch at which the learning rate drops 10x')
     p.add_argument('--lr_warmup', default=0, type=int_range(0), help='steps of linear learning-rate warm-up (0: none, as DETR)')
     p.add_argument('--clip_max_norm', default=0.1, type=float_range(0), help='gradient clipping max norm (0: none)')
     p.add_argument('--frozen_weights', type=str, default=None,

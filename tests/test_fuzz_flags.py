@@ -29,7 +29,7 @@ from detr_irpe.config import parse_args_with_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
-NUMBER_VALUES = ['0', '-1', '1000000000000', '1e308', 'inf', 'nan', '1.5', 'abc', '']  # zero .. empty
+NUMBER_VALUES = ['0', '1', '-1', '1000000000000', '1e308', 'inf', 'nan', '1.5', 'abc', '']  # zero, smallest .. empty
 WORD_VALUES = ['0', '-1', 'abc', '']  # for a flag taking any text (a path, a name)
 
 
@@ -138,7 +138,7 @@ class Memo:
 
 def first_batches(args):
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
-    datasets.check_training_batches(dataset_train, args)
+    datasets.check_against_training_set(dataset_train, args)
     return datasets.collate_fn([dataset_train[0]]), datasets.collate_fn([dataset_val[0]])
 
 
@@ -356,6 +356,7 @@ def tool_run(*argv):
     (['--hidden_dim', '250'], '--hidden_dim'),
     (['--threads', '-3'], '--threads'),
     (['--batch_size', '1000'], '--batch_size'),
+    (['--num_classes', '2'], '--num_classes'),  # the smoke set's category ids go up to 3
 ])
 def test_representative_bad_flags_end_to_end(tmp_path, flags, named):
     run = tool_run(*small_preset_argv(tmp_path), *flags)

@@ -69,13 +69,15 @@ def main(args):
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
     device = torch.device(args.device)
-    if args.output_dir and distributed.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
 
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
+    datasets.check_against_training_set(dataset_train, args)
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(args)
     model, criterion, postprocessors = build_model(args)
+    # made once the data and the model are known to be good, so a bad input leaves no empty run folder
+    if args.output_dir and distributed.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
