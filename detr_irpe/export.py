@@ -7,7 +7,7 @@ detr_irpe.postprocess). Bucket ids are computed inside the graph from the featur
 irpe.cached_when_eager), so one file serves every image size.
 
 The rpe_ops custom ops stay in the .pt2 program (import rpe_ops before torch.export.load, as load_pt2 does);
-in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (ONNX_TRANSLATIONS).
+in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (onnx_translations).
 """
 import copy
 import os
@@ -57,14 +57,18 @@ def example_inputs(batch=2, height=224, width=288, padded=True):
 
 
 def dynamic_shapes():
-    """Batch, height and width of both inputs as named dynamic dimensions (the ONNX file keeps the names)."""
+    """Batch, height and width of both inputs as named dynamic dimensions (the ONNX file keeps the names).
+
+    At least 33 pixels: the backbone's stride is 32, and torch.export treats a size of 1 (a feature map of one
+    row or column) as a special case a dynamic dimension cannot take."""
     Dim = torch.export.Dim
     batch, height, width = Dim('batch', min=1, max=1024), Dim('height', min=33, max=8192), Dim('width', min=33, max=8192)
     return {'images': {0: batch, 2: height, 3: width}, 'mask': {0: batch, 1: height, 2: width}}
 
 
 def export_program(model, example=None):
-    """torch.export.ExportedProgram of DetectorOutputs(model) in eval mode, with dynamic batch, height, width."""
+    """torch.export.ExportedProgram of DetectorOutputs(model), with dynamic batch, height and width. Puts the
+    model in eval mode (dropout off, as for inference)."""
     images, mask = example if example is not None else example_inputs(*EXAMPLE_SIZE)
     with torch.no_grad():
         return torch.export.export(DetectorOutputs(model).eval(), (images, mask), dynamic_shapes=dynamic_shapes())
@@ -73,27 +77,25 @@ def export_program(model, example=None):
 # ---- ONNX lowering of the rpe_ops custom ops (their definitions: rpe_ops/__init__.py) ----
 
 def _onnx_translations():
+    from onnx import TensorProto
     from onnxscript import opset18 as op
 
-    def gather_per_bucket(input, index):
+    def rpe_index(input, index):
         """y[b, h, i, j] = input[b, h, i, index[i, j]]: index broadcast to (B, H, Lq, Lk), one GatherElements."""
         shape = op.Concat(op.Shape(input, start=0, end=3), op.Shape(index, start=1, end=2), axis=0)
-        return op.GatherElements(input, op.Expand(op.Cast(index, to=7), shape), axis=3)  # to=7: int64
-
-    def rpe_index(input, index):
-        return gather_per_bucket(input, index)
+        return op.GatherElements(input, op.Expand(op.Cast(index, to=TensorProto.INT64), shape), axis=3)
 
     def rpe_index_qk(input, index, input_t, index_t):
         # The key-side term, gathered per key row with the transposed ids, then transposed back.
-        key_side = gather_per_bucket(input_t, op.Transpose(index_t, perm=[1, 0]))
-        return op.Add(gather_per_bucket(input, index), op.Transpose(key_side, perm=[0, 1, 3, 2]))
+        key_side = rpe_index(input_t, op.Transpose(index_t, perm=[1, 0]))
+        return op.Add(rpe_index(input, index), op.Transpose(key_side, perm=[0, 1, 3, 2]))
 
     def rpe_reduce(values, index, num_buckets):
         """out[b, h, i, t] = sum over j with index[i, j] == t of values[b, h, i, j]: a ScatterElements
         with reduction 'add' into zeros (B, H, Lq, num_buckets)."""
         shape = op.Concat(op.Shape(values, start=0, end=3), op.Constant(value_ints=[num_buckets]), axis=0)
         zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), values), shape)
-        ids = op.Expand(op.Cast(index, to=7), op.Shape(values))
+        ids = op.Expand(op.Cast(index, to=TensorProto.INT64), op.Shape(values))
         return op.ScatterElements(zeros, ids, values, axis=3, reduction='add')
 
     return {torch.ops.rpe_ops.rpe_index.default: rpe_index,

@@ -172,7 +172,7 @@ def test_onnx_lowering_of_rpe_ops_matches_their_loop_definitions(tmp_path):
     B, H, L = (torch.export.Dim(n, min=2, max=64) for n in ('B', 'H', 'L'))
     shapes = {'input': {0: B, 1: H, 2: L}, 'input_t': {0: B, 1: H, 2: L}, 'values': {0: B, 1: H, 2: L, 3: L},
               'index': {0: L, 1: L}, 'index_t': {0: L, 1: L}}
-    program = torch.onnx.export(RpeOps(), inputs(2, 2, 5, 7, 3), dynamo=True, dynamic_shapes=shapes,
+    program = torch.onnx.export(RpeOps().eval(), inputs(2, 2, 5, 7, 3), dynamo=True, dynamic_shapes=shapes,
                                 custom_translation_table=export.onnx_translations(), verbose=False)
     program.save(str(tmp_path / 'ops.onnx'))
     session = ort.InferenceSession(str(tmp_path / 'ops.onnx'), providers=['CPUExecutionProvider'])
