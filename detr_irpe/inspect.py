@@ -322,8 +322,10 @@ def plot_logs(runs, panels=LOG_PANELS, band='minmax'):
             if epochs:
                 line, = ax.plot(epochs, mean, marker='.' if len(epochs) < 30 else None,
                                 label=label if len(seeds) == 1 else f'{label} (mean of {len(seeds)} seeds, {band})')
-                if len(seeds) > 1:
+                if len(seeds) > 1 and len(epochs) > 1:
                     ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
+                elif len(seeds) > 1:  # one evaluated epoch: a band has no width, so an error bar
+                    ax.errorbar(epochs, mean, yerr=[mean - low, high - mean], color=line.get_color(), capsize=4)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=7)

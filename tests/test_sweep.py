@@ -381,3 +381,12 @@ def test_plot_logs_draws_a_sweep_entry_as_the_mean_of_its_seeds_with_a_band(tmp_
             at = sorted(y for x, y in polygon.get_paths()[0].vertices if x == e)
             assert at[0] == pytest.approx(low[e]) and at[-1] == pytest.approx(high[e])
     assert 'ctx (mean of 3 seeds' in captured['axes']['loss'].get_lines()[0].get_label()
+
+
+def test_plot_logs_draws_one_evaluated_epoch_of_several_seeds_as_an_error_bar_from_min_to_max():
+    seeds = [[{'epoch': 0, 'train_loss': 2.0}, {'epoch': 1, 'train_loss': 1.0, 'AP': ap}] for ap in (0.1, 0.4, 0.25)]
+    fig = inspect.plot_logs({'ctx': seeds}, panels=(('AP', 'AP'),))
+    (bar,) = [c for c in fig.axes[0].collections]
+    (segment,) = bar.get_segments()
+    assert segment[:, 0].tolist() == [1, 1] and sorted(segment[:, 1].tolist()) == pytest.approx([0.1, 0.4])
+    assert fig.axes[0].get_lines()[0].get_ydata().tolist() == pytest.approx([0.25])
