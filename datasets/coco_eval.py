@@ -63,10 +63,15 @@ class CocoEvaluator:
     def synchronize_between_processes(self):
         """Gather the predictions of all processes to the main process, which alone runs COCOeval (no-op
         without torch.distributed). The other processes are left with none."""
-        gathered = distributed.gather_to_main((self.img_ids, self._results))
-        gathered = gathered or []
-        self.img_ids = [i for ids, _ in gathered for i in ids]
-        self._results = [r for _, results in gathered for r in results]
+        gathered = distributed.gather_to_main((self.img_ids, self._results)) or []
+        # The sampler pads the images to a multiple of the process count (as DistributedSampler), so a few
+        # were evaluated twice: their detections count once, from the first process that has them.
+        seen, self.img_ids, self._results = set(), [], []
+        for ids, results in gathered:
+            new = set(ids) - seen
+            self.img_ids += [i for i in ids if i in new]
+            self._results += [r for r in results if r['image_id'] in new]
+            seen |= new
 
     def results(self):
         """COCO result dicts (image_id, category_id, bbox xywh, score), ready for a results JSON."""

@@ -130,3 +130,21 @@ def test_default_is_faster_coco_eval_where_installed_and_unknown_backends_are_re
     assert coco_eval.default_backend() == 'pycocotools'
     with pytest.raises(ValueError, match='faster-coco-eval is not installed.*--eval_backend pycocotools'):
         CocoEvaluator(synthetic_ground_truth(2), backend='faster_coco_eval')
+
+
+def test_images_evaluated_by_two_processes_count_once(gt_and_detections, monkeypatch):
+    """The distributed sampler pads with repeated images; the main process must not count them twice."""
+    coco, predictions = gt_and_detections
+    ids = sorted(predictions)
+    parts = [{i: predictions[i] for i in ids[0::2] + ids[1:3]}, {i: predictions[i] for i in ids[1::2]}]
+    evaluators = [CocoEvaluator(coco, backend='pycocotools') for _ in parts]
+    for evaluator, part in zip(evaluators, parts):
+        evaluator.update(part)
+    gathered = [(e.img_ids, e.results()) for e in evaluators]
+    monkeypatch.setattr(coco_eval.distributed, 'gather_to_main', lambda obj: gathered)
+    evaluators[0].synchronize_between_processes()
+    assert sorted(evaluators[0].img_ids) == ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        merged = evaluators[0].summarize()
+    reference, _ = evaluate(coco, predictions, 'pycocotools')
+    assert merged == reference
