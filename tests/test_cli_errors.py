@@ -96,6 +96,17 @@ def test_hidden_dim_and_nheads_are_accepted_exactly_when_the_model_runs(position
             assert accepted == runs, (hidden_dim, nheads, position_embedding, accepted)
 
 
+def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
+    # cuda:<count> exists nowhere: on a machine without CUDA, 'cuda' itself is missing too
+    missing = [f'cuda:{torch.cuda.device_count()}', 'tpu'] + ([] if torch.cuda.is_available() else ['cuda'])
+    for device in missing:
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args(['--device', device])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert '--device' in last and repr(device) in last, last
+    assert get_args_parser().parse_args(['--device', 'cpu']).device == 'cpu'
+
+
 def _assert_clean_failure(run, *needles):
     assert run.returncode != 0
     assert 'Traceback' not in run.stderr, run.stderr[-2000:]

@@ -240,7 +240,7 @@ class Fuzz:
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-    """A folder to run in (relative paths given as values land here), with a small synthetic set."""
+    """A folder to run in: relative paths given as values (an --output_dir '0') land here."""
     folder = tmp_path_factory.mktemp('fuzz')
     old = os.getcwd()
     os.chdir(folder)
@@ -292,7 +292,6 @@ def test_every_flag_of_train_gives_a_usage_error_naming_it_or_runs(detr_fuzz, wo
     assert flags <= tried
 
 
-TOOLS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'tools', '*.py')))
 def test_a_preset_value_gets_the_same_answer_as_on_the_command_line(detr_fuzz):
     compared = 0
     for (where, dest, words), kind in detr_fuzz.kinds.items():
@@ -302,6 +301,7 @@ def test_a_preset_value_gets_the_same_answer_as_on_the_command_line(detr_fuzz):
     assert compared > 400
 
 
+TOOLS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'tools', '*.py')))
 OTHER_TOOLS = [t for t in TOOLS if t != 'train']
 
 
