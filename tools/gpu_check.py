@@ -8,10 +8,11 @@ checks, benchmark, print a table and write JSON.
 
 Written for a bare machine with one GPU: Python, PyTorch 2.4+, torchvision, nvcc and ninja, no virtual
 environment and nothing to download. The extension is built in place against the installed torch
-(`python setup.py build_ext --inplace`, for this GPU's architecture only). pycocotools is not needed by any
-check. Each check is independent: one that fails is reported and the others still run; the exit status
+(`python setup.py build_ext --inplace`, for this GPU's architecture only). DETR's matcher needs scipy;
+pycocotools is not needed by any check. Each check is independent: one that fails is reported and the others still run; the exit status
 is 1 when a check failed (or a benchmark part raised), 0 otherwise. With --device cpu the comparisons of
-CUDA against CPU are skipped and said so. Budget: the whole run, build included, in 8 minutes on one H100.
+CUDA against CPU are skipped and said so. Meant to fit in 8 minutes on one H100, build included (not yet
+measured: no GPU has run it).
 """
 import argparse
 import contextlib
@@ -38,8 +39,9 @@ except ImportError as error:
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
 METHODS = ('euc', 'quant', 'cross', 'product')
-# per check: (its function, what it needs), filled in by @check below, in running order
+# check name -> function(device, quick) returning {'passed': bool, ...}, in running order (filled by @check)
 CHECKS = {}
+# op results against their reference, rtol per dtype (atol 4x): summation order in float32, one half-type ulp
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
