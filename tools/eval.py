@@ -39,6 +39,8 @@ def main(argv=None):
     model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     device = torch.device(args.device)
     model.to(device)
+    if args.compile:
+        model = torch.compile(model)
     dataset = datasets.build_dataset('val', args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers)
