@@ -4,6 +4,8 @@
     loader = DataLoader(dataset, collate_fn=collate_fn, ...)
     evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset))
 """
+from pathlib import Path
+
 import torch.utils.data
 
 from detr_irpe.args import MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, float_range, int_range, non_empty
@@ -51,10 +53,17 @@ def add_dataset_args(parser):
 
 
 def ensure_synthetic(args):
-    return synthetic.ensure_synthetic_coco(
-        args.synthetic_dir, num_train=args.synthetic_train, num_val=args.synthetic_val,
-        image_size=args.synthetic_image_size, num_classes=args.synthetic_classes,
-        objects=args.synthetic_objects, object_size=args.synthetic_object_size, seed=args.synthetic_seed)
+    # resolved, so that '.' or 'runs/..' has a name to put the lock and the temporary folder beside
+    root = Path(args.synthetic_dir).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f'--synthetic_dir {args.synthetic_dir} is a file; expected a folder (made when missing)')
+    try:
+        return synthetic.ensure_synthetic_coco(
+            root, num_train=args.synthetic_train, num_val=args.synthetic_val,
+            image_size=args.synthetic_image_size, num_classes=args.synthetic_classes,
+            objects=args.synthetic_objects, object_size=args.synthetic_object_size, seed=args.synthetic_seed)
+    except FileExistsError as e:  # a folder of other files: refused, not overwritten
+        raise ValueError(f'--synthetic_dir {args.synthetic_dir}: {e}') from None
 
 
 def build_dataset(image_set, args):

@@ -30,7 +30,7 @@ from detr_irpe.config import parse_args_with_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 NUMBER_VALUES = ['0', '1', '-1', '1000000000000', '1e308', 'inf', 'nan', '1.5', 'abc', '']  # zero, smallest .. empty
-WORD_VALUES = ['0', '-1', 'abc', '']  # for a flag taking any text (a path, a name)
+WORD_VALUES = ['0', '-1', 'abc', '', '.', 'base.yaml']  # any text (a path, a name): also a folder and a file that exist
 
 
 def load_tool(name):
