@@ -100,7 +100,8 @@ def run_tool(main, *args):
     import os
     try:
         return main(*args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    # OSError: a path given cannot be read or written (no permission, a file where a folder should be, a full disk)
+    except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get('DETR_IRPE_DEBUG'):
             raise
         sys.exit(f'error: {e}')

@@ -9,7 +9,7 @@ import torch
 
 import datasets
 from detr_irpe import get_args_parser
-from detr_irpe.config import explicit_flags, parse_args_with_config
+from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.position_encoding import build_position_encoding
 from detr_irpe.transformer import build_transformer
@@ -105,6 +105,15 @@ def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert '--device' in last and repr(device) in last, last
     assert get_args_parser().parse_args(['--device', 'cpu']).device == 'cpu'
+
+
+def test_a_path_that_cannot_be_written_ends_in_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.delenv('DETR_IRPE_DEBUG', raising=False)
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    with pytest.raises(SystemExit) as e:
+        run_tool(os.makedirs, str(blocker / 'run'))  # what a tool does with --output_dir a_file/run
+    assert str(e.value).startswith('error: ') and str(blocker / 'run') in str(e.value) and '\n' not in str(e.value)
 
 
 def _assert_clean_failure(run, *needles):
