@@ -147,8 +147,9 @@ def validate_annotations(data, path):
         if ann['id'] in annotation_ids:
             raise ValueError(f"annotation file {path}: annotation id {ann['id']} is listed twice; ids must be unique")
         annotation_ids.add(ann['id'])
-        x, y, w, h = ann['bbox']
-        annotations.append({'iscrowd': 0, 'area': w * h, **ann})
+        if 'iscrowd' not in ann or 'area' not in ann:  # COCO's own files have both: no copy for them
+            ann = {'iscrowd': 0, 'area': ann['bbox'][2] * ann['bbox'][3], **ann}
+        annotations.append(ann)
 
     for line in skipped[:MAX_NAMED]:
         warnings.warn(f'{path}: {line}')
