@@ -9,6 +9,7 @@ irpe.cached_when_eager), so one file serves every image size.
 The rpe_ops custom ops stay in the .pt2 program (import rpe_ops before torch.export.load, as load_pt2 does);
 in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (onnx_translations).
 """
+import contextlib
 import copy
 import os
 import tempfile
@@ -143,6 +144,10 @@ def _write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file readable by its owner only; a deployed model is read by others too.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -150,19 +155,27 @@ def _write_atomically(path, write):
     return path
 
 
+@contextlib.contextmanager
+def _quiet_shared_storage():
+    """torch.export.save and load warn of weights that are views of one storage (in_proj_weight's slices);
+    they are saved and loaded whole, on the CPU."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='No complete tensor found in the group')
+        yield
+
+
 def export_pt2(model, path, example=None):
     """Write the torch.export program of `model` to `path` (torch.export.save). Returns the program."""
     program = export_program(model, example)
-    _write_atomically(path, lambda tmp: torch.export.save(program, tmp))
+    with _quiet_shared_storage():
+        _write_atomically(path, lambda tmp: torch.export.save(program, tmp))
     return program
 
 
 def load_pt2(path):
     """The ExportedProgram saved by export_pt2 (its .module() is callable as (images, mask))."""
     import rpe_ops  # noqa: F401  registers the rpe_ops custom ops the program calls
-    with warnings.catch_warnings():
-        # Said of weights that are views of one storage (in_proj_weight's slices): they load whole, on the CPU.
-        warnings.filterwarnings('ignore', message='No complete tensor found in the group')
+    with _quiet_shared_storage():
         return torch.export.load(path)
 
 

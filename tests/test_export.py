@@ -198,6 +198,9 @@ def pt2_tool_export(tmp_path_factory):
 
 def test_pt2_program_reloads_and_gives_pytorch_outputs(pt2_tool_export):
     model, path = pt2_tool_export
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask     # as open() would make it, not mkstemp's 0o600
     program = export.load_pt2(path).module()
     for size in CHECK_SIZES + [(1, 64, 96), (3, 100, 100)]:
         images, mask = export.example_inputs(*size)

@@ -55,7 +55,8 @@ def main(argv=None):
     if fmt == 'onnx':
         check_opset(args.opset)
     check_output_path(args.output)
-    args.device = 'cpu'
+    # On the CPU, with SDPA: flex_attention's compiled kernel has no ONNX form (and 'auto' is SDPA there).
+    args.device, args.attention_impl = 'cpu', 'sdpa'
     model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     if fmt == 'onnx':
         export_onnx(model, args.output, opset=args.opset)
@@ -68,7 +69,8 @@ def main(argv=None):
     if args.benchmark > 0:
         times = time_against_pytorch(model, args.output, fmt, repeats=args.benchmark, threads=args.threads)
         runner = 'onnxruntime' if fmt == 'onnx' else 'the .pt2 program'
-        print(f'inference on two images (640x853, 600x800), {torch.get_num_threads()} threads: {runner} '
+        threads = torch.get_num_threads()
+        print(f'inference on two images (640x853, 600x800), {threads} thread{"s" * (threads > 1)}: {runner} '
               f'{times["exported"]:.3f} s, PyTorch eager {times["pytorch"]:.3f} s, ratio '
               f'{times["exported"] / times["pytorch"]:.3f}')
     return args.output
