@@ -18,13 +18,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import datasets  # noqa: E402
 from detr_irpe import engine, get_args_parser  # noqa: E402
+from detr_irpe.args import non_empty  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint, save_json  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
 
 
 def get_parser():
     parser = datasets.add_dataset_args(get_args_parser())
-    parser.add_argument('--results_json', default=None, help='also write the detections as a COCO results JSON')
+    parser.add_argument('--results_json', default=None, type=non_empty,
+                        help='also write the detections as a COCO results JSON')
     return parser
 
 
