@@ -8,6 +8,8 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,6 +221,15 @@ def test_export_leaves_eager_bucket_id_cache_real(pt2_tool_export):
     pytorch_outputs(model, images, mask)
     ids = get_bucket_ids_2d('product', 7, 9, 0, 2.0, 'piecewise', torch.device('cpu'))[0]
     assert type(ids) is torch.Tensor and ids.shape == (63, 63)
+
+
+# ---- the tool ----
+
+def test_help_shows_an_example():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export.py'), '--help'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 'python tools/export.py ' in out.stdout and '--format pt2 --output' in out.stdout
 
 
 # ---- bad input ----
