@@ -622,7 +622,7 @@ def device_name(device):
     return f'cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores'
 
 
-def main(argv=None):
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     parser.add_argument('--quick', action='store_true', help='small sizes and few repeats (a run of the script itself)')
@@ -631,6 +631,11 @@ def main(argv=None):
     parser.add_argument('--checks', nargs='+', choices=list(CHECKS), default=list(CHECKS), help='which checks to run')
     parser.add_argument('--benchmarks', nargs='*', choices=list(BENCHMARKS), default=list(BENCHMARKS),
                         help='which benchmark parts to run (none: give the flag alone)')
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser()
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device cuda, but torch {torch.__version__} sees no CUDA device (torch.version.cuda = '
