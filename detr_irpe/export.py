@@ -24,6 +24,8 @@ OUTPUT_NAMES = ('pred_logits', 'pred_boxes')
 # ScatterElements' reduction='add' (rpe_reduce, iRPE on values) is ONNX opset 16; the exporter itself
 # starts at 18. onnxscript knows opsets up to 23.
 MIN_OPSET, MAX_OPSET = 18, 23
+# The smallest height and width the exported graph takes (see dynamic_shapes).
+MIN_SIDE = 33
 # The example batch of the export: its H x W are not those of the images it will see (all dynamic).
 EXAMPLE_SIZE = (2, 224, 288)
 
@@ -63,7 +65,8 @@ def dynamic_shapes():
     At least 33 pixels: the backbone's stride is 32, and torch.export treats a size of 1 (a feature map of one
     row or column) as a special case a dynamic dimension cannot take."""
     Dim = torch.export.Dim
-    batch, height, width = Dim('batch', min=1, max=1024), Dim('height', min=33, max=8192), Dim('width', min=33, max=8192)
+    batch = Dim('batch', min=1, max=1024)
+    height, width = Dim('height', min=MIN_SIDE, max=8192), Dim('width', min=MIN_SIDE, max=8192)
     return {'images': {0: batch, 2: height, 3: width}, 'mask': {0: batch, 1: height, 2: width}}
 
 
@@ -222,6 +225,9 @@ class OnnxDetector:
             samples, mask = batch_images([s.cpu() for s in samples])
         if mask is None:
             mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
+        if min(samples.shape[2:]) < MIN_SIDE:
+            raise ValueError(f'images of {samples.shape[2]}x{samples.shape[3]} pixels: the exported graph takes '
+                             f'at least {MIN_SIDE} a side; pad or resize them (--val_size) first.')
         outputs = self.session.run(list(OUTPUT_NAMES), {'images': samples.detach().cpu().float().numpy(),
                                                         'mask': mask.cpu().numpy()})
         return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}

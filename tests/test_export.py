@@ -134,6 +134,8 @@ def test_predict_with_onnx_writes_the_detections_pytorch_writes(onnx_exports, tm
             assert np.allclose(a.get('bbox', 0), b.get('bbox', 0), atol=1e-2)   # pixels
             assert np.isclose(a.get('score', 0), b.get('score', 0), atol=1e-4)
     assert sorted(os.listdir(tmp_path / 'onnx')) == sorted(os.listdir(tmp_path / 'torch'))
+    with pytest.raises(ValueError, match='20x64 pixels.*at least 33 a side'):
+        export.OnnxDetector(path)([torch.zeros(3, 20, 64)])
 
 
 # ---- the ONNX lowering of each rpe op, against loops over its definition ----
