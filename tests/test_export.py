@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -19,8 +21,6 @@ from detr_irpe import export, get_args_parser
 from detr_irpe.detr import build_model
 from detr_irpe.irpe import rpe_parameters
 
-ort = pytest.importorskip('onnxruntime')
-onnx = pytest.importorskip('onnx')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
