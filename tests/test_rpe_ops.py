@@ -6,7 +6,11 @@
     rpe_reduce_qk: out as rpe_reduce, out_t[b, h, j, t] = sum_i V[b, h, i, j] [index_t[i, j] = t]
     d rpe_index / dX  = rpe_reduce of the grad;  d rpe_reduce / dV = rpe_index of the grad (same for _qk)
 """
+import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -453,15 +457,11 @@ def test_large_outputs_come_back_from_the_cache_fully_overwritten(cpu_loops):
     ('lots', None),
 ])
 def test_cache_limit_comes_from_the_environment(setting, check):
-    import os
-    import subprocess
-    import sys
     code = ('import torch, rpe_ops\n'
             'y = rpe_ops.rpe_index(torch.zeros(1, 1, 1024, 2), torch.zeros(1024, 600, dtype=torch.int32))\n'
             'y = rpe_ops.rpe_index(torch.zeros(1, 1, 1024, 2), torch.zeros(1024, 512, dtype=torch.int32))\n'
             'del y\ninfo = rpe_ops.cache_info()\n' + (check or ''))
-    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         env={**os.environ, 'RPE_OPS_CPU_CACHE_MB': setting})
+    run = run_python(code, RPE_OPS_CPU_CACHE_MB=setting)
     if check is None:
         assert run.returncode != 0 and "RPE_OPS_CPU_CACHE_MB must be a whole number of MiB >= 0" in run.stderr
         assert "got 'lots'" in run.stderr
@@ -470,9 +470,7 @@ def test_cache_limit_comes_from_the_environment(setting, check):
 
 
 def run_python(code, **env):
-    import os
-    import subprocess
-    import sys
+    """`code` run by a fresh Python process, `env` added to its environment."""
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, **env})
 
 
@@ -495,7 +493,6 @@ def test_auto_loops_are_the_fastest_measured_or_a_simpler_one_within_five_percen
     """The index ops time their loops at their first call with an output of 8 MiB or more (smaller outputs run
     the portable loops): the reported times decide (a more complex set must win by 5%). The reductions,
     whose sums depend on the loops, go by CPU features: AVX-512 where it runs."""
-    import json
     run = run_python(USE_EVERY_OP + use_every_op(LARGE), RPE_OPS_CPU_LOOPS='auto')
     assert run.returncode == 0, run.stderr
     small, large = [json.loads(line) for line in run.stdout.splitlines()]
@@ -527,7 +524,6 @@ def test_auto_loops_are_the_fastest_measured_or_a_simpler_one_within_five_percen
 @compiled
 @pytest.mark.parametrize('setting', ['portable', 'vectorized'])
 def test_loops_from_the_environment_are_checked_and_reported(setting):
-    import json
     run = run_python(USE_EVERY_OP, RPE_OPS_CPU_LOOPS=setting)
     if setting == 'vectorized':
         assert run.returncode != 0
