@@ -103,9 +103,7 @@ def gpu_slots(args, runs):
 
 
 def main(argv=None):
-    args, extra = get_parser().parse_known_args(argv)
-    if args.parallel < 1 or args.seeds < 1:
-        raise ValueError(f'--parallel and --seeds must be at least 1, got {args.parallel} and {args.seeds}.')
+    args, extra = get_parser().parse_known_args(argv)  # --parallel and --seeds are at least 1 at parse
     names = [run_name('' if e == 'none' else e) for e in args.entries]
     if len(set(names)) != len(names):
         raise ValueError(f'two entries share the name of their run folder: {", ".join(names)}; give each once.')
@@ -154,7 +152,7 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, 'table.md'), 'w') as f:
         f.write(table + '\n')
     print(table)
-    failed = [f'{r["entry"]} seed {r["seed"]}' for r in runs if final_result(r['dir'], r['epochs']) is None]
+    failed = [f'{e["name"]} seed {seed}' for e in entries for seed, result in e['results'].items() if result is None]
     if failed:
         raise RuntimeError(f'{len(failed)} of {len(runs)} runs have no eval.json of their final epoch: '
                            f'{", ".join(failed)}; see train.out in their folders under {args.output_dir}. '
