@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from matplotlib import patches  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross, rpe_config_from_string  # noqa: E402
+from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- buckets
 
