@@ -1,6 +1,5 @@
 """Restarts that resume by themselves: --resume auto, torchrun --max-restarts after a SIGKILLed worker, and
 SIGTERM (SLURM preemption) writing a checkpoint at the current step before exiting with status 143."""
-import argparse
 import os
 import signal
 import subprocess
