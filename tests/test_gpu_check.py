@@ -49,7 +49,7 @@ def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_th
         assert f'| {name} |' in run.stdout  # the printed table has a row per check and benchmark part
 
 
-def test_a_wrong_op_fails_the_op_check(gpu_check, monkeypatch, tmp_path):
+def test_a_wrong_op_fails_the_op_check(gpu_check, monkeypatch):
     import rpe_ops
     right = rpe_ops.rpe_index
     monkeypatch.setattr(rpe_ops, 'rpe_index', lambda x, index: right(x, index) + 1e-3)
