@@ -23,8 +23,8 @@ from detr_irpe import get_args_parser  # noqa: E402
 from detr_irpe.checkpoint import build_model_from_checkpoint  # noqa: E402
 from detr_irpe.args import int_range  # noqa: E402
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool  # noqa: E402
-from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_opset, check_output_path,  # noqa: E402
-                              export_onnx, export_pt2, max_difference, time_against_pytorch)
+from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_output_path, export_onnx,  # noqa: E402
+                              export_pt2, max_difference, time_against_pytorch)
 
 
 def get_parser():
@@ -51,9 +51,7 @@ def main(argv=None):
     fmt = args.format or os.path.splitext(args.output)[1].lstrip('.').lower()
     if fmt not in FORMATS:
         parser.error(f'--output {args.output!r} ends in neither .onnx nor .pt2: pass --format onnx or --format pt2.')
-    # Checked before the slow part, so that a typo costs no export.
-    if fmt == 'onnx':
-        check_opset(args.opset)
+    # Checked before the slow part, so that a typo costs no export (--opset is checked at parse).
     check_output_path(args.output)
     # On the CPU, with SDPA: flex_attention's compiled kernel has no ONNX form (and 'auto' is SDPA there).
     args.device, args.attention_impl = 'cpu', 'sdpa'
