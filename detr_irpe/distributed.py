@@ -28,29 +28,34 @@ def init_distributed(args):
               'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.', flush=True)
 
 
+def is_distributed():
+    """Whether this process is one of a process group (init_distributed ran with several processes)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process():
     return get_rank() == 0
 
 
 def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def process_device():
     """The device the tensors of a collective must be on: this process's CUDA device under nccl (which
     takes nothing else; init_distributed made it the current device), the CPU under gloo."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == 'nccl':
+    if is_distributed() and dist.get_backend() == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
 
 
 def all_reduce_mean(values):
     """Average a dict of floats over processes (for logging). The same keys on every process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=process_device())
@@ -62,7 +67,7 @@ def gather_to_main(obj):
     """[obj of process 0, obj of process 1, ...] on the main process, None on the others: what only the
     main process uses (detections for COCOeval) is sent there alone, not to every process. Pickled into
     tensors on process_device() by torch (its current CUDA device under nccl)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [obj]
     gathered = [None] * get_world_size() if is_main_process() else None
     dist.gather_object(obj, gathered, dst=0)
@@ -71,7 +76,7 @@ def gather_to_main(obj):
 
 def any_process(flag):
     """True on every process if `flag` is true on any (a max all-reduce on process_device())."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=process_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -79,5 +84,5 @@ def any_process(flag):
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
