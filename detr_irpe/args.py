@@ -126,15 +126,14 @@ def check_flag_combinations(args):
     costs = [get(k) for k in ('set_cost_class', 'set_cost_bbox', 'set_cost_giou')]
     if None not in costs and not any(costs):
         return 'all matching costs are 0: set at least one of --set_cost_class, --set_cost_bbox, --set_cost_giou'
-    for max_flag, scale_flags in (('train_max_size', ('train_scales',)), ('val_max_size', ('val_size',))):
-        for scale_flag in scale_flags:
-            scales, max_size = get(scale_flag), get(max_flag)
-            if scales is None or max_size is None:
-                continue
-            largest = max(scales) if isinstance(scales, list) else scales
-            if max_size <= largest:
-                return (f'--{max_flag} {max_size} must be larger than --{scale_flag} {largest}: the longest side '
-                        f'is capped at {max_flag} after the shorter one is resized to {scale_flag}')
+    for max_flag, scale_flag in (('train_max_size', 'train_scales'), ('val_max_size', 'val_size')):
+        scales, max_size = get(scale_flag), get(max_flag)
+        if scales is None or max_size is None:
+            continue
+        largest = max(scales) if isinstance(scales, list) else scales
+        if max_size <= largest:
+            return (f'--{max_flag} {max_size} must be larger than --{scale_flag} {largest}: the longest side '
+                    f'is capped at {max_flag} after the shorter one is resized to {scale_flag}')
     if get('position_embedding') == 'learned':
         # PositionEmbeddingLearned has 50 rows and 50 columns of the feature map (stride 32, 16 with --dilation).
         stride = 16 if get('dilation') else 32
