@@ -88,11 +88,6 @@ def tiny_args(enc_rpe2d, *extra):
          '--dropout', '0', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d, *extra])
 
 
-def has_flag(flag):
-    from detr_irpe import get_args_parser
-    return any(flag in a.option_strings for a in get_args_parser()._actions)
-
-
 def tiny_detr(enc_rpe2d, *extra):
     """(model, criterion) of a small DETR with iRPE, on CPU, random weights (seed 0)."""
     from detr_irpe import build_model
@@ -329,8 +324,7 @@ def check_detr_step(device, quick):
     with float32_exact():
         for i, (method, mode) in enumerate(configs[:2] if quick else configs):
             rpe = f"rpe-2.0-{method}-{mode}-{i % 2}-{'qk' if mode == 'bias' else 'qkv'}"
-            extra = ('--attention_impl', 'sdpa') if has_flag('--attention_impl') else ()  # flex: its own check
-            model, criterion = tiny_detr(rpe, *extra)
+            model, criterion = tiny_detr(rpe, '--attention_impl', 'sdpa')  # flex: its own check
             cpu_loss, cpu_terms, cpu_grads = loss_and_grads(model, criterion, images, targets)
             gpu_model, gpu_criterion = copy.deepcopy(model).cuda(), copy.deepcopy(criterion).cuda()
             gpu_images, gpu_targets = batch([(96, 128), (80, 112)], 'cuda')
@@ -349,11 +343,8 @@ def check_detr_step(device, quick):
 def check_flex(device, quick):
     """The encoder attention through flex_attention (--attention_impl flex) against the SDPA/explicit path with the
     same weights, padded keys: forward, and on CUDA the gradients (torch's FlexAttention has no CPU backward)."""
-    try:
-        from detr_irpe.attention import RPEMultiheadAttention
-        from detr_irpe.flex import flex_attention
-    except ImportError as e:
-        raise Skip(f'not available in this checkout ({e})')
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.flex import flex_attention
     if flex_attention is None:
         raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
     from detr_irpe.irpe import rpe_config_from_string
@@ -505,11 +496,8 @@ def bench_op(device, quick):
 def bench_flex(device, quick):
     """The encoder attention layer with iRPE-K (dropout 0), flex vs the op path (SDPA with the iRPE term as
     its mask): forward + backward on CUDA, forward on CPU."""
-    try:
-        from detr_irpe.attention import RPEMultiheadAttention
-        from detr_irpe.flex import flex_attention
-    except ImportError as e:
-        return {'skipped': f'not available in this checkout ({e})'}
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.flex import flex_attention
     if flex_attention is None:
         return {'skipped': f'torch {torch.__version__} has no flex_attention'}
     from detr_irpe.irpe import rpe_config_from_string
