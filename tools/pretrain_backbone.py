@@ -46,8 +46,7 @@ PRETRAIN_SPLIT = 7  # datasets.synthetic uses split index 0 (train) and 1 (val);
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--output', default='configs/weights/synthetic_resnet18.pth', type=non_empty)
     p.add_argument('--images', type=int_range(1, MAX_COUNT), default=6000,
                    help='distinct pre-training images (kept in memory)')
@@ -67,10 +66,6 @@ def get_parser():
     p.add_argument('--save_every', type=int_range(0), default=0,
                    help='also write the weights every N steps (0: only at the end)')
     return p
-
-
-def get_args():
-    return get_parser().parse_args()
 
 
 def make_images(args):
@@ -163,7 +158,7 @@ def export_state_dict(net):
 
 
 def main():
-    args = get_args()
+    args = get_parser().parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
