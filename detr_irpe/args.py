@@ -5,7 +5,9 @@ import os
 
 import torch
 
+from detr_irpe.flex import ATTENTION_IMPLS
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
+from detr_irpe.transformer import RPE_INITS
 
 
 def enc_rpe2d_flag(text):
@@ -170,7 +172,7 @@ def get_args_parser(add_help=True):
     p.add_argument('--rpe_weight_decay', default=None, type=float_range(0),
                    help="weight decay of the iRPE tables (default: --weight_decay, as the published code; "
                         "0 as the paper's appendix)")
-    p.add_argument('--rpe_init', default='xavier', choices=['xavier', 'zero'],
+    p.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
                    help="iRPE tables start xavier-initialised like every transformer matrix (the published "
                         "code) or at zero (the paper's appendix)")
     p.add_argument('--epochs', default=300, type=int_range(0))
@@ -199,7 +201,7 @@ def get_args_parser(add_help=True):
     p.add_argument('--enc_rpe2d', default='', type=enc_rpe2d_flag,
                    help=f"iRPE in encoder self-attention: {RPE_STRING_FORMAT}, e.g. 'rpe-2.0-product-ctx-1-k'; "
                         "empty for none")
-    p.add_argument('--attention_impl', default='auto', choices=['auto', 'sdpa', 'flex'],
+    p.add_argument('--attention_impl', default='auto', choices=ATTENTION_IMPLS,
                    help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE on "
                         "values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
                         "'auto' flex on CUDA where it applies, sdpa otherwise")
