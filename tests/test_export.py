@@ -5,7 +5,6 @@ Exports are slow on 2 cores (10-30 s each): one export per setting, shared by th
 fixture; the ONNX ones are marked slow.
 """
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ import torch
 from detr_irpe import export, get_args_parser
 from detr_irpe.detr import build_model
 from detr_irpe.irpe import rpe_parameters
+from tool_loader import load_tool as tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,13 +35,6 @@ SETTINGS = {
     'bias': 'rpe-1.9-euc-bias-0-qk',
     'cross': 'rpe-2.0-cross-ctx-1-qkv',
 }
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_args(rpe):

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import copy
 import glob
-import importlib.util
 import io
 import os
 import subprocess
@@ -26,18 +25,12 @@ import yaml
 import datasets
 from detr_irpe import build_model, engine
 from detr_irpe.config import parse_args_with_config
+from tool_loader import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 NUMBER_VALUES = ['0', '1', '-1', '1000000000000', '1e308', 'inf', 'nan', '1.5', 'abc', '']  # zero, smallest .. empty
 WORD_VALUES = ['0', '-1', 'abc', '', '.', 'base.yaml']  # any text (a path, a name): also a folder and a file that exist
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'fuzzed_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def accepts(action, text):

@@ -1,7 +1,6 @@
 """Ablations: the Table 6 presets against the paper's text, and tools/sweep.py's seeds, statistics, device
 slots and restarts."""
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -16,16 +15,10 @@ from detr_irpe import get_args_parser, inspect, sweep
 from detr_irpe.config import parse_args_with_config
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.sweep import device_slots, launch_command, visible_gpus
+from tool_loader import load_tool as tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------- Table 6 presets

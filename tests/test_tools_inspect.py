@@ -1,5 +1,4 @@
 """Inspection tools: bucket maps, the iRPE term b_ij, predictions, log plots; and the files they write (sweeps: test_sweep.py)."""
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,13 @@ from PIL import Image
 from detr_irpe import build_model, get_args_parser
 from detr_irpe.postprocess import coco_results
 from detr_irpe.inspect import bucket_map, drawing_scale, irpe_logit_terms, read_log, uniform_reference_positions
+from tool_loader import load_tool as tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 TINY = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
         '--enc_layers', '2', '--dec_layers', '1', '--dim_feedforward', '32', '--num_queries', '5',
         '--device', 'cpu', '--num_classes', '4', '--dropout', '0']
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def png_size(path):
