@@ -410,6 +410,22 @@ def test_cpu_loops_agree_with_definitions(cpu_loops, size, ids, dtype):
 
 
 @compiled
+@pytest.mark.parametrize('K', [1, 16, 17, 32, 33, 64, 65, 81, 96, 97, 128, 129, 300])
+def test_cpu_index_loops_agree_with_definitions_for_every_table_length(cpu_loops, K):
+    # The AVX-512 index loops hold tables of up to 128 entries in 1-4 register pairs and gather from
+    # longer ones: every length on either side of each boundary, every id of the table used.
+    B, H, Lq, Lk = 2, 3, 4, 53
+    index = (bucket_ids(Lq, Lk, K).flatten().index_put((torch.arange(min(K, Lq * Lk)),), torch.arange(min(K, Lq * Lk),
+             dtype=torch.int32))).view(Lq, Lk)
+    x, z = tensor((B, H, Lq, K), torch.float32), tensor((B, H, Lk, K + 3), torch.float32, seed=3)
+    index_t = bucket_ids(Lq, Lk, K + 3, seed=4)
+    index_t[:, :32] = 0  # two 16-key vectors of one key-side bucket: the AVX-512 rpe_index_qk loop runs
+    assert torch.equal(rpe_ops.rpe_index(x, index).double(), index_by_loop(x, index))
+    # one float32 addition per entry, which the float64 sum rounded to float32 reproduces exactly
+    assert torch.equal(rpe_ops.rpe_index_qk(x, index, z, index_t), index_qk_by_loop(x, index, z, index_t).float())
+
+
+@compiled
 def test_forced_loops_are_the_ones_reported_for_every_op(cpu_loops):
     info = rpe_ops.build_info()['cpu_loops']
     assert info['setting'] == cpu_loops and info['set_by'] == 'set_cpu_loops'

@@ -34,13 +34,6 @@ C10_HOST_DEVICE inline int64_t row_of_bh_query(int64_t bh, int64_t i, int64_t Lq
   return bh * Lq + i;
 }
 
-// The CPU kernels visit rows query-major, step = i * (B*H) + bh, so that one
-// index row serves all B*H rows that use it while it is still in L1 (rather
-// than streaming the whole (Lq, Lk) index from memory once per (b, h)).
-C10_HOST_DEVICE inline int64_t row_of_query_major_step(int64_t step, int64_t BH, int64_t Lq) {
-  return row_of_bh_query(step % BH, step / BH, Lq);
-}
-
 // Row of key j in a contiguous (B, H, Lk, Kt) key-side table, for the (b, h)
 // of query row `row`.
 C10_HOST_DEVICE inline int64_t key_row_of(int64_t row, int64_t j, int64_t Lq, int64_t Lk) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <type_traits>
 
 namespace rpe_ops {
 namespace avx512 {
@@ -113,23 +114,70 @@ bool all_in_range(const int32_t* ids, int64_t n, int64_t K, int64_t* one_bucket_
   return bad == 0;
 }
 
-void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk, bool stream) {
-  write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
-    const __m512i ids = _mm512_maskz_loadu_epi32(m, index_row + j);
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4);
+namespace {
+
+// A row of K <= kMaxPermuteK entries held in registers, 32 per pair: one vpermt2ps looks 16 ids up
+// in a pair, where vgatherdps costs about as much as 16 scalar loads. Looking 16 ids up in P pairs
+// takes P permutes and P - 1 blends (rpe-2.0-product's K = 81: 3 and 2); entries past K are zero
+// and never selected (ids are checked to lie in [0, K) before any loop runs).
+template <int P>
+struct RowInRegisters {
+  __m512 lo[P], hi[P];
+
+  explicit RowInRegisters(const float* row, int64_t K) {
+    for (int p = 0; p < P; ++p) {
+      lo[p] = load_first(row + 32 * p, K - 32 * p);
+      hi[p] = load_first(row + 32 * p + 16, K - 32 * p - 16);
+    }
+  }
+
+  static __m512 load_first(const float* p, int64_t n) {
+    return n >= 16 ? _mm512_loadu_ps(p) : n <= 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(first_lanes(n), p);
+  }
+
+  __m512 lookup(__m512i ids) const {
+    __m512 x = _mm512_permutex2var_ps(lo[0], ids, hi[0]);  // uses the low 5 bits of each id
+    for (int p = 1; p < P; ++p)
+      x = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(ids, _mm512_set1_epi32(32 * p)), x,
+                               _mm512_permutex2var_ps(lo[p], ids, hi[p]));
+    return x;
+  }
+};
+
+// Calls body(lookup) with lookup(ids, mask) the 16 entries of in_row at ids: by permutes where K
+// is at most kMaxPermuteK, else by gathers.
+template <typename Body>
+inline void with_row_lookup(const float* in_row, int64_t K, Body body) {
+  auto permuted = [&](auto pairs) {
+    const RowInRegisters<decltype(pairs)::value> row(in_row, K);
+    body([&](__m512i ids, __mmask16) { return row.lookup(ids); });
+  };
+  if (K <= 32) permuted(std::integral_constant<int, 1>());
+  else if (K <= 64) permuted(std::integral_constant<int, 2>());
+  else if (K <= 96) permuted(std::integral_constant<int, 3>());
+  else if (K <= kMaxPermuteK) permuted(std::integral_constant<int, 4>());
+  else body([&](__m512i ids, __mmask16 m) { return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, ids, in_row, 4); });
+}
+
+}  // namespace
+
+void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk, bool stream) {
+  with_row_lookup(in_row, K, [&](auto lookup) {
+    write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) { return lookup(_mm512_maskz_loadu_epi32(m, index_row + j), m); });
   });
 }
 
-void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
+void index_qk_row(const float* in_row, int64_t K, const int32_t* index_row, const float* keys_t,
                   const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream) {
-  write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
-    const __m512 zero = _mm512_setzero_ps();
-    const __m512 q = _mm512_mask_i32gather_ps(zero, m, _mm512_maskz_loadu_epi32(m, index_row + j), in_row, 4);
-    const __m512i ids_t = _mm512_maskz_loadu_epi32(m, index_t_row + j);
-    const __m512 k = m == 0xFFFF && one_bucket(ids_t, index_t_row[j])
-                         ? _mm512_loadu_ps(keys_t + index_t_row[j] * Lk + j)
-                         : _mm512_mask_i32gather_ps(zero, m, key_offsets(ids_t, j, Lk), keys_t, 4);
-    return _mm512_add_ps(q, k);
+  with_row_lookup(in_row, K, [&](auto lookup) {
+    write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
+      const __m512 q = lookup(_mm512_maskz_loadu_epi32(m, index_row + j), m);
+      const __m512i ids_t = _mm512_maskz_loadu_epi32(m, index_t_row + j);
+      const __m512 k = m == 0xFFFF && one_bucket(ids_t, index_t_row[j])
+                           ? _mm512_loadu_ps(keys_t + index_t_row[j] * Lk + j)
+                           : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, key_offsets(ids_t, j, Lk), keys_t, 4);
+      return _mm512_add_ps(q, k);
+    });
   });
 }
 

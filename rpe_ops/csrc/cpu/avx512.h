@@ -28,16 +28,19 @@ bool available();
 // the vectors ids[16 v .. 16 v + 15] whose 16 ids are all equal into *one_bucket_vectors.
 bool all_in_range(const int32_t* ids, int64_t n, int64_t K, int64_t* one_bucket_vectors = nullptr);
 
-// out_row[j] = in_row[index_row[j]] for j < Lk.
+// Rows of at most this many entries are looked up with register permutes, longer ones with gathers.
+constexpr int64_t kMaxPermuteK = 128;
+
+// out_row[j] = in_row[index_row[j]] for j < Lk; in_row has K entries.
 // stream: write out_row with streaming (non-temporal) stores, which skip reading
 // each line before writing it -- faster on some CPUs for outputs far larger than
 // the caches, 12x slower on others (an Ice Lake Xeon); loops.h decides.
-void index_row(const float* in_row, const int32_t* index_row, float* out_row, int64_t Lk, bool stream);
+void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk, bool stream);
 
 // out_row[j] = in_row[index_row[j]] + keys_t[index_t_row[j] * Lk + j] for j < Lk, with keys_t the
 // key-side table of this (b, h) transposed to (Kt, Lk) (Kt * Lk < 2^31): neighbouring keys mostly
 // share a bucket, so they read neighbouring entries -- one load where all 16 do.
-void index_qk_row(const float* in_row, const int32_t* index_row, const float* keys_t,
+void index_qk_row(const float* in_row, int64_t K, const int32_t* index_row, const float* keys_t,
                   const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream);
 
 // For the n_rows <= kRows rows that share index_row (one query i, several (b, h)):
