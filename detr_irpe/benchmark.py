@@ -20,6 +20,7 @@ from torch import nn
 
 import rpe_ops
 import rpe_ops.benchmark
+from detr_irpe.allocator import describe as describe_malloc, reuse_freed_memory
 from detr_irpe.args import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.detr import build_model
@@ -131,7 +132,9 @@ def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
 
 DC5_SCRIPT = '''
 import json, resource, sys, time, torch
+from detr_irpe.allocator import reuse_freed_memory
 from detr_irpe.benchmark import build, sample_batch, train_step
+reuse_freed_memory()
 name, rpe, h, w, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
 model, criterion = build(rpe, dilation=True)
@@ -174,6 +177,7 @@ def machine():
     return {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
             'torch': torch.__version__,
             'cuda': torch.cuda.is_available(), 'rpe_ops_compiled': rpe_ops.build_info()['cpu'],
+            'malloc': describe_malloc(),
             'load_average_1min_start': os.getloadavg()[0]}
 
 
@@ -189,6 +193,7 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
     """
     if threads:
         torch.set_num_threads(threads)
+    reuse_freed_memory()  # as the tools run: the figures are what training and evaluation see
     cfg = QUICK if quick else FULL
     result = {'machine': machine(), 'quick': quick,
               'sizes': {'images': cfg['images'], 'attention_map': cfg['attention_map'], 'attention_batch': 2,
@@ -255,7 +260,7 @@ def markdown_table(result):
     m, s = result['machine'], result['sizes']
     lines = [rpe_ops.benchmark.describe_host(m['host']) + '.',
              f"Machine: {'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
-             f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end.",
+             f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end; malloc: {m.get('malloc', 'not recorded')}.",
              f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
              f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
              f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids); DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "

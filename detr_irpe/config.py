@@ -98,10 +98,13 @@ def explicit_flags(parser, argv=None):
 
 
 def run_tool(main, *args):
-    """Run a tool's main; an error about the user's input ends with its message, not a traceback
-    (set DETR_IRPE_DEBUG=1 for the traceback)."""
+    """Run a tool's main, with freed memory kept for reuse (detr_irpe.allocator); an error about the user's
+    input ends with its message, not a traceback (set DETR_IRPE_DEBUG=1 for the traceback)."""
     import os
+
+    from detr_irpe.allocator import reuse_freed_memory
     try:
+        reuse_freed_memory()
         return main(*args)
     # OSError: a path given cannot be read or written (no permission, a file where a folder should be, a full disk)
     except (ValueError, OSError, RuntimeError) as e:

@@ -25,9 +25,11 @@ float16; rpe_index and rpe_index_qk with plain or streaming stores): whichever
 was fastest when timed on the op's first call in the process, unless
 RPE_OPS_CPU_LOOPS or `set_cpu_loops` forces a set; `build_info()['cpu_loops']`
 says which and why (csrc/cpu/loops.h). Outputs of 2 MiB or more come from a
-cache of huge-page blocks that keeps freed outputs for the next call of the
-same size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the most
-it keeps, default 1024; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
+cache of blocks that keeps freed outputs for the next call of about the same
+size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the most it
+keeps, default 4096; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
+`cache_all_cpu_tensors()` makes that cache torch's CPU allocator for every tensor
+of 2 MiB or more.
 
 Each op is the other's backward (rpe_index / rpe_reduce, rpe_index_qk /
 rpe_reduce_qk), and all are torch custom ops (schema in
@@ -48,7 +50,7 @@ except ImportError as error:  # not built: fall back to the reference path
 
 __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'reference_rpe_index',
            'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info',
-           'cache_info', 'empty_cache', 'set_cpu_loops']
+           'cache_info', 'empty_cache', 'cache_all_cpu_tensors', 'caches_all_cpu_tensors', 'set_cpu_loops']
 
 CPU_LOOPS = ('auto', 'portable', 'avx512', 'avx512_stream')
 
@@ -73,6 +75,20 @@ def cache_info():
     if _C is None:
         return dict.fromkeys(('cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'), 0)
     return _C.cpu_cache_stats()
+
+
+def cache_all_cpu_tensors():
+    """Make the CPU output cache torch's CPU allocator for the rest of the process: every CPU tensor of 2 MiB
+    or more then comes from it and goes back to it, so a training or evaluation step reuses the blocks of
+    the last one instead of faulting fresh pages in (the kernel zeroes each first). Smaller tensors keep
+    torch's default allocator; RPE_OPS_CPU_CACHE_MB bounds what is kept. Returns False if it already was,
+    or without the compiled extension (then nothing changes). detr_irpe's tools call this at start-up."""
+    return _C is not None and _C.cache_all_cpu_tensors()
+
+
+def caches_all_cpu_tensors():
+    """Whether cache_all_cpu_tensors() is in effect in this process."""
+    return _C is not None and _C.caches_all_cpu_tensors()
 
 
 def set_cpu_loops(loops):

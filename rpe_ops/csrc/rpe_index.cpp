@@ -102,6 +102,14 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* cache_all_cpu_tensors(PyObject*, PyObject*) {
+  return PyBool_FromLong(rpe_ops::install_as_cpu_allocator());
+}
+
+PyObject* caches_all_cpu_tensors(PyObject*, PyObject*) {
+  return PyBool_FromLong(rpe_ops::installed_as_cpu_allocator());
+}
+
 PyMethodDef methods[] = {
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS,
      "True if the CUDA kernels were compiled into this build."},
@@ -110,6 +118,9 @@ PyMethodDef methods[] = {
      "Force the CPU loops of every op ('portable', 'avx512', 'avx512_stream') or 'auto'; returns the previous setting."},
     {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS, "Counters of the CPU output cache (see output_cache.h)."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Free the blocks the CPU output cache keeps."},
+    {"cache_all_cpu_tensors", cache_all_cpu_tensors, METH_NOARGS,
+     "Make the CPU output cache torch's CPU allocator; False if it already was."},
+    {"caches_all_cpu_tensors", caches_all_cpu_tensors, METH_NOARGS, "Whether the CPU output cache is torch's CPU allocator."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

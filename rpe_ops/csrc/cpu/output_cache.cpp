@@ -5,22 +5,22 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
-#include <sys/mman.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <list>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 
 namespace rpe_ops {
 namespace {
 
-constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kMinBytes = size_t(2) << 20;  // smaller blocks: torch's default allocator
+constexpr size_t kAlignment = 64;                // as torch's (c10::gAlignment)
 
 size_t limit_from_env() {
   const char* env = std::getenv("RPE_OPS_CPU_CACHE_MB");
-  if (env == nullptr || *env == '\0') return size_t(1024) << 20;
+  if (env == nullptr || *env == '\0') return size_t(4096) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "RPE_OPS_CPU_CACHE_MB must be a whole number of MiB >= 0 ",
@@ -36,35 +36,42 @@ struct Block {
 class OutputAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (n < kHugePage) return c10::GetCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
+    // torch's own allocator, not GetCPUAllocator(): that is this one once install_as_cpu_allocator() ran
+    if (n < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
+    const size_t bytes = (n + kMinBytes - 1) / kMinBytes * kMinBytes;  // whole 2 MiB: sizes that differ a little match
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // The smallest kept block that fits and is at most twice the request.
+      // The smallest kept block that fits and wastes at most a quarter of the request (so that memory
+      // kept for one size cannot inflate the peak much where sizes vary from step to step).
       auto best = kept_.end();
       for (auto it = kept_.begin(); it != kept_.end(); ++it)
-        if (it->bytes >= bytes && it->bytes / 2 <= bytes && (best == kept_.end() || it->bytes < best->bytes))
+        if (it->bytes >= bytes && it->bytes - bytes <= bytes / 4 && (best == kept_.end() || it->bytes < best->bytes))
           best = it;
       if (best != kept_.end()) {
-        Block* block = new Block(*best);
+        void* ptr = best->ptr;
+        in_use_.emplace(ptr, best->bytes);
         kept_bytes_ -= best->bytes;
         kept_.erase(best);
         ++hits_;
-        return {block->ptr, block, &release, c10::Device(c10::DeviceType::CPU)};
+        return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
       }
       ++misses_;
     }
     void* ptr = nullptr;
-    if (posix_memalign(&ptr, kHugePage, bytes) != 0 || ptr == nullptr) {
+    if (posix_memalign(&ptr, kAlignment, bytes) != 0 || ptr == nullptr) {
       empty();  // give kept blocks back and try once more
-      TORCH_CHECK(posix_memalign(&ptr, kHugePage, bytes) == 0 && ptr != nullptr,
-                  "rpe_ops: out of memory allocating ", bytes, " bytes for an output");
+      TORCH_CHECK(posix_memalign(&ptr, kAlignment, bytes) == 0 && ptr != nullptr,
+                  "rpe_ops: out of memory allocating ", bytes, " bytes on CPU");
     }
-#ifdef MADV_HUGEPAGE
-    madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: without THP this is a no-op
-#endif
-    return {ptr, new Block{ptr, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_.emplace(ptr, bytes);
+    }
+    // The context is the pointer itself, as torch's raw_allocate / raw_deallocate (oneDNN's buffers) need.
+    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -86,25 +93,33 @@ class OutputAllocator final : public c10::Allocator {
   }
 
  private:
-  static void release(void* context) { instance().keep(static_cast<Block*>(context)); }
+  static void release(void* ptr) { instance().keep(ptr); }
 
-  // Keep a freed block, most recent first; past the limit, free the oldest.
-  void keep(Block* block) {
+  // Keep a freed block, most recent first; past the limit, free the oldest. A pointer this cache did not
+  // hand out came from torch's default allocator (small, or allocated before install_as_cpu_allocator):
+  // its own deleter frees it.
+  void keep(void* ptr) {
     std::list<Block> dropped;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (block->bytes <= limit_) {
-        kept_.push_front(*block);
-        kept_bytes_ += block->bytes;
+      const auto found = in_use_.find(ptr);
+      if (found == in_use_.end()) {
+        c10::GetDefaultCPUAllocator()->raw_deleter()(ptr);
+        return;
+      }
+      const Block block{ptr, found->second};
+      in_use_.erase(found);
+      if (block.bytes <= limit_) {
+        kept_.push_front(block);
+        kept_bytes_ += block.bytes;
       } else {
-        dropped.push_back(*block);
+        dropped.push_back(block);
       }
       while (kept_bytes_ > limit_) {
         kept_bytes_ -= kept_.back().bytes;
         dropped.splice(dropped.end(), kept_, std::prev(kept_.end()));
       }
     }
-    delete block;
     for (const Block& b : dropped) std::free(b.ptr);
   }
 
@@ -119,6 +134,7 @@ class OutputAllocator final : public c10::Allocator {
  private:
   std::mutex mutex_;
   std::list<Block> kept_;
+  std::unordered_map<void*, size_t> in_use_;  // blocks handed out, by address: their sizes
   size_t kept_bytes_ = 0;
   const size_t limit_ = limit_from_env();
   size_t hits_ = 0, misses_ = 0;
@@ -133,6 +149,15 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 
 OutputCacheStats output_cache_stats() { return OutputAllocator::instance().stats(); }
+
+bool install_as_cpu_allocator() {
+  c10::Allocator* cache = &OutputAllocator::instance();
+  if (c10::GetCPUAllocator() == cache) return false;
+  c10::SetCPUAllocator(cache, /*priority=*/1);  // above torch's default (0)
+  return true;
+}
+
+bool installed_as_cpu_allocator() { return c10::GetCPUAllocator() == &OutputAllocator::instance(); }
 
 void empty_output_cache() { OutputAllocator::instance().empty(); }
 
