@@ -30,8 +30,10 @@ IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
 # name: (--enc_rpe2d, encoder attention on torch.nn.MultiheadAttention)
 MODELS = {'plain': ('', False), 'irpe_k': (IRPE_K, False), 'irpe_qkv': (IRPE_QKV, False), 'plain_nn_mha': ('', True)}
+# the model ratios reported: (model, baseline)
+RATIOS = [('irpe_k', 'plain'), ('irpe_qkv', 'plain'), ('plain', 'plain_nn_mha')]
 FULL = {'images': [(640, 853), (600, 800)], 'attention_map': (25, 38), 'dc5_image': (640, 853),
-        'repeats': 5, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 2}
+        'repeats': 7, 'attention_repeats': 7, 'op_repeats': 10, 'dc5_steps': 2, 'dc5_rounds': 2}
 # the rpe_index timings: bucket ids (as the ratios name them), suffix of 'rpe_index_vs_gather' in the result,
 # and how the table's summary line names them
 OP_CASES = [('irpe ids', '', 'iRPE bucket ids'), ('random ids', '_random_ids', 'random ids')]
@@ -90,9 +92,10 @@ def inference(model, images):
         model(images)
 
 
-def interleaved(cases, repeats, warmup=1):
+def interleaved(cases, repeats, warmup=1, samples=None):
     """Median seconds of each zero-argument callable; in every repeat each case runs once, in turn
-    (the order rotating from repeat to repeat, so that no case always follows the same one)."""
+    (the order rotating from repeat to repeat, so that no case always follows the same one).
+    samples: a dict that receives each case's timed seconds in repeat order (for paired_ratio)."""
     times = {name: [] for name in cases}
     names = list(cases)
     for r in range(warmup + repeats):
@@ -102,16 +105,28 @@ def interleaved(cases, repeats, warmup=1):
             fn()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
+    if samples is not None:
+        samples.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_ratio(samples, name, base):
+    """Median over repeats of samples[name][r] / samples[base][r]: each ratio of two runs made next to each
+    other, so that a spell in which the whole machine ran slower (other jobs, a memory-hungry neighbour)
+    cancels out instead of landing on whichever model's median it happened to hit."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
 
 
 def model_steps(sizes, repeats):
     """Training step and inference of DETR-R50 for every model in MODELS, interleaved."""
     images, targets = sample_batch(sizes)
     models = {name: build(rpe, nn_mha) for name, (rpe, nn_mha) in MODELS.items()}
-    train = interleaved({n: (lambda m=m, c=c: train_step(m, c, images, targets)) for n, (m, c) in models.items()}, repeats)
-    infer = interleaved({n: (lambda m=m: inference(m, images)) for n, (m, _) in models.items()}, repeats)
-    return {'train_step': train, 'inference': infer}
+    samples = {'train_step': {}, 'inference': {}}
+    train = interleaved({n: (lambda m=m, c=c: train_step(m, c, images, targets)) for n, (m, c) in models.items()}, repeats,
+                        samples=samples['train_step'])
+    infer = interleaved({n: (lambda m=m: inference(m, images)) for n, (m, _) in models.items()}, repeats,
+                        samples=samples['inference'])
+    return {'train_step': train, 'inference': infer}, samples
 
 
 def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
@@ -127,7 +142,8 @@ def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
 
     def step(layer):
         layer(x, x, x, key_padding_mask=mask, height=height, width=width)[0].sum().backward()
-    return interleaved({n: (lambda m=m: step(m)) for n, m in layers.items()}, repeats)
+    samples = {}
+    return interleaved({n: (lambda m=m: step(m)) for n, m in layers.items()}, repeats, samples=samples), samples
 
 
 DC5_SCRIPT = '''
@@ -201,16 +217,14 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
                         'irpe_qkv': IRPE_QKV, 'repeats': cfg['repeats']}}
     ratios = {}
     if 'models' in parts:
-        steps = model_steps(cfg['images'], cfg['repeats'])
-        result['model_seconds'] = steps
-        for kind, t in steps.items():
-            ratios[kind] = {'irpe_k / plain': t['irpe_k'] / t['plain'], 'irpe_qkv / plain': t['irpe_qkv'] / t['plain'],
-                            'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
+        steps, samples = model_steps(cfg['images'], cfg['repeats'])
+        result['model_seconds'], result['model_samples'] = steps, samples
+        for kind in steps:
+            ratios[kind] = {f'{a} / {b}': paired_ratio(samples[kind], a, b) for a, b in RATIOS}
     if 'attention' in parts:
-        t = attention_layer(*cfg['attention_map'], repeats=cfg['attention_repeats'])
-        result['attention_seconds'] = t
-        ratios['attention_layer'] = {'irpe_k / plain': t['irpe_k'] / t['plain'], 'irpe_qkv / plain': t['irpe_qkv'] / t['plain'],
-                                     'plain / plain_nn_mha': t['plain'] / t['plain_nn_mha']}
+        t, samples = attention_layer(*cfg['attention_map'], repeats=cfg['attention_repeats'])
+        result['attention_seconds'], result['attention_samples'] = t, samples
+        ratios['attention_layer'] = {f'{a} / {b}': paired_ratio(samples, a, b) for a, b in RATIOS}
     if 'op' in parts:
         h, w = FULL['attention_map']
         ids, num_buckets = irpe_k_bucket_ids(h, w)  # K = 81
@@ -264,8 +278,9 @@ def markdown_table(result):
              f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
              f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
              f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids); DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "
-             f"iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Medians of {s['repeats']} interleaved repeats "
-             f"(training step = forward + loss + backward).", '',
+             f"iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Times: medians of {s['repeats']} interleaved repeats "
+             f"(training step = forward + loss + backward); model and attention ratios: medians of the ratios "
+             f"within each repeat.", '',
              '| measurement | ratio | target | met |', '|---|---|---|---|']
     for section, name, target, at_most in TARGETS:
         value = result['ratios'].get(section, {}).get(name)

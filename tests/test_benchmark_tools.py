@@ -64,3 +64,18 @@ def test_benchmark_table_of_the_op_part(tmp_path):
     assert 'host: ' in proc.stdout and 'rpe_ops CPU loops (auto): rpe_index ' in proc.stdout
     for name, value in ratios.items():
         assert f'| rpe_index: {name} | {value:.3f} |' in proc.stdout
+
+
+def test_model_ratios_are_medians_of_ratios_within_each_repeat():
+    from detr_irpe.benchmark import interleaved, paired_ratio
+    calls = []
+    samples = {}
+    medians = interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3, warmup=1,
+                          samples=samples)
+    assert calls == ['a', 'b', 'b', 'a', 'a', 'b', 'b', 'a']  # every repeat runs both, the order rotating
+    assert set(samples) == {'a', 'b'} and all(len(t) == 3 for t in samples.values())
+    assert medians == {n: sorted(t)[1] for n, t in samples.items()}
+    # a slow spell in repeat 2 hits both models: the paired ratio ignores it, a ratio of medians does not
+    samples = {'a': [2.0, 9.0, 3.0], 'b': [1.0, 3.0, 2.0]}
+    assert paired_ratio(samples, 'a', 'b') == 2.0
+    assert sorted(samples['a'])[1] / sorted(samples['b'])[1] == 1.5
