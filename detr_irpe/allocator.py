@@ -2,9 +2,9 @@
 
 glibc's malloc serves every block over its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps
 it on free. On CPU a DETR-R50 step allocates dozens of such blocks (backbone activations, (B, H, L, L)
-attention tensors), so every step faults them in again and the kernel zeroes them page by page: on 1 thread
-of an AMD EPYC Zen 4 host this was 17% of an inference and 11% of a training step (sys time 22 s of 95 s
-in a benchmark run). reuse_freed_memory() makes rpe_ops' block cache torch's CPU allocator
+attention tensors), so every step faults them in again and the kernel zeroes them page by page (1 thread
+of an AMD EPYC Zen 4 VM: 22 s of a 95 s inference benchmark run in the kernel; 3.0-3.9 s of system time in
+4 DETR-R50 training steps, 1.3-1.6 s with this). reuse_freed_memory() makes rpe_ops' block cache torch's CPU allocator
 (rpe_ops.cache_all_cpu_tensors): a freed tensor of 2 MiB or more keeps its block, which serves the next
 request of about its size. (glibc's own knobs, no mmap and no trim, were tried first:
 with glibc 2.36 a 64 MiB block freed and asked for again each step was never reused, because aligned
