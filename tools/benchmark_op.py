@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from detr_irpe.allocator import reuse_freed_memory
 from detr_irpe.args import device_flag, int_range, non_empty
 from detr_irpe.checkpoint import save_json
 from detr_irpe.benchmark import irpe_k_bucket_ids
@@ -39,6 +40,7 @@ def main():
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    malloc = reuse_freed_memory()  # as every tool runs (DETR_IRPE_MALLOC=system: torch's default allocator)
 
     index = None
     if args.ids == 'product':
@@ -50,8 +52,9 @@ def main():
                        args.device, args.repeats, index=index)
     result['sizes']['index'] = args.ids
     m, s = result['machine'], result['sizes']
+    m['malloc'] = malloc
     print(f"machine: gpu {m['gpu']}, torch {m['torch']}, load average {m['load_average_1min']:.1f}, "
-          f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}")
+          f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}; malloc: {malloc}")
     print(f"sizes: B={s['B']} H={s['H']} Lq=Lk={s['Lq']} K={s['K']} {s['dtype']} on {s['device']}, "
           f"{s['index']} bucket ids; "
           f"median of {result['repeats']} interleaved repeats")
@@ -62,8 +65,8 @@ def main():
         ratio = ['' if r is None else f'{r:.2f}' for r in ratio]
         print(f"{name:<26}{fwd * 1e3:>12.1f}{fb * 1e3:>12.1f}{ratio[0]:>8}{ratio[1]:>11}")
     print('x = baseline time / rpe_index time (higher: rpe_index faster); memory_floor = a fresh (B, H, L, L) '
-          "tensor from torch's allocator, written (+ grad read): what gather's output costs before any gathering "
-          "(rpe_index's outputs come from its huge-page cache instead)")
+          "tensor from the process's CPU allocator, written (+ grad read): what gather's output costs before any "
+          "gathering (rpe_index's outputs come from its block cache)")
 
     qk = benchmark_qk(args.batch, args.heads, args.length, args.buckets, getattr(torch, args.dtype), args.device,
                       args.repeats)
