@@ -104,23 +104,26 @@ class OutputAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto found = in_use_.find(ptr);
       if (found == in_use_.end()) {
-        c10::GetDefaultCPUAllocator()->raw_deleter()(ptr);
-        return;
-      }
-      const Block block{ptr, found->second};
-      in_use_.erase(found);
-      if (block.bytes <= limit_) {
-        kept_.push_front(block);
-        kept_bytes_ += block.bytes;
+        dropped.push_back({ptr, 0});  // not ours: freed below, outside the lock, by its own deleter
       } else {
-        dropped.push_back(block);
-      }
-      while (kept_bytes_ > limit_) {
-        kept_bytes_ -= kept_.back().bytes;
-        dropped.splice(dropped.end(), kept_, std::prev(kept_.end()));
+        const Block block{ptr, found->second};
+        in_use_.erase(found);
+        if (block.bytes <= limit_) {
+          kept_.push_front(block);
+          kept_bytes_ += block.bytes;
+        } else {
+          dropped.push_back(block);
+        }
+        while (kept_bytes_ > limit_) {
+          kept_bytes_ -= kept_.back().bytes;
+          dropped.splice(dropped.end(), kept_, std::prev(kept_.end()));
+        }
       }
     }
-    for (const Block& b : dropped) std::free(b.ptr);
+    for (const Block& b : dropped) {
+      if (b.bytes == 0) c10::GetDefaultCPUAllocator()->raw_deleter()(b.ptr);
+      else std::free(b.ptr);
+    }
   }
 
  public:
