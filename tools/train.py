@@ -27,6 +27,7 @@ from detr_irpe import build_model, distributed, engine, get_args_parser  # noqa:
 from detr_irpe.checkpoint import (Preemption, load_checkpoint, load_model_state,  # noqa: E402
                                   loader_worker_ignores_sigterm, load_optimizer_state, process_rng_state, resolve_resume, rng_state,
                                   save_checkpoint, save_json, set_rng_state)
+from detr_irpe.allocator import describe as describe_allocator  # noqa: E402
 from detr_irpe.config import parse_args_with_config, run_tool  # noqa: E402
 from detr_irpe.precision import choose_precision  # noqa: E402
 
@@ -88,6 +89,7 @@ def main(args):
         print(precision.describe())
     scaler = precision.grad_scaler()
     print(f'parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable')
+    print(f'CPU memory: {describe_allocator()}')  # run_tool installed it (detr_irpe/allocator.py)
     optimizer = engine.build_optimizer(model_without_ddp, args)
     lr_scheduler = engine.build_lr_scheduler(optimizer, args)
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val)
