@@ -274,7 +274,7 @@ def markdown_table(result):
     m, s = result['machine'], result['sizes']
     lines = [rpe_ops.benchmark.describe_host(m['host']) + '.',
              f"Machine: {'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
-             f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end; malloc: {m.get('malloc', 'not recorded')}.",
+             f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end; malloc: {m['malloc']}.",
              f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
              f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
              f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids); DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "

@@ -100,12 +100,12 @@ class OutputAllocator final : public c10::Allocator {
   // its own deleter frees it.
   void keep(void* ptr) {
     std::list<Block> dropped;
+    bool ours = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto found = in_use_.find(ptr);
-      if (found == in_use_.end()) {
-        dropped.push_back({ptr, 0});  // not ours: freed below, outside the lock, by its own deleter
-      } else {
+      if (found != in_use_.end()) {
+        ours = true;
         const Block block{ptr, found->second};
         in_use_.erase(found);
         if (block.bytes <= limit_) {
@@ -120,10 +120,8 @@ class OutputAllocator final : public c10::Allocator {
         }
       }
     }
-    for (const Block& b : dropped) {
-      if (b.bytes == 0) c10::GetDefaultCPUAllocator()->raw_deleter()(b.ptr);
-      else std::free(b.ptr);
-    }
+    if (!ours) c10::GetDefaultCPUAllocator()->raw_deleter()(ptr);  // outside the lock, by its own deleter
+    for (const Block& b : dropped) std::free(b.ptr);
   }
 
  public:
