@@ -34,9 +34,15 @@ print(json.dumps({'faults': faults, 'places': places, 'line': line}))
 PAGES = (64 << 20) // 4096
 
 
+def run_python(code, *argv, **env):
+    """`code` run by a fresh Python process (the allocator is chosen once per process), with `argv` and `env`
+    added; the checkout on its path."""
+    return subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True,
+                          env={**os.environ, **env, 'PYTHONPATH': os.getcwd()})
+
+
 def later_steps(call, **env):
-    run = subprocess.run([sys.executable, '-c', CODE, 'call' if call else 'none'], capture_output=True, text=True,
-                         env={**os.environ, **env, 'PYTHONPATH': os.getcwd()})
+    run = run_python(CODE, 'call' if call else 'none', **env)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -62,9 +68,7 @@ def test_system_setting_leaves_torch_default_allocator():
 
 
 def test_bad_setting_says_what_to_use():
-    run = subprocess.run([sys.executable, '-c', 'from detr_irpe.allocator import reuse_freed_memory as r; r()'],
-                         capture_output=True, text=True, env={**os.environ, 'DETR_IRPE_MALLOC': 'jemalloc',
-                                                              'PYTHONPATH': os.getcwd()})
+    run = run_python('from detr_irpe.allocator import reuse_freed_memory as r; r()', DETR_IRPE_MALLOC='jemalloc')
     assert run.returncode != 0
     assert "DETR_IRPE_MALLOC='jemalloc' is not one of ['reuse', 'system']" in run.stderr
 
@@ -73,8 +77,7 @@ def test_tools_run_with_freed_memory_kept(tmp_path):
     # every tool's main runs inside detr_irpe.config.run_tool, which applies the setting first
     code = ('from detr_irpe import allocator\nfrom detr_irpe.config import run_tool\n'
             'print(run_tool(lambda: allocator.describe()))\n')
-    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         env={**os.environ, 'PYTHONPATH': os.getcwd()})
+    run = run_python(code)
     assert run.returncode == 0, run.stderr
     want = 'rpe_ops block cache' if rpe_ops.build_info()['cpu'] else 'rpe_ops is not compiled'
     assert want in run.stdout
@@ -103,8 +106,7 @@ def test_convolutions_and_their_gradients_compute_the_same_on_the_cache():
     # the pointer and a raw deleter: without them the process aborts
     results = {}
     for mode in ('cache', 'default'):
-        run = subprocess.run([sys.executable, '-c', CONV, mode], capture_output=True, text=True,
-                             env={**os.environ, 'PYTHONPATH': os.getcwd()})
+        run = run_python(CONV, mode)
         assert run.returncode == 0, run.stderr[-2000:]
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
     assert results['cache']['hits'] > 0
