@@ -136,6 +136,16 @@ def check_flag_combinations(args):
         if max_size <= largest:
             return (f'--{max_flag} {max_size} must be larger than --{scale_flag} {largest}: the longest side '
                     f'is capped at {max_flag} after the shorter one is resized to {scale_flag}')
+    if get('backbone_in_workers'):
+        if get('lr_backbone'):
+            return (f"--backbone_in_workers needs a frozen backbone (--lr_backbone 0), got --lr_backbone "
+                    f"{get('lr_backbone')}: the workers' copy of the backbone would not see its updates")
+        if get('num_workers') == 0:
+            return ('--backbone_in_workers needs --num_workers 1 or more: with 0 there is no worker to run the '
+                    'backbone in; drop the flag or give workers')
+        if get('device') is not None and not str(get('device')).startswith('cpu'):
+            return (f"--backbone_in_workers runs the backbone on the CPU of the loader's workers; it is for --device "
+                    f"cpu, got --device {get('device')}: on a GPU the backbone is fast where it is")
     if get('position_embedding') == 'learned':
         # PositionEmbeddingLearned has 50 rows and 50 columns of the feature map (stride 32, 16 with --dilation).
         stride = 16 if get('dilation') else 32
@@ -242,6 +252,10 @@ def get_args_parser(add_help=True):
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model (training and evaluation); the first steps take longer')
     p.add_argument('--num_workers', default=2, type=int_range(0, 256))
+    p.add_argument('--backbone_in_workers', action='store_true',
+                   help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
+                        'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '
+                        '--num_workers 1 or more)')
     p.add_argument('--threads', default=0, type=int_range(0, 4096),
                    help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
                         'threads of one process wait for each other at every operation when a core is taken')

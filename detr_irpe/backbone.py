@@ -4,6 +4,7 @@ State-dict keys are those of published DETR: `0.body.<torchvision resnet keys wi
 for the learned position embedding, `1.row_embed.weight` / `1.col_embed.weight`.
 """
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,67 @@ class Backbone(nn.Module):
         for param_name, param in self.body.named_parameters():
             trainable = train_backbone and param_name.split('.')[0] in ('layer2', 'layer3', 'layer4')
             param.requires_grad_(trainable)
+        self.closed_blocks = frozenset()  # blocks whose residual branch ends in a zero-scale norm
+        # on the body: weights are loaded into it alone (load_body_weights) as well as with the whole model
+        self.body.register_load_state_dict_post_hook(self._body_loaded)
+        self.find_closed_blocks()
+
+    def _body_loaded(self, body, incompatible_keys):
+        self.find_closed_blocks()
+
+    def find_closed_blocks(self):
+        """Note the residual blocks whose branch ends in a frozen batch norm of all-zero scale: such a branch
+        adds only the norm's bias, whatever its convolutions compute, so forward skips them (the demo's
+        ResNet-18 closes layer4's branches this way: a third of its convolutions' time). Runs on every
+        load_state_dict; call it after changing the weights in place."""
+        closed = []
+        for layer_name, layer in self.body.named_children():
+            if not layer_name.startswith('layer'):
+                continue
+            for index, block in enumerate(layer):
+                if bool((last_norm(block).weight == 0).all()):
+                    closed.append(f'{layer_name}.{index}')
+        self.closed_blocks = frozenset(closed)
+
+    def run_body(self, x: Tensor) -> Tensor:
+        """self.body(x), skipping the convolutions of closed blocks while none of their weights train."""
+        if not self.closed_blocks:
+            return self.body(x)
+        for layer_name, layer in self.body.named_children():
+            if not layer_name.startswith('layer'):
+                x = layer(x)
+                continue
+            for index, block in enumerate(layer):
+                closed = f'{layer_name}.{index}' in self.closed_blocks
+                if closed and not any(p.requires_grad for p in block.parameters()):
+                    x = shortcut_only(block, x)
+                else:
+                    x = block(x)
+        return x
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """images: (B, 3, H, W); mask: (B, H, W) bool, True on padding.
         Returns features (B, C, h, w) and the mask at feature resolution (B, h, w) bool."""
-        features = self.body(images.contiguous(memory_format=torch.channels_last))
+        features = self.run_body(images.contiguous(memory_format=torch.channels_last))
         feature_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, feature_mask
+
+
+def last_norm(block: nn.Module) -> FrozenBatchNorm2d:
+    """The norm that closes a torchvision BasicBlock's (bn2) or Bottleneck's (bn3) residual branch."""
+    return block.bn3 if hasattr(block, 'bn3') else block.bn2
+
+
+def shortcut_only(block: nn.Module, x: Tensor) -> Tensor:
+    """block(x) for a block whose branch's last norm has zero scale: FrozenBatchNorm2d computes
+    branch * scale + bias, i.e. (+-0) + bias, so the block's `branch + shortcut` is `shortcut + bias`, the same
+    bits (for finite activations) without the branch's convolutions."""
+    norm = last_norm(block)
+    shortcut = x if block.downsample is None else block.downsample(x)
+    # FrozenBatchNorm2d's own arithmetic for its bias
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    bias = norm.bias - norm.running_mean * scale
+    return block.relu(shortcut + bias.reshape(1, -1, 1, 1))
 
 
 class Joiner(nn.Sequential):
@@ -61,10 +116,31 @@ class Joiner(nn.Sequential):
         Returns features (B, C, h, w), feature_mask (B, h, w) bool and
         pos (B, hidden_dim, h, w) in the features' dtype, or None without a position embedding."""
         features, feature_mask = self[0](images, mask)
+        return self.with_position(features, feature_mask)
+
+    def with_position(self, features: Tensor, feature_mask: Tensor):
+        """(features, feature_mask, pos) for features the backbone already computed (FrozenFeatures)."""
         pos = None
         if self[1] is not None:
             pos = self[1](features, feature_mask).to(features.dtype)
         return features, feature_mask, pos
+
+
+@dataclass
+class FrozenFeatures:
+    """A batch on which the frozen backbone already ran (engine.FrozenBackboneCollate, in a data loader
+    worker). DETR takes it in place of the images and runs only the position embedding and what follows.
+
+    features: (B, C, h, w) the backbone's output; mask: (B, h, w) bool, True on padding."""
+    features: Tensor
+    mask: Tensor
+
+    def __len__(self):
+        return self.features.shape[0]
+
+    def to(self, device, non_blocking=False):
+        return FrozenFeatures(self.features.to(device, non_blocking=non_blocking),
+                              self.mask.to(device, non_blocking=non_blocking))
 
 
 def imagenet_state_dict(name: str) -> dict:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_irpe.backbone import build_backbone
+from detr_irpe.backbone import FrozenFeatures, build_backbone
 from detr_irpe.criterion import build_criterion
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.postprocess import PostProcess
@@ -56,18 +56,22 @@ class DETR(nn.Module):
         self.aux_loss = aux_loss
 
     def forward(self, samples, mask=None):
-        """samples: a list of (3, H_i, W_i) images, or a (B, 3, H, W) batch with its (B, H, W) padding mask.
+        """samples: a list of (3, H_i, W_i) images, or a (B, 3, H, W) batch with its (B, H, W) padding mask, or
+        FrozenFeatures: the backbone's output for a batch, computed in a data loader worker.
 
         Returns pred_logits (B, Q, num_classes + 1), pred_boxes (B, Q, 4) normalised cxcywh, and
         aux_outputs (the same for every decoder layer but the last) when aux_loss is on.
         """
-        if isinstance(samples, (list, tuple)):
-            images, mask = batch_images(list(samples))
+        if isinstance(samples, FrozenFeatures):
+            features, feature_mask, pos = self.backbone.with_position(samples.features, samples.mask)
         else:
-            images = samples
-            if mask is None:
-                mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
-        features, feature_mask, pos = self.backbone(images, mask)
+            if isinstance(samples, (list, tuple)):
+                images, mask = batch_images(list(samples))
+            else:
+                images = samples
+                if mask is None:
+                    mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+            features, feature_mask, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()

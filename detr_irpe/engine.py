@@ -9,6 +9,8 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from detr_irpe import distributed
+from detr_irpe.backbone import FrozenFeatures
+from detr_irpe.detr import batch_images
 from detr_irpe.irpe import rpe_parameters
 from detr_irpe.precision import choose_precision
 
@@ -65,6 +67,38 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f'{self.seed}/{self.epoch}/{index}'.encode()))
             return self.dataset[index]
+
+
+class FrozenBackboneCollate:
+    """A DataLoader collate_fn that also runs the model's frozen backbone on the batch (--backbone_in_workers).
+
+    In a loader with workers, the backbone of the next batches then runs in the worker processes while the
+    main process trains the transformer: on a CPU the two overlap on different cores, where otherwise the
+    backbone would take its share of every step (70% of a `make demo` step is the frozen ResNet-18). The
+    numbers are those of the model's own backbone: the same modules (each worker holds a copy, which is why
+    nothing in them may train), the same padded batch, the same autocast; only the thread count is the
+    worker's, one.
+
+        collate = FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], precision)
+        loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=collate)
+        for features, targets in loader:       # features: backbone.FrozenFeatures
+            outputs = model(features)
+    """
+
+    def __init__(self, collate_fn, backbone, precision):
+        trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(f'the backbone has trainable parameters ({", ".join(trainable[:4])}, ...): a '
+                             'data loader worker would run a stale copy of it. Freeze it (--lr_backbone 0) or '
+                             'run it in the model (no --backbone_in_workers).')
+        self.collate_fn, self.backbone, self.precision = collate_fn, backbone, precision
+
+    def __call__(self, batch):
+        images, targets = self.collate_fn(batch)
+        padded, mask = batch_images(images)
+        with torch.no_grad(), self.precision.autocast():
+            features, feature_mask = self.backbone(padded, mask)
+        return FrozenFeatures(features, feature_mask), targets
 
 
 class ResumableSampler(Sampler):
@@ -124,7 +158,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
         factor = warmup_factor(global_step, getattr(args, 'lr_warmup', 0))
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g['lr'] = lr * factor
-        images = [img.to(device, non_blocking=True) for img in images]
+        if isinstance(images, FrozenFeatures):
+            images = images.to(device, non_blocking=True)
+        else:
+            images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with precision.autocast():
             outputs = model(images)

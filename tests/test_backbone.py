@@ -205,3 +205,70 @@ def test_offline_imagenet_weights_error_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torchvision.models.WeightsEnum, 'get_state_dict', offline)
     with pytest.raises(RuntimeError, match='--backbone_weights none'):
         build_backbone(args(backbone='resnet18', backbone_weights='imagenet'))
+
+
+# --- residual blocks closed by a zero-scale norm -----------------------------------------------
+
+def _randomise_statistics(body):
+    for name, buf in body.named_buffers():
+        if name.endswith('running_mean'):
+            buf.normal_(0, 0.1)
+        elif name.endswith('running_var'):
+            buf.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        for name, p in body.named_parameters():
+            if 'bn' in name or 'downsample.1' in name:
+                p.normal_(0.5 if name.endswith('weight') else 0.0, 0.2)
+
+
+def _branch_convs(block):
+    return [m for name, m in block.named_children() if name.startswith('conv')]
+
+
+@pytest.mark.parametrize('name,closed', [('resnet18', ['layer2.1', 'layer4.0', 'layer4.1']),
+                                         ('resnet50', ['layer1.0', 'layer3.2', 'layer4.2'])])
+def test_blocks_closed_by_a_zero_scale_norm_give_the_same_bits_without_their_convolutions(name, closed):
+    torch.manual_seed(0)
+    backbone = build_backbone(args(backbone=name, lr_backbone=0.0))[0]
+    body = backbone.body
+    _randomise_statistics(body)
+    state = body.state_dict()
+    for block in closed:  # what the demo's ResNet-18 does to layer4: the branch's last norm has zero scale
+        norm = 'bn3' if name == 'resnet50' else 'bn2'
+        state[f'{block}.{norm}.weight'] = torch.zeros_like(state[f'{block}.{norm}.weight'])
+    assert backbone.closed_blocks == frozenset()
+    # loaded through the whole backbone's load_state_dict, as a checkpoint is
+    backbone.load_state_dict({f'body.{k}': v for k, v in state.items()})
+    assert backbone.closed_blocks == frozenset(closed)
+
+    calls = []
+    for block_name in closed:
+        for conv in _branch_convs(body.get_submodule(block_name)):
+            conv.register_forward_hook(lambda *a, block_name=block_name: calls.append(block_name))
+    images = torch.randn(2, 3, 80, 64).contiguous(memory_format=torch.channels_last)
+    mask = torch.zeros(2, 80, 64, dtype=torch.bool)
+    with torch.no_grad():
+        features, _ = backbone(images, mask)
+        assert calls == []
+        expected = body(images)  # the plain Sequential runs every convolution
+        assert len(calls) == len(closed) * len(_branch_convs(body.get_submodule(closed[0])))
+        torch.testing.assert_close(features, expected, rtol=0, atol=0)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            features, _ = backbone(images, mask)
+            expected = body(images)
+        assert features.dtype == expected.dtype
+        torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+def test_a_closed_block_that_trains_still_runs_so_its_convolutions_get_their_zero_gradients():
+    torch.manual_seed(0)
+    backbone = build_backbone(args(backbone='resnet18', lr_backbone=1e-5))[0]
+    with torch.no_grad():
+        backbone.body.layer4[1].bn2.weight.zero_()
+    backbone.find_closed_blocks()  # weights changed in place
+    assert backbone.closed_blocks == {'layer4.1'}
+    features, _ = backbone(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    features.sum().backward()
+    block = backbone.body.layer4[1]
+    assert block.conv1.weight.grad is not None and torch.count_nonzero(block.conv1.weight.grad) == 0
+    assert torch.count_nonzero(backbone.body.layer4[0].conv2.weight.grad) > 0

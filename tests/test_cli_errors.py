@@ -9,6 +9,7 @@ import torch
 
 import datasets
 from detr_irpe import get_args_parser
+from detr_irpe.args import check_flag_combinations
 from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.position_encoding import build_position_encoding
@@ -50,6 +51,9 @@ def test_config_values_are_defaults_and_flags_override_them(tmp_path):
     ('hidden_dim: 250\n', '--hidden_dim 250 is not divisible by --nheads 8'),
     ('hidden_dim: 250\nnheads: 2\n', '--position_embedding sine needs --hidden_dim divisible by 4'),
     ('enc_rpe2d: rpe-2.0-product\n', "'rpe-2.0-product'"),
+    ('backbone_in_workers: true\n', '--backbone_in_workers needs a frozen backbone (--lr_backbone 0), got '
+                                     '--lr_backbone 1e-05'),
+    ('backbone_in_workers: true\nlr_backbone: 0\nnum_workers: 0\n', '--backbone_in_workers needs --num_workers 1'),
     ('- a list\n', 'mapping'),
     ('lr: [unclosed\n', 'not valid YAML'),
 ])
@@ -94,6 +98,15 @@ def test_hidden_dim_and_nheads_are_accepted_exactly_when_the_model_runs(position
                 accepted = False
             runs = encoder_and_decoder_run(without_checks_across_flags(parser, argv))
             assert accepted == runs, (hidden_dim, nheads, position_embedding, accepted)
+
+
+def test_backbone_in_workers_is_refused_on_a_gpu_and_accepted_when_frozen_on_the_cpu():
+    frozen = dict(backbone_in_workers=True, lr_backbone=0.0, num_workers=2)
+    problem = check_flag_combinations(argparse.Namespace(**frozen, device='cuda:0'))
+    assert problem.startswith('--backbone_in_workers runs the backbone on the CPU') and '--device cuda:0' in problem
+    assert check_flag_combinations(argparse.Namespace(**frozen, device='cpu')) is None
+    args = get_args_parser().parse_args(['--backbone_in_workers', '--lr_backbone', '0', '--num_workers', '1'])
+    assert args.backbone_in_workers and args.num_workers == 1
 
 
 def test_a_device_this_machine_lacks_is_a_usage_error(capsys):

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from detr_irpe import build_model, engine, get_args_parser
+from detr_irpe.backbone import FrozenFeatures
 from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
                                   set_rng_state)
+from detr_irpe.precision import choose_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -140,6 +142,51 @@ def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index
     assert torch.equal(a, b) and not torch.equal(a, ds[2])
 
 
+class _Images(torch.utils.data.Dataset):
+    """Images of different sizes (so batches are padded) with the targets DETR's loss takes."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        image = torch.randn(3, 48 + 8 * (i % 3), 64 - 8 * (i % 2), generator=g)
+        return image, {'labels': torch.tensor([i % 3]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.3]])}
+
+
+def _collate(batch):
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
+    """--backbone_in_workers: features made in two worker processes, the rest in this one, equal the model
+    run on the images here (one thread, as the workers have)."""
+    model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '0']))
+    model.eval()
+    precision = choose_precision('cpu', amp=False)
+    collate = engine.FrozenBackboneCollate(_collate, model.backbone[0], precision)
+    in_workers = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=2, collate_fn=collate)
+    here = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=0, collate_fn=_collate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for (features, _), (images, _) in zip(in_workers, here, strict=True):
+                assert isinstance(features, FrozenFeatures) and len(features) == 3
+                a, b = model(features), model(images)
+                for key in ('pred_logits', 'pred_boxes'):
+                    torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backbone_in_workers_refuses_a_backbone_that_trains():
+    model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '1e-5']))
+    with pytest.raises(ValueError, match='trainable parameters .*layer2.*--lr_backbone 0'):
+        engine.FrozenBackboneCollate(_collate, model.backbone[0], choose_precision('cpu', amp=False))
+
+
 def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables_with_rpe_weight_decay_0():
     args = get_args_parser().parse_args(TINY + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-qk', '--lr_backbone', '1e-5',
                                                 '--rpe_weight_decay', '0'])
@@ -239,6 +286,28 @@ def test_training_killed_with_sigkill_and_resumed_ends_at_the_same_weights(tmp_p
     a, b = _weights(str(tmp_path / 'full' / 'out' / 'checkpoint.pth')), _weights(str(checkpoint))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_training_with_the_backbone_in_loader_workers_ends_at_the_same_weights(tmp_path):
+    """Two epochs (the workers start again each epoch), dropout on: the main process's random numbers are
+    untouched by the workers."""
+    common = ['--lr_backbone', '0', '--epochs', '2', '--eval_every', '100', '--dropout', '0.1']
+    here = tool('train.py', *smoke_args(tmp_path / 'here', *common))
+    assert here.returncode == 0, here.stderr[-3000:]
+    workers = tool('train.py', *smoke_args(tmp_path / 'workers', *common), '--num_workers', '2',
+                   '--backbone_in_workers')
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    a = _weights(str(tmp_path / 'here' / 'out' / 'checkpoint.pth'))
+    b = _weights(str(tmp_path / 'workers' / 'out' / 'checkpoint.pth'))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    logs = [[json.loads(line) for line in open(tmp_path / run / 'out' / 'log.txt')] for run in ('here', 'workers')]
+    for log in logs:
+        for entry in log:
+            del entry['time']
+    assert logs[0] == logs[1] and len(logs[0]) == 2
 
 
 @pytest.mark.slow

@@ -36,14 +36,19 @@ def get_parser():
     return datasets.add_dataset_args(get_args_parser())
 
 
-def make_loaders(args, dataset_train, dataset_val):
+def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None):
+    """backbone, precision: with --backbone_in_workers, the model's frozen backbone and the run's precision,
+    which the training loader's workers then run on each batch (engine.FrozenBackboneCollate)."""
     train_set = engine.SeededDataset(dataset_train, args.seed)
+    collate = datasets.collate_fn
+    if getattr(args, 'backbone_in_workers', False):
+        collate = engine.FrozenBackboneCollate(datasets.collate_fn, backbone, precision)
     sampler = engine.ResumableSampler(len(train_set), shuffle=True, seed=args.seed,
                                       num_replicas=args.world_size, rank=args.rank)
     # A loader generator of its own: creating an iterator must not draw from the global torch RNG, so a
     # resumed run's dropout sees the same random numbers as an uninterrupted one.
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
-                              collate_fn=datasets.collate_fn, num_workers=args.num_workers,
+                              collate_fn=collate, num_workers=args.num_workers,
                               generator=torch.Generator().manual_seed(args.seed),
                               worker_init_fn=loader_worker_ignores_sigterm)
     val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
@@ -92,7 +97,8 @@ def main(args):
     print(f'CPU memory: {describe_allocator()}')  # run_tool installed it (detr_irpe/allocator.py)
     optimizer = engine.build_optimizer(model_without_ddp, args)
     lr_scheduler = engine.build_lr_scheduler(optimizer, args)
-    train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val)
+    train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,
+                                                                model_without_ddp.backbone[0], precision)
 
     start_epoch, start_step = args.start_epoch, 0
     resume = resolve_resume(args.resume, args.output_dir)  # --resume auto: output_dir's checkpoint, if any
