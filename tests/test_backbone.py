@@ -272,3 +272,9 @@ def test_a_closed_block_that_trains_still_runs_so_its_convolutions_get_their_zer
     block = backbone.body.layer4[1]
     assert block.conv1.weight.grad is not None and torch.count_nonzero(block.conv1.weight.grad) == 0
     assert torch.count_nonzero(backbone.body.layer4[0].conv2.weight.grad) > 0
+
+
+def test_the_demo_backbone_closes_layer4s_branches_and_nothing_else():
+    weights = Path(__file__).parent.parent / 'configs' / 'weights' / 'synthetic_resnet18.pth'
+    backbone = build_backbone(args(backbone='resnet18', lr_backbone=0.0, backbone_weights=str(weights)))[0]
+    assert backbone.closed_blocks == {'layer4.0', 'layer4.1'}
