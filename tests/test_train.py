@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -166,6 +167,8 @@ def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
     model.eval()
     precision = choose_precision('cpu', amp=False)
     collate = engine.FrozenBackboneCollate(_collate, model.backbone[0], precision)
+    # where workers are spawned (macOS, Windows, Python 3.14's forkserver) the collate travels pickled
+    collate = pickle.loads(pickle.dumps(collate))
     in_workers = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=2, collate_fn=collate)
     here = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=0, collate_fn=_collate)
     threads = torch.get_num_threads()
