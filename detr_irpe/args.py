@@ -139,10 +139,11 @@ def check_flag_combinations(args):
     if get('backbone_in_workers'):
         if get('lr_backbone'):
             return (f"--backbone_in_workers needs a frozen backbone (--lr_backbone 0), got --lr_backbone "
-                    f"{get('lr_backbone')}: the workers' copy of the backbone would not see its updates")
+                    f"{get('lr_backbone')}: the workers' copy of the backbone would not see its updates; add "
+                    f"--no-backbone_in_workers to train it")
         if get('num_workers') == 0:
             return ('--backbone_in_workers needs --num_workers 1 or more: with 0 there is no worker to run the '
-                    'backbone in; drop the flag or give workers')
+                    'backbone in; give workers, or add --no-backbone_in_workers (e.g. over configs/demo.yaml)')
         if get('device') is not None and not str(get('device')).startswith('cpu'):
             return (f"--backbone_in_workers runs the backbone on the CPU of the loader's workers; it is for --device "
                     f"cpu, got --device {get('device')}: on a GPU the backbone is fast where it is")
@@ -252,10 +253,10 @@ def get_args_parser(add_help=True):
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model (training and evaluation); the first steps take longer')
     p.add_argument('--num_workers', default=2, type=int_range(0, 256))
-    p.add_argument('--backbone_in_workers', action='store_true',
+    p.add_argument('--backbone_in_workers', action=argparse.BooleanOptionalAction, default=False,
                    help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
                         'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '
-                        '--num_workers 1 or more)')
+                        '--num_workers 1 or more; --no-backbone_in_workers undoes a preset\'s)')
     p.add_argument('--threads', default=0, type=int_range(0, 4096),
                    help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
                         'threads of one process wait for each other at every operation when a core is taken')

@@ -109,6 +109,15 @@ def test_backbone_in_workers_is_refused_on_a_gpu_and_accepted_when_frozen_on_the
     assert args.backbone_in_workers and args.num_workers == 1
 
 
+def test_a_preset_backbone_in_workers_is_undone_on_the_command_line():
+    demo = os.path.join(ROOT, 'configs', 'demo.yaml')
+    parser = datasets.add_dataset_args(get_args_parser())
+    assert parse_args_with_config(parser, ['--config', demo]).backbone_in_workers
+    args = parse_args_with_config(datasets.add_dataset_args(get_args_parser()),
+                                  ['--config', demo, '--num_workers', '0', '--no-backbone_in_workers'])
+    assert not args.backbone_in_workers and args.num_workers == 0
+
+
 def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
     # cuda:<count> exists nowhere: on a machine without CUDA, 'cuda' itself is missing too
     missing = [f'cuda:{torch.cuda.device_count()}', 'tpu'] + ([] if torch.cuda.is_available() else ['cuda'])
