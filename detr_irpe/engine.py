@@ -88,9 +88,10 @@ class FrozenBackboneCollate:
     def __init__(self, collate_fn, backbone, precision):
         trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
         if trainable:
-            raise ValueError(f'the backbone has trainable parameters ({", ".join(trainable[:4])}, ...): a '
-                             'data loader worker would run a stale copy of it. Freeze it (--lr_backbone 0) or '
-                             'run it in the model (no --backbone_in_workers).')
+            shown = ', '.join(trainable[:4]) + (f', ... ({len(trainable)} in all)' if len(trainable) > 4 else '')
+            raise ValueError(f'the backbone has trainable parameters ({shown}): a data loader worker would run '
+                             'a stale copy of it. Freeze it (--lr_backbone 0) or run it in the model '
+                             '(--no-backbone_in_workers).')
         self.collate_fn, self.backbone, self.precision = collate_fn, backbone, precision
 
     def __call__(self, batch):
