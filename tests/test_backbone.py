@@ -20,6 +20,15 @@ def args(**overrides):
     return SimpleNamespace(**{**defaults, **overrides})
 
 
+def randomise_statistics(body):
+    """Non-trivial frozen batch-norm statistics."""
+    for name, buf in body.named_buffers():
+        if name.endswith('running_mean'):
+            buf.normal_(0, 0.1)
+        elif name.endswith('running_var'):
+            buf.uniform_(0.5, 1.5)
+
+
 def shapes(state_dict):
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
@@ -81,11 +90,7 @@ def test_features_equal_torchvision_resnet_in_eval_mode():
     torch.manual_seed(0)
     backbone = build_backbone(args(backbone='resnet18'))
     body = backbone[0].body
-    for name, buf in body.named_buffers():  # non-trivial statistics
-        if name.endswith('running_mean'):
-            buf.normal_(0, 0.1)
-        elif name.endswith('running_var'):
-            buf.uniform_(0.5, 1.5)
+    randomise_statistics(body)
     reference = torchvision.models.resnet18().eval()
     missing, unexpected = reference.load_state_dict(body.state_dict(), strict=False)
     assert unexpected == [] and all(k.startswith('fc.') or k.endswith('num_batches_tracked') for k in missing)
@@ -209,18 +214,6 @@ def test_offline_imagenet_weights_error_says_what_to_do(monkeypatch):
 
 # --- residual blocks closed by a zero-scale norm -----------------------------------------------
 
-def _randomise_statistics(body):
-    for name, buf in body.named_buffers():
-        if name.endswith('running_mean'):
-            buf.normal_(0, 0.1)
-        elif name.endswith('running_var'):
-            buf.uniform_(0.5, 1.5)
-    with torch.no_grad():
-        for name, p in body.named_parameters():
-            if 'bn' in name or 'downsample.1' in name:
-                p.normal_(0.5 if name.endswith('weight') else 0.0, 0.2)
-
-
 def _branch_convs(block):
     return [m for name, m in block.named_children() if name.startswith('conv')]
 
@@ -231,7 +224,11 @@ def test_blocks_closed_by_a_zero_scale_norm_give_the_same_bits_without_their_con
     torch.manual_seed(0)
     backbone = build_backbone(args(backbone=name, lr_backbone=0.0))[0]
     body = backbone.body
-    _randomise_statistics(body)
+    randomise_statistics(body)
+    with torch.no_grad():  # and non-trivial norm scales and biases
+        for key, p in body.named_parameters():
+            if 'bn' in key or 'downsample.1' in key:
+                p.normal_(0.5 if key.endswith('weight') else 0.0, 0.2)
     state = body.state_dict()
     for block in closed:  # what the demo's ResNet-18 does to layer4: the branch's last norm has zero scale
         norm = 'bn3' if name == 'resnet50' else 'bn2'

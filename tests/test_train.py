@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import datasets
 from detr_irpe import build_model, engine, get_args_parser
 from detr_irpe.backbone import FrozenFeatures
 from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
@@ -155,22 +156,17 @@ class _Images(torch.utils.data.Dataset):
         return image, {'labels': torch.tensor([i % 3]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.3]])}
 
 
-def _collate(batch):
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
     """--backbone_in_workers: features made in two worker processes, the rest in this one, equal the model
     run on the images here (one thread, as the workers have)."""
     model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '0']))
     model.eval()
     precision = choose_precision('cpu', amp=False)
-    collate = engine.FrozenBackboneCollate(_collate, model.backbone[0], precision)
+    collate = engine.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], precision)
     # where workers are spawned (macOS, Windows, Python 3.14's forkserver) the collate travels pickled
     collate = pickle.loads(pickle.dumps(collate))
     in_workers = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=2, collate_fn=collate)
-    here = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=0, collate_fn=_collate)
+    here = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=0, collate_fn=datasets.collate_fn)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -187,7 +183,7 @@ def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
 def test_backbone_in_workers_refuses_a_backbone_that_trains():
     model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '1e-5']))
     with pytest.raises(ValueError, match='trainable parameters .*layer2.*--lr_backbone 0'):
-        engine.FrozenBackboneCollate(_collate, model.backbone[0], choose_precision('cpu', amp=False))
+        engine.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], choose_precision('cpu', amp=False))
 
 
 def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables_with_rpe_weight_decay_0():

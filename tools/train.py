@@ -41,7 +41,7 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     which the training loader's workers then run on each batch (engine.FrozenBackboneCollate)."""
     train_set = engine.SeededDataset(dataset_train, args.seed)
     collate = datasets.collate_fn
-    if getattr(args, 'backbone_in_workers', False):
+    if args.backbone_in_workers:
         collate = engine.FrozenBackboneCollate(datasets.collate_fn, backbone, precision)
     sampler = engine.ResumableSampler(len(train_set), shuffle=True, seed=args.seed,
                                       num_replicas=args.world_size, rank=args.rank)
