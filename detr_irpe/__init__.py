@@ -7,6 +7,11 @@
 
 __version__ = '0.1.0'
 
+from detr_irpe.inductor_cache import use_cache_per_cpu
+
+# Before any torch.compile: inductor's cache must not serve code generated for another CPU ISA.
+use_cache_per_cpu()
+
 
 def __getattr__(name):
     # Lazy, so that `import detr_irpe.irpe` stays light for users who only want the iRPE module.
