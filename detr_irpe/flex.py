@@ -11,7 +11,7 @@ ids; a padded key gets -inf.
 What flex cannot do, the SDPA/explicit path of RPEMultiheadAttention does: iRPE on values (its term
 needs the attention weights, which flex_attention does not produce), attention dropout (flex_attention
 has none) and returning the weights. On CPU, torch's FlexAttention has a forward only (no backward) and
-is slower than that path, so it is used on CUDA by default and on CPU only when asked for.
+is slower than that path, so `auto` uses it on CUDA for large maps only, and on CPU it runs only when asked for.
 """
 import functools
 
@@ -29,6 +29,9 @@ ATTENTION_IMPLS = ('auto', 'sdpa', 'flex')
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Its CUDA kernels multiply with tl.dot, which needs at least 16 columns.
 MIN_CUDA_HEAD_DIM = 16
+# auto takes flex on CUDA from this many tokens: on an H200 it lost to SDPA at C5 (~900 tokens) and won at
+# DC5 (~3300), where SDPA's (B, H, L, L) iRPE terms also double peak memory (docs/gpu_check.md).
+MIN_AUTO_FLEX_TOKENS = 2048
 
 
 def check_attention_impl(attention_impl, rpe_v=None):
@@ -51,16 +54,17 @@ def check_attention_impl(attention_impl, rpe_v=None):
 def use_flex(attention_impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p):
     """Whether RPEMultiheadAttention.forward runs flex_irpe_attention (True) or its SDPA/explicit path.
 
-    q: (B, H, L, head_dim). auto: on CUDA, head_dim at least MIN_CUDA_HEAD_DIM, iRPE on queries or keys
-    (without, SDPA's own kernels are the fused attention), none on values, no weights asked for and no
-    dropout. flex: always, but for need_weights (the explicit path gives them); attention dropout in
-    training is an error.
+    q: (B, H, L, head_dim). auto: on CUDA, at least MIN_AUTO_FLEX_TOKENS tokens, head_dim at least
+    MIN_CUDA_HEAD_DIM, iRPE on queries or keys (without, SDPA's own kernels are the fused attention), none on
+    values, no weights asked for and no dropout. flex: always, but for need_weights (the explicit path gives
+    them); attention dropout in training is an error.
     """
     if attention_impl == 'sdpa' or need_weights:
         return False
     if attention_impl == 'auto':
-        return (flex_attention is not None and q.is_cuda and q.shape[-1] >= MIN_CUDA_HEAD_DIM and rpe_v is None
-                and dropout_p == 0.0 and (rpe_q is not None or rpe_k is not None))
+        return (flex_attention is not None and q.is_cuda and q.shape[-2] >= MIN_AUTO_FLEX_TOKENS
+                and q.shape[-1] >= MIN_CUDA_HEAD_DIM and rpe_v is None and dropout_p == 0.0
+                and (rpe_q is not None or rpe_k is not None))
     if dropout_p > 0.0:
         raise ValueError(f'--attention_impl flex has no attention dropout (dropout {dropout_p} in training): use '
                          '--dropout 0, or --attention_impl auto (SDPA, with dropout, while training).')
@@ -135,11 +139,13 @@ def flex_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, key_padding_mask=None, 
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_flex_attention(cuda):
+def compiled_flex_attention(cuda, backend='inductor'):
     """torch.compile(flex_attention): uncompiled it materialises the whole (B, H, L, L) scores.
 
-    On CUDA, shapes become dynamic after the first change of size (DETR's maps vary per batch). On CPU,
-    static shapes (one compile per size): torch 2.14.1's inductor writes C++ that does not compile for a
-    dynamic-size flex_attention whose score_mod reads a captured tensor at q_idx.
+    On CUDA, dynamic shapes from the first call: DETR's maps change size every batch, and each static
+    size (like each precision) is a recompile, up to dynamo's limit of 8, past which flex runs uncompiled.
+    One compile then serves every size of a precision, so training (autocast) and evaluation (float32)
+    hold two. On CPU, static shapes (one compile per size): torch 2.14.1's inductor writes C++ that does
+    not compile for a dynamic-size flex_attention whose score_mod reads a captured tensor at q_idx.
     """
-    return torch.compile(flex_attention, dynamic=None if cuda else False)
+    return torch.compile(flex_attention, dynamic=cuda, backend=backend)

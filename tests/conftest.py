@@ -3,6 +3,11 @@ import pickle
 
 import pytest
 
+from detr_irpe.inductor_cache import use_cache_per_cpu
+
+# Also for test modules that compile without importing detr_irpe (tests/test_rpe_ops.py)
+use_cache_per_cpu()
+
 
 class RunsCode:
     """Unpickling this calls os.mkdir(marker): a stand-in for a checkpoint that would run code."""

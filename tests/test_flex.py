@@ -194,13 +194,16 @@ def test_auto_keeps_the_sdpa_path_on_cpu(monkeypatch):
 
 
 def test_where_flex_applies():
-    cpu, cuda = (types.SimpleNamespace(is_cuda=on_cuda, shape=(2, 8, 950, 32)) for on_cuda in (False, True))
-    narrow_heads = types.SimpleNamespace(is_cuda=True, shape=(2, 8, 950, 8))
+    # DC5-sized maps (3,300 tokens) on CUDA take flex under auto; C5-sized ones (950) keep SDPA
+    cpu, cuda = (types.SimpleNamespace(is_cuda=on_cuda, shape=(2, 8, 3300, 32)) for on_cuda in (False, True))
+    c5 = types.SimpleNamespace(is_cuda=True, shape=(2, 8, 950, 32))
+    narrow_heads = types.SimpleNamespace(is_cuda=True, shape=(2, 8, 3300, 8))
     rpe = object()
     #            impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p
     assert use_flex('auto', cuda, None, rpe, None, False, 0.0)
     assert use_flex('auto', cuda, rpe, None, None, False, 0.0)
     assert not use_flex('auto', cpu, None, rpe, None, False, 0.0)       # CPU keeps the faster SDPA path
+    assert not use_flex('auto', c5, None, rpe, None, False, 0.0)        # SDPA was faster at C5 on an H200
     assert not use_flex('auto', cuda, None, None, None, False, 0.0)     # no iRPE: SDPA's own fused kernels
     assert not use_flex('auto', cuda, None, rpe, rpe, False, 0.0)       # iRPE on values needs the weights
     assert not use_flex('auto', cuda, None, rpe, None, True, 0.0)       # weights asked for
@@ -226,3 +229,33 @@ def test_flex_cannot_be_asked_for_what_it_cannot_do():
         flex_irpe_attention(q.requires_grad_(), k, v, rpe_q, rpe_k, None, H_MAP, W_MAP)
     with pytest.raises(ValueError, match='float64'):
         flex_irpe_attention(q.double(), k.double(), v.double(), rpe_q, rpe_k, None, H_MAP, W_MAP)
+
+
+def test_one_compile_per_precision_across_map_sizes_and_train_eval_switches():
+    """flex compiled as on CUDA (dynamic shapes from the first call): four map sizes, each seen under float32
+    (evaluation) and bfloat16 autocast (training), recompile nothing after the first call of each precision.
+    aot_eager runs dynamo's guards, which decide recompiles, without CPU code generation."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from detr_irpe.flex import compiled_flex_attention
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend('aot_eager')(gm, example_inputs)
+    run = compiled_flex_attention(True, backend=counting)
+    _, rpe_q, rpe_k = rpe_modules('product', 'ctx', True, 'qk', 0)
+    compiles = []
+    for height, width in ((5, 6), (7, 4), (6, 9), (3, 3)):
+        for training in (True, False):
+            L = height * width
+            q, k, v = (torch.randn(B, HEADS, L, D) for _ in range(3))
+            mask = torch.zeros(B, L, dtype=torch.bool)
+            mask[1, -2:] = True
+            with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=training):
+                score_mod = irpe_score_mod(rpe_q, rpe_k, q, k, height, width, mask)
+                dtype = torch.bfloat16 if training else torch.float32
+                run(q.to(dtype), k.to(dtype), v.to(dtype), score_mod=score_mod, scale=1.0)
+            compiles.append(len(graphs))
+    assert compiles[1] == compiles[-1], compiles   # nothing new after the first float32 and bfloat16 calls
+    compiled_flex_attention.cache_clear()
