@@ -7,13 +7,13 @@ rpe_index / rpe_index_qk: one program per (BLOCK_I, BLOCK_J) tile of the (Lq, Lk
 rpe_reduce: out[bh, p, t] = sum_r values[bh, p, r] [index[p, r] == t] is, for one row p, the matrix
     product values[:, p, :] (B*H, R) @ onehot(index[p, :]) (R, K): one program per (BLOCK_P rows,
     BLOCK_K buckets, BLOCK_BH (b, h) pairs) runs it as a batched tl.dot over all of R, accumulating in
-    float32 (tensor cores for half types), and writes its output block once: no atomics, and each id
+    float32 (float64 for float64; tensor cores for half types), and writes its output block once: no atomics, and each id
     tile is read once for BLOCK_BH (b, h) pairs. The key side of rpe_reduce_qk is the same kernel on
     the transposed view (p = key j, r = query i), with blocks wide in p so its loads stay coalesced.
     When K is so large that re-reading values once per BLOCK_K buckets costs more than atomics (the
     flattened key-major layout of iRPE on queries alone, K = L * buckets), a scatter with float32
     atomics runs instead; there the ids of a row are spread, so the atomics rarely collide.
-Bucket ids are checked on the host before a launch (no device asserts), once per ids tensor and version.
+Shapes and bucket ids are checked on the host (rpe_ops/cuda.py) before these run: no device asserts.
 """
 import json
 import os
@@ -30,6 +30,8 @@ INTERPRETING = os.environ.get('TRITON_INTERPRET') == '1'
 # Above this many buckets the reductions scatter with atomics instead of one-hot products (see above).
 ONE_HOT_MAX_BUCKETS = 512
 _HALF = (torch.float16, torch.bfloat16)
+_TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
 
 
 @triton.jit
@@ -73,10 +75,8 @@ def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
         onehot = ids[:, :, None] == t[None, None, :]                                     # (P, R, K)
         v = tl.load(v_ptr + rows + r[None, None, :] * s_v_r, mask=row_mask & (r < R)[None, None, :],
                     other=0)                                                             # (P, BH, R)
-        if DOT:  # 0/1 times a value is exact; tensor cores sum in float32; no TF32 for float32 values
-            acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision='ieee')
-        else:  # float64 (tl.dot has no float64)
-            acc += tl.sum(v.to(ACC)[:, :, :, None] * onehot.to(ACC)[:, None, :, :], axis=2)
+        # 0/1 times a value is exact; tensor cores sum in float32 (float64 for float64); no TF32 for float32.
+        acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision='ieee')
     out = out_ptr + (p[:, None] * s_out_p + (b * s_out_b + h * s_out_h)[None, :])[:, :, None] + t[None, None, :] * s_out_k
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (t < K)[None, None, :])
 
@@ -104,24 +104,6 @@ def _acc_dtype(dtype):
 def _bh_programs(BH, tiles):
     """How many programs share the B*H loop of one tile: enough programs to fill a GPU, ids read few times."""
     return max(1, min(BH, triton.cdiv(1024, max(tiles, 1))))
-
-
-def check_bucket_ids(op, index, num_buckets):
-    """IndexError naming the op, the ids found and the range expected if an id lies outside [0, num_buckets).
-    One min/max reduction (and a device sync) per ids tensor and version: cached on the tensor, since
-    bucket ids are built once per map size and reused every step."""
-    if index.numel() == 0:
-        return
-    cached = getattr(index, '_rpe_ops_id_range', None)
-    if cached is None or cached[0] != index._version:
-        lo, hi = torch.aminmax(index)
-        cached = (index._version, int(lo), int(hi))
-        index._rpe_ops_id_range = cached
-    _, lo, hi = cached
-    if lo < 0 or hi >= num_buckets:
-        raise IndexError(f'rpe_ops.{op}: the bucket ids lie in [{lo}, {hi}], but a table of {num_buckets} '
-                         f'buckets needs ids in [0, {num_buckets - 1}]. Pass the ids built for this table '
-                         f'(detr_irpe.irpe.get_bucket_ids_2d) and its num_buckets.')
 
 
 def rpe_index(input, index):
@@ -180,19 +162,158 @@ def _reduce(values, index, num_buckets):
         return out
     if R == 0:
         return out.zero_()
-    if dtype == torch.float64:
-        dot, BLOCK_BH, BLOCK_K = None, min(16, triton.next_power_of_2(BH)), 16
-        BLOCK_P, BLOCK_R = (1, 16) if values.stride(3) == 1 else (4, 16)
-    else:
-        # Under the interpreter tl.dot has no bfloat16 (numpy): float32 there, exact for 0/1 products too.
-        dot = tl.float32 if dtype == torch.float32 or INTERPRETING else (
-            tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
-        BLOCK_BH, BLOCK_K = min(64, max(16, triton.next_power_of_2(BH))), 64  # tl.dot needs dims >= 16
-        # Coalesced loads: wide in r when r is the contiguous dim (query side), else wide in p (one
-        # 32-byte sector of keys per row).
-        BLOCK_P, BLOCK_R = (2, 64) if values.stride(3) == 1 else (32 // values.element_size(), 16)
+    dot = _TRITON_DTYPES[dtype]
+    if INTERPRETING and dtype in _HALF:
+        dot = tl.float32  # the interpreter's tl.dot (numpy) has no bfloat16; as exact for 0/1 products
+    BLOCK_BH, BLOCK_K = min(64, max(16, triton.next_power_of_2(BH))), 64  # tl.dot needs dims >= 16
+    # Coalesced loads: wide in r where r is the contiguous dim (query side), else wide in p (a 32-byte
+    # sector of keys per row).
+    BLOCK_P, BLOCK_R = (2, 64) if values.stride(3) == 1 else (max(2, 32 // values.element_size()), 16)
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(num_buckets, BLOCK_K), triton.cdiv(BH, BLOCK_BH))
     _reduce_kernel[grid](values, index, out, BH, H, P, R, num_buckets, *values.stride(), *index.stride(),
                          *out.stride(), DOT=dot, ACC=_acc_dtype(dtype), BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
                          BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4 if BLOCK_P < 8 else 8)
     return out
+
+
+def check_against_cpu(device='cpu', kernels='triton'):
+    """The four ops through their registered kernel on `device` (forward, and backward by autograd) against the
+    CPU op and the reference_* functions in float64, over iRPE and random bucket ids, float32 / bfloat16 /
+    float16 (and float64 once), contiguous and strided inputs, K past one tile, Lq != Lk.
+
+    Returns {case: {'max_error': largest difference to either, 'bound_ratio': largest difference / its bound}};
+    a case passes when bound_ratio <= 1. kernels: 'triton', or 'cuda' for the .cu kernels on a GPU. On CPU the
+    Triton kernels run under the interpreter: in a subprocess with TRITON_INTERPRET=1 unless this process
+    imported them so, with the CPU op's dispatch routed to rpe_ops/cuda.py's kernels for the duration.
+    """
+    device = torch.device(device)
+    if device.type == 'cpu' and not INTERPRETING:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(rpe_ops.__file__)))
+        env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+        script = ('import json, rpe_ops.triton_kernels as t; '
+                  f'print(json.dumps(t.check_against_cpu("cpu", {kernels!r})))')
+        run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f'the Triton interpreter check failed:\n{run.stderr[-4000:]}')
+        return json.loads(run.stdout.splitlines()[-1])
+    from rpe_ops import cuda
+    previous = os.environ.get('RPE_OPS_CUDA_KERNELS')
+    os.environ['RPE_OPS_CUDA_KERNELS'] = kernels
+    try:
+        return _check_cases(device, lambda: _routed_to(cuda.IMPLEMENTATIONS) if device.type == 'cpu' else None)
+    finally:
+        if previous is None:
+            del os.environ['RPE_OPS_CUDA_KERNELS']
+        else:
+            os.environ['RPE_OPS_CUDA_KERNELS'] = previous
+
+
+class _routed_to:
+    """Within `with`, CPU calls of the ops run the given kernels (the CUDA implementation, interpreted)."""
+
+    def __init__(self, implementations):
+        self.implementations = implementations
+
+    def __enter__(self):
+        self.library = torch.library.Library('rpe_ops', 'IMPL')
+        for op, kernel in self.implementations.items():
+            self.library.impl(op, kernel, 'CPU')
+
+    def __exit__(self, *exc):
+        self.library._destroy()  # the compiled CPU kernels are active again
+
+
+def _id_sets():
+    """(name, index, K, index_t, Kt): iRPE's bucket ids of a 5 x 7 map and their transpose (as iRPE on queries
+    and keys uses them), random ids with Lq != Lk and K past one and several 64-bucket tiles, one bucket, and the
+    key-major flat layout of iRPE on queries alone (Lq = 1, K = L * buckets: the scatter path)."""
+    from detr_irpe import irpe
+    g = torch.Generator().manual_seed(0)
+    ids, K = irpe.get_bucket_ids_2d('product', 5, 7)
+    small, Ks = irpe.get_bucket_ids_2d('product', 4, 6)
+    flat = irpe.key_major_ids(small, Ks).view(1, -1)
+    return [('irpe', ids, K, irpe.key_major_ids(ids, 0), K),
+            ('random_k81', torch.randint(0, 81, (20, 67), generator=g, dtype=torch.int32), 81,
+             torch.randint(0, 33, (20, 67), generator=g, dtype=torch.int32), 33),
+            ('random_k300', torch.randint(0, 300, (9, 24), generator=g, dtype=torch.int32), 300,
+             torch.randint(0, 130, (9, 24), generator=g, dtype=torch.int32), 130),
+            ('single_bucket', torch.zeros(4, 5, dtype=torch.int32), 1, torch.zeros(4, 5, dtype=torch.int32), 1),
+            ('flat', flat, small.shape[0] * Ks, None, None)]
+
+
+# Which dtypes and layouts each id set runs in (the interpreter takes about a second per reduction case).
+_F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+_LAYOUTS = {'irpe': [(_F32, False), (_F32, True), (_BF16, False), (_F16, False), (_F64, False)],
+            'random_k81': [(_F32, False), (_BF16, True), (_F16, False)],
+            'random_k300': [(_F32, False), (_BF16, False)],
+            'single_bucket': [(_F32, False)],
+            'flat': [(_F32, True), (_BF16, False), (_F16, False)]}
+
+
+def _check_cases(device, routing):
+    from contextlib import nullcontext
+    B, H = 2, 2
+    g = torch.Generator().manual_seed(1)
+    results = {}
+
+    def table(*shape, dtype, strided):  # strided: a non-contiguous view of the same shape
+        if not strided:
+            return torch.randn(*shape, generator=g).to(dtype)
+        return torch.randn(shape[0], shape[3], shape[1], shape[2], generator=g).to(dtype).permute(0, 2, 3, 1)
+
+    for name, index, K, index_t, Kt in _id_sets():
+        Lq, Lk = index.shape
+        for dtype, strided in _LAYOUTS[name]:
+            idx = index.t().contiguous().t() if strided else index  # column-major ids too
+            calls = {'rpe_index': ((table(B, H, Lq, K, dtype=dtype, strided=strided), idx), ()),
+                     'rpe_reduce': ((table(B, H, Lq, Lk, dtype=dtype, strided=strided), idx), (K,))}
+            if index_t is not None:
+                calls['rpe_index_qk'] = ((table(B, H, Lq, K, dtype=dtype, strided=strided), idx,
+                                          table(B, H, Lk, Kt, dtype=dtype, strided=strided), index_t), ())
+                calls['rpe_reduce_qk'] = ((table(B, H, Lq, Lk, dtype=dtype, strided=strided), idx), (K, index_t, Kt))
+            for op, (tensors, rest) in calls.items():
+                case = f'{op}/{name}/{str(dtype).split(".")[1]}/{"strided" if strided else "contiguous"}'
+                results[case] = _compare(op, tensors, rest, device, routing() or nullcontext())
+    return results
+
+
+def _compare(op, tensors, rest, device, routing):
+    """Forward and input gradients of op on device vs the CPU op and the float64 reference."""
+    floats = [t for t in tensors if t.is_floating_point()]
+    dtype = floats[0].dtype
+    outs = _outputs(getattr(torch.ops.rpe_ops, op).default, tensors, rest, 'cpu', dtype)
+    cpu = [o.clone() for o in outs[1]]
+    with routing:
+        under_test = _outputs(getattr(torch.ops.rpe_ops, op).default, tensors, rest, device, dtype)[1]
+    reference = getattr(rpe_ops, 'reference_' + op)
+    exact = _outputs(reference, tensors, rest, 'cpu', torch.float64)[1]
+    magnitude = _outputs(reference, tensors, rest, 'cpu', torch.float64, absolute=True)[1]
+    # A sum of n terms accumulated in float32 (float64 for float64) is within n * eps * sum|terms| of the
+    # exact sum whatever the order, so two such sums differ by twice that; half outputs add one rounding.
+    n = max(tensors[1].shape)
+    eps_acc = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    worst, ratio = 0.0, 0.0
+    for got, want_cpu, want, size in zip(under_test, cpu, exact, magnitude):
+        bound = 2 * n * eps_acc * size + torch.finfo(dtype).eps * want.abs()
+        for other in (want_cpu.double(), want):
+            error = (got.cpu().double() - other).abs()
+            worst = max(worst, error.max().item())
+            ratio = max(ratio, (error / bound.clamp_min(torch.finfo(torch.float64).tiny)).max().item())
+    return {'max_error': worst, 'bound_ratio': ratio}
+
+
+def _outputs(function, tensors, rest, device, dtype, absolute=False):
+    """(inputs, forward outputs + gradients of the float inputs) of function on copies of tensors moved to
+    device and cast to dtype; gradients against fixed random output gradients (their absolute values and
+    absolute inputs with absolute=True, which gives the sums of |terms| that bound rounding)."""
+    inputs = [(t.abs() if absolute else t).to(device=device, dtype=dtype).requires_grad_() if t.is_floating_point()
+              else t.to(device) for t in tensors]
+    args = inputs + [r.to(device) if isinstance(r, torch.Tensor) else r for r in rest]
+    out = function(*args)
+    out = list(out) if isinstance(out, (tuple, list)) else [out]
+    g = torch.Generator().manual_seed(2)  # the same output gradients, rounded to the inputs' dtype, for every run
+    grads = [torch.randn(o.shape, generator=g).to(tensors[0].dtype).to(device=device, dtype=o.dtype) for o in out]
+    grads = [x.abs() for x in grads] if absolute else grads
+    floats = [x for x in inputs if x.is_floating_point()]
+    return inputs, [o.detach() for o in out] + list(torch.autograd.grad(out, floats, grads))
