@@ -40,8 +40,8 @@ def _index_kernel(in_ptr, idx_ptr, in_t_ptr, idx_t_ptr, out_ptr, BH, H, Lq, Lk,
                   s_idx_i, s_idx_j, s_idxt_i, s_idxt_j, s_out_b, s_out_h, s_out_i, s_out_j,
                   KEYS: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """out[b, h, i, j] = in[b, h, i, idx[i, j]] (+ in_t[b, h, j, idx_t[i, j]] if KEYS)."""
-    i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)[:, None]
-    j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)[None, :]
+    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)[None, :]
+    i = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)[:, None]
     mask = (i < Lq) & (j < Lk)
     t = tl.load(idx_ptr + i * s_idx_i + j * s_idx_j, mask=mask, other=0).to(tl.int64)
     if KEYS:
@@ -86,8 +86,8 @@ def _scatter_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R,
                     s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r, s_out_b, s_out_h, s_out_p, s_out_k,
                     BLOCK_R: tl.constexpr):
     """out[b, h, p, idx[p, r]] += v[b, h, p, r] with atomics; out is float32 (float64 for float64 v)."""
-    p = tl.program_id(0).to(tl.int64)
-    r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
     mask = r < R
     t = tl.load(idx_ptr + p * s_idx_p + r * s_idx_r, mask=mask, other=0).to(tl.int64)
     for bh in range(tl.program_id(2), BH, tl.num_programs(2)):
@@ -133,9 +133,11 @@ def _index(input, index, input_t=None, index_t=None):
     keys = input_t is not None
     if not keys:
         input_t, index_t = input, index  # unused by the kernel
-    BLOCK_I, BLOCK_J = 16, 64
-    grid_ij = (triton.cdiv(Lq, BLOCK_I), triton.cdiv(Lk, BLOCK_J))
-    grid = (*grid_ij, _bh_programs(B * H, grid_ij[0] * grid_ij[1]))
+    BLOCK_I = min(16, triton.next_power_of_2(Lq))  # Lq = 1 in iRPE on queries' key-major layout
+    BLOCK_J = 1024 // BLOCK_I
+    # The longest dim on grid axis 0, which alone may exceed 65535 programs.
+    grid_ji = (triton.cdiv(Lk, BLOCK_J), triton.cdiv(Lq, BLOCK_I))
+    grid = (*grid_ji, _bh_programs(B * H, grid_ji[0] * grid_ji[1]))
     _index_kernel[grid](input, index, input_t, index_t, out, B * H, H, Lq, Lk, *input.stride(),
                         *input_t.stride(), *index.stride(), *index_t.stride(), *out.stride(),
                         KEYS=keys, ACC=_acc_dtype(input.dtype), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
@@ -153,7 +155,7 @@ def _reduce(values, index, num_buckets):
         if acc.numel() == 0 or R == 0:
             return acc.to(dtype)
         BLOCK_R = 256
-        grid = (P, triton.cdiv(R, BLOCK_R))
+        grid = (triton.cdiv(R, BLOCK_R), P)
         _scatter_kernel[(*grid, _bh_programs(BH, grid[0] * grid[1]))](
             values, index, acc, BH, H, P, R, *values.stride(), *index.stride(), *acc.stride(), BLOCK_R=BLOCK_R)
         return acc.to(dtype)
