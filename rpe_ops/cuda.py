@@ -8,6 +8,7 @@ torch.compile and export see one op whichever kernels run:
 The .cu kernels register under names of their own (rpe_ops::_cuda_rpe_index, ...): a second kernel for the
 same op and dispatch key would silently replace the first. Bucket ids are checked here, on the host, for both.
 """
+import contextlib
 import os
 import warnings
 
@@ -27,6 +28,20 @@ def cuda_kernels():
         raise ValueError(f'RPE_OPS_CUDA_KERNELS={choice!r} is not one of {", ".join(CUDA_KERNELS)}; unset it '
                          f'for the Triton kernels, or set it to cuda for the kernels compiled with nvcc.')
     return choice
+
+
+@contextlib.contextmanager
+def using(kernels):
+    """Within `with`, CUDA calls run `kernels` ('triton' or 'cuda'), as if RPE_OPS_CUDA_KERNELS said so."""
+    previous = os.environ.get('RPE_OPS_CUDA_KERNELS')
+    os.environ['RPE_OPS_CUDA_KERNELS'] = kernels
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ['RPE_OPS_CUDA_KERNELS']
+        else:
+            os.environ['RPE_OPS_CUDA_KERNELS'] = previous
 
 
 _warned_no_triton = False
@@ -118,3 +133,58 @@ IMPLEMENTATIONS = {'rpe_index': rpe_index, 'rpe_reduce': rpe_reduce, 'rpe_index_
 _LIBRARY = torch.library.Library('rpe_ops', 'IMPL')
 for _op, _kernel in IMPLEMENTATIONS.items():
     _LIBRARY.impl(_op, _kernel, 'CUDA')
+
+
+def compare_kernels(maps=((25, 34), (50, 68)), batch=2, heads=8, dtype=torch.bfloat16, repeats=10,
+                    kernels=CUDA_KERNELS, device='cuda'):
+    """The Triton and the nvcc kernels side by side in one run, for the GPU run that decides which to keep:
+    {f'{op}/{h}x{w}': {'<kernels>_ms': median milliseconds per call, 'max_difference': between the two
+    outputs}} at DETR-R50's encoder maps (C5 25 x 34, DC5 50 x 68: L = 850 and 3400) with iRPE's product
+    bucket ids (K = 49) and their transpose; 'flat' ops are iRPE on queries alone (Lq = 1, K = L * 49).
+    Each repeat times every kernel set once, in turns, so a slow spell of the GPU hits them alike."""
+    import statistics
+    import time
+    from detr_irpe import irpe
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    results = {}
+    for h, w in maps:
+        ids, K = irpe.get_bucket_ids_2d('product', h, w, device=device)
+        ids_t, L = irpe.key_major_ids(ids, 0), h * w
+        flat_ids = irpe.key_major_ids(ids, K).view(1, L * L)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+        ops = torch.ops.rpe_ops
+        table, table_t, scores = rand(batch, heads, L, K), rand(batch, heads, L, K), rand(batch, heads, L, L)
+        calls = {'rpe_index': lambda: ops.rpe_index(table, ids),
+                 'rpe_reduce': lambda: ops.rpe_reduce(scores, ids, K),
+                 'rpe_index_qk': lambda: ops.rpe_index_qk(table, ids, table_t, ids_t),
+                 'rpe_reduce_qk': lambda: ops.rpe_reduce_qk(scores, ids, K, ids_t, K),
+                 'rpe_index_flat': lambda: ops.rpe_index(table.reshape(batch, heads, 1, L * K), flat_ids),
+                 'rpe_reduce_flat': lambda: ops.rpe_reduce(scores.reshape(batch, heads, 1, L * L), flat_ids, L * K)}
+        for op, call in calls.items():
+            outputs, times = {}, {name: [] for name in kernels}
+            for name in kernels:  # a first call each: compiles the Triton kernels, checks the ids
+                with using(name):
+                    outputs[name] = call()
+            for _ in range(repeats):
+                for name in kernels:
+                    with using(name):
+                        _synchronize(device)
+                        start = time.perf_counter()
+                        call()
+                        _synchronize(device)
+                    times[name].append(1000 * (time.perf_counter() - start))
+            first, *others = [torch.cat([o.flatten().double() for o in (out if isinstance(out, tuple) else (out,))])
+                              for out in outputs.values()]
+            results[f'{op}/{h}x{w}'] = {
+                **{f'{name}_ms': statistics.median(t) for name, t in times.items()},
+                'max_difference': max([(first - o).abs().max().item() for o in others], default=0.0)}
+    return results
+
+
+def _synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)

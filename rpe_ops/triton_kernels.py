@@ -7,12 +7,13 @@ rpe_index / rpe_index_qk: one program per (BLOCK_I, BLOCK_J) tile of the (Lq, Lk
 rpe_reduce: out[bh, p, t] = sum_r values[bh, p, r] [index[p, r] == t] is, for one row p, the matrix
     product values[:, p, :] (B*H, R) @ onehot(index[p, :]) (R, K): one program per (BLOCK_P rows,
     BLOCK_K buckets, BLOCK_BH (b, h) pairs) runs it as a batched tl.dot over all of R, accumulating in
-    float32 (float64 for float64; tensor cores for half types), and writes its output block once: no atomics, and each id
+    float32 (tensor cores for half types), and writes its output block once: no atomics, and each id
     tile is read once for BLOCK_BH (b, h) pairs. The key side of rpe_reduce_qk is the same kernel on
     the transposed view (p = key j, r = query i), with blocks wide in p so its loads stay coalesced.
     When K is so large that re-reading values once per BLOCK_K buckets costs more than atomics (the
     flattened key-major layout of iRPE on queries alone, K = L * buckets), a scatter with float32
-    atomics runs instead; there the ids of a row are spread, so the atomics rarely collide.
+    atomics runs instead; there the ids of a row are spread, so the atomics rarely collide. float64
+    (gradcheck) takes the scatter too, with float64 atomics: tl.dot's float64 support varies by GPU.
 Shapes and bucket ids are checked on the host (rpe_ops/cuda.py) before these run: no device asserts.
 """
 import json
@@ -30,8 +31,7 @@ INTERPRETING = os.environ.get('TRITON_INTERPRET') == '1'
 # Above this many buckets the reductions scatter with atomics instead of one-hot products (see above).
 ONE_HOT_MAX_BUCKETS = 512
 _HALF = (torch.float16, torch.bfloat16)
-_TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                  torch.float16: tl.float16}
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _index_kernel(in_ptr, idx_ptr, in_t_ptr, idx_t_ptr, out_ptr, BH, H, Lq, Lk,
 @triton.jit
 def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
                    s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r, s_out_b, s_out_h, s_out_p, s_out_k,
-                   DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_BH: tl.constexpr,
+                   DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_BH: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b, h, p, t] = sum_r v[b, h, p, r] [idx[p, r] == t]: per row p, v[:, p, :] @ onehot(idx[p, :])."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -67,7 +67,7 @@ def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = (p[:, None] * s_v_p + (b * s_v_b + h * s_v_h)[None, :])[:, :, None]      # (P, BH, 1)
     row_mask = ((p < P)[:, None] & (bh < BH)[None, :])[:, :, None]
-    acc = tl.zeros((BLOCK_P, BLOCK_BH, BLOCK_K), dtype=ACC)
+    acc = tl.zeros((BLOCK_P, BLOCK_BH, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         ids = tl.load(idx_ptr + p[:, None] * s_idx_p + r[None, :] * s_idx_r,
@@ -75,7 +75,7 @@ def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
         onehot = ids[:, :, None] == t[None, None, :]                                     # (P, R, K)
         v = tl.load(v_ptr + rows + r[None, None, :] * s_v_r, mask=row_mask & (r < R)[None, None, :],
                     other=0)                                                             # (P, BH, R)
-        # 0/1 times a value is exact; tensor cores sum in float32 (float64 for float64); no TF32 for float32.
+        # 0/1 times a value is exact; tensor cores sum in float32; no TF32 for float32 values.
         acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision='ieee')
     out = out_ptr + (p[:, None] * s_out_p + (b * s_out_b + h * s_out_h)[None, :])[:, :, None] + t[None, None, :] * s_out_k
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (t < K)[None, None, :])
@@ -149,7 +149,7 @@ def _reduce(values, index, num_buckets):
     """out[b, h, p, t] = sum_r values[b, h, p, r] [index[p, r] == t] for any strides of values and index."""
     B, H, P, R = values.shape
     BH, dtype = B * H, values.dtype
-    if num_buckets > ONE_HOT_MAX_BUCKETS:
+    if num_buckets > ONE_HOT_MAX_BUCKETS or dtype == torch.float64:  # float64 (gradcheck): see the docstring
         acc = torch.zeros(B, H, P, num_buckets, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                           device=values.device)
         if acc.numel() == 0 or R == 0:
@@ -173,7 +173,7 @@ def _reduce(values, index, num_buckets):
     BLOCK_P, BLOCK_R = (2, 64) if values.stride(3) == 1 else (max(2, 32 // values.element_size()), 16)
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(num_buckets, BLOCK_K), triton.cdiv(BH, BLOCK_BH))
     _reduce_kernel[grid](values, index, out, BH, H, P, R, num_buckets, *values.stride(), *index.stride(),
-                         *out.stride(), DOT=dot, ACC=_acc_dtype(dtype), BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
+                         *out.stride(), DOT=dot, BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
                          BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4 if BLOCK_P < 8 else 8)
     return out
 
@@ -200,15 +200,8 @@ def check_against_cpu(device='cpu', kernels='triton'):
             raise RuntimeError(f'the Triton interpreter check failed:\n{run.stderr[-4000:]}')
         return json.loads(run.stdout.splitlines()[-1])
     from rpe_ops import cuda
-    previous = os.environ.get('RPE_OPS_CUDA_KERNELS')
-    os.environ['RPE_OPS_CUDA_KERNELS'] = kernels
-    try:
+    with cuda.using(kernels):
         return _check_cases(device, lambda: _routed_to(cuda.IMPLEMENTATIONS) if device.type == 'cpu' else None)
-    finally:
-        if previous is None:
-            del os.environ['RPE_OPS_CUDA_KERNELS']
-        else:
-            os.environ['RPE_OPS_CUDA_KERNELS'] = previous
 
 
 class _routed_to:
