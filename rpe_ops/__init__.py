@@ -322,3 +322,5 @@ if _C is not None:
                                     setup_context=_rpe_index_setup_context)
     torch.library.register_autograd('rpe_ops::rpe_reduce', _rpe_reduce_backward,
                                     setup_context=_rpe_reduce_setup_context)
+
+    from rpe_ops import cuda as _cuda  # noqa: E402,F401  the CUDA kernels: Triton, or the .cu (rpe_ops/cuda.py)

@@ -1,6 +1,7 @@
-// Schema of the rpe_ops library. Kernels register themselves per device in
-// cpu/rpe_index_kernel.cpp and cuda/rpe_index_kernel.cu; autograd and the fake
-// (meta) kernels are registered from Python in rpe_ops/__init__.py.
+// Schema of the rpe_ops library. The CPU kernels register themselves in
+// cpu/rpe_index_kernel.cpp; the CUDA kernel (Triton, or cuda/rpe_index_kernel.cu)
+// from Python in rpe_ops/cuda.py, as autograd and the fake (meta) kernels are
+// in rpe_ops/__init__.py.
 #include <Python.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -218,11 +218,21 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cuda(const at::Tensor& values_,
 
 }  // namespace
 
+// Names of their own: rpe_ops/cuda.py registers the public ops' CUDA kernel (Triton by default) and calls
+// these with RPE_OPS_CUDA_KERNELS=cuda; a second kernel for the same op and key would replace the first.
+TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
+  m.def("_cuda_rpe_index(Tensor input, Tensor index) -> Tensor");
+  m.def("_cuda_rpe_reduce(Tensor values, Tensor index, int num_buckets) -> Tensor");
+  m.def("_cuda_rpe_index_qk(Tensor input, Tensor index, Tensor input_t, Tensor index_t) -> Tensor");
+  m.def("_cuda_rpe_reduce_qk(Tensor values, Tensor index, int num_buckets, Tensor index_t, "
+        "int num_buckets_t) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(rpe_ops, CUDA, m) {
-  m.impl("rpe_index", &rpe_index_cuda);
-  m.impl("rpe_reduce", &rpe_reduce_cuda);
-  m.impl("rpe_index_qk", &rpe_index_qk_cuda);
-  m.impl("rpe_reduce_qk", &rpe_reduce_qk_cuda);
+  m.impl("_cuda_rpe_index", &rpe_index_cuda);
+  m.impl("_cuda_rpe_reduce", &rpe_reduce_cuda);
+  m.impl("_cuda_rpe_index_qk", &rpe_index_qk_cuda);
+  m.impl("_cuda_rpe_reduce_qk", &rpe_reduce_qk_cuda);
 }
 
 }  // namespace rpe_ops

@@ -1,0 +1,87 @@
+"""The ops' CUDA implementation: Triton kernels (rpe_ops/triton_kernels.py) registered in rpe_ops/cuda.py.
+
+The kernels run on CPU tensors under the Triton interpreter against the compiled CPU op and the float64
+reference functions. TRITON_INTERPRET must be set before triton.jit decorates the kernels, so they run in
+one subprocess that rpe_ops.triton_kernels.check_against_cpu('cpu') starts (also what gpu_check calls);
+TRITON_INTERPRET is never set in this process, so the rest of the suite is unaffected.
+"""
+import sys
+
+import pytest
+import torch
+
+import rpe_ops
+
+compiled = pytest.mark.skipif(not rpe_ops.build_info()['cpu'], reason='rpe_ops._C is not built')
+OPS = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk']
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    """{case 'op/ids/dtype/layout': {'max_error', 'bound_ratio'}}, from one interpreter subprocess (~20 s)."""
+    from rpe_ops import triton_kernels
+    assert not triton_kernels.INTERPRETING  # this process: plain triton.jit, nothing run
+    return triton_kernels.check_against_cpu('cpu')
+
+
+@compiled
+@pytest.mark.parametrize('op', OPS)
+def test_triton_kernels_equal_the_cpu_op_and_the_reference_forward_and_backward(op, interpreted):
+    cases = {case: result for case, result in interpreted.items() if case.split('/')[0] == op}
+    covered = {part for case in cases for part in case.split('/')[1:]}
+    # iRPE's own ids and random ones, K within one 64-bucket tile, past it and past several, Lq != Lk,
+    # every dtype, non-contiguous inputs and ids.
+    assert {'irpe', 'random_k81', 'random_k300', 'single_bucket', 'float32', 'bfloat16', 'float16', 'float64',
+            'strided', 'contiguous'} <= covered, sorted(covered)
+    if op in ('rpe_index', 'rpe_reduce'):
+        assert 'flat' in covered  # K = L * buckets: the scatter path
+    # bound: two float32 sums of n terms differ by at most 2 n eps sum|terms|, plus one rounding to the dtype
+    failing = {case: result for case, result in cases.items() if not result['bound_ratio'] <= 1}
+    assert not failing, failing
+
+
+def test_bucket_ids_are_checked_on_the_host_with_the_range_found_and_expected():
+    from rpe_ops import cuda
+    x, v = torch.randn(1, 2, 2, 3), torch.randn(1, 2, 2, 4)
+    index = torch.tensor([[0, 1, 2, 3], [0, -1, 0, 0]], dtype=torch.int32)
+    with pytest.raises(IndexError, match=r'rpe_ops.rpe_index: the bucket ids lie in \[-1, 3\], but a table of 3 '
+                                         r'buckets needs ids in \[0, 2\]'):
+        cuda.rpe_index(x, index)
+    with pytest.raises(IndexError, match=r'rpe_ops.rpe_reduce_qk \(index_t\): the bucket ids lie in \[-1, 3\]'):
+        cuda.rpe_reduce_qk(v, index.clamp(0, 1), 2, index, 4)
+    with pytest.raises(TypeError, match=r'index must be int32'):
+        cuda.rpe_reduce(v, index.long(), 4)
+    cuda.check_bucket_ids('rpe_index', index.clamp(0, 2), 3)  # a fresh tensor: checked, in range
+    index.clamp_(0, 2)  # the same tensor changed in place: its cached range no longer holds
+    cuda.check_bucket_ids('rpe_index', index, 3)
+
+
+def test_public_ops_have_one_cuda_kernel_and_the_nvcc_kernels_their_own_names():
+    for op in OPS:
+        dump = torch._C._dispatch_dump(f'rpe_ops::{op}')
+        cuda_lines = [line for line in dump.splitlines() if line.startswith('CUDA')]
+        assert len(cuda_lines) == 1 and 'rpe_ops/cuda.py' in cuda_lines[0], dump
+        if rpe_ops.build_info()['cuda']:
+            assert 'rpe_index_kernel.cu' in torch._C._dispatch_dump(f'rpe_ops::_cuda_{op}')
+
+
+def test_cuda_kernels_setting_and_the_message_without_triton(monkeypatch):
+    from rpe_ops import cuda
+    monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cutlass')
+    with pytest.raises(ValueError, match=r"RPE_OPS_CUDA_KERNELS='cutlass' is not one of triton, cuda"):
+        cuda._kernels('rpe_index')
+    monkeypatch.delenv('RPE_OPS_CUDA_KERNELS')
+    monkeypatch.setitem(sys.modules, 'rpe_ops.triton_kernels', None)  # importing it raises ImportError
+    monkeypatch.delattr(rpe_ops, 'triton_kernels', raising=False)
+    monkeypatch.setattr(cuda, '_warned_no_triton', False)
+    if rpe_ops.build_info()['cuda']:
+        with pytest.warns(RuntimeWarning, match=r'triton cannot be imported .* run the kernels compiled with nvcc'):
+            assert cuda._kernels('rpe_reduce') is torch.ops.rpe_ops._cuda_rpe_reduce.default
+        monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cuda')
+        assert cuda._kernels('rpe_index_qk') is torch.ops.rpe_ops._cuda_rpe_index_qk.default
+    else:
+        with pytest.raises(RuntimeError, match=r'Install triton \(`pip install triton`, no nvcc needed\)'):
+            cuda._kernels('rpe_reduce')
+        monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cuda')
+        with pytest.raises(RuntimeError, match=r'no CUDA kernels .* only where nvcc is found'):
+            cuda._kernels('rpe_index')
