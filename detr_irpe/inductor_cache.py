@@ -25,9 +25,11 @@ def cpu_key():
 
 
 def use_cache_per_cpu():
-    """Point TORCHINDUCTOR_CACHE_DIR at torch's default folder + '/' + cpu_key(), unless it is set already
-    (then the user chose it). Must run before inductor's first use in the process; returns the folder."""
-    if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.path.join(default_cache_dir(), cpu_key())
+    """Point TORCHINDUCTOR_CACHE_DIR at torch's default folder + '/' + cpu_key(), unless the user set another
+    folder. Must run before inductor's first compile in the process; returns the folder."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default = default_cache_dir()
+    # inductor writes its default into the variable on first use, which `import torchvision` already is
+    if os.path.abspath(os.environ.get('TORCHINDUCTOR_CACHE_DIR', default)) == os.path.abspath(default):
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.path.join(default, cpu_key())
     return os.environ['TORCHINDUCTOR_CACHE_DIR']

@@ -30,5 +30,8 @@ def test_cache_folder_names_the_capability_in_force(monkeypatch):
     folder = inductor_cache.use_cache_per_cpu()
     import torch
     assert os.path.basename(folder).startswith(torch.backends.cpu.get_cpu_capability().lower() + '-')
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', default_cache_dir())   # as inductor sets it on first use
+    assert inductor_cache.use_cache_per_cpu() == folder
     monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', '/somewhere/chosen')
     assert inductor_cache.use_cache_per_cpu() == '/somewhere/chosen'   # a folder the user set is kept
