@@ -13,6 +13,7 @@ A relative position (dr, dc) between a query and a key on an height x width map 
 id; each bucket owns a learned entry of a lookup table. Bias mode adds the entry to the attention
 logits; contextual mode (`ctx`) adds x_i . r_bucket(i, j) (Eq. 13-16).
 """
+import collections
 import functools
 import math
 from dataclasses import dataclass
@@ -177,17 +178,83 @@ def clip_index(relative_position, beta_int, dtype=torch.int32):
     return near.clip(-beta_int, beta_int).to(dtype)
 
 
+class BoundedCache:
+    """Results of a function by argument set, least recently used first out once the tensors held exceed
+    max_bytes: DETR's maps change size every batch, and one DC5 map's (L, L) ids take 46 MB."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.bytes, self.entries = max_bytes, 0, collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key, compute):
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        self.entries[key] = value
+        self.bytes += _nbytes(value)
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
+        return value
+
+    def clear(self):
+        self.entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(value):
+    tensors = value if isinstance(value, tuple) else (value,)
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+# Bucket ids and their key-major forms, all devices together.
+BUCKET_ID_CACHE = BoundedCache(max_bytes=256 << 20)
+
+
 def cached_when_eager(function):
-    """functools.lru_cache(maxsize=128) in eager mode; the plain function while torch.compile or
-    torch.export traces, so that bucket ids are computed in the graph from the feature map's size: a cache
-    can hold neither a symbolic (dynamic) height and width nor the tracer's fake tensors."""
-    cached = functools.lru_cache(maxsize=128)(function)
+    """Cached in BUCKET_ID_CACHE in eager mode; the plain function while torch.compile or torch.export
+    traces, so that bucket ids are computed in the graph from the feature map's size (a gather from a small
+    table): a cache can hold neither a symbolic (dynamic) height and width nor the tracer's fake tensors."""
 
     @functools.wraps(function)
-    def call(*args, **kwargs):
-        return function(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
-    call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return function(*args)
+        return BUCKET_ID_CACHE.get((function.__name__, *args), lambda: function(*args))
     return call
+
+
+@torch.no_grad()
+def offset_bucket_ids(method, height, width, ratio=1.9, index_func='piecewise'):
+    """(2 height - 1, 2 width - 1) int64: entry [dr + height - 1, dc + width - 1] is the bucket of the
+    relative position (dr, dc), query minus key (Eq. 18-21 as get_bucket_ids_2d documents)."""
+    config = RPEConfig(ratio=ratio, method='product' if method == 'product' else 'euc', mode='bias',
+                       shared_head=True, index_func=index_func)
+    alpha, beta, gamma, beta_int = config.alpha, config.beta, config.gamma, config.beta_int
+
+    def index(x):
+        if index_func == 'clip':
+            return clip_index(x, beta_int, torch.int64)
+        return piecewise_index(x, alpha, beta, gamma, torch.int64)
+
+    dr = torch.arange(-(height - 1), height)[:, None].expand(2 * height - 1, 2 * width - 1)
+    dc = torch.arange(-(width - 1), width)[None, :].expand(2 * height - 1, 2 * width - 1)
+    if method == 'euc':
+        return index((dr * dr + dc * dc).float().sqrt().round()) + beta_int
+    if method == 'quant':
+        # The paper describes a rank mapping; the published code applies g to the squared distance.
+        # We follow the code, so published weights keep their meaning.
+        return index((dr * dr + dc * dc).float()) + beta_int
+    if method == 'cross_rows':
+        return index(dr) + beta_int
+    if method == 'cross_cols':
+        return index(dc) + beta_int
+    if method == 'product':
+        return (index(dr) + beta_int) * (2 * beta_int + 1) + (index(dc) + beta_int)
+    raise ValueError(f"bucket method {method!r} is not one of 'euc', 'quant', 'product', 'cross_rows', "
+                     "'cross_cols'.")
 
 
 @cached_when_eager
@@ -197,44 +264,24 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
     method: 'euc' | 'quant' | 'product' | 'cross_rows' | 'cross_cols'.
     Returns (bucket_ids (skip+L, skip+L) int32, num_buckets), with L = height * width. The relative
     position is the query's (row, col) minus the key's. Skip tokens map to one extra bucket whose id is
-    the number of buckets of the map. Cached per argument set: the tensor is shared, do not modify it.
+    the number of buckets of the map. Built on `device` by one gather from offset_bucket_ids' small table;
+    cached per argument set (BUCKET_ID_CACHE): the tensor is shared, do not modify it.
     """
-    config = RPEConfig(ratio=ratio, method='product' if method == 'product' else 'euc', mode='bias',
-                       shared_head=True, skip=skip, index_func=index_func)
-    alpha, beta, gamma, beta_int = config.alpha, config.beta, config.gamma, config.beta_int
-
-    def index(x):
-        if index_func == 'clip':
-            return clip_index(x, beta_int)
-        return piecewise_index(x, alpha, beta, gamma)
-
-    # Row and column of each token in row-major order (broadcasts, not repeat_interleave: the ONNX
-    # exporter's repeat_interleave mistakes a symbolic repeat count).
-    rows = torch.arange(height)[:, None].expand(height, width).reshape(-1)
-    cols = torch.arange(width)[None, :].expand(height, width).reshape(-1)
-    dr = rows[:, None] - rows[None, :]
-    dc = cols[:, None] - cols[None, :]
-    if method == 'euc':
-        ids = index((dr * dr + dc * dc).float().sqrt().round()) + beta_int
-    elif method == 'quant':
-        # The paper describes a rank mapping; the published code applies g to the squared distance.
-        # We follow the code, so published weights keep their meaning.
-        ids = index((dr * dr + dc * dc).float()) + beta_int
-    elif method == 'cross_rows':
-        ids = index(dr) + beta_int
-    elif method == 'cross_cols':
-        ids = index(dc) + beta_int
-    elif method == 'product':
-        ids = (index(dr) + beta_int) * (2 * beta_int + 1) + (index(dc) + beta_int)
-    else:
-        raise ValueError(f"bucket method {method!r} is not one of 'euc', 'quant', 'product', 'cross_rows', "
-                         "'cross_cols'.")
-    num_buckets = config.num_buckets
+    table = offset_bucket_ids(method, height, width, ratio, index_func).to(device=device, dtype=torch.int32)
+    # Token t at (row, col) -> row * (2 width - 1) + col: the table's flat index of (dr, dc) is then the
+    # query's position minus the key's plus the index of (0, 0). Broadcasts, not repeat_interleave: the ONNX
+    # exporter's repeat_interleave mistakes a symbolic repeat count.
+    rows = torch.arange(height, device=device)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width)
+    position = (rows * (2 * width - 1) + cols).reshape(-1)
+    ids = table.reshape(-1)[position[:, None] - position[None, :] + ((height - 1) * (2 * width - 1) + width - 1)]
+    num_buckets = RPEConfig(ratio=ratio, method='product' if method == 'product' else 'euc', mode='bias',
+                            shared_head=True).num_buckets
     if skip > 0:
-        padded = torch.full((skip + height * width,) * 2, num_buckets, dtype=ids.dtype)
+        padded = torch.full((skip + height * width,) * 2, num_buckets, dtype=ids.dtype, device=device)
         padded[skip:, skip:] = ids
         ids, num_buckets = padded, num_buckets + 1
-    return ids.to(device=device, dtype=torch.int32).contiguous(), num_buckets
+    return ids.contiguous(), num_buckets
 
 
 @cached_when_eager

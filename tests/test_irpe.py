@@ -75,6 +75,17 @@ def test_bucket_ids_are_cached_per_shape_and_device():
     assert a is b and a.shape == c.shape and not torch.equal(a, c)
 
 
+def test_bucket_id_cache_keeps_the_most_recent_maps_within_its_byte_budget():
+    from detr_irpe.irpe import BoundedCache
+    cache = BoundedCache(max_bytes=3 * 4000)
+    for side in range(10, 20):   # (side^2, side^2) int32 ids: 40 kB at side 10, more after
+        cache.get(side, lambda: torch.zeros(side * side, side * side, dtype=torch.int32))
+    assert list(cache.entries) == [19]   # one entry over the budget stays: the one just asked for
+    small = [cache.get(('small', i), lambda: torch.zeros(1000, dtype=torch.int32)) for i in range(5)]
+    assert list(cache.entries) == [('small', 2), ('small', 3), ('small', 4)] and cache.bytes == 12000
+    assert cache.get(('small', 4), lambda: None) is small[4] and cache.hits == 1
+
+
 @pytest.mark.parametrize('ratio,buckets', [(1.9, 49), (2.0, 81), (2.5, 121), (3.0, 169)])
 def test_product_bucket_table_sizes(ratio, buckets):
     assert get_rpe_config(ratio=ratio, method='product').rpe_k.num_buckets == buckets
