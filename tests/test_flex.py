@@ -26,6 +26,18 @@ def compile_every_config():
         yield
 
 
+@pytest.fixture
+def cpu_flex():
+    """For tests that run flex on CPU: where torch runs no AVX-512 code (ATEN_CPU_CAPABILITY=avx2 or an older
+    CPU), flex_irpe_attention must refuse, naming the reason; the test is then done."""
+    if torch.backends.cpu.get_cpu_capability() != 'AVX512':
+        _, rpe_q, rpe_k = rpe_modules('product', 'ctx', True, 'k', 0)
+        q, k, v, _ = random_inputs(0, False)
+        with torch.no_grad(), pytest.raises(NotImplementedError, match='needs AVX-512.*auto or sdpa'):
+            flex_irpe_attention(q, k, v, rpe_q, rpe_k, None, H_MAP, W_MAP)
+        pytest.skip('flex on CPU is refused without AVX-512 (the refusal was checked)')
+
+
 def rpe_modules(method, mode, shared, rpe_on, skip, ratio=2.0, dtype=torch.float32):
     """(config, rpe_q, rpe_k) with random tables; None where not requested."""
     config = get_rpe_config(ratio=ratio, method=method, mode=mode, shared_head=shared, skip=skip, rpe_on=rpe_on)
@@ -91,7 +103,7 @@ FORWARD_CASES = [  # method, mode, shared, rpe_on, skip, padding
 
 
 @pytest.mark.parametrize('method, mode, shared, rpe_on, skip, padding', FORWARD_CASES)
-def test_compiled_flex_forward_equals_textbook_attention(method, mode, shared, rpe_on, skip, padding):
+def test_compiled_flex_forward_equals_textbook_attention(method, mode, shared, rpe_on, skip, padding, cpu_flex):
     config, rpe_q, rpe_k = rpe_modules(method, mode, shared, rpe_on, skip)
     q, k, v, mask = random_inputs(skip, padding)
     with torch.no_grad():
@@ -105,7 +117,7 @@ def test_compiled_flex_forward_equals_textbook_attention(method, mode, shared, r
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
 
 
-def test_compiled_flex_forward_in_bfloat16_under_autocast():
+def test_compiled_flex_forward_in_bfloat16_under_autocast(cpu_flex):
     """As --amp runs it: bfloat16 q, k, v and per-bucket values; to bfloat16's precision (a wrong bucket
     or row would be off by about the size of the output)."""
     config, rpe_q, rpe_k = rpe_modules('product', 'ctx', False, 'qk', 1)
@@ -165,7 +177,7 @@ TINY = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', 
         '--device', 'cpu', '--enc_rpe2d', 'rpe-2.0-cross-ctx-0-qk']
 
 
-def test_model_with_flex_attention_equals_model_with_sdpa():
+def test_model_with_flex_attention_equals_model_with_sdpa(cpu_flex):
     """Two images of different sizes (a padded batch), two encoder layers: one compile, reused."""
     models = {}
     for impl in ('sdpa', 'flex'):
