@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets import coco
-from datasets.transforms import make_transforms
+import detr_irpe_datasets.build as datasets
+from detr_irpe_datasets import coco
+from detr_irpe_datasets.transforms import make_transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = [{'id': 7, 'file_name': 'a.jpg', 'width': 40, 'height': 30},

@@ -1,4 +1,5 @@
-"""Command-line flags: DETR's, with DETR's defaults, plus --enc_rpe2d and --backbone_weights."""
+"""Command-line flags: DETR's, with DETR's defaults, plus --enc_rpe2d and --backbone_weights; the data flags; the
+flag types. Each tool's parser holds the groups it uses (get_args_parser: all of them, tools/train.py's)."""
 import argparse
 import math
 import os
@@ -8,6 +9,7 @@ import torch
 from detr_irpe.flex import ATTENTION_IMPLS
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
 from detr_irpe.transformer import RPE_INITS
+from detr_irpe_datasets.synthetic import SHAPES
 
 
 def enc_rpe2d_flag(text):
@@ -27,6 +29,7 @@ MAX_COUNT = 10 ** 7      # queries, classes, images of the synthetic set
 MAX_IMAGE_SIDE = 10000   # every resize scale and maximum size, in pixels
 MAX_COEF = 1e6           # matching costs and loss weights: larger ones overflow the float32 cost matrix
 MAX_SEED = 2 ** 31 - 1   # numpy's seed range (< 2 ** 32), with room for the + rank of each process
+MIN_SYNTHETIC_SIDE = 16  # the smallest shapes must still cover a few pixels
 
 
 def _int_or_float(kind, text):
@@ -123,8 +126,6 @@ def check_flag_combinations(args):
         if get('position_embedding') == 'learned' and hidden_dim % 2:
             return (f'--position_embedding learned needs an even --hidden_dim (half the channels for rows, half '
                     f'for columns), got {hidden_dim}')
-    if get('dilation') and get('backbone') in ('resnet18', 'resnet34'):
-        return f"--dilation needs a bottleneck resnet (resnet50, resnet101), not --backbone {get('backbone')}"
     costs = [get(k) for k in ('set_cost_class', 'set_cost_bbox', 'set_cost_giou')]
     if None not in costs and not any(costs):
         return 'all matching costs are 0: set at least one of --set_cost_class, --set_cost_bbox, --set_cost_giou'
@@ -136,11 +137,8 @@ def check_flag_combinations(args):
         if max_size <= largest:
             return (f'--{max_flag} {max_size} must be larger than --{scale_flag} {largest}: the longest side '
                     f'is capped at {max_flag} after the shorter one is resized to {scale_flag}')
+    # That the backbone is frozen is checked where its copy is made: datasets' FrozenBackboneCollate.
     if get('backbone_in_workers'):
-        if get('lr_backbone'):
-            return (f"--backbone_in_workers needs a frozen backbone (--lr_backbone 0), got --lr_backbone "
-                    f"{get('lr_backbone')}: the workers' copy of the backbone would not see its updates; add "
-                    f"--no-backbone_in_workers to train it")
         if get('num_workers') == 0:
             return ('--backbone_in_workers needs --num_workers 1 or more: with 0 there is no worker to run the '
                     'backbone in; give workers, or add --no-backbone_in_workers (e.g. over configs/demo.yaml)')
@@ -173,93 +171,156 @@ class ArgumentParser(argparse.ArgumentParser):
         return namespace, extra
 
 
-def get_args_parser(add_help=True):
-    p = ArgumentParser(description='DETR with iRPE', add_help=add_help,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--lr', default=1e-4, type=float_range(0))
-    p.add_argument('--lr_backbone', default=1e-5, type=float_range(0), help='0 freezes the whole backbone')
-    p.add_argument('--batch_size', default=2, type=int_range(1), help='images per process')
-    p.add_argument('--weight_decay', default=1e-4, type=float_range(0))
-    p.add_argument('--rpe_weight_decay', default=None, type=float_range(0),
-                   help="weight decay of the iRPE tables (default: --weight_decay, as the published code; "
-                        "0 as the paper's appendix)")
-    p.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
-                   help="iRPE tables start xavier-initialised like every transformer matrix (the published "
-                        "code) or at zero (the paper's appendix)")
-    p.add_argument('--epochs', default=300, type=int_range(0))
-    p.add_argument('--lr_drop', default=200, type=int_range(1), help='epoch at which the learning rate drops 10x')
-    p.add_argument('--lr_warmup', default=0, type=int_range(0), help='steps of linear learning-rate warm-up (0: none, as DETR)')
-    p.add_argument('--clip_max_norm', default=0.1, type=float_range(0), help='gradient clipping max norm (0: none)')
-    p.add_argument('--frozen_weights', type=str, default=None,
-                   help='path to a pretrained model; if set, only the mask head would be trained (unused here)')
-
-    # Model
-    p.add_argument('--backbone', default='resnet50', choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'])
-    p.add_argument('--backbone_weights', default='imagenet', type=backbone_weights_flag,
-                   help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
-                        "or a path to a state dict")
-    p.add_argument('--dilation', action='store_true', help='dilated C5 stage (DETR-DC5)')
-    p.add_argument('--position_embedding', default='sine', choices=['sine', 'learned', 'none'],
+def add_model_args(p, attention=True):
+    """The flags that shape the model: what a checkpoint's 'args' keeps and the inference tools take from it; with
+    attention, --attention_impl (how the encoder computes attention, not what)."""
+    g = p.add_argument_group('model')
+    g.add_argument('--backbone', default='resnet50', choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'])
+    g.add_argument('--dilation', action='store_true', help='dilated C5 stage (DETR-DC5)')
+    g.add_argument('--position_embedding', default='sine', choices=['sine', 'learned', 'none'],
                    help="absolute position encoding; 'none' keeps only iRPE")
-    p.add_argument('--enc_layers', default=6, type=int_range(0, MAX_LAYERS))
-    p.add_argument('--dec_layers', default=6, type=int_range(1, MAX_LAYERS))
-    p.add_argument('--dim_feedforward', default=2048, type=int_range(1, MAX_WIDTH))
-    p.add_argument('--hidden_dim', default=256, type=int_range(1, MAX_WIDTH))
-    p.add_argument('--dropout', default=0.1, type=float_range(0, 1, high_open=True))
-    p.add_argument('--nheads', default=8, type=int_range(1, MAX_WIDTH))
-    p.add_argument('--num_queries', default=100, type=int_range(1, MAX_COUNT))
-    p.add_argument('--pre_norm', action='store_true')
-    p.add_argument('--enc_rpe2d', default='', type=enc_rpe2d_flag,
+    g.add_argument('--enc_layers', default=6, type=int_range(0, MAX_LAYERS))
+    g.add_argument('--dec_layers', default=6, type=int_range(1, MAX_LAYERS))
+    g.add_argument('--dim_feedforward', default=2048, type=int_range(1, MAX_WIDTH))
+    g.add_argument('--hidden_dim', default=256, type=int_range(1, MAX_WIDTH))
+    g.add_argument('--nheads', default=8, type=int_range(1, MAX_WIDTH))
+    g.add_argument('--num_queries', default=100, type=int_range(1, MAX_COUNT))
+    g.add_argument('--pre_norm', action='store_true')
+    g.add_argument('--enc_rpe2d', default='', type=enc_rpe2d_flag,
                    help=f"iRPE in encoder self-attention: {RPE_STRING_FORMAT}, e.g. 'rpe-2.0-product-ctx-1-k'; "
                         "empty for none")
-    p.add_argument('--attention_impl', default='auto', choices=ATTENTION_IMPLS,
-                   help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE on "
-                        "values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
-                        "'auto' flex on CUDA where it applies, sdpa otherwise")
-    p.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
+    if attention:
+        g.add_argument('--attention_impl', default='auto', choices=ATTENTION_IMPLS,
+                       help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE "
+                            "on values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
+                            "'auto' flex on CUDA where it applies, sdpa otherwise")
+    g.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
                    help='classes + 1 (largest category id + 1); default 91 for coco, the dataset\'s own otherwise')
+    return p
 
-    # Loss
-    p.add_argument('--no_aux_loss', dest='aux_loss', action='store_false',
+
+def add_training_args(p):
+    """The recipe: optimizer, schedule, what only training builds (backbone weights, dropout, losses), resuming,
+    checkpoints, precision, distributed processes."""
+    g = p.add_argument_group('training')
+    g.add_argument('--lr', default=1e-4, type=float_range(0))
+    g.add_argument('--lr_backbone', default=1e-5, type=float_range(0), help='0 freezes the whole backbone')
+    g.add_argument('--weight_decay', default=1e-4, type=float_range(0))
+    g.add_argument('--rpe_weight_decay', default=None, type=float_range(0),
+                   help="weight decay of the iRPE tables (default: --weight_decay, as the published code; "
+                        "0 as the paper's appendix)")
+    g.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
+                   help="iRPE tables start xavier-initialised like every transformer matrix (the published "
+                        "code) or at zero (the paper's appendix)")
+    g.add_argument('--epochs', default=300, type=int_range(0))
+    g.add_argument('--lr_drop', default=200, type=int_range(1), help='epoch at which the learning rate drops 10x')
+    g.add_argument('--lr_warmup', default=0, type=int_range(0), help='steps of linear learning-rate warm-up (0: none, as DETR)')
+    g.add_argument('--clip_max_norm', default=0.1, type=float_range(0), help='gradient clipping max norm (0: none)')
+    g.add_argument('--frozen_weights', type=str, default=None,
+                   help='path to a pretrained model; if set, only the mask head would be trained (unused here)')
+    g.add_argument('--backbone_weights', default='imagenet', type=backbone_weights_flag,
+                   help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
+                        "or a path to a state dict")
+    g.add_argument('--dropout', default=0.1, type=float_range(0, 1, high_open=True))
+    g.add_argument('--no_aux_loss', dest='aux_loss', action='store_false',
                    help='no auxiliary decoding losses (loss at each decoder layer)')
-    p.add_argument('--set_cost_class', default=1, type=float_range(0, MAX_COEF))
-    p.add_argument('--set_cost_bbox', default=5, type=float_range(0, MAX_COEF))
-    p.add_argument('--set_cost_giou', default=2, type=float_range(0, MAX_COEF))
-    p.add_argument('--bbox_loss_coef', default=5, type=float_range(0, MAX_COEF))
-    p.add_argument('--giou_loss_coef', default=2, type=float_range(0, MAX_COEF))
-    p.add_argument('--eos_coef', default=0.1, type=float_range(0, MAX_COEF), help='weight of the no-object class')
-
-    # Data and run
-    p.add_argument('--dataset_file', default='coco', choices=['coco', 'synthetic'])
-    p.add_argument('--coco_path', type=non_empty, default=None)
-    p.add_argument('--output_dir', default='', help='where to save checkpoints, logs and eval.json')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag)
-    p.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
-    p.add_argument('--resume', default='',
-                   help="checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, "
-                        'else start fresh: one command line for the first launch and every restart)')
-    p.add_argument('--start_epoch', default=0, type=int_range(0))
-    p.add_argument('--eval', action='store_true', help='only evaluate')
-    p.add_argument('--checkpoint_every', default=0, type=int_range(0),
+    g.add_argument('--set_cost_class', default=1, type=float_range(0, MAX_COEF))
+    g.add_argument('--set_cost_bbox', default=5, type=float_range(0, MAX_COEF))
+    g.add_argument('--set_cost_giou', default=2, type=float_range(0, MAX_COEF))
+    g.add_argument('--bbox_loss_coef', default=5, type=float_range(0, MAX_COEF))
+    g.add_argument('--giou_loss_coef', default=2, type=float_range(0, MAX_COEF))
+    g.add_argument('--eos_coef', default=0.1, type=float_range(0, MAX_COEF), help='weight of the no-object class')
+    g.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
+    g.add_argument('--start_epoch', default=0, type=int_range(0))
+    g.add_argument('--eval', action='store_true', help='only evaluate')
+    g.add_argument('--checkpoint_every', default=0, type=int_range(0),
                    help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
-    p.add_argument('--eval_every', default=1, type=int_range(1), help='evaluate on val every N epochs')
-    p.add_argument('--eval_backend', default=None, choices=['faster_coco_eval', 'pycocotools'],
-                   help="COCOeval implementation (default: faster_coco_eval where installed, else pycocotools); "
-                        "both give the same stats")
-    p.add_argument('--amp', action='store_true',
+    g.add_argument('--eval_every', default=1, type=int_range(1), help='evaluate on val every N epochs')
+    g.add_argument('--amp', action='store_true',
                    help='autocast to what the device computes natively (detr_irpe/precision.py): bfloat16 on GPUs '
                         'that have it, float16 with a gradient scaler on older GPUs, bfloat16 on CPUs with '
                         'AVX512_BF16 or AMX, float32 on other CPUs; the choice is printed at start-up')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model (training and evaluation); the first steps take longer')
-    p.add_argument('--num_workers', default=2, type=int_range(0, 256))
-    p.add_argument('--backbone_in_workers', action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument('--backbone_in_workers', action=argparse.BooleanOptionalAction, default=False,
                    help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
                         'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '
                         '--num_workers 1 or more; --no-backbone_in_workers undoes a preset\'s)')
-    p.add_argument('--threads', default=0, type=int_range(0, 4096),
+    g.add_argument('--world_size', default=1, type=int_range(1), help='number of distributed processes')
+    g.add_argument('--dist_url', default='env://', type=non_empty, help='url used to set up distributed training')
+    return p
+
+
+def add_run_args(p, loader=True, device=True):
+    """Where a run reads and writes (--resume, --output_dir), its device and threads; with loader, the data loader
+    and evaluation flags too."""
+    g = p.add_argument_group('run')
+    if device:
+        g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag)
+        g.add_argument('--output_dir', default='', help='where to save checkpoints, logs and eval.json')
+    g.add_argument('--resume', default='',
+                   help="checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, "
+                        'else start fresh: one command line for the first launch and every restart)')
+    g.add_argument('--threads', default=0, type=int_range(0, 4096),
                    help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
                         'threads of one process wait for each other at every operation when a core is taken')
-    p.add_argument('--world_size', default=1, type=int_range(1), help='number of distributed processes')
-    p.add_argument('--dist_url', default='env://', type=non_empty, help='url used to set up distributed training')
+    if loader:
+        g.add_argument('--batch_size', default=2, type=int_range(1), help='images per process')
+        g.add_argument('--num_workers', default=2, type=int_range(0, 256))
+        g.add_argument('--compile', action='store_true',
+                       help='torch.compile the model (training and evaluation); the first steps take longer')
+        g.add_argument('--eval_backend', default=None, choices=['faster_coco_eval', 'pycocotools'],
+                       help="COCOeval implementation (default: faster_coco_eval where installed, else pycocotools); "
+                            "both give the same stats")
+    return p
+
+
+def add_data_args(p, train=True):
+    """The dataset and its transforms (datasets/: build_dataset, make_transforms); with train, the training
+    split's resizing and cropping too."""
+    side = int_range(1, MAX_IMAGE_SIDE)  # pixels
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset_file', default='coco', choices=['coco', 'synthetic'])
+    g.add_argument('--coco_path', type=non_empty, default=None)
+    if train:
+        g.add_argument('--train_scales', type=side, nargs='+', default=list(range(480, 801, 32)),
+                       help='training: the shorter side is resized to one of these')
+        g.add_argument('--train_max_size', type=side, default=1333, help='training: longest side at most this')
+        g.add_argument('--crop_scales', type=side, nargs='+', default=[400, 500, 600],
+                       help='training, crop branch: shorter side resized to one of these before the crop')
+        g.add_argument('--crop_size', type=side, nargs=2, default=[384, 600], metavar=('MIN', 'MAX'),
+                       help='training, crop branch: crop height and width are drawn in [MIN, MAX]')
+    g.add_argument('--val_size', type=side, default=800, help='validation: shorter side')
+    g.add_argument('--val_max_size', type=side, default=1333, help='validation: longest side at most this')
+    g.add_argument('--synthetic_dir', default='.cache/synthetic', type=non_empty,
+                   help='where --dataset_file synthetic writes its COCO-layout folder')
+    g.add_argument('--synthetic_train', type=int_range(1, MAX_COUNT), default=1000,
+                   help='synthetic: number of training images')
+    g.add_argument('--synthetic_val', type=int_range(1, MAX_COUNT), default=100,
+                   help='synthetic: number of validation images')
+    g.add_argument('--synthetic_image_size', type=int_range(MIN_SYNTHETIC_SIDE, MAX_IMAGE_SIDE), default=128,
+                   help='synthetic: image side in pixels')
+    g.add_argument('--synthetic_classes', type=int_range(1, len(SHAPES)), default=4,
+                   help=f'synthetic: number of shape categories (at most {len(SHAPES)})')
+    g.add_argument('--synthetic_objects', type=int_range(0, 100), nargs=2, default=[1, 3], metavar=('MIN', 'MAX'),
+                   help='synthetic: objects per image')
+    g.add_argument('--synthetic_object_size', type=float_range(0.01, 1), nargs=2, default=[0.2, 0.45],
+                   metavar=('MIN', 'MAX'), help='synthetic: object size sqrt(w h) as a fraction of the image side')
+    g.add_argument('--synthetic_seed', type=int_range(0, MAX_SEED), default=0,
+                   help='synthetic: seed of the drawing')
+    return p
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default, and the tool's docstring as written (its example commands intact)."""
+
+
+def new_parser(description='DETR with iRPE', add_help=True):
+    """An ArgumentParser (the flags checked against each other after every parse) with no flags yet."""
+    return ArgumentParser(description=description, add_help=add_help, formatter_class=HelpFormatter)
+
+
+def get_args_parser(add_help=True):
+    """Every flag of a training run (tools/train.py): the model, the recipe, the run and the data."""
+    p = new_parser(add_help=add_help)
+    for add in (add_model_args, add_training_args, add_run_args, add_data_args):
+        add(p)
     return p
