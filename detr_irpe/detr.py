@@ -85,7 +85,7 @@ class DETR(nn.Module):
 def resolve_num_classes(args):
     if getattr(args, 'num_classes', None):
         return args.num_classes
-    dataset = getattr(args, 'dataset_file', None)
+    dataset = getattr(args, 'dataset_file', 'coco')  # DETR's dataset where no data flags were parsed
     if dataset in DEFAULT_NUM_CLASSES:
         return DEFAULT_NUM_CLASSES[dataset]
     raise ValueError(f'--dataset_file {dataset!r} has no default number of classes: pass '

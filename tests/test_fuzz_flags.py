@@ -151,7 +151,7 @@ def model_parts(args):
 def raise_from(result):
     kind, value = result
     if kind == 'error':
-        raise ValueError(value)
+        raise UsageError(value)
     if kind == 'traceback':
         raise AssertionError(value)  # not an error a tool prints cleanly: the fuzz reports it
     return value

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 import detr_irpe_datasets.build as datasets
 from detr_irpe import engine
 from detr_irpe.checkpoint import save_json
-from detr_irpe.cli.flags import add_data_args, add_model_args, add_run_args, new_parser, non_empty
+from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
@@ -26,7 +26,7 @@ def get_parser():
     """The model flags (taken from the checkpoint unless given), the run's, and the val split's data flags."""
     parser = new_parser(description=__doc__)
     add_model_args(parser)
-    add_run_args(parser)
+    add_run_args(parser, resume_help=CHECKPOINT_HELP)
     add_data_args(parser, train=False)
     parser.add_argument('--results_json', default=None, type=non_empty,
                         help='also write the detections as a COCO results JSON')

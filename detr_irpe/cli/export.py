@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from detr_irpe.cli.flags import add_model_args, add_run_args, int_range, new_parser
+from detr_irpe.cli.flags import CHECKPOINT_HELP, add_model_args, add_run_args, int_range, new_parser
 from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_output_path, export_onnx, export_pt2,
@@ -27,7 +27,7 @@ def get_parser():
     """The model flags (taken from the checkpoint unless given), --resume, --threads and the export's own."""
     parser = new_parser(description=__doc__)
     add_model_args(parser, attention=False)  # the export runs SDPA: flex_attention has no ONNX form
-    add_run_args(parser, loader=False, device=False)
+    add_run_args(parser, loader=False, device=False, resume_help=CHECKPOINT_HELP)
     parser.add_argument('--format', choices=FORMATS, default=None,
                         help='onnx (onnxruntime, TensorRT, OpenVINO) or pt2 (torch.export.save); default: from '
                              "--output's extension")

@@ -9,7 +9,6 @@ import torch
 from detr_irpe.flex import ATTENTION_IMPLS
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
 from detr_irpe.transformer import RPE_INITS
-from detr_irpe_datasets.synthetic import SHAPES
 
 
 def enc_rpe2d_flag(text):
@@ -249,16 +248,19 @@ def add_training_args(p):
     return p
 
 
-def add_run_args(p, loader=True, device=True):
+RESUME_HELP = ("checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, else start "
+               'fresh: one command line for the first launch and every restart)')
+CHECKPOINT_HELP = 'the checkpoint to run: a .pth of tools/train.py or a DETR model-zoo file'
+
+
+def add_run_args(p, loader=True, device=True, resume_help=RESUME_HELP):
     """Where a run reads and writes (--resume, --output_dir), its device and threads; with loader, the data loader
     and evaluation flags too."""
     g = p.add_argument_group('run')
     if device:
         g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag)
         g.add_argument('--output_dir', default='', help='where to save checkpoints, logs and eval.json')
-    g.add_argument('--resume', default='',
-                   help="checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, "
-                        'else start fresh: one command line for the first launch and every restart)')
+    g.add_argument('--resume', default='', help=resume_help)
     g.add_argument('--threads', default=0, type=int_range(0, 4096),
                    help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
                         'threads of one process wait for each other at every operation when a core is taken')
@@ -276,6 +278,8 @@ def add_run_args(p, loader=True, device=True):
 def add_data_args(p, train=True):
     """The dataset and its transforms (datasets/: build_dataset, make_transforms); with train, the training
     split's resizing and cropping too."""
+    # Here, not at the top: get_model_parser() must run from a bare checkout, where datasets/ is not installed.
+    from detr_irpe_datasets.synthetic import SHAPES
     side = int_range(1, MAX_IMAGE_SIDE)  # pixels
     g = p.add_argument_group('data')
     g.add_argument('--dataset_file', default='coco', choices=['coco', 'synthetic'])
@@ -318,9 +322,15 @@ def new_parser(description='DETR with iRPE', add_help=True):
     return ArgumentParser(description=description, add_help=add_help, formatter_class=HelpFormatter)
 
 
-def get_args_parser(add_help=True):
-    """Every flag of a training run (tools/train.py): the model, the recipe, the run and the data."""
+def get_model_parser(add_help=True):
+    """The flags build_model reads: the model, the recipe and the run, without the data's (the model then has DETR's
+    COCO classes unless --num_classes is given). What benchmarks and the GPU check build their models from."""
     p = new_parser(add_help=add_help)
-    for add in (add_model_args, add_training_args, add_run_args, add_data_args):
+    for add in (add_model_args, add_training_args, add_run_args):
         add(p)
     return p
+
+
+def get_args_parser(add_help=True):
+    """Every flag of a training run (tools/train.py): the model, the recipe, the run and the data."""
+    return add_data_args(get_model_parser(add_help))

@@ -76,3 +76,7 @@ def run(argv=None):
 
 def main(argv=None):
     sys.exit(run(argv))
+
+
+if __name__ == '__main__':  # `python -m detr_irpe.cli.gpu_check` from a checkout: what `make gpu-check` runs
+    main()

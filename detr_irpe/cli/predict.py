@@ -23,8 +23,8 @@ import torch
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe.checkpoint import save_json
-from detr_irpe.cli.flags import (MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args, float_range, int_range,
-                                 new_parser)
+from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
+                                 float_range, int_range, new_parser)
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.export import OnnxDetector
@@ -36,7 +36,7 @@ from detr_irpe.postprocess import PostProcess, coco_results
 def get_parser():
     parser = new_parser(description=__doc__)
     add_model_args(parser)
-    add_run_args(parser, loader=False)
+    add_run_args(parser, loader=False, resume_help=CHECKPOINT_HELP)
     add_data_args(parser, train=False)  # the val transform, and the category names of the val annotations
     parser.add_argument('inputs', nargs='+', help='image files or folders of images')
     parser.add_argument('--onnx', default=None, metavar='FILE',

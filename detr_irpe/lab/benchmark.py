@@ -22,7 +22,7 @@ import rpe_ops
 import rpe_ops.benchmark
 from detr_irpe.allocator import describe as describe_malloc, reuse_freed_memory
 from detr_irpe.attention import RPEMultiheadAttention
-from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.flags import get_model_parser
 from detr_irpe.detr import batch_images, build_model
 from detr_irpe.export import DetectorOutputs, OnnxDetector, load_pt2
 from detr_irpe.irpe import build_rpe, rpe_config_from_string
@@ -60,7 +60,7 @@ def build(enc_rpe2d='', nn_mha=False, dilation=False, seed=0):
     """(model, criterion) of DETR-R50 on CPU with random weights; nn_mha: encoder on nn.MultiheadAttention."""
     torch.manual_seed(seed)
     argv = ['--backbone_weights', 'none', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d] + (['--dilation'] if dilation else [])
-    model, criterion, _ = build_model(get_args_parser().parse_args(argv))
+    model, criterion, _ = build_model(get_model_parser().parse_args(argv))
     if nn_mha:
         for layer in model.transformer.encoder.layers:
             old = layer.self_attn

@@ -62,8 +62,8 @@ def sync(device):
 
 
 def tiny_args(enc_rpe2d, *extra):
-    from detr_irpe.cli.flags import get_args_parser
-    return get_args_parser().parse_args(
+    from detr_irpe.cli.flags import get_model_parser
+    return get_model_parser().parse_args(
         ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '64', '--nheads', '4',
          '--enc_layers', '2', '--dec_layers', '2', '--dim_feedforward', '64', '--num_queries', '10',
          '--dropout', '0', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d, *extra])
