@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.cli.flags import check_flag_combinations
+from detr_irpe import UsageError
+from detr_irpe.cli.flags import check_flag_combinations, get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.irpe import rpe_config_from_string
@@ -134,6 +134,20 @@ def test_a_path_that_cannot_be_written_ends_in_one_line_naming_it(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         run_tool(os.makedirs, str(blocker / 'run'))  # what a tool does with --output_dir a_file/run
     assert str(e.value).startswith('error: ') and str(blocker / 'run') in str(e.value) and '\n' not in str(e.value)
+
+
+def test_the_runner_ends_a_usage_error_in_one_line_and_leaves_a_bug_its_traceback(monkeypatch, capsys):
+    monkeypatch.delenv('DETR_IRPE_DEBUG', raising=False)
+
+    def raises(error):
+        raise error
+    with pytest.raises(SystemExit) as e:
+        run_tool(raises, UsageError('--lr -1: expected a finite number >= 0'))
+    assert e.value.code == 2 and capsys.readouterr().err == 'error: --lr -1: expected a finite number >= 0\n'
+    # a bug: a plain ValueError, RuntimeError (a shape mismatch, out of memory), an OSError naming no file
+    for bug in (ValueError('bad shape'), RuntimeError('CUDA out of memory'), OSError('no file named')):
+        with pytest.raises(type(bug)):
+            run_tool(raises, bug)
 
 
 def _assert_clean_failure(run, *needles):

@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from detr_irpe.allocator import reuse_freed_memory
-from detr_irpe.cli.flags import device_flag, int_range, non_empty
 from detr_irpe.checkpoint import save_json
+from detr_irpe.cli.flags import device_flag, int_range, non_empty
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.benchmark import irpe_k_bucket_ids
 from rpe_ops.benchmark import benchmark, benchmark_loops, benchmark_qk, describe_host, host

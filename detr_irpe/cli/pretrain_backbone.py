@@ -36,8 +36,8 @@ from PIL import Image
 from torch import nn
 
 from detr_irpe.checkpoint import save_checkpoint
-from detr_irpe.cli.flags import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, float_range,
-                            int_range, non_empty)
+from detr_irpe.cli.flags import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, float_range, int_range,
+                                 non_empty)
 from detr_irpe.cli.runner import run_tool
 from detr_irpe_datasets.synthetic import SHAPES, make_image
 from detr_irpe_datasets.transforms import IMAGENET_MEAN, IMAGENET_STD

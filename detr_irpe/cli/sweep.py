@@ -27,12 +27,12 @@ import json
 import os
 
 from detr_irpe import UsageError
-from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.checkpoint import load_checkpoint, save_json
+from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.sweep import (check_same_run, describe_run, device_slots, final_result, run_dir,
-                             run_name, run_processes, summarize, sweep_table, visible_gpus)
+                                 run_name, run_processes, summarize, sweep_table, visible_gpus)
 
 
 def get_parser():

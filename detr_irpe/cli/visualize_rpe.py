@@ -19,11 +19,10 @@ import torch
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, build_model
-from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.cli.flags import MAX_LAYERS, MAX_WIDTH, int_range, non_empty
-from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.cli.flags import MAX_LAYERS, MAX_WIDTH, get_args_parser, int_range, non_empty
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
                                uniform_reference_positions)
 

@@ -13,8 +13,8 @@ import sys
 import time
 
 from detr_irpe import UsageError
-from detr_irpe.lab.plots import COCO_STATS
 from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.lab.plots import COCO_STATS
 
 # ------------------------------------------------------------------------------------------- runs
 
