@@ -39,8 +39,9 @@ benchmark: setup
 
 # On a bare GPU machine (python, torch 2.4+, torchvision, nvcc, ninja; no .venv, no downloads): builds rpe_ops
 # in place against the installed torch, runs the named checks and the benchmark, writes outputs/gpu_check.json.
+# -m from the checkout: its folder is on the path, so the packages are found without an install.
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --output outputs/gpu_check.json
+	$(PYTHON) -m detr_irpe.cli.gpu_check --output outputs/gpu_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info rpe_ops/*.so

@@ -1,4 +1,5 @@
-"""Build and install detr-irpe: the `detr_irpe` library and the compiled `rpe_ops` op.
+"""Build and install detr-irpe: the `detr_irpe` library, the compiled `rpe_ops` op, the data folder datasets/
+as `detr_irpe_datasets`, and the tools as console scripts (detr-irpe-train, ...).
 
     pip install --no-build-isolation -e .     # what `make` runs
 
@@ -107,11 +108,19 @@ class BuildExtension(cpp_extension.BuildExtension):
         self.build_temp = os.path.join(HERE, 'build', 'temp-rpe_ops')
 
 
+TOOLS = ('train', 'eval', 'predict', 'export', 'benchmark', 'benchmark_op', 'sweep', 'plot_logs', 'visualize_buckets',
+         'visualize_rpe', 'pretrain_backbone', 'gpu_check')
+
 setup(
     name='detr-irpe',
     version='0.1.0',
     description='DETR with image relative position encoding (iRPE) in the encoder self-attention',
-    packages=find_packages(include=['detr_irpe', 'detr_irpe.*', 'rpe_ops', 'rpe_ops.*']),
+    # datasets/ has no __init__.py: under its folder's name it can never shadow an installed `datasets` package
+    # (Hugging Face's); it is installed, and imported, as detr_irpe_datasets.
+    packages=find_packages(include=['detr_irpe', 'detr_irpe.*', 'rpe_ops', 'rpe_ops.*']) + ['detr_irpe_datasets'],
+    package_dir={'detr_irpe_datasets': 'datasets'},
+    entry_points={'console_scripts': [f"detr-irpe-{tool.replace('_', '-')} = detr_irpe.cli.{tool}:main"
+                                      for tool in TOOLS]},
     python_requires='>=3.9',
     install_requires=['torch>=2.4', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
                       'matplotlib'],

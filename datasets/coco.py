@@ -15,7 +15,7 @@ Each sample is `(image (3, H, W) float normalised, target)` with
 Images without objects are kept (N = 0). Grayscale, CMYK and palette images are converted to RGB.
 
 Bad data (the whole policy: datasets/validate.py; evaluation uses the annotations that passed it):
-  - missing folder / annotation file: FileNotFoundError naming the path and the expected layout.
+  - missing folder / annotation file: UsageError naming the path and the expected layout.
   - invalid JSON, a malformed entry: what stops the run and what is skipped (warned, counted) is in validate.py.
   - unreadable, truncated or missing image: a warning naming the file, the `skipped` counter goes up, and
     the next readable image in index order is returned instead (so a DataLoader worker never dies on one bad
@@ -34,6 +34,8 @@ import torch
 import torchvision
 from PIL import Image
 from torchvision import tv_tensors
+
+from detr_irpe import UsageError
 
 from .transforms import boxes_to_normalized_cxcywh
 from .validate import load_coco
@@ -99,7 +101,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             target['size'] = torch.tensor(boxes.canvas_size, dtype=torch.int64)
             target['boxes'] = boxes_to_normalized_cxcywh(boxes)
             return image, target
-        raise RuntimeError(f'none of the {len(self.ids)} images under {self.root} could be read')
+        raise UsageError(f'none of the {len(self.ids)} images under {self.root} could be read')
 
     def prepare_target(self, image_id, width, height):
         """Annotations of one image -> target with XYXY pixel `BoundingBoxes`, before any transform."""
@@ -137,18 +139,18 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 def build(image_set, coco_path, transforms):
     """image_set 'train' or 'val' of the COCO-layout folder `coco_path`."""
     if coco_path is None:
-        raise ValueError(f'--coco_path is required for --dataset_file coco ({LAYOUT}); '
+        raise UsageError(f'--coco_path is required for --dataset_file coco ({LAYOUT}); '
                          f'or use --dataset_file synthetic for the built-in dataset')
     root = Path(coco_path)
     if not root.is_dir():
-        raise FileNotFoundError(f'--coco_path {root} is not a folder; {LAYOUT}')
+        raise UsageError(f'--coco_path {root} is not a folder; {LAYOUT}')
     ann_file = root / 'annotations' / f'instances_{image_set}2017.json'
     if not ann_file.is_file():
-        raise FileNotFoundError(f'annotation file {ann_file} not found; {LAYOUT}')
+        raise UsageError(f'annotation file {ann_file} not found; {LAYOUT}')
     img_folder = root / f'{image_set}2017'
     if not img_folder.is_dir():
         img_folder = root / f'{image_set}2017.zip'
         if not img_folder.is_file():
-            raise FileNotFoundError(f'neither image folder {root / f"{image_set}2017"} nor {img_folder} found; '
+            raise UsageError(f'neither image folder {root / f"{image_set}2017"} nor {img_folder} found; '
                                     f'{LAYOUT}')
     return CocoDetection(img_folder, ann_file, transforms)

@@ -11,7 +11,7 @@ import io
 
 import torch
 
-from detr_irpe import distributed
+from detr_irpe import UsageError, distributed
 from detr_irpe.postprocess import coco_results
 
 BACKENDS = ('faster_coco_eval', 'pycocotools')
@@ -33,10 +33,10 @@ def resolve_backend(backend=None):
     Tools call it at start-up, so a missing package stops a run before training, not after an epoch."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
-        raise ValueError(f'--eval_backend {backend!r} is not one of {", ".join(BACKENDS)}.')
+        raise UsageError(f'--eval_backend {backend!r} is not one of {", ".join(BACKENDS)}.')
     if importlib.util.find_spec(backend) is None:
         package = backend.replace('_', '-')
-        raise ValueError(f'--eval_backend {backend}: the package {package} is not installed; install it '
+        raise UsageError(f'--eval_backend {backend}: the package {package} is not installed; install it '
                          f'(pip install {package}; `make setup` installs the pinned version) or pass '
                          f'--eval_backend {"pycocotools" if backend != "pycocotools" else "faster_coco_eval"}.')
     return backend

@@ -1,6 +1,6 @@
 """What a COCO annotation file must hold, and what happens when it does not: the one place of that policy.
 
-The run stops (ValueError naming the file and what to fix) when the file as a whole cannot be trusted:
+The run stops (UsageError naming the file and what to fix) when the file as a whole cannot be trusted:
   - it is not valid JSON (file, line, column), not UTF-8, or not a JSON object;
   - it has no list under 'images', 'annotations' or 'categories';
   - a category lacks an integer 'id' or a string 'name', or two categories share an id (the label space);
@@ -28,6 +28,8 @@ import warnings
 
 from pycocotools.coco import COCO
 
+from detr_irpe import UsageError
+
 MAX_NAMED = 10  # problems named one by one; the rest are only counted
 
 
@@ -40,16 +42,16 @@ def is_number(value):
 
 
 def read_json(path):
-    """The parsed JSON of `path`; invalid JSON is a ValueError naming the file, line and column."""
+    """The parsed JSON of `path`; invalid JSON is a UsageError naming the file, line and column."""
     try:
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f'annotation file {path} is not valid JSON: {e.msg}: line {e.lineno}, column {e.colno} '
+        raise UsageError(f'annotation file {path} is not valid JSON: {e.msg}: line {e.lineno}, column {e.colno} '
                          f'(character {e.pos}); a file cut short (an interrupted download or copy) looks like this: '
                          f'get it again') from None
     except UnicodeDecodeError as e:
-        raise ValueError(f'annotation file {path} is not UTF-8 text (byte {e.start}); expected a COCO JSON '
+        raise UsageError(f'annotation file {path} is not UTF-8 text (byte {e.start}); expected a COCO JSON '
                          f'file') from None
 
 
@@ -101,23 +103,23 @@ def entry_name(kind, entry, position):
 
 def validate_annotations(data, path):
     """(a COCO dict holding only the valid entries, number of entries skipped) for the parsed file `data`.
-    Raises ValueError where the policy above stops the run; warns for each skipped entry."""
+    Raises UsageError where the policy above stops the run; warns for each skipped entry."""
     if not isinstance(data, dict):
-        raise ValueError(f'annotation file {path} holds a JSON {type(data).__name__}; expected an object with '
+        raise UsageError(f'annotation file {path} holds a JSON {type(data).__name__}; expected an object with '
                          f"'images', 'annotations' and 'categories' lists (the COCO format)")
     for key in ('images', 'annotations', 'categories'):
         if not isinstance(data.get(key), list):
             got = 'is missing' if key not in data else f'is a {type(data[key]).__name__}'
-            raise ValueError(f"annotation file {path}: {key!r} {got}; expected a list (the COCO format: 'images', "
+            raise UsageError(f"annotation file {path}: {key!r} {got}; expected a list (the COCO format: 'images', "
                              f"'annotations', 'categories')")
     category_ids = set()
     for position, cat in enumerate(data['categories']):
         if not (isinstance(cat, dict) and is_int(cat.get('id')) and isinstance(cat.get('name'), str)):
-            raise ValueError(f'annotation file {path}: category entry #{position} ({cat!r:.80}) needs an integer '
+            raise UsageError(f'annotation file {path}: category entry #{position} ({cat!r:.80}) needs an integer '
                              f"'id' and a string 'name'; fix the categories list (the run stops: it defines the "
                              f'labels)')
         if cat['id'] in category_ids:
-            raise ValueError(f"annotation file {path}: category id {cat['id']} is listed twice; ids must be unique")
+            raise UsageError(f"annotation file {path}: category id {cat['id']} is listed twice; ids must be unique")
         category_ids.add(cat['id'])
 
     skipped = []  # one line per skipped entry
@@ -128,13 +130,13 @@ def validate_annotations(data, path):
             skipped.append(f'{entry_name("image", image, position)} {problem}; skipped with its annotations')
             continue
         if image['id'] in image_ids:
-            raise ValueError(f"annotation file {path}: image id {image['id']} is listed twice (the second time as "
+            raise UsageError(f"annotation file {path}: image id {image['id']} is listed twice (the second time as "
                              f"{image['file_name']!r}); ids must be unique: the run stops, as the annotations of that "
                              f'id cannot be told apart')
         image_ids.add(image['id'])
         images.append(image)
     if not images:
-        raise ValueError(f"annotation file {path}: no usable image entry (of {len(data['images'])}); every image needs "
+        raise UsageError(f"annotation file {path}: no usable image entry (of {len(data['images'])}); every image needs "
                          f"an integer 'id' and a 'file_name'")
 
     annotations, annotation_ids = [], set()
@@ -145,7 +147,7 @@ def validate_annotations(data, path):
             skipped.append(f'{entry_name("annotation", ann, position)}{image} {problem}; skipped')
             continue
         if ann['id'] in annotation_ids:
-            raise ValueError(f"annotation file {path}: annotation id {ann['id']} is listed twice; ids must be unique")
+            raise UsageError(f"annotation file {path}: annotation id {ann['id']} is listed twice; ids must be unique")
         annotation_ids.add(ann['id'])
         if 'iscrowd' not in ann or 'area' not in ann:  # COCO's own files have both: no copy for them
             ann = {'iscrowd': 0, 'area': ann['bbox'][2] * ann['bbox'][3], **ann}

@@ -1,6 +1,7 @@
 """DETR with image relative position encoding (iRPE) in the encoder self-attention.
 
-    from detr_irpe import get_args_parser, build_model
+    from detr_irpe import build_model
+    from detr_irpe.cli.flags import get_args_parser
     args = get_args_parser().parse_args(['--enc_rpe2d', 'rpe-2.0-product-ctx-1-k'])
     model, criterion, postprocessors = build_model(args)
 """
@@ -13,11 +14,15 @@ from detr_irpe.inductor_cache import use_cache_per_cpu
 use_cache_per_cpu()
 
 
+class UsageError(ValueError):
+    """Bad input from the user (a flag, a file, the data): the tools print its message in one line, exit status 2.
+
+    Defined here, below the library, the data and the command line, so that each can raise it without importing
+    upward; a ValueError, so that callers that catch ValueError keep working."""
+
+
 def __getattr__(name):
     # Lazy, so that `import detr_irpe.irpe` stays light for users who only want the iRPE module.
-    if name == 'get_args_parser':
-        from detr_irpe.args import get_args_parser
-        return get_args_parser
     if name == 'build_model':
         from detr_irpe.detr import build_model
         return build_model

@@ -12,6 +12,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detr_irpe import UsageError
+
 from .position_encoding import build_position_encoding
 
 NUM_CHANNELS = {'resnet18': 512, 'resnet34': 512, 'resnet50': 2048, 'resnet101': 2048}
@@ -26,7 +28,8 @@ class Backbone(nn.Module):
         if name not in NUM_CHANNELS:
             raise ValueError(f"--backbone {name!r} is not supported; expected one of {sorted(NUM_CHANNELS)}")
         if dilation and NUM_CHANNELS[name] == 512:
-            raise ValueError(f"--dilation needs a bottleneck resnet (resnet50, resnet101), not {name}")
+            raise UsageError(f"--dilation needs a bottleneck resnet (resnet50, resnet101), not --backbone {name}: "
+                             "torchvision's basic blocks cannot dilate")
         resnet = getattr(torchvision.models, name)(
             weights=None, norm_layer=FrozenBatchNorm2d,
             replace_stride_with_dilation=[False, False, dilation])
@@ -149,7 +152,7 @@ def imagenet_state_dict(name: str) -> dict:
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as err:  # offline: URLError, OSError, ...
-        raise RuntimeError(
+        raise UsageError(
             f"Could not fetch the ImageNet weights of {name} ({weights.url}): {err}. "
             "Pass --backbone_weights none for a random initialisation, or --backbone_weights "
             "<path> to a local resnet state dict.") from err
@@ -163,14 +166,14 @@ def file_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise RuntimeError(
+        raise UsageError(
             f"Could not load --backbone_weights {path} as a state dict of tensors: either it is not a "
             f"torch checkpoint, or it holds objects whose unpickling could run code, which is refused. "
             f"({type(err).__name__}: {err})") from err
     if isinstance(obj, dict) and 'model' in obj:
         obj = obj['model']
     if not isinstance(obj, dict):
-        raise RuntimeError(f"--backbone_weights {path} holds a {type(obj).__name__}, expected a state dict")
+        raise UsageError(f"--backbone_weights {path} holds a {type(obj).__name__}, expected a state dict")
     if any(k.startswith(DETR_PREFIX) for k in obj):
         return {k[len(DETR_PREFIX):]: v for k, v in obj.items() if k.startswith(DETR_PREFIX)}
     return {k: v for k, v in obj.items() if not k.startswith('fc.')}
@@ -191,7 +194,7 @@ def load_body_weights(body: nn.Module, state_dict: dict, source: str) -> None:
         problems = [f"{label}: {show(keys)}" for label, keys in
                     (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', wrong_shape))
                     if keys]
-        raise RuntimeError(f"Backbone weights from {source} do not fit this backbone; "
+        raise UsageError(f"Backbone weights from {source} do not fit this backbone; "
                            + '; '.join(problems)
                            + ". Check --backbone matches the weights (resnet18/34/50/101).")
     body.load_state_dict(given)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_irpe.backbone import FrozenFeatures, build_backbone
+from detr_irpe.backbone import build_backbone
 from detr_irpe.criterion import build_criterion
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.postprocess import PostProcess
@@ -55,15 +55,16 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
 
-    def forward(self, samples, mask=None):
-        """samples: a list of (3, H_i, W_i) images, or a (B, 3, H, W) batch with its (B, H, W) padding mask, or
-        FrozenFeatures: the backbone's output for a batch, computed in a data loader worker.
+    def forward(self, samples=None, mask=None, features=None):
+        """samples: a list of (3, H_i, W_i) images, or a (B, 3, H, W) batch with its (B, H, W) padding mask; or,
+        instead, features: a backbone.FrozenFeatures, the backbone's output for a batch computed elsewhere (in a
+        data loader worker: --backbone_in_workers).
 
         Returns pred_logits (B, Q, num_classes + 1), pred_boxes (B, Q, 4) normalised cxcywh, and
         aux_outputs (the same for every decoder layer but the last) when aux_loss is on.
         """
-        if isinstance(samples, FrozenFeatures):
-            features, feature_mask, pos = self.backbone.with_position(samples.features, samples.mask)
+        if features is not None:
+            features, feature_mask, pos = self.backbone.with_position(features.features, features.mask)
         else:
             if isinstance(samples, (list, tuple)):
                 images, mask = batch_images(list(samples))
@@ -84,19 +85,24 @@ class DETR(nn.Module):
 def resolve_num_classes(args):
     if getattr(args, 'num_classes', None):
         return args.num_classes
-    if args.dataset_file in DEFAULT_NUM_CLASSES:
-        return DEFAULT_NUM_CLASSES[args.dataset_file]
-    raise ValueError(f'--dataset_file {args.dataset_file!r} has no default number of classes: pass '
+    dataset = getattr(args, 'dataset_file', 'coco')  # DETR's dataset where no data flags were parsed
+    if dataset in DEFAULT_NUM_CLASSES:
+        return DEFAULT_NUM_CLASSES[dataset]
+    raise ValueError(f'--dataset_file {dataset!r} has no default number of classes: pass '
                      '--num_classes (largest category id + 1).')
 
 
-def build_model(args):
-    """(model, criterion, postprocessors) as in DETR, on args.device. Downloads nothing unless
+def build_detector(args):
+    """(model, postprocessors) on args.device: what inference needs. Downloads nothing unless
     --backbone_weights imagenet is asked for."""
     rpe_config = rpe_config_from_string(args.enc_rpe2d)
-    num_classes = resolve_num_classes(args)
-    model = DETR(build_backbone(args), build_transformer(args, rpe_config), num_classes=num_classes,
+    model = DETR(build_backbone(args), build_transformer(args, rpe_config), num_classes=resolve_num_classes(args),
                  num_queries=args.num_queries, aux_loss=args.aux_loss)
-    criterion = build_criterion(args, num_classes)
-    device = torch.device(args.device)
-    return model.to(device), criterion.to(device), {'bbox': PostProcess()}
+    return model.to(torch.device(args.device)), {'bbox': PostProcess()}
+
+
+def build_model(args):
+    """(model, criterion, postprocessors) as in DETR, on args.device."""
+    model, postprocessors = build_detector(args)
+    criterion = build_criterion(args, resolve_num_classes(args))
+    return model, criterion.to(torch.device(args.device)), postprocessors

@@ -8,15 +8,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from detr_irpe import distributed
-from detr_irpe.backbone import FrozenFeatures
-from detr_irpe.detr import batch_images
+from detr_irpe import UsageError, distributed
 from detr_irpe.irpe import rpe_parameters
-from detr_irpe.precision import choose_precision
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UsageError):
+    """Training diverged: the message names the epoch and step, and the flags to change."""
 
 
 def build_optimizer(model, args):
@@ -69,39 +66,6 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-class FrozenBackboneCollate:
-    """A DataLoader collate_fn that also runs the model's frozen backbone on the batch (--backbone_in_workers).
-
-    In a loader with workers, the backbone of the next batches then runs in the worker processes while the
-    main process trains the transformer: on a CPU the two overlap on different cores, where otherwise the
-    backbone would take its share of every step (70% of a `make demo` step is the frozen ResNet-18). The
-    numbers are those of the model's own backbone: the same modules (each worker holds a copy, which is why
-    nothing in them may train), the same padded batch, the same autocast; only the thread count is the
-    worker's, one.
-
-        collate = FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], precision)
-        loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=collate)
-        for features, targets in loader:       # features: backbone.FrozenFeatures
-            outputs = model(features)
-    """
-
-    def __init__(self, collate_fn, backbone, precision):
-        trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
-        if trainable:
-            shown = ', '.join(trainable[:4]) + (f', ... ({len(trainable)} in all)' if len(trainable) > 4 else '')
-            raise ValueError(f'the backbone has trainable parameters ({shown}): a data loader worker would run '
-                             'a stale copy of it. Freeze it (--lr_backbone 0) or run it in the model '
-                             '(--no-backbone_in_workers).')
-        self.collate_fn, self.backbone, self.precision = collate_fn, backbone, precision
-
-    def __call__(self, batch):
-        images, targets = self.collate_fn(batch)
-        padded, mask = batch_images(images)
-        with torch.no_grad(), self.precision.autocast():
-            features, feature_mask = self.backbone(padded, mask)
-        return FrozenFeatures(features, feature_mask), targets
-
-
 class ResumableSampler(Sampler):
     """Shuffled (or ordered) indices for one process, a new order each epoch from (seed, epoch), that can
     start at any batch of the epoch. Splits the data between processes as DistributedSampler does."""
@@ -133,16 +97,15 @@ class ResumableSampler(Sampler):
         return self.per_replica - self.start
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, device, epoch, args, start_step=0,
-                    on_step=None, precision=None, scaler=None):
+def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, device, epoch, args, precision,
+                    start_step=0, on_step=None, scaler=None):
     """One epoch from batch `start_step`. on_step(step) is called after each optimizer step (for periodic
     checkpoints). Returns averaged losses. Raises NonFiniteLossError naming epoch and step.
 
-    precision: a detr_irpe.precision.Precision (default: what --amp means on `device`); scaler: its
-    grad_scaler(), kept by the caller across epochs and in checkpoints (default: a fresh one). A step the
-    scaler skips for inf/nan gradients is not an error: the scale halves and training goes on."""
-    if precision is None:
-        precision = choose_precision(device, getattr(args, 'amp', False))
+    precision: the run's detr_irpe.precision.Precision (choose_precision); scaler: its grad_scaler(), kept by the
+    caller across epochs and in checkpoints (default: a fresh one). A step the scaler skips for inf/nan gradients
+    is not an error: the scale halves and training goes on. With args.backbone_in_workers the loader gives the
+    backbone's features (detr_irpe_datasets' FrozenBackboneCollate) instead of images."""
     if scaler is None:
         scaler = precision.grad_scaler()
     model.train()
@@ -159,13 +122,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
         factor = warmup_factor(global_step, getattr(args, 'lr_warmup', 0))
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g['lr'] = lr * factor
-        if isinstance(images, FrozenFeatures):
-            images = images.to(device, non_blocking=True)
+        if getattr(args, 'backbone_in_workers', False):
+            inputs = {'features': images.to(device, non_blocking=True)}
         else:
-            images = [img.to(device, non_blocking=True) for img in images]
+            inputs = {'samples': [img.to(device, non_blocking=True) for img in images]}
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with precision.autocast():
-            outputs = model(images)
+            outputs = model(**inputs)
         outputs = {k: _float(v) for k, v in outputs.items()}
         # Checked before matching too: the Hungarian matcher cannot take non-finite costs.
         finite = torch.isfinite(outputs['pred_logits']).all() and torch.isfinite(outputs['pred_boxes']).all()

@@ -12,11 +12,13 @@ in ONNX each becomes standard operators, GatherElements and ScatterElements per 
 import contextlib
 import copy
 import os
-import tempfile
 import warnings
 
 import torch
 from torch import nn
+
+from detr_irpe import UsageError
+from detr_irpe.checkpoint import atomic_write
 
 FORMATS = ('onnx', 'pt2')
 INPUT_NAMES = ('images', 'mask')
@@ -119,43 +121,22 @@ def onnx_translations():
 # ---- files ----
 
 def check_output_path(path):
-    """Raise ValueError saying what to do when `path` cannot be written (missing or read-only folder, a folder)."""
+    """Raise UsageError saying what to do when `path` cannot be written (missing or read-only folder, a folder)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ValueError(f'--output {path!r} is a folder; give a file name, e.g. {os.path.join(path, "detr.onnx")!r}.')
+        raise UsageError(f'--output {path!r} is a folder; give a file name, e.g. {os.path.join(path, "detr.onnx")!r}.')
     if not os.path.isdir(folder):
-        raise ValueError(f'--output {path!r}: the folder {folder!r} does not exist; create it first or choose '
+        raise UsageError(f'--output {path!r}: the folder {folder!r} does not exist; create it first or choose '
                          'another path.')
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'--output {path!r}: the folder {folder!r} is not writable; choose a path in a folder '
+        raise UsageError(f'--output {path!r}: the folder {folder!r} is not writable; choose a path in a folder '
                          'you can write to.')
 
 
 def check_opset(opset):
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f'ONNX opset {opset!r} is not supported: the exporter writes opsets {MIN_OPSET} to '
+        raise UsageError(f'ONNX opset {opset!r} is not supported: the exporter writes opsets {MIN_OPSET} to '
                          f'{MAX_OPSET}; pass --opset {MIN_OPSET} for the widest runtime support.')
-
-
-def _write_atomically(path, write):
-    """write(temporary path) in path's folder, then rename: a failed export leaves no partial file."""
-    check_output_path(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    # The temporary name keeps the extension: torch.export.save wants .pt2.
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=os.path.splitext(path)[1],
-                               dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file readable by its owner only; a deployed model is read by others too.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 @contextlib.contextmanager
@@ -171,7 +152,8 @@ def export_pt2(model, path, example=None):
     """Write the torch.export program of `model` to `path` (torch.export.save). Returns the program."""
     program = export_program(model, example)
     with _quiet_shared_storage():
-        _write_atomically(path, lambda tmp: torch.export.save(program, tmp))
+        check_output_path(path)
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
     return program
 
 
@@ -194,7 +176,7 @@ def export_onnx(model, path, opset=MIN_OPSET, example=None):
     # The program's symbols (s0, s1, ...) as the dimension names of dynamic_shapes(), in the whole graph.
     images = onnx_program.model.graph.inputs[0]
     onnx_program.rename_axes({images.shape[0]: 'batch', images.shape[2]: 'height', images.shape[3]: 'width'})
-    _write_atomically(path, lambda tmp: onnx_program.save(tmp, external_data=False))
+    atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
     return onnx_program
 
 
@@ -215,7 +197,7 @@ class OnnxDetector:
 
     def __init__(self, path, threads=0):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
+            raise UsageError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
                                     '--format onnx --output FILE.')
         self.session = onnx_session(path, threads)
 
@@ -226,7 +208,7 @@ class OnnxDetector:
         if mask is None:
             mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
         if min(samples.shape[2:]) < MIN_SIDE:
-            raise ValueError(f'images of {samples.shape[2]}x{samples.shape[3]} pixels: the exported graph takes '
+            raise UsageError(f'images of {samples.shape[2]}x{samples.shape[3]} pixels: the exported graph takes '
                              f'at least {MIN_SIDE} a side; pad or resize them (--val_size) first.')
         outputs = self.session.run(list(OUTPUT_NAMES), {'images': samples.detach().cpu().float().numpy(),
                                                         'mask': mask.cpu().numpy()})
@@ -254,26 +236,3 @@ def max_difference(model, path, fmt, size=CHECK_SIZE):
     expected = DetectorOutputs(model).eval()(images, mask)
     got = run_exported(path, fmt, images, mask)
     return size, max((a - b).abs().max().item() for a, b in zip(got, expected))
-
-
-# DETR's evaluation sizes, as in the README's performance table.
-BENCHMARK_SIZES = ((640, 853), (600, 800))
-
-
-@torch.no_grad()
-def time_against_pytorch(model, path, fmt, sizes=BENCHMARK_SIZES, repeats=5, threads=0):
-    """Median seconds of one inference on a padded batch of random images of `sizes`: {'exported': ...,
-    'pytorch': ...} (the exported file through onnxruntime or the loaded .pt2 program, and `model` eagerly),
-    taking turns in every repeat (detr_irpe.benchmark.interleaved), with `threads` CPU threads (0: default)."""
-    from detr_irpe.benchmark import interleaved
-    from detr_irpe.detr import batch_images
-    generator = torch.Generator().manual_seed(0)
-    images, mask = batch_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model = DetectorOutputs(model).eval()
-    if fmt == 'onnx':
-        exported = OnnxDetector(path, threads)
-    else:
-        exported = load_pt2(path).module()
-    return interleaved({'exported': lambda: exported(images, mask), 'pytorch': lambda: model(images, mask)}, repeats)

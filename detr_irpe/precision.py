@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from detr_irpe import UsageError
+
 FORCE_ENV = 'DETR_IRPE_AMP_DTYPE'
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 # cpuinfo's names (torch.cpu.get_capabilities()) of the x86 features that compute bfloat16 natively
@@ -79,7 +81,7 @@ def choose_precision(device, amp, cpu_capabilities=None, cuda_bf16=None, forced=
         forced = os.environ.get(FORCE_ENV) or None
     if forced is not None:
         if forced not in DTYPES:
-            raise ValueError(f'{FORCE_ENV}={forced!r} is not a dtype --amp can use; expected one of '
+            raise UsageError(f'{FORCE_ENV}={forced!r} is not a dtype --amp can use; expected one of '
                              f'{", ".join(DTYPES)}. Unset it to let the device decide.')
         return Precision(device_type, DTYPES[forced], f'forced by {FORCE_ENV}')
     if device_type == 'cuda':

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from detr_irpe import UsageError
 from detr_irpe.backbone import build_backbone
 
 MANIFESTS = Path(__file__).parent / 'data' / 'detr_r50_state_dict_manifests.json'
@@ -157,7 +158,7 @@ def test_loads_detr_checkpoint_with_model_key(tmp_path):
 def test_weights_of_another_resnet_are_refused_naming_keys(tmp_path):
     path = tmp_path / 'resnet18.pth'
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(UsageError) as err:
         build_backbone(args(backbone='resnet50', backbone_weights=str(path)))
     message = str(err.value)
     assert str(path) in message
@@ -168,7 +169,7 @@ def test_weights_of_another_resnet_are_refused_naming_keys(tmp_path):
 def test_non_checkpoint_file_is_refused(tmp_path):
     path = tmp_path / 'notes.txt'
     path.write_text('not a checkpoint')
-    with pytest.raises(RuntimeError, match='Could not load'):
+    with pytest.raises(UsageError, match='Could not load'):
         build_backbone(args(backbone='resnet18', backbone_weights=str(path)))
 
 
@@ -184,7 +185,7 @@ def test_file_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / 'code_ran'
     path = tmp_path / 'evil.pth'
     torch.save({'conv1.weight': RunsCodeWhenUnpickled(str(marker))}, path)
-    with pytest.raises(RuntimeError, match='could run code, which is refused'):
+    with pytest.raises(UsageError, match='could run code, which is refused'):
         build_backbone(args(backbone='resnet18', backbone_weights=str(path)))
     assert not marker.exists()
 
@@ -208,7 +209,7 @@ def test_offline_imagenet_weights_error_says_what_to_do(monkeypatch):
     def offline(self, *a, **k):
         raise OSError('no network')
     monkeypatch.setattr(torchvision.models.WeightsEnum, 'get_state_dict', offline)
-    with pytest.raises(RuntimeError, match='--backbone_weights none'):
+    with pytest.raises(UsageError, match='--backbone_weights none'):
         build_backbone(args(backbone='resnet18', backbone_weights='imagenet'))
 
 

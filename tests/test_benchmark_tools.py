@@ -67,7 +67,7 @@ def test_benchmark_table_of_the_op_part(tmp_path):
 
 
 def test_model_ratios_are_medians_of_ratios_within_each_repeat():
-    from detr_irpe.benchmark import interleaved, paired_ratio
+    from detr_irpe.lab.benchmark import interleaved, paired_ratio
     calls = []
     samples = {}
     medians = interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3, warmup=1,

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import datasets
-from detr_irpe import get_args_parser
-from detr_irpe.args import check_flag_combinations
-from detr_irpe.config import explicit_flags, parse_args_with_config, run_tool
+from detr_irpe import UsageError
+from detr_irpe.cli.flags import check_flag_combinations, get_args_parser
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.runner import run_tool
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.position_encoding import build_position_encoding
 from detr_irpe.transformer import build_transformer
@@ -51,8 +51,6 @@ def test_config_values_are_defaults_and_flags_override_them(tmp_path):
     ('hidden_dim: 250\n', '--hidden_dim 250 is not divisible by --nheads 8'),
     ('hidden_dim: 250\nnheads: 2\n', '--position_embedding sine needs --hidden_dim divisible by 4'),
     ('enc_rpe2d: rpe-2.0-product\n', "'rpe-2.0-product'"),
-    ('backbone_in_workers: true\n', '--backbone_in_workers needs a frozen backbone (--lr_backbone 0), got '
-                                     '--lr_backbone 1e-05'),
     ('backbone_in_workers: true\nlr_backbone: 0\nnum_workers: 0\n', '--backbone_in_workers needs --num_workers 1'),
     ('- a list\n', 'mapping'),
     ('lr: [unclosed\n', 'not valid YAML'),
@@ -60,7 +58,7 @@ def test_config_values_are_defaults_and_flags_override_them(tmp_path):
 def test_bad_config_file_is_a_clear_error(tmp_path, text, message, capsys):
     config = write(tmp_path / 'bad.yaml', text)
     with pytest.raises(SystemExit) as e:
-        parse_args_with_config(datasets.add_dataset_args(get_args_parser()), ['--config', config])
+        parse_args_with_config(get_args_parser(), ['--config', config])
     assert message in str(e.value) + capsys.readouterr().err
 
 
@@ -111,9 +109,9 @@ def test_backbone_in_workers_is_refused_on_a_gpu_and_accepted_when_frozen_on_the
 
 def test_a_preset_backbone_in_workers_is_undone_on_the_command_line():
     demo = os.path.join(ROOT, 'configs', 'demo.yaml')
-    parser = datasets.add_dataset_args(get_args_parser())
+    parser = get_args_parser()
     assert parse_args_with_config(parser, ['--config', demo]).backbone_in_workers
-    args = parse_args_with_config(datasets.add_dataset_args(get_args_parser()),
+    args = parse_args_with_config(get_args_parser(),
                                   ['--config', demo, '--num_workers', '0', '--no-backbone_in_workers'])
     assert not args.backbone_in_workers and args.num_workers == 0
 
@@ -136,6 +134,20 @@ def test_a_path_that_cannot_be_written_ends_in_one_line_naming_it(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         run_tool(os.makedirs, str(blocker / 'run'))  # what a tool does with --output_dir a_file/run
     assert str(e.value).startswith('error: ') and str(blocker / 'run') in str(e.value) and '\n' not in str(e.value)
+
+
+def test_the_runner_ends_a_usage_error_in_one_line_and_leaves_a_bug_its_traceback(monkeypatch, capsys):
+    monkeypatch.delenv('DETR_IRPE_DEBUG', raising=False)
+
+    def raises(error):
+        raise error
+    with pytest.raises(SystemExit) as e:
+        run_tool(raises, UsageError('--lr -1: expected a finite number >= 0'))
+    assert e.value.code == 2 and capsys.readouterr().err == 'error: --lr -1: expected a finite number >= 0\n'
+    # a bug: a plain ValueError, RuntimeError (a shape mismatch, out of memory), an OSError naming no file
+    for bug in (ValueError('bad shape'), RuntimeError('CUDA out of memory'), OSError('no file named')):
+        with pytest.raises(type(bug)):
+            run_tool(raises, bug)
 
 
 def _assert_clean_failure(run, *needles):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from datasets import CocoEvaluator
+from detr_irpe_datasets.coco_eval import CocoEvaluator
 
 CATEGORIES = [{'id': 3, 'name': 'cat'}, {'id': 11, 'name': 'dog'}]
 # medium-sized boxes (area between 32^2 and 96^2), xywh

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from detr_irpe import build_model, get_args_parser
+from detr_irpe import build_model
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.irpe import rpe_config_from_string
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets.synthetic import SHAPES, ensure_synthetic_coco
+import detr_irpe_datasets.build as datasets
+from detr_irpe.cli.flags import add_data_args
+from detr_irpe_datasets.synthetic import SHAPES, ensure_synthetic_coco
 
 SMALL = dict(num_train=6, num_val=3, image_size=64, num_classes=3, objects=(1, 3), object_size=(0.25, 0.4), seed=5)
 
@@ -50,7 +51,7 @@ def test_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
 CONCURRENT_READER = """
 import json, sys, time
 from pathlib import Path
-from datasets.synthetic import ensure_synthetic_coco
+from detr_irpe_datasets.synthetic import ensure_synthetic_coco
 root = Path(sys.argv[1])
 settings = json.loads(sys.argv[2])
 settings['objects'], settings['object_size'] = tuple(settings['objects']), tuple(settings['object_size'])
@@ -107,11 +108,7 @@ def test_boxes_are_tight_around_the_drawn_shapes(tmp_path):
 
 
 def test_build_dataset_reads_synthetic_through_the_coco_loader(tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--dataset_file', default='coco')
-    parser.add_argument('--coco_path')
-    datasets.add_dataset_args(parser)
-    args = parser.parse_args(['--dataset_file', 'synthetic', '--synthetic_dir', str(tmp_path / 'syn'),
+    args = add_data_args(argparse.ArgumentParser()).parse_args(['--dataset_file', 'synthetic', '--synthetic_dir', str(tmp_path / 'syn'),
                               '--synthetic_train', '4', '--synthetic_val', '2', '--synthetic_image_size', '64',
                               '--synthetic_classes', '3', '--val_size', '64', '--val_max_size', '100'])
     with warnings.catch_warnings():

@@ -133,8 +133,10 @@ def _batch(image_ids, seed):
 
 
 def _run(rank, tmp, pose_as_nccl):
-    import datasets
-    from detr_irpe import build_model, distributed, engine, get_args_parser
+    import detr_irpe_datasets.build as datasets
+    from detr_irpe import build_model, distributed, engine
+    from detr_irpe.cli.flags import get_args_parser
+    from detr_irpe.precision import choose_precision
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         checker = CollectiveChecker(monkeypatch, pose_as_nccl)
@@ -150,7 +152,7 @@ def _run(rank, tmp, pose_as_nccl):
         mine = [rank + 1, rank + 3]  # rank 0 has images 1 and 3, rank 1 images 2 and 4
         with FakeCudaFactories() if pose_as_nccl else contextlib.nullcontext():
             averages = engine.train_one_epoch(model, criterion, [_batch(mine, rank)] * 2, optimizer, scheduler,
-                                              'cpu', 0, args)
+                                              'cpu', 0, args, choose_precision('cpu', amp=False))
             evaluator = datasets.CocoEvaluator(_ground_truth(), backend='pycocotools')
             with contextlib.redirect_stdout(io.StringIO()):
                 summary = engine.evaluate(model, postprocessors, [_batch(mine, 10 + rank)], evaluator, 'cpu')

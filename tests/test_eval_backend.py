@@ -6,8 +6,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from datasets import coco_eval
-from datasets.coco_eval import CocoEvaluator
+from detr_irpe_datasets import coco_eval
+from detr_irpe_datasets.coco_eval import CocoEvaluator
 
 pytest.importorskip('faster_coco_eval')  # pinned in the Makefile; a plain `pip install -e .` may lack it
 

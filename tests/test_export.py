@@ -6,6 +6,7 @@ fixture; the ONNX ones are marked slow.
 """
 import argparse
 import json
+import importlib
 import os
 import subprocess
 import sys
@@ -16,10 +17,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from detr_irpe import export, get_args_parser
+from detr_irpe import export
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.detr import build_model
 from detr_irpe.irpe import rpe_parameters
-from tool_loader import load_tool as tool
+
+
+def tool(name):
+    """The module of tools/<name>.py: its get_parser() and run(argv)."""
+    return importlib.import_module(f'detr_irpe.cli.{name}')
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,8 +122,8 @@ def test_predict_with_onnx_writes_the_detections_pytorch_writes(onnx_exports, tm
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
     flags = [str(tmp_path / '0.png'), str(tmp_path / '1.png'), '--val_size', '96', '--val_max_size', '160',
              '--min_size', '16']
-    predict.main(flags + ['--resume', checkpoint, '--output_dir', str(tmp_path / 'torch')])
-    predict.main(flags + ['--onnx', path, '--output_dir', str(tmp_path / 'onnx')])
+    predict.run(flags + ['--resume', checkpoint, '--output_dir', str(tmp_path / 'torch')])
+    predict.run(flags + ['--onnx', path, '--output_dir', str(tmp_path / 'onnx')])
     for file in ('images.json', 'detections.json'):
         expected = json.loads((tmp_path / 'torch' / file).read_text())
         got = json.loads((tmp_path / 'onnx' / file).read_text())
@@ -189,7 +196,7 @@ def pt2_tool_export(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('pt2'))
     model, checkpoint = tiny_checkpoint(folder, SETTINGS['irpe_qkv'], seed=1)
     path = os.path.join(folder, 'detr.pt2')
-    assert tool('export').main(['--resume', checkpoint, '--output', path]) == path
+    assert tool('export').run(['--resume', checkpoint, '--output', path]) == path
     return model, path
 
 
@@ -231,7 +238,7 @@ def test_help_shows_an_example():
 
 def test_unsupported_opset_is_refused_before_loading_anything(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        tool('export').main(['--resume', str(tmp_path / 'missing.pth'), '--output', str(tmp_path / 'm.onnx'), '--opset', '17'])
+        tool('export').run(['--resume', str(tmp_path / 'missing.pth'), '--output', str(tmp_path / 'm.onnx'), '--opset', '17'])
     assert 'expected an integer in [18, 23]' in capsys.readouterr().err
     with pytest.raises(ValueError, match='opset 24 is not supported.*--opset 18'):
         export.export_onnx(None, str(tmp_path / 'm.onnx'), opset=24)
@@ -243,19 +250,19 @@ def test_output_that_cannot_be_written_is_refused_with_advice(tmp_path, where):
     output = str(tmp_path / 'no' / 'such' / 'm.onnx') if where == 'missing folder' else str(tmp_path / 'dir.onnx')
     os.makedirs(tmp_path / 'dir.onnx')
     with pytest.raises(ValueError, match='does not exist; create it|is a folder; give a file name'):
-        tool('export').main(['--resume', str(tmp_path / 'missing.pth'), '--output', output])
+        tool('export').run(['--resume', str(tmp_path / 'missing.pth'), '--output', output])
 
 
 def test_output_extension_or_format_is_required(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        tool('export').main(['--resume', 'x.pth', '--output', str(tmp_path / 'model.bin')])
+        tool('export').run(['--resume', 'x.pth', '--output', str(tmp_path / 'model.bin')])
     assert '--format onnx or --format pt2' in capsys.readouterr().err
 
 
 def test_checkpoint_that_does_not_fit_the_flags_names_the_flag(tmp_path):
     _, checkpoint = tiny_checkpoint(str(tmp_path), SETTINGS['irpe_k'])
     with pytest.raises(ValueError, match='--enc_rpe2d'):
-        tool('export').main(['--resume', checkpoint, '--output', str(tmp_path / 'm.pt2'), '--enc_rpe2d', 'rpe-2.0-product-ctx-0-k'])
+        tool('export').run(['--resume', checkpoint, '--output', str(tmp_path / 'm.pt2'), '--enc_rpe2d', 'rpe-2.0-product-ctx-0-k'])
     assert os.listdir(tmp_path) == ['checkpoint.pth']
 
 

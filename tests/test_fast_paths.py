@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from detr_irpe import build_model, get_args_parser
+from detr_irpe import build_model
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
-from detr_irpe.benchmark import NNMultiheadAttention
+from detr_irpe.lab.benchmark import NNMultiheadAttention
 from detr_irpe.irpe import build_rpe, get_bucket_ids_2d, get_rpe_config, key_major_ids, rpe_config_from_string
 
 H_MAP, W_MAP, B, E, HEADS = 3, 5, 2, 16, 4

@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from detr_irpe import build_model, get_args_parser
+from detr_irpe import build_model
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.flex import flex_irpe_attention, irpe_score_mod, use_flex
 from detr_irpe.irpe import build_rpe, get_bucket_ids_2d, get_rpe_config

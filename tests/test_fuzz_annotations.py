@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets import coco
-from datasets.transforms import make_transforms
+import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError
+from detr_irpe_datasets import coco, validate
+from detr_irpe_datasets.transforms import make_transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = [{'id': 7, 'file_name': 'a.jpg', 'width': 40, 'height': 30},
@@ -148,7 +149,7 @@ def test_every_corrupted_annotation_file_gets_a_clear_answer(image_folder):
     for name, text, expected in CASES:
         try:
             dataset, items, messages, path = load(image_folder, text)
-        except ValueError as e:
+        except UsageError as e:  # what the tools print as one line
             message, path = str(e), str(image_folder / 'annotations' / 'instances_train2017.json')
             if expected[0] != 'stop' or path not in message or not all(w in message for w in expected[1]) \
                     or '\n' in message:
@@ -188,8 +189,8 @@ def test_every_corrupted_annotation_file_gets_a_clear_answer(image_folder):
 def test_invalid_json_names_file_line_and_column(tmp_path):
     path = tmp_path / 'instances_val2017.json'
     path.write_text('{"images": [\n  {"id": 1,\n')
-    with pytest.raises(ValueError) as e:
-        datasets.validate.read_json(str(path))
+    with pytest.raises(UsageError) as e:
+        validate.read_json(str(path))
     assert str(path) in str(e.value)
     with pytest.raises(json.JSONDecodeError) as reference:  # the position json itself reports
         json.loads(path.read_text())
@@ -201,10 +202,10 @@ def test_skipped_entries_are_named_up_to_a_limit_then_counted(tmp_path):
     data = {**BASE, 'annotations': ANNOTATIONS + bad}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        cleaned, skipped = datasets.validate.validate_annotations(data, 'f.json')
+        cleaned, skipped = validate.validate_annotations(data, 'f.json')
     messages = [str(w.message) for w in caught]
     assert skipped == 25 and len(cleaned['annotations']) == len(ANNOTATIONS)
-    assert sum('annotation id 10' in m and "'bbox'" in m for m in messages) == datasets.validate.MAX_NAMED
+    assert sum('annotation id 10' in m and "'bbox'" in m for m in messages) == validate.MAX_NAMED
     assert any('skipped 25 entries' in m for m in messages)
 
 

@@ -5,13 +5,14 @@ without editing this file.
 
 Parsing happens in-process (SystemExit caught, stderr captured). A value the DETR parser accepts goes on
 through what tools/train.py does with it, cut to one image: data, model, one training step, the schedule,
-one inference; that must run, or fail with the kind of error the tools print as one line (ValueError,
-FileNotFoundError, RuntimeError) naming the flag. A few cases run end to end through tools/train.py.
+one inference; that must run, or fail with the kind of error the tools print as one line (UsageError, or an
+OSError naming its file) naming the flag. A few cases run end to end through tools/train.py.
 """
 import argparse
 import contextlib
 import copy
 import glob
+import importlib
 import io
 import os
 import subprocess
@@ -22,10 +23,14 @@ import pytest
 import torch
 import yaml
 
-import datasets
-from detr_irpe import build_model, engine
-from detr_irpe.config import parse_args_with_config
-from tool_loader import load_tool
+import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError, build_model, engine
+from detr_irpe.cli.presets import parse_args_with_config
+from detr_irpe.precision import choose_precision
+
+
+def load_tool(name):
+    return importlib.import_module(f'detr_irpe.cli.{name}')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
@@ -114,8 +119,10 @@ class Memo:
         recorder = ReadRecorder(copy.deepcopy(args._args if isinstance(args, ReadRecorder) else args))
         try:
             result = ('ok', self.fn(recorder))
-        except (ValueError, FileNotFoundError, RuntimeError) as e:  # what the tools print as one line
+        except UsageError as e:  # what the tools print as one line (run_tool)
             result = ('error', str(e))
+        except OSError as e:  # one line too where it names its file
+            result = ('error' if e.filename is not None else 'traceback', str(e))
         except Exception as e:  # noqa: BLE001 -- anything else would reach the user as a traceback
             result = ('traceback', f'{type(e).__name__}: {e}')
         names = tuple(sorted(recorder.read))
@@ -144,7 +151,7 @@ def model_parts(args):
 def raise_from(result):
     kind, value = result
     if kind == 'error':
-        raise ValueError(value)
+        raise UsageError(value)
     if kind == 'traceback':
         raise AssertionError(value)  # not an error a tool prints cleanly: the fuzz reports it
     return value
@@ -163,8 +170,9 @@ class OneTrainingStep:
         model, criterion, postprocessors = copy.deepcopy(raise_from(self.model(args)))
         optimizer = engine.build_optimizer(model, args)
         lr_scheduler = engine.build_lr_scheduler(optimizer, args)
-        engine.train_one_epoch(model, criterion, [train_batch], optimizer, lr_scheduler, torch.device(args.device),
-                               0, args)
+        device = torch.device(args.device)
+        engine.train_one_epoch(model, criterion, [train_batch], optimizer, lr_scheduler, device, 0, args,
+                               choose_precision(device, args.amp))
         lr_scheduler.step()
         images, targets = val_batch
         with torch.no_grad():

@@ -1,9 +1,9 @@
-"""tools/gpu_check.py run on CPU (--device cpu --quick, no build): its checks, table, JSON and exit status.
+"""tools/gpu_check.py (detr_irpe/cli/gpu_check.py, its checks in detr_irpe/lab/gpu_check.py) run on CPU (--device cpu --quick, no build): its checks, table, JSON and exit status.
 
 The CUDA comparisons themselves need a GPU (`make gpu-check`); here the script proves it runs, that a check
 finds a fault, and that one failing check neither stops the others nor passes unnoticed.
 """
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -25,10 +25,8 @@ def run_script(*argv):
 
 @pytest.fixture(scope='module')
 def gpu_check():
-    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The checks themselves (detr_irpe/lab/gpu_check.py)."""
+    return importlib.import_module('detr_irpe.lab.gpu_check')
 
 
 def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_the_report(tmp_path):
@@ -67,8 +65,9 @@ def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, monkeypat
     monkeypatch.setitem(gpu_check.CHECKS, 'gradcheck_float64', broken)
     monkeypatch.setitem(gpu_check.BENCHMARKS, 'op_vs_gather', broken_benchmark)
     out = tmp_path / 'report.json'
-    status = gpu_check.main(['--device', 'cpu', '--quick', '--no_build', '--checks', 'gradcheck_float64', 'extension',
-                             '--benchmarks', 'op_vs_gather', '--output', str(out)])
+    tool = importlib.import_module('detr_irpe.cli.gpu_check')
+    status = tool.run(['--device', 'cpu', '--quick', '--no_build', '--checks', 'gradcheck_float64', 'extension',
+                       '--benchmarks', 'op_vs_gather', '--output', str(out)])
     report = json.loads(out.read_text())
     assert status == 1 and report['failed'] == ['gradcheck_float64', 'benchmark op_vs_gather']
     failed = report['checks']['gradcheck_float64']

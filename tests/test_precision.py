@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-import datasets
-from detr_irpe import build_model, engine, get_args_parser
+from detr_irpe import build_model, engine
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.checkpoint import load_checkpoint, save_checkpoint
-from detr_irpe.config import parse_args_with_config
+from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.precision import FORCE_ENV, Precision, choose_precision, cpu_bf16_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_autocast_computes_a_linear_layer_in_the_chosen_dtype(dtype):
 
 def test_the_demo_preset_asks_for_amp_and_gets_float32_on_a_cpu_without_bf16(monkeypatch):
     monkeypatch.delenv(FORCE_ENV, raising=False)
-    args = parse_args_with_config(datasets.add_dataset_args(get_args_parser()),
+    args = parse_args_with_config(get_args_parser(),
                                   ['--config', os.path.join(ROOT, 'configs', 'demo.yaml')])
     assert args.amp and args.device == 'cpu'
     assert choose_precision(args.device, args.amp, cpu_capabilities=ICE_LAKE).dtype == torch.float32

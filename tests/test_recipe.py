@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from detr_irpe import build_model, engine, get_args_parser
+from detr_irpe import build_model, engine
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.irpe import rpe_config_from_string
 from detr_irpe.transformer import Transformer
 

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from detr_irpe import distributed, engine, get_args_parser
-from detr_irpe.checkpoint import (PREEMPTED_EXIT_STATUS, load_checkpoint, load_optimizer_state, process_rng_state,
-                                  resolve_resume, save_checkpoint)
+from detr_irpe import UsageError, distributed, engine
+from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.checkpoint import load_checkpoint, load_optimizer_state, resolve_resume, save_checkpoint
+from detr_irpe.preemption import PREEMPTED_EXIT_STATUS, process_rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -30,7 +31,7 @@ def test_resume_auto_finds_the_run_folders_checkpoint_or_starts_fresh(tmp_path):
 
 def test_an_unreadable_checkpoint_is_an_error_for_resume_auto_not_a_fresh_start(tmp_path):
     (tmp_path / 'checkpoint.pth').write_bytes(b'half a checkpoint')
-    with pytest.raises(RuntimeError, match='cannot be read'):
+    with pytest.raises(UsageError, match='cannot be read'):
         load_checkpoint(resolve_resume('auto', str(tmp_path)))
     assert (tmp_path / 'checkpoint.pth').read_bytes() == b'half a checkpoint'
 
@@ -98,7 +99,7 @@ def _position(path):
     """(epoch, step) of the checkpoint at `path`, the end of an epoch counting as step 10**9; None if absent."""
     try:
         state = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError):
+    except UsageError:  # not written yet, or being written
         return None
     return state['epoch'], 10 ** 9 if state['step'] is None else state['step']
 

@@ -2,6 +2,7 @@
 slots and restarts."""
 import glob
 import json
+import importlib
 import os
 import re
 import statistics
@@ -10,12 +11,18 @@ import sys
 import pytest
 from scipy import stats
 
-import datasets
-from detr_irpe import get_args_parser, inspect, sweep
-from detr_irpe.config import parse_args_with_config
+from detr_irpe import UsageError
+from detr_irpe.lab import plots, sweep
+from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.irpe import rpe_config_from_string
-from detr_irpe.sweep import device_slots, launch_command, visible_gpus
-from tool_loader import load_tool as tool
+from detr_irpe.lab.sweep import device_slots, launch_command, visible_gpus
+
+
+def tool(name):
+    """The module of tools/<name>.py: its get_parser() and run(argv)."""
+    return importlib.import_module(f'detr_irpe.cli.{name}')
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
@@ -25,7 +32,7 @@ SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 
 def load_preset(path):
     """The flags tools/train.py runs with for `--config path` (the real loader and parser)."""
-    return parse_args_with_config(datasets.add_dataset_args(get_args_parser()), ['--config', path])
+    return parse_args_with_config(get_args_parser(), ['--config', path])
 
 
 @pytest.fixture(scope='module')
@@ -172,9 +179,9 @@ def test_run_processes_never_runs_two_processes_on_one_slot_at_once(tmp_path, mo
 def test_sweep_refuses_an_unknown_baseline_and_gpus_per_run_on_the_cpu_before_training(tmp_path):
     flags = ['--config', SMOKE, 'none', 'rpe-2.0-product-ctx-1-k', '--output_dir', str(tmp_path)]
     with pytest.raises(ValueError, match="--baseline 'rpe-2.0-product-bias-1-k' is none of the entries"):
-        tool('sweep').main(flags + ['--baseline', 'rpe-2.0-product-bias-1-k'])
+        tool('sweep').run(flags + ['--baseline', 'rpe-2.0-product-bias-1-k'])
     with pytest.raises(ValueError, match='--gpus_per_run 2 needs runs on GPUs, but they run on cpu'):
-        tool('sweep').main(flags + ['--gpus_per_run', '2'])
+        tool('sweep').run(flags + ['--gpus_per_run', '2'])
     assert not any('train.out' in files for _, _, files in os.walk(tmp_path))  # nothing was started
 
 # ------------------------------------------------------------------------------- statistics
@@ -227,8 +234,8 @@ def test_sweep_table_over_seeds_matches_a_direct_computation_from_eval_json(tmp_
     write_eval(tmp_path / ENTRIES[1] / 'seed44', [0.9] * 12, epoch=3)              # not of the final epoch
     argv = ['--config', SMOKE, *ENTRIES, '--seeds', '3', '--baseline', ENTRIES[1], '--table_only',
             '--output_dir', str(tmp_path)]
-    with pytest.raises(RuntimeError, match='2 of 9 runs have no eval.json of their final epoch'):
-        tool('sweep').main(argv)
+    with pytest.raises(UsageError, match='2 of 9 runs have no eval.json of their final epoch'):
+        tool('sweep').run(argv)
     summary = json.load(open(tmp_path / 'table.json'))
     table = (tmp_path / 'table.md').read_text().splitlines()
     direct = direct_statistics(str(tmp_path), ENTRIES, seeds, epochs=1, baseline=ENTRIES[1])
@@ -280,7 +287,7 @@ def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothin
     out = tmp_path / 'sweep'
     argv = ['--config', SMOKE, 'none', 'rpe-2.0-product-bias-1-k', '--seeds', '2', '--parallel', '4', '--threads',
             '1', '--output_dir', str(out), '--synthetic_dir', str(tmp_path / 'data')]
-    table = tool('sweep').main(argv)
+    table = tool('sweep').run(argv)
     assert table == (out / 'table.md').read_text().strip()
     folders = [out / e / f'seed{s}' for e in ENTRIES[:2] for s in (42, 43)]
     for folder in folders:  # each run trained with its own seed, to the end
@@ -303,7 +310,7 @@ def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothin
     stamps = {f: os.path.getmtime(f / 'checkpoint.pth') for f in folders}
     evaluated = json.load(open(folders[1] / 'eval.json'))['bbox']
     os.remove(folders[1] / 'eval.json')  # killed during its final evaluation: only that is done again
-    assert tool('sweep').main(argv) == table
+    assert tool('sweep').run(argv) == table
     printed = capsys.readouterr().out
     assert printed.count('skipped') == 3 and printed.count('started') == 1
     assert {f: os.path.getmtime(f / 'checkpoint.pth') for f in folders} == stamps
@@ -312,11 +319,11 @@ def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothin
 
     # The same folders with another recipe: refused before anything runs.
     with pytest.raises(ValueError, match='--lr 0.0001 then, 0.0003 now'):
-        tool('sweep').main(argv + ['--lr', '3e-4'])
+        tool('sweep').run(argv + ['--lr', '3e-4'])
 
     # A longer budget: a run continues from its checkpoint, the epoch it had is not trained again.
     first_epoch = open(folders[0] / 'log.txt').readline()
-    tool('sweep').main(argv[:2] + ['none', '--seeds', '1', '--epochs', '2'] + argv[6:])
+    tool('sweep').run(argv[:2] + ['none', '--seeds', '1', '--epochs', '2'] + argv[6:])
     assert 'resumed from' in (folders[0] / 'train.out').read_text()
     lines = open(folders[0] / 'log.txt').read().splitlines()
     assert [json.loads(line)['epoch'] for line in lines] == [0, 1] and lines[0] + '\n' == first_epoch
@@ -342,7 +349,7 @@ def test_plot_logs_draws_a_sweep_entry_as_the_mean_of_its_seeds_with_a_band(tmp_
         write_seed_log(str(tmp_path / 'sweep' / 'ctx' / f'seed{s}' / 'log.txt'), losses[s], aps[s])
     write_seed_log(str(tmp_path / 'single' / 'log.txt'), [4.0, 3.0, 2.0], [0.1, 0.1, 0.1])
     captured = {}
-    real_plot_logs = inspect.plot_logs
+    real_plot_logs = plots.plot_logs
 
     def keep(runs, **kwargs):
         captured['fig'] = fig = real_plot_logs(runs, **kwargs)
@@ -350,7 +357,7 @@ def test_plot_logs_draws_a_sweep_entry_as_the_mean_of_its_seeds_with_a_band(tmp_
         return fig
     module = tool('plot_logs')
     module.plot_logs = keep
-    path = module.main([str(tmp_path / 'sweep' / 'ctx'), str(tmp_path / 'single'), '--band', band,
+    path = module.run([str(tmp_path / 'sweep' / 'ctx'), str(tmp_path / 'single'), '--band', band,
                         '--output_dir', str(tmp_path / 'out')])
     assert os.path.getsize(path) > 0
     out = capsys.readouterr().out
@@ -378,7 +385,7 @@ def test_plot_logs_draws_a_sweep_entry_as_the_mean_of_its_seeds_with_a_band(tmp_
 
 def test_plot_logs_draws_one_evaluated_epoch_of_several_seeds_as_an_error_bar_from_min_to_max():
     seeds = [[{'epoch': 0, 'train_loss': 2.0}, {'epoch': 1, 'train_loss': 1.0, 'AP': ap}] for ap in (0.1, 0.4, 0.25)]
-    fig = inspect.plot_logs({'ctx': seeds}, panels=(('AP', 'AP'),))
+    fig = plots.plot_logs({'ctx': seeds}, panels=(('AP', 'AP'),))
     (bar,) = [c for c in fig.axes[0].collections]
     (segment,) = bar.get_segments()
     assert segment[:, 0].tolist() == [1, 1] and sorted(segment[:, 1].tolist()) == pytest.approx([0.1, 0.4])

@@ -1,6 +1,7 @@
 """Inspection tools: bucket maps, the iRPE term b_ij, predictions, log plots; and the files they write (sweeps: test_sweep.py)."""
 import json
 import math
+import importlib
 import os
 import subprocess
 import sys
@@ -9,10 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_irpe import build_model, get_args_parser
+from detr_irpe import build_model
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.postprocess import coco_results
-from detr_irpe.inspect import bucket_map, drawing_scale, irpe_logit_terms, read_log, uniform_reference_positions
-from tool_loader import load_tool as tool
+from detr_irpe.lab.plots import bucket_map, drawing_scale, irpe_logit_terms, read_log, uniform_reference_positions
+
+
+def tool(name):
+    """The module of tools/<name>.py: its get_parser() and run(argv)."""
+    return importlib.import_module(f'detr_irpe.cli.{name}')
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
@@ -70,7 +77,7 @@ def test_reference_positions_are_centres_of_an_n_by_n_grid():
 
 
 def test_visualize_buckets_writes_one_png_of_the_grid(tmp_path):
-    path = tool('visualize_buckets').main(['--output_dir', str(tmp_path), '--dpi', '50'])
+    path = tool('visualize_buckets').run(['--output_dir', str(tmp_path), '--dpi', '50'])
     w, h = png_size(path)
     # 4 columns (piecewise / clip x two references) of 5 method rows; the empty margin is cropped.
     assert 0.8 * 50 * 4 * 3.1 < w <= 50 * 4 * 3.1 + 1 and 0.8 * 50 * 5 * 3.3 < h <= 50 * 5 * 3.3 + 1
@@ -175,13 +182,13 @@ def test_read_log_keeps_the_last_record_of_a_resumed_epoch_and_names_the_stats(t
 def test_plot_logs_writes_one_png_for_several_runs(tmp_path, capsys):
     a = write_log(tmp_path / 'detr' / 'log.txt', [record(e, 5.0 - e, 0.1 * e) for e in range(4)])
     b = write_log(tmp_path / 'detr_irpe' / 'log.txt', [record(e, 4.5 - e, 0.12 * e) for e in range(4)])
-    path = tool('plot_logs').main([a, str(tmp_path / 'detr_irpe'), '--output_dir', str(tmp_path / 'out')])
+    path = tool('plot_logs').run([a, str(tmp_path / 'detr_irpe'), '--output_dir', str(tmp_path / 'out')])
     w, h = png_size(path)
     assert w > 600 and h > 300
     out = capsys.readouterr().out
     assert 'detr: 4 epochs' in out and 'detr_irpe: 4 epochs' in out
     with pytest.raises(ValueError, match='2 logs'):
-        tool('plot_logs').main([a, b, '--labels', 'one'])
+        tool('plot_logs').run([a, b, '--labels', 'one'])
 
 
 @pytest.mark.parametrize('name', ['visualize_buckets', 'visualize_rpe', 'predict', 'plot_logs', 'sweep'])
@@ -211,7 +218,7 @@ def test_predict_writes_labelled_pngs_and_coco_results(smoke_run, tmp_path):
     val = root / 'data' / 'val2017'
     files = sorted(os.listdir(val))
     out = tmp_path / 'predict'
-    tool('predict').main(flags + [str(val), '--output_dir', str(out), '--threshold', '0'])
+    tool('predict').run(flags + [str(val), '--output_dir', str(out), '--threshold', '0'])
     annotations = json.load(open(root / 'data' / 'annotations' / 'instances_val2017.json'))
     ids = {img['file_name']: img['id'] for img in annotations['images']}
     for name in files:
@@ -235,7 +242,7 @@ def test_predict_writes_labelled_pngs_and_coco_results(smoke_run, tmp_path):
 def test_visualize_rpe_writes_the_grid_of_a_trained_layer(smoke_run, tmp_path):
     root, flags = smoke_run
     image = root / 'data' / 'val2017' / sorted(os.listdir(root / 'data' / 'val2017'))[0]
-    path = tool('visualize_rpe').main(flags + ['--image', str(image), '--val_size', '320', '--val_max_size', '480',
+    path = tool('visualize_rpe').run(flags + ['--image', str(image), '--val_size', '320', '--val_max_size', '480',
                                                '--output_dir', str(tmp_path), '--dpi', '60'])
     assert os.path.basename(path) == f'rpe_{image.stem}_layer0.png'
     w, h = png_size(path)

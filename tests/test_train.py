@@ -14,11 +14,12 @@ import time
 import pytest
 import torch
 
-import datasets
-from detr_irpe import build_model, engine, get_args_parser
+import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError, build_model, engine
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.backbone import FrozenFeatures
-from detr_irpe.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
-                                  set_rng_state)
+from detr_irpe.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from detr_irpe.preemption import rng_state, set_rng_state
 from detr_irpe.precision import choose_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ def test_checkpoint_is_replaced_atomically_and_a_failed_write_keeps_the_old_one(
     save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
 
     def dies_midway(obj, f, *a, **k):
-        f.write(b'partial bytes of a checkpoint')
+        with open(f, 'wb') as out:
+            out.write(b'partial bytes of a checkpoint')
         raise KeyboardInterrupt('killed while writing')
 
     monkeypatch.setattr(torch, 'save', dies_midway)
@@ -57,7 +59,7 @@ def test_checkpoint_is_replaced_atomically_and_a_failed_write_keeps_the_old_one(
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(code_running_checkpoint):
     path, marker = code_running_checkpoint
-    with pytest.raises(RuntimeError, match='refusing to load'):
+    with pytest.raises(UsageError, match='refusing to load'):
         load_checkpoint(path)
     assert not os.path.exists(marker)
 
@@ -76,7 +78,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint({'model': {'w': torch.ones(1000)}}, path)
     with open(path, 'r+b') as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(RuntimeError, match='cannot be read'):
+    with pytest.raises(UsageError, match='cannot be read'):
         load_checkpoint(path)
 
 
@@ -162,7 +164,7 @@ def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
     model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '0']))
     model.eval()
     precision = choose_precision('cpu', amp=False)
-    collate = engine.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], precision)
+    collate = datasets.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], precision)
     # where workers are spawned (macOS, Windows, Python 3.14's forkserver) the collate travels pickled
     collate = pickle.loads(pickle.dumps(collate))
     in_workers = torch.utils.data.DataLoader(_Images(), batch_size=3, num_workers=2, collate_fn=collate)
@@ -173,7 +175,7 @@ def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
         with torch.no_grad():
             for (features, _), (images, _) in zip(in_workers, here, strict=True):
                 assert isinstance(features, FrozenFeatures) and len(features) == 3
-                a, b = model(features), model(images)
+                a, b = model(features=features), model(images)
                 for key in ('pred_logits', 'pred_boxes'):
                     torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     finally:
@@ -182,8 +184,8 @@ def test_backbone_run_in_loader_workers_gives_the_models_own_outputs():
 
 def test_backbone_in_workers_refuses_a_backbone_that_trains():
     model, _, _ = build_model(get_args_parser().parse_args(TINY + ['--lr_backbone', '1e-5']))
-    with pytest.raises(ValueError, match='trainable parameters .*layer2.*--lr_backbone 0'):
-        engine.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], choose_precision('cpu', amp=False))
+    with pytest.raises(UsageError, match='--backbone_in_workers needs a frozen backbone .*trainable parameters .*layer2'):
+        datasets.FrozenBackboneCollate(datasets.collate_fn, model.backbone[0], choose_precision('cpu', amp=False))
 
 
 def test_optimizer_groups_backbone_lr_and_no_decay_on_irpe_tables_with_rpe_weight_decay_0():
@@ -217,7 +219,7 @@ def test_non_finite_loss_names_epoch_and_step():
     loader = [([torch.rand(3, 64, 64)], targets), ([corrupted], targets)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(engine.NonFiniteLossError, match='epoch 7, step 1'):
-        engine.train_one_epoch(model, criterion, loader, optimizer, scheduler, 'cpu', 7, args)
+        engine.train_one_epoch(model, criterion, loader, optimizer, scheduler, 'cpu', 7, args, choose_precision('cpu', amp=False))
     # The bad step did not touch the weights: only the first (finite) step moved them.
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -6,7 +6,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, boxes_to_normalized_cxcywh,
+from detr_irpe_datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, boxes_to_normalized_cxcywh,
                                  labels_and_iscrowd, make_transforms)
 
 

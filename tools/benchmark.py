@@ -1,34 +1,5 @@
-"""Print what iRPE costs over plain attention (ratios measured side by side in one run) and save it as JSON.
+#!/usr/bin/env python
+"""The command of detr_irpe/cli/benchmark.py (installed as detr-irpe-benchmark); --help says what it does."""
+from detr_irpe.cli.benchmark import main
 
-    python tools/benchmark.py                 # full sizes, about 10-15 minutes on 2 cores
-    python tools/benchmark.py --quick         # smaller images and maps, a few minutes
-    python tools/benchmark.py --parts models attention --json outputs/bench_models.json
-"""
-import argparse
-
-from detr_irpe.args import int_range, non_empty
-from detr_irpe.benchmark import markdown_table, run
-from detr_irpe.checkpoint import save_json
-
-
-def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true', help='smaller sizes and fewer repeats')
-    parser.add_argument('--parts', nargs='+', default=['models', 'attention', 'op', 'dc5'],
-                        choices=['models', 'attention', 'op', 'dc5'])
-    parser.add_argument('--threads', type=int_range(1, 4096), default=None, help="torch threads (default: torch's)")
-    parser.add_argument('--json', default='outputs/benchmark.json', type=non_empty, help='where to write the result')
-    return parser
-
-
-def main():
-    args = get_parser().parse_args()
-
-    result = run(quick=args.quick, parts=args.parts, threads=args.threads)
-    print(markdown_table(result))
-    save_json(result, args.json, indent=2)
-    print(f'\nwrote {args.json}')
-
-
-if __name__ == '__main__':
-    main()
+main()

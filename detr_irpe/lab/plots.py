@@ -10,13 +10,13 @@ import os
 import matplotlib
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import patches  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import patches
+from matplotlib.colors import ListedColormap
 
-from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross  # noqa: E402
+from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross
 
 # --------------------------------------------------------------------------------------------- buckets
 

@@ -3,7 +3,10 @@ import argparse
 import difflib
 import sys
 
+import torch
 import yaml
+
+from detr_irpe.cli.flags import get_args_parser
 
 # libyaml's loader where PyYAML was built with it: the same safe rules, several times faster
 SAFE_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
@@ -35,13 +38,15 @@ def load_config(path, parser):
     if not isinstance(values, dict):
         parser.error(f'--config {path!r} must be a mapping of flag names to values, got {type(values).__name__}.')
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')}
+    # One preset serves every tool: a key of training's flags that this tool does not use is left out.
+    training = {a.dest for a in get_args_parser()._actions if a.option_strings}
     for key in values:
-        if key not in actions:
+        if key not in actions and key not in training:
             close = difflib.get_close_matches(str(key), list(actions), n=1)
             hint = f'did you mean {close[0]}?' if close else 'keys are flag names without dashes, e.g. batch_size'
             parser.error(f'--config {path!r}: {key!r} is no flag of this tool; {hint}')
     return {key: preset_value(parser, actions[key], value, f'--config {path!r}: {key}')
-            for key, value in values.items()}
+            for key, value in values.items() if key in actions}
 
 
 def preset_value(parser, action, value, where):
@@ -97,17 +102,12 @@ def explicit_flags(parser, argv=None):
     return given
 
 
-def run_tool(main, *args):
-    """Run a tool's main, with freed memory kept for reuse (detr_irpe.allocator); an error about the user's
-    input ends with its message, not a traceback (set DETR_IRPE_DEBUG=1 for the traceback)."""
-    import os
-
-    from detr_irpe.allocator import reuse_freed_memory
-    try:
-        reuse_freed_memory()
-        return main(*args)
-    # OSError: a path given cannot be read or written (no permission, a file where a folder should be, a full disk)
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get('DETR_IRPE_DEBUG'):
-            raise
-        sys.exit(f'error: {e}')
+def parse_checkpoint_args(parser, argv, what):
+    """parse_args_with_config for a tool that runs a checkpoint: --resume required (`what`: what the file is for),
+    --threads applied."""
+    args = parse_args_with_config(parser, argv)
+    if not args.resume:
+        parser.error(f'--resume CHECKPOINT is required: {what}')
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return args

@@ -1,6 +1,6 @@
 """What iRPE costs over plain attention, measured side by side in one run.
 
-    from detr_irpe.benchmark import run
+    from detr_irpe.lab.benchmark import run
     result = run(quick=False)      # dict of medians and ratios; tools/benchmark.py prints and saves it
 
 Models are compared within one process, taking turns in every repeat, so that a busy spell of the
@@ -21,9 +21,10 @@ from torch import nn
 import rpe_ops
 import rpe_ops.benchmark
 from detr_irpe.allocator import describe as describe_malloc, reuse_freed_memory
-from detr_irpe.args import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
-from detr_irpe.detr import build_model
+from detr_irpe.cli.flags import get_model_parser
+from detr_irpe.detr import batch_images, build_model
+from detr_irpe.export import DetectorOutputs, OnnxDetector, load_pt2
 from detr_irpe.irpe import build_rpe, rpe_config_from_string
 
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
@@ -59,7 +60,7 @@ def build(enc_rpe2d='', nn_mha=False, dilation=False, seed=0):
     """(model, criterion) of DETR-R50 on CPU with random weights; nn_mha: encoder on nn.MultiheadAttention."""
     torch.manual_seed(seed)
     argv = ['--backbone_weights', 'none', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d] + (['--dilation'] if dilation else [])
-    model, criterion, _ = build_model(get_args_parser().parse_args(argv))
+    model, criterion, _ = build_model(get_model_parser().parse_args(argv))
     if nn_mha:
         for layer in model.transformer.encoder.layers:
             old = layer.self_attn
@@ -149,7 +150,7 @@ def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
 DC5_SCRIPT = '''
 import json, resource, sys, time, torch
 from detr_irpe.allocator import reuse_freed_memory
-from detr_irpe.benchmark import build, sample_batch, train_step
+from detr_irpe.lab.benchmark import build, sample_batch, train_step
 reuse_freed_memory()
 name, rpe, h, w, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
@@ -311,3 +312,24 @@ def markdown_table(result):
             peak = '' if r['peak_rss_bytes'] is None else f", peak RSS {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB"
             lines.append(f"DC5 {name}: {step}{peak}" + (f" ({'; '.join(r['errors'])})" if r['errors'] else '') + '.')
     return '\n'.join(lines)
+
+
+# DETR's evaluation sizes, as in the README's performance table.
+BENCHMARK_SIZES = ((640, 853), (600, 800))
+
+
+@torch.no_grad()
+def time_against_pytorch(model, path, fmt, sizes=BENCHMARK_SIZES, repeats=5, threads=0):
+    """Median seconds of one inference on a padded batch of random images of `sizes`: {'exported': ...,
+    'pytorch': ...} (the exported file through onnxruntime or the loaded .pt2 program, and `model` eagerly),
+    taking turns in every repeat (interleaved), with `threads` CPU threads (0: default)."""
+    generator = torch.Generator().manual_seed(0)
+    images, mask = batch_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model = DetectorOutputs(model).eval()
+    if fmt == 'onnx':
+        exported = OnnxDetector(path, threads)
+    else:
+        exported = load_pt2(path).module()
+    return interleaved({'exported': lambda: exported(images, mask), 'pytorch': lambda: model(images, mask)}, repeats)

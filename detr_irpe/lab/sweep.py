@@ -12,10 +12,14 @@ import subprocess
 import sys
 import time
 
-from detr_irpe.inspect import COCO_STATS
+from detr_irpe import UsageError
 from detr_irpe.irpe import rpe_config_from_string
+from detr_irpe.lab.plots import COCO_STATS
 
 # ------------------------------------------------------------------------------------------- runs
+
+# The folder holding tools/ (detr_irpe/lab/ is two below it).
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_name(spec):
@@ -80,7 +84,7 @@ def check_same_run(folder, flags):
     changed = sorted(k for k in set(before) & set(flags) if k not in RESTART_FLAGS and before[k] != flags[k])
     if changed:
         diff = '; '.join(f'--{k} {before[k]!r} then, {flags[k]!r} now' for k in changed)
-        raise ValueError(f'{folder} holds a run started with other flags ({diff}); a sweep continues a run only '
+        raise UsageError(f'{folder} holds a run started with other flags ({diff}); a sweep continues a run only '
                          'with the flags it was started with. Give the sweep another --output_dir, or delete '
                          'that folder.')
 
@@ -101,10 +105,10 @@ def device_slots(gpus, gpus_per_run=1, runs_per_gpu=1):
     gpus_per_run GPUs of its own; a GPU is shared only when asked (runs_per_gpu > 1). Slots are ordered so
     that the first runs land on different GPUs. No GPUs: no slots (the runs go on the CPU)."""
     if gpus_per_run < 1 or runs_per_gpu < 1:
-        raise ValueError(f'--gpus_per_run and --runs_per_gpu must be at least 1, got {gpus_per_run} and '
+        raise UsageError(f'--gpus_per_run and --runs_per_gpu must be at least 1, got {gpus_per_run} and '
                          f'{runs_per_gpu}.')
     if gpus and len(gpus) < gpus_per_run:
-        raise ValueError(f'--gpus_per_run {gpus_per_run} asks for more GPUs than the {len(gpus)} visible '
+        raise UsageError(f'--gpus_per_run {gpus_per_run} asks for more GPUs than the {len(gpus)} visible '
                          f'({", ".join(gpus)}); give at most {len(gpus)}.')
     groups = [tuple(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
     return [group for _ in range(runs_per_gpu) for group in groups]
@@ -113,7 +117,7 @@ def device_slots(gpus, gpus_per_run=1, runs_per_gpu=1):
 def launch_command(train_argv, slot, port):
     """(command, environment updates) of one run of tools/train.py: on the CPU (slot None) or on the
     GPUs of `slot`, through torchrun when there are several (one process per GPU, its own rendezvous port)."""
-    train = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'train.py')
+    train = os.path.join(CHECKOUT, 'tools', 'train.py')
     if slot is None:
         return [sys.executable, train, *train_argv], {}
     env = {'CUDA_VISIBLE_DEVICES': ','.join(slot)}

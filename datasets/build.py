@@ -1,0 +1,133 @@
+"""Data for DETR: COCO-layout datasets (real COCO or the built-in synthetic shapes), collate, evaluation.
+
+The folder datasets/ is installed as the package detr_irpe_datasets (setup.py); this module is its entry:
+
+    import detr_irpe_datasets.build as datasets
+    dataset = datasets.build_dataset('train', args)    # (image (3, H, W) normalised, target) pairs
+    loader = DataLoader(dataset, collate_fn=collate_fn, ...)
+    evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset))
+"""
+from pathlib import Path
+
+import torch
+import torch.utils.data
+
+from detr_irpe import UsageError
+from detr_irpe.backbone import FrozenFeatures
+from detr_irpe.detr import DEFAULT_NUM_CLASSES, batch_images
+
+from . import coco, synthetic
+from .coco_eval import CocoEvaluator
+from .transforms import make_transforms
+
+__all__ = ['build_dataset', 'check_against_training_set', 'collate_fn', 'get_coco_api_from_dataset',
+           'num_classes_for', 'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
+
+
+def ensure_synthetic(args):
+    # resolved, so that '.' or 'runs/..' has a name to put the lock and the temporary folder beside
+    root = Path(args.synthetic_dir).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f'--synthetic_dir {args.synthetic_dir} is a file; expected a folder (made when missing)')
+    try:
+        return synthetic.ensure_synthetic_coco(
+            root, num_train=args.synthetic_train, num_val=args.synthetic_val,
+            image_size=args.synthetic_image_size, num_classes=args.synthetic_classes,
+            objects=args.synthetic_objects, object_size=args.synthetic_object_size, seed=args.synthetic_seed)
+    except FileExistsError as e:  # a folder of other files: refused, not overwritten
+        raise UsageError(f'--synthetic_dir {args.synthetic_dir}: {e}') from None
+
+
+def build_dataset(image_set, args):
+    """image_set 'train' or 'val' of args.dataset_file ('coco' from args.coco_path, or 'synthetic')."""
+    if args.dataset_file == 'coco':
+        root = args.coco_path
+    elif args.dataset_file == 'synthetic':
+        root = ensure_synthetic(args)
+    else:
+        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; expected 'coco' or 'synthetic'")
+    if image_set == 'train':
+        transforms = make_transforms('train', train_scales=args.train_scales, train_max_size=args.train_max_size,
+                                     crop_scales=args.crop_scales, crop_size=args.crop_size)
+    else:  # the inference tools have no training-transform flags
+        transforms = make_transforms(image_set, val_size=args.val_size, val_max_size=args.val_max_size)
+    return coco.build(image_set, root, transforms)
+
+
+def check_against_training_set(dataset, args):
+    """A UsageError naming the flag when the flags do not fit the training set: not one full batch
+    (--batch_size per process x processes; batches are full ones, as DETR, so no step would run), or a
+    --num_classes not above every category id (the classifier would have no output for some labels)."""
+    num_classes = getattr(args, 'num_classes', None)
+    if num_classes is not None:
+        largest = max(get_coco_api_from_dataset(dataset).getCatIds(), default=0)
+        if largest >= num_classes:
+            raise UsageError(f'--num_classes {num_classes} is too small for category id {largest} of the training '
+                             f'set: pass at least --num_classes {largest + 1} (largest category id + 1), or leave '
+                             f'it out to take it from the data')
+    world_size = getattr(args, 'world_size', 1) or 1
+    if args.batch_size * world_size > len(dataset):
+        processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
+        source = (f'--synthetic_train {args.synthetic_train}' if getattr(args, 'dataset_file', None) == 'synthetic'
+                  else f'in --coco_path {getattr(args, "coco_path", None)}')
+        raise UsageError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
+                         f'images ({source}): no full batch, so no training step would run; lower --batch_size')
+
+
+def collate_fn(batch):
+    """[(image, target), ...] -> (list of images of different sizes, list of targets)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class FrozenBackboneCollate:
+    """A DataLoader collate_fn that also runs the model's frozen backbone on the batch (--backbone_in_workers).
+
+    In a loader with workers, the backbone of the next batches then runs in the worker processes while the
+    main process trains the transformer: on a CPU the two overlap on different cores, where otherwise the
+    backbone would take its share of every step (70% of a `make demo` step is the frozen ResNet-18). The
+    numbers are those of the model's own backbone: the same modules (each worker holds a copy, which is why
+    nothing in them may train), the same padded batch, the same autocast; only the thread count is the
+    worker's, one.
+
+        collate = FrozenBackboneCollate(collate_fn, model.backbone[0], precision)
+        loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=collate)
+        for features, targets in loader:       # features: detr_irpe.backbone.FrozenFeatures
+            outputs = model(features=features)
+    """
+
+    def __init__(self, collate_fn, backbone, precision):
+        trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
+        if trainable:
+            shown = ', '.join(trainable[:4]) + (f', ... ({len(trainable)} in all)' if len(trainable) > 4 else '')
+            raise UsageError(f'--backbone_in_workers needs a frozen backbone (--lr_backbone 0), and this one has '
+                             f'trainable parameters ({shown}): a data loader worker would run a stale copy of it. '
+                             'Freeze it (--lr_backbone 0) or run it in the model (--no-backbone_in_workers).')
+        self.collate_fn, self.backbone, self.precision = collate_fn, backbone, precision
+
+    def __call__(self, batch):
+        images, targets = self.collate_fn(batch)
+        padded, mask = batch_images(images)
+        with torch.no_grad(), self.precision.autocast():
+            features, feature_mask = self.backbone(padded, mask)
+        return FrozenFeatures(features, feature_mask), targets
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind a dataset, looking through torch Subsets."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset.coco
+
+
+def num_classes_for(args_or_dataset):
+    """DETR's num_classes (max category id + 1; the no-object class comes on top in the model):
+    detr's default for COCO (91), synthetic_classes + 1 for synthetic, or from the categories of a dataset."""
+    if hasattr(args_or_dataset, 'dataset_file'):
+        args = args_or_dataset
+        if args.dataset_file in DEFAULT_NUM_CLASSES:
+            return DEFAULT_NUM_CLASSES[args.dataset_file]
+        if args.dataset_file == 'synthetic':
+            return args.synthetic_classes + 1
+        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; expected 'coco' or 'synthetic'")
+    return max(get_coco_api_from_dataset(args_or_dataset).getCatIds()) + 1

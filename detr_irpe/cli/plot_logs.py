@@ -1,0 +1,62 @@
+"""Plot training curves (losses, and val AP / AP50) of one or more runs of tools/train.py, overlaid.
+
+    python tools/plot_logs.py outputs/demo_baseline/log.txt outputs/demo_irpe/log.txt --output_dir outputs
+    python tools/plot_logs.py runs/*/log.txt --labels "DETR" "DETR + iRPE" --name detr_vs_irpe.png
+    python tools/plot_logs.py outputs/sweep/none outputs/sweep/rpe-2.0-product-ctx-1-k --band std
+
+Each line is labelled with its run folder's name unless --labels is given. The folder of a sweep entry
+(tools/sweep.py --seeds N: output_dir/<entry> with seed<s>/log.txt) is drawn as the mean over its seeds
+with a band: their min to max (--band minmax, the default) or the mean ± their std (--band std).
+AP is in [0, 1] as pycocotools gives it. Writes output_dir/<--name> (default logs.png); output_dir defaults
+to the first log's folder.
+"""
+import argparse
+import os
+
+
+from detr_irpe import UsageError
+from detr_irpe.cli.flags import int_range, non_empty
+from detr_irpe.cli.runner import run_tool
+from detr_irpe.lab.plots import plot_logs, read_log, run_label, save_figure
+from detr_irpe.lab.sweep import seed_logs
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('logs', nargs='+', help='log.txt files written by tools/train.py (or their run folders, or '
+                                           "a sweep entry's folder: its seeds)")
+    p.add_argument('--labels', nargs='+', default=None, help='one label per log (default: the run folder names)')
+    p.add_argument('--name', default='logs.png', type=non_empty, help='file name of the PNG')
+    p.add_argument('--dpi', type=int_range(10, 1200), default=90)
+    p.add_argument('--band', default='minmax', choices=['minmax', 'std'],
+                   help="the band around a sweep entry's mean: min to max over seeds, or mean ± std")
+    p.add_argument('--output_dir', default='')
+    return p
+
+
+def run(argv=None):
+    args = get_parser().parse_args(argv)
+    # Per argument: its log.txt, or the log.txt of each seed of a sweep entry's folder.
+    groups = [(seed_logs(p) or [os.path.join(p, 'log.txt')]) if os.path.isdir(p) else [p] for p in args.logs]
+    paths = [os.path.join(p, 'log.txt') if os.path.isdir(p) else p for p in args.logs]
+    labels = args.labels or [run_label(p) for p in paths]
+    if len(labels) != len(paths):
+        raise UsageError(f'--labels gives {len(labels)} labels for {len(paths)} logs; give one per log.')
+    if len(set(labels)) != len(labels):
+        raise UsageError(f'two logs would share a label ({", ".join(labels)}); name them with --labels.')
+    runs = {label: [read_log(p) for p in group] if len(group) > 1 else read_log(group[0])
+            for label, group in zip(labels, groups)}
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(paths[0]))
+    path = save_figure(plot_logs(runs, band=args.band), os.path.join(output_dir, args.name), args.dpi)
+    for (label, records), group in zip(runs.items(), groups):
+        for log, seed_records in zip(group, records if len(group) > 1 else [records]):
+            last = seed_records[-1]
+            name = f'{label} {os.path.basename(os.path.dirname(log))}' if len(group) > 1 else label
+            ap = f', AP {last["AP"]:.3f}' if last.get('AP') is not None else ''
+            print(f'{name}: {len(seed_records)} epochs, last loss {last.get("train_loss", float("nan")):.3f}{ap}')
+    print(f'wrote {path}')
+    return path
+
+
+def main(argv=None):
+    run_tool(run, argv)

@@ -1,0 +1,99 @@
+"""Run a checkpoint on image files or folders: write each image with its labelled boxes above a score
+threshold as PNG, and all detections as a COCO results JSON.
+
+    python tools/predict.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth \\
+        .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict
+    python tools/predict.py --resume detr_irpe_r50_150ep.pth --coco_path /data/coco street.jpg park.jpg \\
+        --threshold 0.7 --output_dir runs/predict
+    python tools/predict.py --config configs/smoke.yaml --onnx outputs/smoke/detr.onnx \
+        .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict_onnx     # onnxruntime, no checkpoint
+
+Writes output_dir/<image name>.png, detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
+in pixels of the image file, score; every query's detection, whatever its score, so it can be scored with
+pycocotools) and images.json (id, file_name, width, height of each image: the image_id of detections.json).
+Images found in the dataset's val annotation file keep their id there; others are numbered from 1.
+Category names come from that annotation file (--coco_path, or the synthetic set) when it can be read.
+Model flags come from the checkpoint unless given; output_dir defaults to <checkpoint folder>/predict.
+With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
+pictures and JSON; model flags are not needed, --config still gives the data flags (--val_size, names).
+"""
+import os
+
+import torch
+
+import detr_irpe_datasets.build as datasets
+from detr_irpe.checkpoint import save_json
+from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
+                                 float_range, int_range, new_parser)
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.runner import run_tool
+from detr_irpe.export import OnnxDetector
+from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.lab.plots import draw_detections, list_images, load_image, predict, save_figure
+from detr_irpe.postprocess import PostProcess, coco_results
+
+
+def get_parser():
+    parser = new_parser(description=__doc__)
+    add_model_args(parser)
+    add_run_args(parser, loader=False, resume_help=CHECKPOINT_HELP)
+    add_data_args(parser, train=False)  # the val transform, and the category names of the val annotations
+    parser.add_argument('inputs', nargs='+', help='image files or folders of images')
+    parser.add_argument('--onnx', default=None, metavar='FILE',
+                        help='run this ONNX file of tools/export.py with onnxruntime, instead of a checkpoint')
+    parser.add_argument('--threshold', type=float_range(0, 1), default=0.5, help='draw the boxes scoring at least this')
+    parser.add_argument('--min_size', type=int_range(1, MAX_IMAGE_SIDE), default=512,
+                        help='smaller images are drawn enlarged by an integer factor up to at least this size')
+    return parser
+
+
+def val_annotations(args):
+    """The pycocotools COCO object of the val split, or None when it cannot be read (no --coco_path)."""
+    if args.dataset_file == 'coco' and not args.coco_path:
+        return None
+    try:
+        return datasets.get_coco_api_from_dataset(datasets.build_dataset('val', args))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f'no category names ({e}); labels are category ids')
+        return None
+
+
+def run(argv=None):
+    parser = get_parser()
+    args = parse_args_with_config(parser, argv)
+    if bool(args.resume) == bool(args.onnx):
+        parser.error('give either --resume CHECKPOINT (the .pth file to run) or --onnx FILE (an export of '
+                     'tools/export.py), not both or neither')
+    paths = list_images(args.inputs)
+    if args.onnx:
+        model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
+    else:
+        model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+        device = torch.device(args.device)
+        model.to(device)
+    coco = val_annotations(args)
+    names = {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {}
+    known_ids = {os.path.basename(img['file_name']): img['id'] for img in coco.dataset['images']} if coco else {}
+    transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume or args.onnx)), 'predict')
+    results, images = [], []
+    for n, path in enumerate(paths, 1):
+        image, tensor = load_image(path, transform)
+        detections = predict(model, postprocessors, [(image, tensor)], device)[0]
+        image_id = known_ids.get(os.path.basename(path), n)
+        images.append({'id': image_id, 'file_name': os.path.abspath(path), 'width': image.width,
+                       'height': image.height})
+        results += coco_results(image_id, detections)
+        fig = draw_detections(image, detections, args.threshold, names, args.min_size)
+        out = save_figure(fig, os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + '.png'),
+                          palette=False, tight=False)
+        shown = int((detections['scores'] >= args.threshold).sum())
+        print(f'{path}: {shown} detections of score >= {args.threshold} -> {out}')
+    for name, data in (('detections.json', results), ('images.json', images)):
+        save_json(data, os.path.join(output_dir, name), indent=None)
+        print(f'wrote {os.path.join(output_dir, name)}')
+    return output_dir
+
+
+def main(argv=None):
+    run_tool(run, argv)

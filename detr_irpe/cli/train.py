@@ -1,0 +1,196 @@
+"""Train DETR with iRPE, evaluating with pycocotools.
+
+    python tools/train.py --config configs/smoke.yaml
+    python tools/train.py --coco_path /data/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir runs/irpe
+    torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
+    python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
+
+Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps), log.txt (JSON lines)
+and eval.json (the 12 COCO bbox stats of the latest evaluation).
+"""
+import datetime
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+
+import detr_irpe_datasets.build as datasets
+from detr_irpe import distributed, engine
+from detr_irpe.allocator import describe as describe_allocator
+from detr_irpe.checkpoint import (load_checkpoint, load_model_state, load_optimizer_state, resolve_resume,
+                                  save_checkpoint, save_json)
+from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.presets import parse_args_with_config
+from detr_irpe.cli.runner import run_tool
+from detr_irpe.detr import build_model
+from detr_irpe.precision import choose_precision
+from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_rng_state, rng_state,
+                                  set_rng_state)
+from detr_irpe_datasets.coco_eval import resolve_backend
+
+
+def get_parser():
+    return get_args_parser()
+
+
+def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None):
+    """backbone, precision: with --backbone_in_workers, the model's frozen backbone and the run's precision,
+    which the training loader's workers then run on each batch (datasets.FrozenBackboneCollate)."""
+    train_set = engine.SeededDataset(dataset_train, args.seed)
+    collate = datasets.collate_fn
+    if args.backbone_in_workers:
+        collate = datasets.FrozenBackboneCollate(datasets.collate_fn, backbone, precision)
+    sampler = engine.ResumableSampler(len(train_set), shuffle=True, seed=args.seed,
+                                      num_replicas=args.world_size, rank=args.rank)
+    # A loader generator of its own: creating an iterator must not draw from the global torch RNG, so a
+    # resumed run's dropout sees the same random numbers as an uninterrupted one.
+    train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
+                              collate_fn=collate, num_workers=args.num_workers,
+                              generator=torch.Generator().manual_seed(args.seed),
+                              worker_init_fn=loader_worker_ignores_sigterm)
+    val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
+    val_loader = DataLoader(dataset_val, batch_size=args.batch_size, sampler=val_sampler, collate_fn=datasets.collate_fn,
+                            num_workers=args.num_workers, generator=torch.Generator(),
+                            worker_init_fn=loader_worker_ignores_sigterm)
+    return train_set, sampler, train_loader, val_loader
+
+
+def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch, backend=None):
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val), backend=backend)
+    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device)
+    if summary is not None and output_dir:
+        save_json({**summary, 'epoch': epoch}, os.path.join(output_dir, 'eval.json'))
+    return summary
+
+
+def run(args):
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.eval_backend = resolve_backend(args.eval_backend)
+    distributed.init_distributed(args)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+    device = torch.device(args.device)
+
+    dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
+    datasets.check_against_training_set(dataset_train, args)
+    if args.num_classes is None:
+        args.num_classes = datasets.num_classes_for(args)
+    model, criterion, postprocessors = build_model(args)
+    # made once the data and the model are known to be good, so a bad input leaves no empty run folder
+    if args.output_dir and distributed.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep model_without_ddp's keys, without _orig_mod.
+    precision = choose_precision(device, args.amp)
+    if args.amp:
+        print(precision.describe())
+    scaler = precision.grad_scaler()
+    print(f'parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable')
+    print(f'CPU memory: {describe_allocator()}')  # run_tool installed it (detr_irpe/allocator.py)
+    optimizer = engine.build_optimizer(model_without_ddp, args)
+    lr_scheduler = engine.build_lr_scheduler(optimizer, args)
+    train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,
+                                                                model_without_ddp.backbone[0], precision)
+
+    start_epoch, start_step = args.start_epoch, 0
+    resume = resolve_resume(args.resume, args.output_dir)  # --resume auto: output_dir's checkpoint, if any
+    if resume:
+        checkpoint = load_checkpoint(resume)
+        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}')
+        if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
+            load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            if checkpoint.get('step') is not None:
+                start_epoch, start_step = checkpoint['epoch'], checkpoint['step']
+            else:
+                start_epoch = checkpoint['epoch'] + 1
+            if 'rng' in checkpoint:
+                set_rng_state(process_rng_state(checkpoint))
+            if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
+                scaler.load_state_dict(checkpoint['scaler'])
+        print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
+
+    if args.eval:
+        run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
+                 args.eval_backend)
+        return
+
+    writer = make_writer(args)
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
+
+    preemption = Preemption()
+
+    def save(epoch, step):
+        if not checkpoint_path:
+            return
+        states = distributed.gather_to_main(rng_state())  # every process's, so dropout resumes exactly
+        if distributed.is_main_process():
+            save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
+                             'args': vars(args), 'rng': states[0], 'rng_per_process': states,
+                             'scaler': scaler.state_dict()}, checkpoint_path)
+
+    steps_per_epoch = len(sampler) // args.batch_size
+    started = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=first * args.batch_size)
+        train_set.set_epoch(epoch)
+
+        def on_step(step, epoch=epoch):
+            stop = preemption.requested()  # SIGTERM: a checkpoint at this step, then exit
+            if step < steps_per_epoch and (stop or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+                save(epoch, step)
+                if stop:
+                    preemption.exit(f'epoch {epoch}, step {step}', checkpoint_path)
+
+        # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
+        train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
+                                             epoch, args, start_step=first, on_step=on_step, precision=precision,
+                                             scaler=scaler)
+        lr_scheduler.step()
+        save(epoch, None)
+        if preemption.requested():  # before the evaluation: a scheduler's grace period is short
+            preemption.exit(f'the end of epoch {epoch}', checkpoint_path)
+        log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+               'time': round(time.time() - started, 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch,
+                               args.eval_backend)
+            if summary is not None:
+                log['test_coco_eval_bbox'] = summary['bbox']
+        if distributed.is_main_process():
+            if args.output_dir:
+                with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+                    f.write(json.dumps(log) + '\n')
+            if writer is not None:
+                for k, v in log.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(k, v, epoch)
+                for name, v in zip(('AP', 'AP50', 'AP75'), log.get('test_coco_eval_bbox', [])):
+                    writer.add_scalar(f'test_{name}', v, epoch)
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
+
+
+def make_writer(args):
+    """TensorBoard scalars in output_dir/tensorboard when tensorboard is installed."""
+    if not (args.output_dir and distributed.is_main_process()):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
+
+
+def main(argv=None):
+    run_tool(lambda: run(parse_args_with_config(get_parser(), argv)))

@@ -1,0 +1,79 @@
+"""Show the extra attention logits b_ij that iRPE adds in an encoder layer (the paper's Fig. 5): for 5x5
+reference positions i spread uniformly over the feature map of an image, the map of b_ij over all keys j.
+
+    python tools/visualize_rpe.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth \\
+        --image .cache/synthetic_smoke/val2017/000001.jpg --val_size 448 --val_max_size 640
+    python tools/visualize_rpe.py --resume detr_irpe_r50_150ep.pth --image street.jpg --layer 5 --head 0 \\
+        --output_dir runs/rpe
+
+b_ij = rpe_k(q_i)_j (+ rpe_q(k_j)_i) in the logits of softmax(q k^T / sqrt(d) + b), averaged over heads
+unless --head is given; one colour scale for all 25 maps. Model flags come from the checkpoint unless given;
+without --resume the model is built from the flags (its iRPE tables untrained: Xavier noise, or 0 with --rpe_init zero).
+A larger --val_size gives a larger feature map (the backbone's stride is 32). Writes
+output_dir/rpe_<image>_layer<k>.png; output_dir defaults to the checkpoint's folder.
+"""
+import os
+
+
+import torch
+
+import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError, build_model
+from detr_irpe.cli.flags import MAX_LAYERS, MAX_WIDTH, get_args_parser, int_range, non_empty
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.runner import run_tool
+from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
+                               uniform_reference_positions)
+
+
+def get_parser():
+    parser = get_args_parser()
+    parser.description = __doc__
+    parser.add_argument('--image', required=True, type=non_empty, help='the image whose feature map is shown')
+    parser.add_argument('--layer', type=int_range(-MAX_LAYERS, MAX_LAYERS - 1), default=0,
+                        help='encoder layer (0 is the first, -1 the last)')
+    parser.add_argument('--head', type=int_range(0, MAX_WIDTH - 1), default=None,
+                        help='one attention head (default: mean over heads)')
+    parser.add_argument('--grid', type=int_range(1, 50), default=5, help='reference positions per side')
+    parser.add_argument('--dpi', type=int_range(10, 1200), default=100)
+    return parser
+
+
+def run(argv=None):
+    parser = get_parser()
+    args = parse_args_with_config(parser, argv)
+    if args.resume:
+        model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+        source = os.path.basename(args.resume)
+    else:
+        if args.num_classes is None:
+            args.num_classes = datasets.num_classes_for(args)
+        model = build_model(args)[0].eval()
+        source = 'untrained model'
+        print('no --resume: the model is built from the flags; its iRPE tables are untrained (Xavier noise, or '
+              'zero with --rpe_init zero), so b_ij shows nothing learned.')
+    model.to(torch.device(args.device))
+    transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
+    image, tensor = load_image(args.image, transform)
+    terms, height, width = irpe_logit_terms(model, [tensor.to(args.device)], args.layer)
+    terms = terms[0]
+    if args.head is not None:
+        if not 0 <= args.head < terms.shape[0]:
+            raise UsageError(f'--head {args.head} does not exist: the model has {terms.shape[0]} heads.')
+        terms, which = terms[args.head], f'head {args.head}'
+    else:
+        terms, which = terms.mean(0), f'mean of {terms.shape[0]} heads'
+    references = uniform_reference_positions(height, width, args.grid)
+    title = (f'iRPE term b_ij, encoder layer {args.layer}, {which} ({describe_rpe(model, args.layer)}); '
+             f'{source}, {os.path.basename(args.image)}')
+    fig = plot_irpe_terms(image, terms, height, width, references, title)
+    output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else 'outputs')
+    stem = os.path.splitext(os.path.basename(args.image))[0]
+    path = save_figure(fig, os.path.join(output_dir, f'rpe_{stem}_layer{args.layer}.png'), args.dpi)
+    print(f'wrote {path}')
+    return path
+
+
+def main(argv=None):
+    run_tool(run, argv)

@@ -1,0 +1,1 @@
+"""Tool support outside the library: benchmarks, sweeps, plots and the GPU check."""

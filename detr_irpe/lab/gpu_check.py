@@ -1,0 +1,581 @@
+"""The checks and benchmarks of tools/gpu_check.py (detr_irpe/cli/gpu_check.py): each a function(device, quick)
+returning {'passed': ..., ...}, registered in CHECKS and BENCHMARKS."""
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+# the checkout: setup.py builds rpe_ops in place there
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+IRPE_K = 'rpe-2.0-product-ctx-1-k'
+IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
+METHODS = ('euc', 'quant', 'cross', 'product')
+# check name -> function(device, quick) returning {'passed': bool, ...}, in running order (filled by @check)
+CHECKS = {}
+# op results against their reference, rtol per dtype (atol 4x): summation order in float32, one half-type ulp
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check(name):
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+class Skip(Exception):
+    """A check that does not apply here (the reason is its message)."""
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def build_extension(device):
+    """`python setup.py build_ext --inplace` with the installed torch; on CUDA for this GPU's architecture only
+    (TORCH_CUDA_ARCH_LIST, unless set). Returns {'passed', 'seconds', 'log', 'arch'}."""
+    env = dict(os.environ)
+    env.setdefault('MAX_JOBS', str(os.cpu_count() or 4))
+    if device == 'cuda' and torch.cuda.is_available() and not env.get('TORCH_CUDA_ARCH_LIST'):
+        env['TORCH_CUDA_ARCH_LIST'] = '{}.{}'.format(*torch.cuda.get_device_capability())
+    start = time.time()
+    proc = subprocess.run([sys.executable, 'setup.py', 'build_ext', '--inplace'], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    log = (proc.stdout + proc.stderr)[-4000:]
+    return {'passed': proc.returncode == 0, 'seconds': round(time.time() - start, 1),
+            'arch': env.get('TORCH_CUDA_ARCH_LIST'), 'log_tail': log if proc.returncode else log[-600:]}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def tiny_args(enc_rpe2d, *extra):
+    from detr_irpe.cli.flags import get_model_parser
+    return get_model_parser().parse_args(
+        ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '64', '--nheads', '4',
+         '--enc_layers', '2', '--dec_layers', '2', '--dim_feedforward', '64', '--num_queries', '10',
+         '--dropout', '0', '--device', 'cpu', '--enc_rpe2d', enc_rpe2d, *extra])
+
+
+def tiny_detr(enc_rpe2d, *extra):
+    """(model, criterion) of a small DETR with iRPE, on CPU, random weights (seed 0)."""
+    from detr_irpe import build_model
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(enc_rpe2d, *extra))
+    return model.train(), criterion.train()
+
+
+def batch(sizes, device, seed=0):
+    from detr_irpe.lab.benchmark import sample_batch
+    images, targets = sample_batch(sizes, seed)
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def loss_and_grads(model, criterion, images, targets, precision=None):
+    """The weighted loss (float), its weighted terms and each parameter's gradient (float32, on CPU), the
+    forward under precision's autocast (default: none)."""
+    model.zero_grad(set_to_none=True)
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        outputs = model(images)
+    outputs = {k: v.float() if torch.is_tensor(v) else [{n: x.float() for n, x in d.items()} for d in v]
+               for k, v in outputs.items()}
+    losses = criterion(outputs, targets)
+    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+    loss.backward()
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    terms = {k: v.item() for k, v in losses.items() if k in criterion.weight_dict}  # not class_error: it is discrete
+    return loss.item(), terms, grads
+
+
+def relative_errors(grads, reference):
+    """Per parameter ||g - g_ref|| / ||g_ref||, with ||g_ref|| floored at 1e-6 of the largest gradient norm
+    (a gradient that is zero up to rounding has no meaningful relative error)."""
+    floor = 1e-6 * max(g.norm().item() for g in reference.values())
+    return {n: (grads[n] - g).norm().item() / max(g.norm().item(), floor) for n, g in reference.items()}
+
+
+def timed(fn, device):
+    """Seconds of fn(): CUDA events on CUDA (the GPU's own clock), perf_counter on CPU."""
+    if device == 'cuda':
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def interleaved(cases, device, repeats, warmup):
+    """Median seconds of each callable; each repeat runs every case once, the order rotating."""
+    times = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds = timed(cases[name], device)
+            if r >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def float32_exact():
+    """No TF32 in matmuls and convolutions: CUDA float32 then rounds as CPU float32 does."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def op_cases(quick):
+    """(name, (B, H), index (Lq, Lk) int32, K, index_t, Kt) on CPU: iRPE's own bucket ids with a skip token on a padded
+    map, random ids with Lq != Lk, and K beyond one CUDA shared-memory tile (48 KiB: 12,288 float32 or 6,144
+    float64 accumulators)."""
+    from detr_irpe.irpe import build_rpe, get_rpe_config
+    g = torch.Generator().manual_seed(0)
+    config = get_rpe_config(ratio=2.0, method='product', mode='ctx', shared_head=True, skip=1, rpe_on='k')
+    _, rpe_k, _ = build_rpe(config, head_dim=8, num_heads=2)
+    h, w = (5, 7) if quick else (13, 21)
+    ids = rpe_k.bucket_ids(1 + h * w, h, w)  # one skip token: its own bucket
+    K = rpe_k.num_buckets
+    lq, lk = (6, 40) if quick else (24, 700)
+    big_k, big_lk = 13000, (64 if quick else 1000)
+    return [('irpe_ids_skip_1', (2, 2), ids, K, ids.t().contiguous(), K),
+            ('random_lq_ne_lk', (2, 3), torch.randint(0, 11, (lq, lk), generator=g, dtype=torch.int32), 11,
+             torch.randint(0, 5, (lq, lk), generator=g, dtype=torch.int32), 5),
+            ('k_over_one_tile', (1, 1), torch.randint(0, big_k, (3, big_lk), generator=g, dtype=torch.int32), big_k,
+             torch.randint(0, big_k + 7, (3, big_lk), generator=g, dtype=torch.int32), big_k + 7)]
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+@check('extension')
+def check_extension(device, quick):
+    import rpe_ops
+    info = rpe_ops.build_info()
+    needed = 'cuda' if device == 'cuda' else 'cpu'
+    passed = bool(info.get(needed))
+    shown = {k: v for k, v in info.items() if k in ('cpu', 'cuda', 'torch', 'import_error')}
+    return {'passed': passed, 'build_info': shown,
+            **({} if passed else {'error': f'rpe_ops has no compiled {needed} kernels: see the build log'})}
+
+
+@check('op_matches_reference')
+def check_op(device, quick):
+    """Every op and dtype, forward and the gradients autograd gives: on CUDA against the CPU op, on CPU against
+    the torch.gather/scatter_add definitions."""
+    import rpe_ops
+    ops = {'rpe_index': lambda x, xt, i, K, it, Kt: rpe_ops.rpe_index(x, i),
+           'rpe_index_qk': lambda x, xt, i, K, it, Kt: rpe_ops.rpe_index_qk(x, i, xt, it)}
+    references = {'rpe_index': lambda x, xt, i, K, it, Kt: rpe_ops.reference_rpe_index(x, i),
+                  'rpe_index_qk': lambda x, xt, i, K, it, Kt: rpe_ops.reference_rpe_index_qk(x, i, xt, it)}
+    reduces = {'rpe_reduce': lambda v, i, K, it, Kt: (rpe_ops.rpe_reduce(v, i, K),),
+               'rpe_reduce_qk': lambda v, i, K, it, Kt: rpe_ops.rpe_reduce_qk(v, i, K, it, Kt)}
+    reduce_refs = {'rpe_reduce': lambda v, i, K, it, Kt: (rpe_ops.reference_rpe_reduce(v, i, K),),
+                   'rpe_reduce_qk': lambda v, i, K, it, Kt: rpe_ops.reference_rpe_reduce_qk(v, i, K, it, Kt)}
+    g = torch.Generator().manual_seed(1)
+    failures, compared = [], 0
+    for case, (B, H), index, K, index_t, Kt in op_cases(quick):
+        Lq, Lk = index.shape
+        for dtype, tol in TOLERANCES.items():
+            x = torch.randn(B, H, Lq, K, generator=g).to(dtype)
+            xt = torch.randn(B, H, Lk, Kt, generator=g).to(dtype)
+            values = torch.randn(B, H, Lk, Lq, generator=g).to(dtype).transpose(2, 3)  # strided, as a transpose
+            grad = torch.randn(B, H, Lq, Lk, generator=g).to(dtype)
+
+            def on(t):
+                return t.to(device)
+
+            def leaf(t, where):
+                return t.detach().clone().to(where).requires_grad_()
+            for name in ops:
+                ref_fn = ops[name] if device == 'cuda' else references[name]  # the CPU op is the CUDA op's reference
+                got_in = [leaf(x, device), leaf(xt, device)]
+                ref_in = [leaf(x, 'cpu'), leaf(xt, 'cpu')]
+                got = ops[name](*got_in, on(index), K, on(index_t), Kt)
+                ref = ref_fn(*ref_in, index, K, index_t, Kt)
+                got.backward(on(grad))
+                ref.backward(grad)
+                pairs = [('forward', got, ref), ('grad input', got_in[0].grad, ref_in[0].grad)]
+                if name == 'rpe_index_qk':
+                    pairs.append(('grad input_t', got_in[1].grad, ref_in[1].grad))
+                for what, a, b in pairs:
+                    compared += 1
+                    if not torch.allclose(a.detach().cpu().double(), b.detach().double(), rtol=tol, atol=4 * tol):
+                        failures.append(f'{name} {what} {case} {dtype}: max error '
+                                        f'{(a.detach().cpu().double() - b.detach().double()).abs().max().item():.3g}')
+            for name in reduces:
+                ref_fn = reduces[name] if device == 'cuda' else reduce_refs[name]
+                got = reduces[name](on(values), on(index), K, on(index_t), Kt)
+                ref = ref_fn(values, index, K, index_t, Kt)
+                for a, b in zip(got, ref):
+                    compared += 1
+                    if not torch.allclose(a.cpu().double(), b.double(), rtol=tol, atol=4 * tol):
+                        failures.append(f'{name} {case} {dtype}: max error '
+                                        f'{(a.cpu().double() - b.double()).abs().max().item():.3g}')
+    return {'passed': not failures, 'compared': compared, 'failures': failures[:20],
+            'reference': 'the CPU op' if device == 'cuda' else 'torch.gather / scatter_add'}
+
+
+@check('gradcheck_float64')
+def check_gradcheck(device, quick):
+    import rpe_ops
+    g = torch.Generator().manual_seed(2)
+    index = torch.randint(0, 7, (5, 6), generator=g, dtype=torch.int32).to(device)
+    index_t = torch.randint(0, 4, (5, 6), generator=g, dtype=torch.int32).to(device)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    cases = {'rpe_index': (lambda x: rpe_ops.rpe_index(x, index), (leaf(1, 2, 5, 7),)),
+             'rpe_reduce': (lambda v: rpe_ops.rpe_reduce(v, index, 7), (leaf(1, 2, 5, 6),)),
+             'rpe_index_qk': (lambda x, xt: rpe_ops.rpe_index_qk(x, index, xt, index_t),
+                              (leaf(1, 2, 5, 7), leaf(1, 2, 6, 4))),
+             'rpe_reduce_qk': (lambda v: rpe_ops.rpe_reduce_qk(v, index, 7, index_t, 4), (leaf(1, 2, 5, 6),))}
+    # nondet_tol: the CUDA reductions sum with atomics, so two backward passes may differ in the last bits
+    results = {name: bool(torch.autograd.gradcheck(fn, inputs, raise_exception=False, nondet_tol=1e-10))
+               for name, (fn, inputs) in cases.items()}
+    return {'passed': all(results.values()), 'ops': results}
+
+
+@check('compile_sees_op')
+def check_compile(device, quick):
+    """torch.compile(fullgraph=True) of a function of all four ops: one graph holding them, equal to eager,
+    gradients included. Inductor, except --quick on CPU (aot_eager: the same capture, no C++ build)."""
+    import rpe_ops
+    from torch._dynamo.backends.registry import lookup_backend
+    backend_name = 'aot_eager' if (quick and device == 'cpu') else 'inductor'
+    seen = set()
+
+    def recording(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')
+        return lookup_backend(backend_name)(gm, example_inputs)
+
+    g = torch.Generator().manual_seed(3)
+    L, K = 30, 9
+    index = torch.randint(0, K, (L, L), generator=g, dtype=torch.int32).to(device)
+    index_t = index.t().contiguous()
+
+    def fn(x, xt):
+        logits = rpe_ops.rpe_index(x, index) + rpe_ops.rpe_index_qk(x, index, xt, index_t)
+        weights = logits.softmax(-1)
+        a, b = rpe_ops.rpe_reduce_qk(weights, index, K, index_t, K)
+        return (rpe_ops.rpe_reduce(weights, index, K) * a).sum() + b.square().sum()
+
+    def run(f):
+        x = torch.randn(2, 2, L, K, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+        xt = torch.randn(2, 2, L, K, generator=torch.Generator().manual_seed(5)).to(device).requires_grad_()
+        out = f(x, xt)
+        out.backward()
+        return out.detach(), x.grad, xt.grad
+
+    torch._dynamo.reset()
+    expected = run(fn)
+    got = run(torch.compile(fn, backend=recording, fullgraph=True))
+    ops = sorted(s for s in seen if s.startswith('rpe_ops.'))
+    close = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, expected))
+    return {'passed': close and len(ops) == 4, 'backend': backend_name, 'ops_in_graph': ops, 'equal_to_eager': close}
+
+
+@check('detr_step_cuda_vs_cpu')
+def check_detr_step(device, quick):
+    """A small DETR's float32 training step (losses and gradients) on CUDA against the same step on CPU, for
+    every method and mode: bias on q and k, contextual on q, k and v, shared and per-head tables alternating.
+    Targets: losses within 1e-4, gradients 1e-3 (relative)."""
+    if device != 'cuda':
+        raise Skip('compares CUDA with CPU: run with --device cuda')
+    images, targets = batch([(96, 128), (80, 112)], 'cpu')  # two sizes: padding
+    results, worst_loss, worst_grad = {}, 0.0, 0.0
+    configs = [(m, mode) for m in METHODS for mode in ('bias', 'ctx')]
+    with float32_exact():
+        for i, (method, mode) in enumerate(configs[:2] if quick else configs):
+            rpe = f"rpe-2.0-{method}-{mode}-{i % 2}-{'qk' if mode == 'bias' else 'qkv'}"
+            model, criterion = tiny_detr(rpe, '--attention_impl', 'sdpa')  # flex: its own check
+            cpu_loss, cpu_terms, cpu_grads = loss_and_grads(model, criterion, images, targets)
+            gpu_model, gpu_criterion = copy.deepcopy(model).cuda(), copy.deepcopy(criterion).cuda()
+            gpu_images, gpu_targets = batch([(96, 128), (80, 112)], 'cuda')
+            loss, terms, grads = loss_and_grads(gpu_model, gpu_criterion, gpu_images, gpu_targets)
+            loss_error = max(abs(terms[k] - v) / max(abs(v), 1e-6) for k, v in cpu_terms.items())
+            errors = relative_errors(grads, cpu_grads)
+            name, grad_error = max(errors.items(), key=lambda kv: kv[1])
+            results[rpe] = {'loss_cpu': cpu_loss, 'loss_cuda': loss, 'loss_rel_error': loss_error,
+                            'grad_rel_error': grad_error, 'worst_parameter': name}
+            worst_loss, worst_grad = max(worst_loss, loss_error), max(worst_grad, grad_error)
+    return {'passed': worst_loss <= 1e-4 and worst_grad <= 1e-3, 'worst_loss_rel_error': worst_loss,
+            'worst_grad_rel_error': worst_grad, 'configs': results}
+
+
+@check('flex_matches_explicit')
+def check_flex(device, quick):
+    """The encoder attention through flex_attention (--attention_impl flex) against the SDPA/explicit path with the
+    same weights, padded keys: forward, and on CUDA the gradients (torch's FlexAttention has no CPU backward)."""
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.flex import flex_attention
+    if flex_attention is None:
+        raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
+    from detr_irpe.irpe import rpe_config_from_string
+    torch._dynamo.reset()  # each score_mod compiles anew; earlier checks' compiles must not use up the recompile limit
+    # iRPE-K (the default), bias on both sides per head, and cross's two tables; the CPU suite has every method
+    configs = ['rpe-2.0-product-ctx-1-k', 'rpe-2.0-product-bias-0-qk', 'rpe-2.0-cross-ctx-1-qk']
+    h, w = (5, 6) if quick else (19, 25)
+    L, B, E = h * w, 2, 64
+    backward = device == 'cuda'
+    results, passed = {}, True
+    for rpe in configs[:1] if quick else configs:
+        torch.manual_seed(0)
+        explicit = RPEMultiheadAttention(E, 4, rpe_config=rpe_config_from_string(rpe), attention_impl='sdpa').to(device)
+        flex = RPEMultiheadAttention(E, 4, rpe_config=rpe_config_from_string(rpe), attention_impl='flex').to(device)
+        flex.load_state_dict(explicit.state_dict())
+        x = torch.randn(L, B, E, generator=torch.Generator().manual_seed(1)).to(device)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+        mask[1, -(L // 5):] = True
+        outputs = {}
+        for name, layer in (('explicit', explicit), ('flex', flex)):
+            xi = x.clone().requires_grad_(backward)
+            with (contextlib.nullcontext() if backward else torch.no_grad()), float32_exact():
+                out = layer(xi, xi, xi, key_padding_mask=mask, height=h, width=w)[0]
+                if backward:
+                    out.square().sum().backward()
+            outputs[name] = (out.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters()})
+        (out_e, gx_e, gp_e), (out_f, gx_f, gp_f) = outputs['explicit'], outputs['flex']
+        forward_error = ((out_f - out_e).abs().max() / out_e.abs().max()).item()
+        entry = {'forward_rel_error': forward_error}
+        ok = forward_error <= 1e-4
+        if backward:
+            grads = {'input': gx_f}, {'input': gx_e}
+            grads[0].update(gp_f)
+            grads[1].update(gp_e)
+            errors = relative_errors({k: v.float().cpu() for k, v in grads[0].items() if v is not None},
+                                     {k: v.float().cpu() for k, v in grads[1].items() if v is not None})
+            entry['grad_rel_error'] = max(errors.values())
+            ok = ok and entry['grad_rel_error'] <= 1e-3
+        results[rpe] = entry
+        passed = passed and ok
+    return {'passed': passed, 'backward_checked': backward, 'map': [h, w], 'configs': results}
+
+
+@check('amp_step')
+def check_amp(device, quick):
+    """--amp's precision on this device (and float16 with a GradScaler, the path of GPUs without bfloat16): a
+    training step is finite and close to float32 (loss within 5%, gradient direction cosine >= 0.98), and three
+    steps of the training loop with its scaler run, at least one not skipped (the scale starts at 2^6)."""
+    from detr_irpe import engine
+    from detr_irpe.precision import Precision, choose_precision
+    chosen = choose_precision(device, amp=True)
+    precisions = {'amp (' + str(chosen.dtype).replace('torch.', '') + ')': chosen}
+    if chosen.dtype != torch.float16:
+        precisions['float16 + GradScaler'] = Precision(device, torch.float16, 'checked as on GPUs without bfloat16')
+    sizes = [(64, 80), (48, 80)] if quick else [(256, 320), (224, 320)]
+    images, targets = batch(sizes, device)
+    model, criterion = tiny_detr(IRPE_K)
+    model, criterion = model.to(device), criterion.to(device)
+    with float32_exact():
+        ref_loss, _, ref_grads = loss_and_grads(model, criterion, images, targets)
+    flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
+    results, passed = {}, True
+    for name, precision in precisions.items():
+        loss, _, grads = loss_and_grads(model, criterion, images, targets, precision)
+        flat = torch.cat([grads[n].flatten() for n in ref_grads])
+        finite = bool(torch.isfinite(flat).all()) and abs(loss) < float('inf')
+        cosine = torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0).item() if finite else None
+        loss_error = abs(loss - ref_loss) / abs(ref_loss)
+        # the training loop itself, with this precision and its scaler
+        args = tiny_args(IRPE_K, '--amp')
+        loop_model = copy.deepcopy(model)
+        optimizer = engine.build_optimizer(loop_model, args)
+        scaler = precision.grad_scaler(init_scale=2.0 ** 6)
+        stats = engine.train_one_epoch(loop_model, criterion, [(images, targets)] * 3, optimizer,
+                                       engine.build_lr_scheduler(optimizer, args), device, 0, args,
+                                       precision=precision, scaler=scaler)
+        loop_finite = all(torch.isfinite(p).all().item() for p in loop_model.parameters())
+        trained = stats.get('skipped_steps', 0) < 3
+        ok = finite and loss_error <= 0.05 and cosine >= 0.98 and loop_finite and trained
+        results[name] = {'dtype': str(precision.dtype), 'loss': loss, 'loss_float32': ref_loss,
+                         'loss_rel_error': loss_error, 'grad_cosine': cosine, 'loop_losses': stats.get('loss'),
+                         'loop_skipped_steps': stats.get('skipped_steps'), 'passed': ok}
+        passed = passed and ok
+    return {'passed': passed, 'chosen': chosen.describe(), 'precisions': results}
+
+
+# --- benchmark ---------------------------------------------------------------------------------------
+
+def bench_train_step(device, quick):
+    """DETR-R50 training step (forward, loss, backward), plain / iRPE-K / iRPE-QKV, batch 2, interleaved."""
+    from detr_irpe.lab.benchmark import build, train_step
+    sizes = [(64, 96), (48, 96)] if quick else [(800, 1333), (800, 1199)]
+    images, targets = batch(sizes, device)
+    models = {name: build(rpe) for name, rpe in (('plain', ''), ('irpe_k', IRPE_K), ('irpe_qkv', IRPE_QKV))}
+    models = {name: (m.to(device), c.to(device)) for name, (m, c) in models.items()}
+    cases = {name: (lambda m=m, c=c: train_step(m, c, images, targets)) for name, (m, c) in models.items()}
+    seconds = interleaved(cases, device, repeats=1 if quick else 10, warmup=0 if quick else 3)
+    peak = {}
+    if device == 'cuda':
+        for name, fn in cases.items():
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync(device)
+            peak[name] = torch.cuda.max_memory_allocated()
+    return {'images': sizes, 'median_seconds': seconds, 'peak_bytes': peak or None,
+            'ratios': {'irpe_k / plain': seconds['irpe_k'] / seconds['plain'],
+                       'irpe_qkv / plain': seconds['irpe_qkv'] / seconds['plain']},
+            'targets': {'irpe_k / plain': 1.02, 'irpe_qkv / plain': 1.08}}
+
+
+def bench_dc5_memory(device, quick):
+    """DETR-R50-DC5, plain vs iRPE-QKV, batch 2: peak CUDA memory of one training step, its first (an
+    out-of-memory is a result)."""
+    from detr_irpe.lab.benchmark import build, train_step
+    sizes = [(64, 64), (48, 64)] if quick else [(800, 1333), (800, 1199)]
+    out = {'images': sizes}
+    for name, rpe in (('plain', ''), ('irpe_qkv', IRPE_QKV)):
+        model, criterion = build(rpe, dilation=True)
+        model, criterion = model.to(device), criterion.to(device)
+        images, targets = batch(sizes, device)
+        if device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds = timed(lambda: train_step(model, criterion, images, targets), device)
+            out[name] = {'first_step_seconds': seconds,
+                         'peak_bytes': torch.cuda.max_memory_allocated() if device == 'cuda' else None}
+        except torch.cuda.OutOfMemoryError as e:
+            out[name] = {'out_of_memory': str(e).splitlines()[0][:300]}
+        del model, criterion, images, targets
+        free_memory(device)
+    peaks = [out[n].get('peak_bytes') for n in ('plain', 'irpe_qkv')]
+    out['peak_memory irpe_qkv / plain'] = peaks[1] / peaks[0] if None not in peaks else None
+    out['target'] = 1.2
+    return out
+
+
+def bench_op(device, quick):
+    """rpe_index against torch.gather, forward + backward, on iRPE-K's bucket ids of a 25x42 map (800x1333 / 32)."""
+    import rpe_ops.benchmark
+    from detr_irpe.lab.benchmark import irpe_k_bucket_ids
+    h, w = (8, 10) if quick else (25, 42)
+    ids, K = irpe_k_bucket_ids(h, w)
+    result = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=K, device=device,
+                                         repeats=2 if quick else 15, warmup=1 if quick else 3, index=ids)
+    return {'map': [h, w], 'median_seconds': result['median_seconds'],
+            'gather / rpe_index': result['speedup'], 'target': 3.0}
+
+
+def bench_flex(device, quick):
+    """The encoder attention layer with iRPE-K (dropout 0), flex vs the op path (SDPA with the iRPE term as
+    its mask): forward + backward on CUDA, forward on CPU."""
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.flex import flex_attention
+    if flex_attention is None:
+        return {'skipped': f'torch {torch.__version__} has no flex_attention'}
+    from detr_irpe.irpe import rpe_config_from_string
+    torch._dynamo.reset()  # past torch's recompile limit flex would run uncompiled, and this would time that
+    h, w = (6, 8) if quick else (25, 42)
+    L, B, E = h * w, 2, 256
+    layers = {}
+    for impl in ('sdpa', 'flex'):
+        torch.manual_seed(0)
+        layers[impl] = RPEMultiheadAttention(E, 8, rpe_config=rpe_config_from_string(IRPE_K),
+                                             attention_impl=impl).to(device)
+    x = torch.randn(L, B, E, device=device, requires_grad=device == 'cuda')
+    mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    mask[1, -(L // 10):] = True
+
+    def step(layer):
+        if device == 'cuda':
+            layer(x, x, x, key_padding_mask=mask, height=h, width=w)[0].sum().backward()
+        else:
+            with torch.no_grad():
+                layer(x, x, x, key_padding_mask=mask, height=h, width=w)
+    seconds = interleaved({impl: (lambda m=m: step(m)) for impl, m in layers.items()}, device,
+                          repeats=1 if quick else 20, warmup=1 if quick else 3)
+    return {'map': [h, w], 'backward': device == 'cuda', 'median_seconds': seconds,
+            'flex / sdpa': seconds['flex'] / seconds['sdpa']}
+
+
+BENCHMARKS = {'train_step': bench_train_step, 'op_vs_gather': bench_op, 'flex_vs_op': bench_flex,
+              'dc5_memory': bench_dc5_memory}  # DC5 last: it may run the GPU out of memory
+
+
+def free_memory(device):
+    gc.collect()
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+
+
+# --- running and reporting ---------------------------------------------------------------------------
+
+def run_one(fn, device, quick):
+    """fn's result dict with 'seconds'; an exception or Skip becomes the result, so the next check still runs."""
+    start = time.time()
+    try:
+        result = fn(device, quick)
+    except Skip as e:
+        result = {'passed': None, 'skipped': str(e)}
+    except Exception as e:  # noqa: BLE001 -- any failure of one check is that check's result
+        result = {'passed': False, 'error': f'{type(e).__name__}: {e}'[:1000],
+                  'traceback': traceback.format_exc()[-3000:]}
+    finally:
+        free_memory(device)
+    result['seconds'] = round(time.time() - start, 2)
+    return result
+
+
+def summary(result):
+    """One table cell saying what a check or benchmark found."""
+    if result.get('skipped'):
+        return 'skipped: ' + result['skipped']
+    if result.get('error'):
+        return result['error'].splitlines()[0][:160]
+    keys = ('compared', 'failures', 'ops_in_graph', 'worst_loss_rel_error', 'worst_grad_rel_error', 'ratios',
+            'gather / rpe_index', 'flex / sdpa', 'peak_memory irpe_qkv / plain', 'chosen', 'configs', 'precisions',
+            'ops', 'build_info')
+    shown = {k: result[k] for k in keys if result.get(k) not in (None, [], {})}
+    return json.dumps(shown, default=str)[:300]
+
+
+def markdown(report):
+    lines = [f"Device: {report['device']}; torch {report['torch']} (CUDA {report['cuda']}); "
+             f"{'quick sizes' if report['quick'] else 'full sizes'}; {report['seconds']:.0f} s in all.", '',
+             '| check | result | seconds | details |', '|---|---|---|---|']
+    build = report['build']
+    if build is not None:
+        lines.append(f"| build | {'passed' if build['passed'] else '**FAILED**'} | {build['seconds']:.1f} | "
+                     f"TORCH_CUDA_ARCH_LIST={build['arch']}"
+                     f"{'' if build['passed'] else ': see build.log_tail in the JSON'} |")
+    for name, r in report['checks'].items():
+        verdict = {True: 'passed', False: '**FAILED**', None: 'skipped'}[r['passed']]
+        lines.append(f"| {name} | {verdict} | {r['seconds']:.1f} | {summary(r)} |")
+    lines += ['', '| benchmark | result | seconds |', '|---|---|---|']
+    for name, r in report['benchmark'].items():
+        shown = summary(r) if r.get('error') or r.get('skipped') else json.dumps(
+            _rounded({k: v for k, v in r.items() if k not in ('seconds', 'images', 'map', 'backward')}))
+        lines.append(f"| {name} | {shown} | {r['seconds']:.1f} |")
+    return '\n'.join(lines)
+
+
+def _rounded(v):
+    """Floats to 4 significant digits, bytes to GiB, all the way down (for the printed table)."""
+    if isinstance(v, dict):
+        return {k: (round(x / 2 ** 30, 2) if 'bytes' in k and isinstance(x, int) else _rounded(x))
+                for k, x in v.items()}
+    return float(f'{v:.4g}') if isinstance(v, float) else v
+
+
+def device_name(device):
+    if device == 'cuda':
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else 'cuda (not available)'
+    return f'cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores'

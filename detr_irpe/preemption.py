@@ -1,0 +1,86 @@
+"""Stopping and resuming exactly: SIGTERM turned into a checkpoint at the current step, and the generator states
+that make a resumed run draw the same random numbers as an uninterrupted one."""
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from detr_irpe import distributed
+
+
+def process_rng_state(checkpoint):
+    """This process's generator states from a checkpoint: its own where every process's were kept by a run
+    of the same size, else the main process's (older checkpoints, another number of processes)."""
+    per_process = checkpoint.get('rng_per_process')
+    if per_process and len(per_process) == distributed.get_world_size():
+        return per_process[distributed.get_rank()]
+    return checkpoint['rng']
+
+
+# The exit status after the checkpoint of a SIGTERM: 128 + 15, what a process ended by SIGTERM reports, so
+# SLURM and torchrun see a terminated run (not a completed one, not a crash of the code), and a requeued job
+# continues it with --resume auto.
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
+
+
+class Preemption:
+    """SIGTERM (SLURM preempting or cancelling a job, torchrun stopping its workers) becomes a request: the
+    training loop writes a checkpoint at the current step and exits with PREEMPTED_EXIT_STATUS. The handler
+    only sets a flag, so a checkpoint being written when the signal comes is finished, not cut."""
+
+    def __init__(self):
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True
+
+    def requested(self):
+        """True on every process once any of them got SIGTERM, so all stop at the same step."""
+        return distributed.any_process(self.signalled)
+
+    @staticmethod
+    def exit(where, path):
+        """Leave after the main process wrote the checkpoint `path` (None: no --output_dir) at `where`."""
+        distributed.barrier()  # the main process has finished writing before any process exits
+        done = f'checkpoint {path} written at {where}' if path else f'no --output_dir, no checkpoint ({where})'
+        print(f'SIGTERM: {done}; exiting with status {PREEMPTED_EXIT_STATUS} (continue with --resume auto)',
+              flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
+
+
+def loader_worker_ignores_sigterm(worker_id):
+    """DataLoader worker_init_fn: a SIGTERM sent to the whole process group (SLURM, torchrun) must not kill
+    the data workers, or the main process fails on their death before it can write its checkpoint. They end
+    with the main process, as always."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def rng_state():
+    """The python, numpy and torch generator states, in a form weights_only loading accepts."""
+    np_state = np.random.get_state()
+    state = {'python': _to_lists(random.getstate()),
+             'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_to_tuples(state['python']))
+    name, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
