@@ -360,9 +360,11 @@ def test_bucket_ids_outside_the_table_raise_instead_of_reading_out_of_bounds():
 # --- the CPU loops (AVX-512 and portable) and the block cache ----------------------------
 
 def product_bucket_ids(height, width):
-    """Bucket ids of a real iRPE setting (rpe-2.0-product): long runs of keys in one bucket, unlike random ids."""
-    from detr_irpe.benchmark import irpe_k_bucket_ids
-    return irpe_k_bucket_ids(height, width)
+    """Bucket ids of a real iRPE setting (rpe-2.0-product, as iRPE on keys uses them) and their count: long
+    runs of keys in one bucket, unlike random ids."""
+    from detr_irpe.irpe import build_rpe, rpe_config_from_string
+    _, rpe_k, _ = build_rpe(rpe_config_from_string('rpe-2.0-product-ctx-1-k'), head_dim=32, num_heads=8)
+    return rpe_k.bucket_ids(height * width, height, width), rpe_k.num_buckets
 
 
 @pytest.fixture(params=['portable', 'avx512'])
