@@ -74,7 +74,7 @@ def pip_cuda_include_dirs():
 
 def rpe_ops_extension():
     sources = [os.path.join(CSRC, 'rpe_index.cpp')] + [
-        os.path.join(CSRC, 'cpu', name) for name in ('rpe_index_kernel.cpp', 'avx512.cpp', 'loops.cpp', 'output_cache.cpp')]
+        os.path.join(CSRC, 'cpu', name) for name in ('rpe_index_kernel.cpp', 'avx512.cpp', 'loops.cpp', 'block_cache.cpp')]
     # -fopenmp: at::parallel_for is a header template that splits work only where the including code is
     # built with OpenMP; without it every CPU kernel runs on one thread. The link resolves libgomp.so.1 to
     # the copy torch has already loaded, so the process keeps one OpenMP runtime.

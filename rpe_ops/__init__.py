@@ -19,17 +19,13 @@ fused ops make each of those passes over (B, H, Lq, Lk) once:
         out = rpe_reduce(values, index, K)
         out_t[b, h, j, t] = sum_i values[b, h, i, j] [index_t[i, j] = t]
 
-On CPU, each op runs portable loops or, where the processor has AVX-512, AVX-512
-loops (all four ops for float32, the two reductions also for bfloat16 and
-float16; rpe_index and rpe_index_qk with plain or streaming stores): whichever
-was fastest when timed on the op's first call in the process, unless
-RPE_OPS_CPU_LOOPS or `set_cpu_loops` forces a set; `build_info()['cpu_loops']`
-says which and why (csrc/cpu/loops.h). Outputs of 2 MiB or more come from a
-cache of blocks that keeps freed outputs for the next call of about the same
-size: `cache_info()`, `empty_cache()`, and RPE_OPS_CPU_CACHE_MB (the most it
-keeps, default 4096; 0 keeps nothing) -- see csrc/cpu/output_cache.h.
-`cache_all_cpu_tensors()` makes that cache torch's CPU allocator for every tensor
-of 2 MiB or more.
+On CPU, the ops run AVX-512 loops where the processor has AVX-512 and torch's
+CPU capability is AVX512 (all four ops for float32, the two reductions also for
+bfloat16 and float16), portable loops elsewhere; RPE_OPS_CPU_LOOPS or
+`set_cpu_loops` forces a set, and `build_info()['cpu_loops']` says which runs and
+why (csrc/cpu/loops.h). Their outputs of 2 MiB or more come from
+`rpe_ops.block_cache`, which keeps freed blocks for the next tensor of about
+their size and can serve every CPU tensor (`block_cache.install()`).
 
 Each op is the other's backward (rpe_index / rpe_reduce, rpe_index_qk /
 rpe_reduce_qk), and all are torch custom ops (schema in
@@ -41,6 +37,8 @@ import warnings
 
 import torch
 
+from rpe_ops import block_cache  # its functions read rpe_ops._C, set below
+
 try:
     from rpe_ops import _C
     _IMPORT_ERROR = None
@@ -50,16 +48,14 @@ except ImportError as error:  # not built: fall back to the reference path
 
 __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'reference_rpe_index',
            'reference_rpe_reduce', 'reference_rpe_index_qk', 'reference_rpe_reduce_qk', 'build_info',
-           'cache_info', 'empty_cache', 'cache_all_cpu_tensors', 'caches_all_cpu_tensors', 'set_cpu_loops']
-
-CPU_LOOPS = ('auto', 'portable', 'avx512', 'avx512_stream')
+           'set_cpu_loops', 'block_cache']
 
 
 def build_info():
     """Which compiled kernels this install has and which CPU loops run: {'cpu': bool, 'cuda': bool,
-    'cpu_loops': {'setting': 'auto' or a forced set, 'set_by': 'default' | 'RPE_OPS_CPU_LOOPS' | 'set_cpu_loops',
-    'candidates': the loops this CPU can run, 'ops': {'rpe_index': {'loops': the chosen set (None before the
-    op's first call), 'reason': why, 'milliseconds': {set: time on the measured problem}}, ...}}, ...}."""
+    'cpu_loops': {'loops': 'portable' or 'avx512' (every op's), 'reason': 'by CPU feature: ...' or
+    'forced by ...', 'available': the sets this CPU runs} (None without the compiled extension),
+    'torch': version, 'import_error': why the extension did not load, or None}."""
     return {
         'cpu': _C is not None,
         'cuda': _C is not None and _C.compiled_with_cuda(),
@@ -69,45 +65,13 @@ def build_info():
     }
 
 
-def cache_info():
-    """The CPU output cache: {'cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'}
-    (hits: outputs served from kept blocks; misses: new blocks). All zero without the compiled op."""
-    if _C is None:
-        return dict.fromkeys(('cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'), 0)
-    return _C.cpu_cache_stats()
-
-
-def cache_all_cpu_tensors():
-    """Make the CPU output cache torch's CPU allocator for the rest of the process: every CPU tensor of 2 MiB
-    or more then comes from it and goes back to it, so a training or evaluation step reuses the blocks of
-    the last one instead of faulting fresh pages in (the kernel zeroes each first). Smaller tensors keep
-    torch's default allocator; RPE_OPS_CPU_CACHE_MB bounds what is kept. Returns False if it already was,
-    or without the compiled extension (then nothing changes). detr_irpe's tools call this at start-up."""
-    return _C is not None and _C.cache_all_cpu_tensors()
-
-
-def caches_all_cpu_tensors():
-    """Whether cache_all_cpu_tensors() is in effect in this process."""
-    return _C is not None and _C.caches_all_cpu_tensors()
-
-
 def set_cpu_loops(loops):
-    """Force the CPU loops of every op for this process: 'portable', 'avx512' (plain stores) or
-    'avx512_stream' (rpe_index / rpe_index_qk write with streaming stores; the reductions run 'avx512'),
-    or 'auto' to go back to the fastest as timed at each op's first call. Returns the previous setting.
-    The RPE_OPS_CPU_LOOPS environment variable sets the same at start-up."""
-    if loops not in CPU_LOOPS:
-        raise ValueError(f'rpe_ops.set_cpu_loops: expected one of {", ".join(CPU_LOOPS)}, got {loops!r}')
+    """Force the CPU loops of every op for this process: 'portable' or 'avx512', or 'auto' to go back to
+    choosing by CPU feature. Returns the previous setting. RPE_OPS_CPU_LOOPS sets the same at start-up."""
     if _C is None:
         raise RuntimeError(f'rpe_ops.set_cpu_loops: the compiled extension is not available ({_IMPORT_ERROR}); '
                            f'build it with `pip install --no-build-isolation -e .`')
     return _C.set_cpu_loops(loops)
-
-
-def empty_cache():
-    """Return the blocks the CPU output cache keeps to the OS (as torch.cuda.empty_cache does for CUDA)."""
-    if _C is not None:
-        _C.empty_cpu_cache()
 
 
 def rpe_index(input, index):

@@ -1,8 +1,9 @@
 """Time rpe_index against torch.gather, side by side in one run.
 
-    from rpe_ops.benchmark import benchmark
+    from rpe_ops.benchmark import benchmark, benchmark_loops
     result = benchmark()          # DETR encoder size: B=2, H=8, L=25*38, K=81
     result['speedup']             # {'forward': gather/op, 'forward_backward': gather/op}
+    benchmark_loops()['vs_portable']   # the CPU loop sets and gather, each time / the portable loops'
 
 The gather baselines are what a user writes without the op: the (L, L) bucket
 ids as int64 expanded to (B, H, L, L), once, outside the timed region -- as a
@@ -23,7 +24,7 @@ import rpe_ops
 def host():
     """The CPU figures come from and what decides its code paths: {'cpu_model', 'cpu_count', 'avx512f',
     'avx512_bf16', 'amx' (None where torch cannot tell), 'torch_cpu_capability' (the kernels torch runs),
-    'torch_threads', 'rpe_ops_cpu_loops': {op: loops chosen (None before its first call)}}."""
+    'torch_threads', 'rpe_ops_cpu_loops': rpe_ops.build_info()['cpu_loops'] (None without the extension)}."""
     model, family = platform.processor() or platform.machine(), ''
     try:  # Linux: the marketing name and, for hosts that show only 'AMD EPYC', family and model
         with open('/proc/cpuinfo') as f:
@@ -39,20 +40,19 @@ def host():
         fn = getattr(cpu, name, None)
         return bool(fn()) if fn is not None else None
 
-    loops = rpe_ops.build_info()['cpu_loops']
     return {'cpu_model': model + family, 'cpu_count': os.cpu_count(), 'avx512f': feature('_is_avx512_supported'),
             'avx512_bf16': feature('_is_avx512_bf16_supported'), 'amx': feature('_is_amx_tile_supported'),
             'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(), 'torch_threads': torch.get_num_threads(),
-            'rpe_ops_cpu_loops_setting': None if loops is None else loops['setting'],
-            'rpe_ops_cpu_loops': {} if loops is None else {op: c['loops'] for op, c in loops['ops'].items()}}
+            'rpe_ops_cpu_loops': rpe_ops.build_info()['cpu_loops']}
 
 
 def describe_host(h):
-    """One line naming the host of a measurement: CPU, deciding features, the rpe_ops loops chosen."""
-    chosen = ', '.join(f'{op} {loops}' for op, loops in h['rpe_ops_cpu_loops'].items() if loops) or 'none used yet'
+    """One line naming the host of a measurement: CPU, deciding features, the rpe_ops CPU loops and why."""
+    loops = h['rpe_ops_cpu_loops']
+    loops = 'not compiled' if loops is None else f"{loops['loops']} ({loops['reason']})"
     return (f"host: {h['cpu_model']}, {h['cpu_count']} cores ({h['torch_threads']} torch threads); avx512f "
             f"{h['avx512f']}, avx512_bf16 {h['avx512_bf16']}, amx {h['amx']}; torch CPU capability "
-            f"{h['torch_cpu_capability']}; rpe_ops CPU loops ({h['rpe_ops_cpu_loops_setting']}): {chosen}")
+            f"{h['torch_cpu_capability']}; rpe_ops CPU loops: {loops}")
 
 
 def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32, device='cpu',
@@ -111,13 +111,13 @@ def benchmark(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float32,
                   'dtype': str(dtype).replace('torch.', ''), 'device': device,
                   'index': 'random' if index_given is None else 'given'},
         'machine': {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-                    'host': host(),  # after the runs: the loops the ops chose
+                    'host': host(),
                     'gpu': torch.cuda.get_device_name() if device == 'cuda' else None,
                     'load_average_1min': os.getloadavg()[0],
                     # 1 = huge pages for big tensors: fewer page faults when the (B, H, L, L) outputs are allocated
                     'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE', '0'),
                     'torch': torch.__version__, 'rpe_ops_build': rpe_ops.build_info(),
-                    'rpe_ops_cpu_cache_limit_bytes': rpe_ops.cache_info()['limit_bytes']},
+                    'rpe_ops_block_cache_limit_bytes': rpe_ops.block_cache.stats()['limit_bytes']},
         'repeats': repeats,
         'median_seconds': median,
         # how many times faster rpe_index is than each baseline
@@ -169,27 +169,26 @@ def benchmark_qk(batch=2, heads=8, length=25 * 38, buckets=81, dtype=torch.float
 
 def benchmark_loops(batch=2, heads=8, length=25 * 38, buckets=81, repeats=9, warmup=1, seed=0, index=None,
                     ops=('rpe_index', 'rpe_index_qk')):
-    """The CPU loop sets side by side: each op's forward and forward+backward (float32) under every set
-    this CPU runs, forced with rpe_ops.set_cpu_loops, and under the set chosen for it (the process's
-    setting; 'auto': the fastest at first use). Median seconds, interleaved, and each time / portable's.
-    The chosen sets are fixed before timing starts.
+    """The CPU loop sets side by side: each op's forward and forward+backward (float32) under every set this
+    host runs ('portable', and 'avx512' where it runs), forced with rpe_ops.set_cpu_loops, and torch.gather
+    (backward: scatter_add) with its int64 index made once, outside the timed region. Median seconds,
+    interleaved, and each time / the portable loops' time; 'loops': the set the ops run here unforced.
     """
     g = torch.Generator().manual_seed(seed)
-    L, K = length, buckets
+    B, H, L, K = batch, heads, length, buckets
     if index is None:
         index = torch.randint(0, K, (L, L), generator=g, dtype=torch.int32)
-    index_t = index.t().contiguous()
-    x = torch.randn(batch, heads, L, K, generator=g).requires_grad_()
-    x_t = torch.randn(batch, heads, L, K, generator=g).requires_grad_()
-    grad = torch.randn(batch, heads, L, L, generator=g)
-    calls = {'rpe_index': lambda: rpe_ops.rpe_index(x, index),
-             'rpe_index_qk': lambda: rpe_ops.rpe_index_qk(x, index, x_t, index_t)}
+    index_t = index.t().contiguous()  # the iRPE-on-queries term's ids, as irpe.key_major_ids makes them
+    x = torch.randn(B, H, L, K, generator=g).requires_grad_()
+    x_t = torch.randn(B, H, L, K, generator=g).requires_grad_()
+    grad = torch.randn(B, H, L, L, generator=g)
+    index_bhll, index_t_bhll = index.long().expand(B, H, L, L), index_t.t().long().expand(B, H, L, L)
+    calls = {'rpe_index': {'op': lambda: rpe_ops.rpe_index(x, index),
+                           'gather': lambda: x.gather(3, index_bhll)},
+             'rpe_index_qk': {'op': lambda: rpe_ops.rpe_index_qk(x, index, x_t, index_t),
+                              'gather': lambda: x.gather(3, index_bhll) + x_t.gather(3, index_t_bhll).transpose(2, 3)}}
     info = rpe_ops.build_info()['cpu_loops']
-    setting = info['setting']
-    for name in ops:  # each op's loops (and its backward's) are chosen now, not inside a timed call
-        x.grad = x_t.grad = None
-        calls[name]().backward(grad)
-    sets = ['chosen'] + info['candidates']
+    methods = [*info['available'], 'gather']
 
     def forward(fn):
         with torch.no_grad():
@@ -199,25 +198,25 @@ def benchmark_loops(batch=2, heads=8, length=25 * 38, buckets=81, repeats=9, war
         x.grad = x_t.grad = None
         fn().backward(grad)
 
-    times = {(op, kind, s): [] for op in ops for kind in ('forward', 'forward_backward') for s in sets}
+    times = {(op, kind, m): [] for op in ops for kind in ('forward', 'forward_backward') for m in methods}
+    previous = rpe_ops.set_cpu_loops('auto')
     try:
         for r in range(warmup + repeats):
-            for op, kind, s in times:
-                rpe_ops.set_cpu_loops(setting if s == 'chosen' else s)
-                seconds = _time(lambda: (forward if kind == 'forward' else forward_backward)(calls[op]), 'cpu')
+            for op, kind, m in times:
+                if m != 'gather':
+                    rpe_ops.set_cpu_loops(m)
+                fn = calls[op]['gather' if m == 'gather' else 'op']
+                seconds = _time(lambda: (forward if kind == 'forward' else forward_backward)(fn), 'cpu')
                 if r >= warmup:
-                    times[op, kind, s].append(seconds)
+                    times[op, kind, m].append(seconds)
     finally:
-        rpe_ops.set_cpu_loops(setting)
+        rpe_ops.set_cpu_loops(previous)
     median = {key: statistics.median(t) for key, t in times.items()}
-    return {'sizes': {'B': batch, 'H': heads, 'L': L, 'K': K, 'dtype': 'float32'},
-            'chosen': {op: rpe_ops.build_info()['cpu_loops']['ops'][op]['loops'] for op in
-                       [*ops, *(('rpe_reduce',) if 'rpe_index' in ops else ()),
-                        *(('rpe_reduce_qk',) if 'rpe_index_qk' in ops else ())]},
-            'median_seconds': {op: {kind: {s: median[op, kind, s] for s in sets}
+    return {'sizes': {'B': B, 'H': H, 'L': L, 'K': K, 'dtype': 'float32'},
+            'loops': info['loops'],
+            'median_seconds': {op: {kind: {m: median[op, kind, m] for m in methods}
                                     for kind in ('forward', 'forward_backward')} for op in ops},
-            # time / portable's time: the default's must stay near 1 or below
-            'vs_portable': {op: {kind: {s: median[op, kind, s] / median[op, kind, 'portable'] for s in sets}
+            'vs_portable': {op: {kind: {m: median[op, kind, m] / median[op, kind, 'portable'] for m in methods}
                                  for kind in ('forward', 'forward_backward')} for op in ops}}
 
 

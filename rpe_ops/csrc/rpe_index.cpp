@@ -9,8 +9,8 @@
 #include <exception>
 #include <string>
 
+#include "cpu/block_cache.h"
 #include "cpu/loops.h"
-#include "cpu/output_cache.h"
 
 TORCH_LIBRARY(rpe_ops, m) {
   // Y[b, h, i, j] = input[b, h, i, index[i, j]]:  (B, H, Lq, K) -> (B, H, Lq, Lk)
@@ -41,87 +41,77 @@ PyObject* compiled_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
-// A C++ exception as a Python one: ValueError for a bad setting, RuntimeError otherwise.
-PyObject* raise(const std::exception& error) {
-  PyErr_SetString(dynamic_cast<const c10::ValueError*>(&error) ? PyExc_ValueError : PyExc_RuntimeError,
-                  dynamic_cast<const c10::Error*>(&error) ? static_cast<const c10::Error&>(error).what_without_backtrace()
-                                                          : error.what());
-  return nullptr;
+// fn(), with a C++ exception raised as a Python one: ValueError for a bad setting, RuntimeError otherwise.
+template <typename Fn>
+PyObject* guarded(Fn fn) {
+  try {
+    return fn();
+  } catch (const std::exception& error) {
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+    PyErr_SetString(dynamic_cast<const c10::ValueError*>(&error) ? PyExc_ValueError : PyExc_RuntimeError,
+                    c10_error ? c10_error->what_without_backtrace() : error.what());
+    return nullptr;
+  }
 }
 
-// {'setting', 'set_by', 'candidates': [...], 'ops': {op: {'loops', 'reason', 'milliseconds': {loops: ms}}}}
+// {'loops': 'portable' | 'avx512', 'reason': why, 'available': the sets this CPU runs}
 PyObject* cpu_loops(PyObject*, PyObject*) {
-  rpe_ops::LoopsReport report;
-  try {
-    report = rpe_ops::loops_report();
-  } catch (const std::exception& error) {
-    return raise(error);
-  }
-  PyObject* candidates = PyList_New(0);
-  for (const std::string& c : report.candidates) {
-    PyObject* name = PyUnicode_FromString(c.c_str());
-    PyList_Append(candidates, name);
-    Py_DECREF(name);
-  }
-  PyObject* ops = PyDict_New();
-  for (const auto& choice : report.ops) {
-    PyObject* ms = PyDict_New();
-    for (const auto& [loops, milliseconds] : choice.milliseconds) {
-      PyObject* value = PyFloat_FromDouble(milliseconds);
-      PyDict_SetItemString(ms, loops.c_str(), value);
-      Py_DECREF(value);
+  return guarded([] {
+    const rpe_ops::LoopsReport report = rpe_ops::loops_report();
+    PyObject* available = PyList_New(0);
+    for (const std::string& name : report.available) {
+      PyObject* item = PyUnicode_FromString(name.c_str());
+      PyList_Append(available, item);
+      Py_DECREF(item);
     }
-    PyObject* loops = choice.loops.empty() ? (Py_INCREF(Py_None), Py_None) : PyUnicode_FromString(choice.loops.c_str());
-    PyObject* entry = Py_BuildValue("{s:N,s:s,s:N}", "loops", loops, "reason", choice.reason.c_str(), "milliseconds", ms);
-    PyDict_SetItemString(ops, choice.op.c_str(), entry);
-    Py_DECREF(entry);
-  }
-  return Py_BuildValue("{s:s,s:s,s:N,s:N}", "setting", report.setting.c_str(), "set_by", report.set_by.c_str(),
-                       "candidates", candidates, "ops", ops);
+    return Py_BuildValue("{s:s,s:s,s:N}", "loops", report.loops.c_str(), "reason", report.reason.c_str(),
+                         "available", available);
+  });
 }
 
 PyObject* set_cpu_loops(PyObject*, PyObject* arg) {
   const char* setting = PyUnicode_AsUTF8(arg);
   if (setting == nullptr) return nullptr;
-  try {
-    return PyUnicode_FromString(rpe_ops::set_loops(setting).c_str());
-  } catch (const std::exception& error) {
-    return raise(error);
-  }
+  return guarded([&] { return PyUnicode_FromString(rpe_ops::set_loops(setting).c_str()); });
 }
 
-PyObject* cpu_cache_stats(PyObject*, PyObject*) {
-  const rpe_ops::OutputCacheStats s = rpe_ops::output_cache_stats();
-  return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n}", "cached_bytes", static_cast<Py_ssize_t>(s.cached_bytes),
-                       "cached_blocks", static_cast<Py_ssize_t>(s.cached_blocks), "limit_bytes",
-                       static_cast<Py_ssize_t>(s.limit_bytes), "hits", static_cast<Py_ssize_t>(s.hits), "misses",
-                       static_cast<Py_ssize_t>(s.misses));
+// {'cached_bytes', 'cached_blocks', 'limit_bytes', 'hits', 'misses'}
+PyObject* block_cache_stats(PyObject*, PyObject*) {
+  return guarded([] {
+    const rpe_ops::block_cache::Stats s = rpe_ops::block_cache::stats();
+    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n}", "cached_bytes", static_cast<Py_ssize_t>(s.cached_bytes),
+                         "cached_blocks", static_cast<Py_ssize_t>(s.cached_blocks), "limit_bytes",
+                         static_cast<Py_ssize_t>(s.limit_bytes), "hits", static_cast<Py_ssize_t>(s.hits), "misses",
+                         static_cast<Py_ssize_t>(s.misses));
+  });
 }
 
-PyObject* empty_cpu_cache(PyObject*, PyObject*) {
-  rpe_ops::empty_output_cache();
-  Py_RETURN_NONE;
+PyObject* block_cache_empty(PyObject*, PyObject*) {
+  return guarded([] {
+    rpe_ops::block_cache::empty();
+    Py_RETURN_NONE;
+  });
 }
 
-PyObject* cache_all_cpu_tensors(PyObject*, PyObject*) {
-  return PyBool_FromLong(rpe_ops::install_as_cpu_allocator());
+PyObject* block_cache_install(PyObject*, PyObject*) {
+  return guarded([] { return PyBool_FromLong(rpe_ops::block_cache::install()); });
 }
 
-PyObject* caches_all_cpu_tensors(PyObject*, PyObject*) {
-  return PyBool_FromLong(rpe_ops::installed_as_cpu_allocator());
+PyObject* block_cache_installed(PyObject*, PyObject*) {
+  return guarded([] { return PyBool_FromLong(rpe_ops::block_cache::installed()); });
 }
 
 PyMethodDef methods[] = {
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS,
      "True if the CUDA kernels were compiled into this build."},
-    {"cpu_loops", cpu_loops, METH_NOARGS, "Which CPU loops each op runs, and why (see cpu/loops.h)."},
+    {"cpu_loops", cpu_loops, METH_NOARGS, "Which CPU loops the ops run, and why (see cpu/loops.h)."},
     {"set_cpu_loops", set_cpu_loops, METH_O,
-     "Force the CPU loops of every op ('portable', 'avx512', 'avx512_stream') or 'auto'; returns the previous setting."},
-    {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS, "Counters of the CPU output cache (see output_cache.h)."},
-    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Free the blocks the CPU output cache keeps."},
-    {"cache_all_cpu_tensors", cache_all_cpu_tensors, METH_NOARGS,
-     "Make the CPU output cache torch's CPU allocator; False if it already was."},
-    {"caches_all_cpu_tensors", caches_all_cpu_tensors, METH_NOARGS, "Whether the CPU output cache is torch's CPU allocator."},
+     "Force the CPU loops of every op ('portable', 'avx512') or 'auto'; returns the previous setting."},
+    {"block_cache_stats", block_cache_stats, METH_NOARGS, "Counters of the CPU block cache (see cpu/block_cache.h)."},
+    {"block_cache_empty", block_cache_empty, METH_NOARGS, "Free the blocks the CPU block cache keeps."},
+    {"block_cache_install", block_cache_install, METH_NOARGS,
+     "Make the block cache torch's CPU allocator; False if it already was or keeps nothing."},
+    {"block_cache_installed", block_cache_installed, METH_NOARGS, "Whether the block cache is torch's CPU allocator."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -65,25 +65,14 @@ inline void add_to(float* bucket, __m512 x) { _mm512_storeu_ps(bucket, _mm512_ad
 namespace {
 
 // Writes out_row[0, Lk) one vector at a time, value(j, mask) giving keys j .. j + 15: masked
-// stores up to the first 64-byte boundary and for the tail, whole aligned vectors in between,
-// as plain stores or (kStream) streaming stores.
-template <bool kStream, typename Value>
+// stores up to the first 64-byte boundary and for the tail, whole aligned vectors in between (a
+// store across two cache lines costs two).
+template <typename Value>
 inline void write_row(float* out_row, int64_t Lk, Value value) {
   int64_t j = std::min<int64_t>(Lk, ((64 - reinterpret_cast<uintptr_t>(out_row) % 64) % 64) / 4);
   if (j > 0) _mm512_mask_storeu_ps(out_row, first_lanes(j), value(0, first_lanes(j)));
-  for (; j + 16 <= Lk; j += 16) {
-    const __m512 x = value(j, static_cast<__mmask16>(0xFFFF));
-    if constexpr (kStream) _mm512_stream_ps(out_row + j, x);
-    else _mm512_store_ps(out_row + j, x);
-  }
+  for (; j + 16 <= Lk; j += 16) _mm512_store_ps(out_row + j, value(j, static_cast<__mmask16>(0xFFFF)));
   if (j < Lk) _mm512_mask_storeu_ps(out_row + j, first_lanes(Lk - j), value(j, first_lanes(Lk - j)));
-  if constexpr (kStream) _mm_sfence();  // streaming stores are weakly ordered: make them visible before any later store
-}
-
-template <typename Value>
-inline void write_row(bool stream, float* out_row, int64_t Lk, Value value) {
-  if (stream) write_row<true>(out_row, Lk, value);
-  else write_row<false>(out_row, Lk, value);
 }
 
 // Offsets t * Lk + j of keys j .. j + 15 in a (Kt, Lk) table, t = their bucket ids.
@@ -161,16 +150,16 @@ inline void with_row_lookup(const float* in_row, int64_t K, Body body) {
 
 }  // namespace
 
-void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk, bool stream) {
+void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk) {
   with_row_lookup(in_row, K, [&](auto lookup) {
-    write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) { return lookup(_mm512_maskz_loadu_epi32(m, index_row + j), m); });
+    write_row(out_row, Lk, [&](int64_t j, __mmask16 m) { return lookup(_mm512_maskz_loadu_epi32(m, index_row + j), m); });
   });
 }
 
 void index_qk_row(const float* in_row, int64_t K, const int32_t* index_row, const float* keys_t,
-                  const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream) {
+                  const int32_t* index_t_row, int64_t Lk, float* out_row) {
   with_row_lookup(in_row, K, [&](auto lookup) {
-    write_row(stream, out_row, Lk, [&](int64_t j, __mmask16 m) {
+    write_row(out_row, Lk, [&](int64_t j, __mmask16 m) {
       const __m512 q = lookup(_mm512_maskz_loadu_epi32(m, index_row + j), m);
       const __m512i ids_t = _mm512_maskz_loadu_epi32(m, index_t_row + j);
       const __m512 k = m == 0xFFFF && one_bucket(ids_t, index_t_row[j])

@@ -20,8 +20,8 @@ constexpr int kRows = 16;
 struct BFloat16Bits { uint16_t x; };
 struct Float16Bits { uint16_t x; };
 
-// True when this CPU and OS run AVX-512 F, BW and VL code. Whether the kernels
-// then use these loops is decided per op in loops.h.
+// True when this CPU and OS run AVX-512 F, BW and VL code (loops.h decides
+// whether the kernels use these loops).
 bool available();
 
 // True if every ids[e], e < n, lies in [0, K). With one_bucket_vectors (else nullptr), also counts
@@ -32,16 +32,13 @@ bool all_in_range(const int32_t* ids, int64_t n, int64_t K, int64_t* one_bucket_
 constexpr int64_t kMaxPermuteK = 128;
 
 // out_row[j] = in_row[index_row[j]] for j < Lk; in_row has K entries.
-// stream: write out_row with streaming (non-temporal) stores, which skip reading
-// each line before writing it -- faster on some CPUs for outputs far larger than
-// the caches, 12x slower on others (an Ice Lake Xeon); loops.h decides.
-void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk, bool stream);
+void index_row(const float* in_row, int64_t K, const int32_t* index_row, float* out_row, int64_t Lk);
 
 // out_row[j] = in_row[index_row[j]] + keys_t[index_t_row[j] * Lk + j] for j < Lk, with keys_t the
 // key-side table of this (b, h) transposed to (Kt, Lk) (Kt * Lk < 2^31): neighbouring keys mostly
 // share a bucket, so they read neighbouring entries -- one load where all 16 do.
 void index_qk_row(const float* in_row, int64_t K, const int32_t* index_row, const float* keys_t,
-                  const int32_t* index_t_row, int64_t Lk, float* out_row, bool stream);
+                  const int32_t* index_t_row, int64_t Lk, float* out_row);
 
 // For the n_rows <= kRows rows that share index_row (one query i, several (b, h)):
 //   out_rows[r][t] = sum_j rows[r][j] * [index_row[j] == t],  j < Lk, t < K.

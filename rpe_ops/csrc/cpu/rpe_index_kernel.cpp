@@ -1,13 +1,12 @@
 // CPU kernels of rpe_index / rpe_reduce: one (b, h, i) row per loop iteration,
 // rows split across threads with at::parallel_for. Each row reads and writes
-// only its own slice, so the reduce needs no atomics or locks. Each kernel takes
-// the loops to run (the portable ones here, or those of avx512.cpp); loops.h
-// picks them per op and host. Outputs come from output_cache.h.
+// only its own slice, so the reduce needs no atomics or locks. Each kernel runs
+// the portable loops here or those of avx512.cpp, as loops.h says. Large
+// outputs come from block_cache.h.
 // rpe_index, rpe_index_qk and the portable rpe_reduce visit rows in memory order
-// ((b, h)-major), each row following the last: visiting them query-major, so
-// that one index row serves all B*H rows while in L1, wrote or read B*H streams
-// a (Lq, Lk) slice apart and took 1.3-2x as long (B*H = 16, L = 950, Zen 4);
-// the (Lq, Lk) index, read once per (b, h) instead, stays in the last-level cache.
+// ((b, h)-major), each row following the last: query-major order would write or
+// read B*H streams a (Lq, Lk) slice apart, which is slower, while the (Lq, Lk)
+// index, read once per (b, h), stays in the last-level cache.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,8 +23,8 @@
 
 #include "../rpe_index.h"
 #include "avx512.h"
+#include "block_cache.h"
 #include "loops.h"
-#include "output_cache.h"
 
 namespace rpe_ops {
 namespace {
@@ -39,11 +38,11 @@ int64_t rows_per_chunk(int64_t row_width) {
 // One pass over the (Lq, Lk) index per call, instead of a check per element in
 // each of the B*H rows that read it. On the AVX-512 loops, one_bucket_vectors
 // (if given) gets the number of 16-id vectors all in one bucket (see avx512.h).
-void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op, Loops loops,
+void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op, bool simd,
                       int64_t* one_bucket_vectors = nullptr) {
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int64_t n = index.numel();
-  if (loops != Loops::kPortable && avx512::all_in_range(idx, n, K, one_bucket_vectors)) return;
+  if (simd && avx512::all_in_range(idx, n, K, one_bucket_vectors)) return;
   int32_t lo = 0, hi = 0;  // a min/max pass vectorizes; a search for the first bad id would not
   if (n > 0) lo = hi = idx[0];
   for (int64_t e = 0; e < n; ++e) {
@@ -59,24 +58,24 @@ void check_bucket_ids(const at::Tensor& index, int64_t K, const char* op, Loops 
 
 }  // namespace
 
-at::Tensor rpe_index_cpu(Loops loops, const at::Tensor& input_, const at::Tensor& index_) {
+at::Tensor rpe_index_cpu(const at::Tensor& input_, const at::Tensor& index_) {
   check_rows_and_index(input_, index_, "rpe_index");
+  const bool simd = use_avx512();  // the AVX-512 loops (loops.h)
   const at::Tensor input = input_.contiguous();
   const at::Tensor index = index_.contiguous();
   const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1);
   const int64_t BH = input.size(0) * input.size(1), rows = BH * Lq;
-  check_bucket_ids(index, K, "rpe_index", loops);
-  at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
+  check_bucket_ids(index, K, "rpe_index", simd);
+  at::Tensor out = block_cache::empty_tensor({input.size(0), input.size(1), Lq, Lk}, input.options());
 
-  if (input.scalar_type() == at::kFloat && loops != Loops::kPortable) {
-    const bool stream = loops == Loops::kAvx512Stream;
+  if (input.scalar_type() == at::kFloat && simd) {
     const float* in = input.const_data_ptr<float>();
     const int32_t* idx = index.const_data_ptr<int32_t>();
     float* y = out.mutable_data_ptr<float>();
     at::parallel_for(0, rows, rows_per_chunk(Lk), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         avx512::index_row(in + row_offset(row, K), K, idx + index_row_offset(query_of_row(row, Lq), Lk),
-                          y + row_offset(row, Lk), Lk, stream);
+                          y + row_offset(row, Lk), Lk);
     });
     return out;
   }
@@ -174,7 +173,7 @@ void reduce_qk_avx512(const at::Tensor& values, const at::Tensor& index, const a
   const int64_t table = groups * Lk * Kt * R;  // floats of one range's key-side tables
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), Lq, (int64_t(256) << 20) / (4 * table)}));
-  at::Tensor partial = empty_output({parts, groups, Lk, Kt, R}, values.options().dtype(at::kFloat)).zero_();
+  at::Tensor partial = block_cache::empty_tensor({parts, groups, Lk, Kt, R}, values.options().dtype(at::kFloat)).zero_();
   const scalar_t* v = values.const_data_ptr<scalar_t>();
   const int32_t* idx = index.const_data_ptr<int32_t>();
   const int32_t* idx_t = index_t.const_data_ptr<int32_t>();
@@ -201,9 +200,9 @@ void reduce_qk_avx512(const at::Tensor& values, const at::Tensor& index, const a
 
 // Whether the AVX-512 reduce loops take these values: float32 or half types, and
 // more than one (b, h) row per query (one row would leave 15 of 16 lanes idle).
-bool avx512_reduce(Loops loops, const at::Tensor& values) {
+bool avx512_reduce(bool simd, const at::Tensor& values) {
   const auto dtype = values.scalar_type();
-  return loops != Loops::kPortable && values.size(0) * values.size(1) >= 2 &&
+  return simd && values.size(0) * values.size(1) >= 2 &&
          (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
 }
 
@@ -214,8 +213,9 @@ constexpr int64_t kLanes = 4;
 
 }  // namespace
 
-at::Tensor rpe_reduce_cpu(Loops loops, const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
+at::Tensor rpe_reduce_cpu(const at::Tensor& values_, const at::Tensor& index_, int64_t K) {
   check_rows_and_index(values_, index_, "rpe_reduce");
+  const bool simd = use_avx512();  // the AVX-512 loops (loops.h)
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce: index has Lk = ", index_.size(1),
               " columns but values has Lk = ", values_.size(3));
   TORCH_CHECK(K >= 0, "rpe_reduce: num_buckets must be >= 0, got ", K);
@@ -223,10 +223,10 @@ at::Tensor rpe_reduce_cpu(Loops loops, const at::Tensor& values_, const at::Tens
   const at::Tensor index = index_.contiguous();
   const int64_t Lq = values.size(2), Lk = values.size(3);
   const int64_t BH = values.size(0) * values.size(1), rows = BH * Lq;
-  check_bucket_ids(index, K, "rpe_reduce", loops);
-  at::Tensor out = empty_output({values.size(0), values.size(1), Lq, K}, values.options());
+  check_bucket_ids(index, K, "rpe_reduce", simd);
+  at::Tensor out = block_cache::empty_tensor({values.size(0), values.size(1), Lq, K}, values.options());
 
-  if (avx512_reduce(loops, values)) {
+  if (avx512_reduce(simd, values)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_avx512", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) reduce_avx512<scalar_t>(values, index, out);
     });
@@ -259,26 +259,24 @@ at::Tensor rpe_reduce_cpu(Loops loops, const at::Tensor& values_, const at::Tens
 
 // Portable loops: rows in (b, h)-major order, so that the key-side table of one (b, h), Lk * Kt
 // entries that each row reads all across, stays in L2 while its Lq rows run.
-at::Tensor rpe_index_qk_cpu(Loops loops, const at::Tensor& input_, const at::Tensor& index_,
-                            const at::Tensor& input_t_, const at::Tensor& index_t_) {
+at::Tensor rpe_index_qk_cpu(const at::Tensor& input_, const at::Tensor& index_, const at::Tensor& input_t_,
+                            const at::Tensor& index_t_) {
   check_key_side(input_, index_, input_t_, index_t_, "rpe_index_qk");
+  const bool simd = use_avx512();  // the AVX-512 loops (loops.h)
   const at::Tensor input = input_.contiguous(), input_t = input_t_.contiguous();
   const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
   const int64_t Lq = input.size(2), K = input.size(3), Lk = index.size(1), Kt = input_t.size(3);
   const int64_t rows = input.size(0) * input.size(1) * Lq;
   int64_t runs = 0;
-  check_bucket_ids(index, K, "rpe_index_qk", loops);
-  check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)", loops, &runs);
-  at::Tensor out = empty_output({input.size(0), input.size(1), Lq, Lk}, input.options());
+  check_bucket_ids(index, K, "rpe_index_qk", simd);
+  check_bucket_ids(index_t, Kt, "rpe_index_qk (index_t)", simd, &runs);
+  at::Tensor out = block_cache::empty_tensor({input.size(0), input.size(1), Lq, Lk}, input.options());
 
-  // The AVX-512 loop pays off only where neighbouring keys share key-side buckets, as iRPE's ids
-  // mostly do: on rpe-2.0-product's ids on a 25x38 map (14% of 16-key vectors in one bucket) it took
-  // 0.8-0.9x the portable loop's time. On ids with fewer such runs it took up to 2.5x (random ids: 0%;
-  // those ids with 5% replaced at random: 6%, 1.8x), so ids with under 10% run the portable loop: at
-  // worst a speed-up missed (rpe-3.0-product: 3-8%), never a slow-down.
+  // The AVX-512 loop gathers the key-side entries, which pays off only where neighbouring keys share a
+  // key-side bucket (one load for 16 keys), as iRPE's ids mostly do; ids with fewer such runs than 10% of
+  // their 16-id vectors run the portable loop, which is faster there.
   const bool runs_of_buckets = runs * 10 >= index_t.numel() / 16;
-  if (input.scalar_type() == at::kFloat && loops != Loops::kPortable && Kt * Lk <= INT32_MAX && runs_of_buckets) {
-    const bool stream = loops == Loops::kAvx512Stream;
+  if (input.scalar_type() == at::kFloat && simd && Kt * Lk <= INT32_MAX && runs_of_buckets) {
     // The key-side table transposed to (B, H, Kt, Lk): see avx512::index_qk_row.
     const at::Tensor keys_t = input_t.transpose(2, 3).contiguous();
     const float* in = input.const_data_ptr<float>();
@@ -292,7 +290,7 @@ at::Tensor rpe_index_qk_cpu(Loops loops, const at::Tensor& input_, const at::Ten
         const int64_t i = query_of_row(row, Lq);
         avx512::index_qk_row(in + row_offset(row, K), K, idx + index_row_offset(i, Lk),
                              k_t + row_offset(key_row_of(row, 0, Lq, Lk), Kt), idx_t + index_row_offset(i, Lk), Lk,
-                             y + row_offset(row, Lk), stream);
+                             y + row_offset(row, Lk));
       }
     });
     return out;
@@ -322,10 +320,10 @@ at::Tensor rpe_index_qk_cpu(Loops loops, const at::Tensor& input_, const at::Ten
 // Portable loops: one task per (b, h); it owns out_t's (Lk, Kt) slice of that (b, h), summed
 // over all Lq rows in a buffer that stays in L2, so no two threads share an
 // output element. Each values element is read once for both tables.
-std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(Loops loops, const at::Tensor& values_,
-                                                     const at::Tensor& index_, int64_t K,
-                                                     const at::Tensor& index_t_, int64_t Kt) {
+std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(const at::Tensor& values_, const at::Tensor& index_,
+                                                     int64_t K, const at::Tensor& index_t_, int64_t Kt) {
   check_rows_and_index(values_, index_, "rpe_reduce_qk");
+  const bool simd = use_avx512();  // the AVX-512 loops (loops.h)
   TORCH_CHECK(index_.size(1) == values_.size(3), "rpe_reduce_qk: index has Lk = ", index_.size(1),
               " columns but values has Lk = ", values_.size(3));
   TORCH_CHECK(index_t_.sizes() == index_.sizes() && index_t_.scalar_type() == at::kInt &&
@@ -336,12 +334,12 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(Loops loops, const at::Tens
   const at::Tensor values = values_.contiguous();
   const at::Tensor index = index_.contiguous(), index_t = index_t_.contiguous();
   const int64_t B = values.size(0), H = values.size(1), Lq = values.size(2), Lk = values.size(3);
-  check_bucket_ids(index, K, "rpe_reduce_qk", loops);
-  check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)", loops);
-  at::Tensor out = empty_output({B, H, Lq, K}, values.options());
-  at::Tensor out_t = empty_output({B, H, Lk, Kt}, values.options());
+  check_bucket_ids(index, K, "rpe_reduce_qk", simd);
+  check_bucket_ids(index_t, Kt, "rpe_reduce_qk (index_t)", simd);
+  at::Tensor out = block_cache::empty_tensor({B, H, Lq, K}, values.options());
+  at::Tensor out_t = block_cache::empty_tensor({B, H, Lk, Kt}, values.options());
 
-  if (avx512_reduce(loops, values)) {
+  if (avx512_reduce(simd, values)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rpe_reduce_qk_avx512", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) reduce_qk_avx512<scalar_t>(values, index, index_t, out, out_t);
     });
@@ -389,30 +387,11 @@ std::tuple<at::Tensor, at::Tensor> rpe_reduce_qk_cpu(Loops loops, const at::Tens
   return {out, out_t};
 }
 
-namespace {
-
-// Bytes of the (B, H, Lq, Lk) output of rpe_index / rpe_index_qk: what decides whether its loops are timed.
-int64_t index_output_bytes(const at::Tensor& input, const at::Tensor& index) {
-  return input.dim() == 4 && index.dim() == 2
-             ? input.size(0) * input.size(1) * input.size(2) * index.size(1) * static_cast<int64_t>(input.element_size())
-             : 0;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(rpe_ops, CPU, m) {
-  m.impl("rpe_index", [](const at::Tensor& input, const at::Tensor& index) {
-    return rpe_index_cpu(loops_for(Op::kIndex, index_output_bytes(input, index)), input, index);
-  });
-  m.impl("rpe_reduce", [](const at::Tensor& values, const at::Tensor& index, int64_t K) {
-    return rpe_reduce_cpu(loops_for(Op::kReduce, 0), values, index, K);
-  });
-  m.impl("rpe_index_qk", [](const at::Tensor& input, const at::Tensor& index, const at::Tensor& input_t,
-                            const at::Tensor& index_t) {
-    return rpe_index_qk_cpu(loops_for(Op::kIndexQk, index_output_bytes(input, index)), input, index, input_t, index_t);
-  });
-  m.impl("rpe_reduce_qk", [](const at::Tensor& values, const at::Tensor& index, int64_t K, const at::Tensor& index_t,
-                             int64_t Kt) { return rpe_reduce_qk_cpu(loops_for(Op::kReduceQk, 0), values, index, K, index_t, Kt); });
+  m.impl("rpe_index", rpe_index_cpu);
+  m.impl("rpe_reduce", rpe_reduce_cpu);
+  m.impl("rpe_index_qk", rpe_index_qk_cpu);
+  m.impl("rpe_reduce_qk", rpe_reduce_qk_cpu);
 }
 
 }  // namespace rpe_ops

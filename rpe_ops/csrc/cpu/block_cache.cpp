@@ -1,5 +1,5 @@
-// See output_cache.h.
-#include "output_cache.h"
+// See block_cache.h.
+#include "block_cache.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -12,19 +12,19 @@
 #include <string>
 #include <unordered_map>
 
-namespace rpe_ops {
+namespace rpe_ops::block_cache {
 namespace {
 
 constexpr size_t kMinBytes = size_t(2) << 20;  // smaller blocks: torch's default allocator
 constexpr size_t kAlignment = 64;                // as torch's (c10::gAlignment)
 
 size_t limit_from_env() {
-  const char* env = std::getenv("RPE_OPS_CPU_CACHE_MB");
+  const char* env = std::getenv("RPE_OPS_BLOCK_CACHE_MB");
   if (env == nullptr || *env == '\0') return size_t(4096) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "RPE_OPS_CPU_CACHE_MB must be a whole number of MiB >= 0 ",
-              "(0 keeps no freed outputs), got '", env, "'");
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && mb >= 0, "RPE_OPS_BLOCK_CACHE_MB must be a whole number of ",
+                    "MiB >= 0 (the most the block cache keeps; 0 keeps nothing), got '", env, "'");
   return static_cast<size_t>(mb) << 20;
 }
 
@@ -33,10 +33,10 @@ struct Block {
   size_t bytes;
 };
 
-class OutputAllocator final : public c10::Allocator {
+class BlockCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    // torch's own allocator, not GetCPUAllocator(): that is this one once install_as_cpu_allocator() ran
+    // torch's own allocator, not GetCPUAllocator(): that is this one once install() ran
     if (n < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
     const size_t bytes = (n + kMinBytes - 1) / kMinBytes * kMinBytes;  // whole 2 MiB: sizes that differ a little match
     {
@@ -77,7 +77,7 @@ class OutputAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  OutputCacheStats stats() {
+  Stats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {kept_bytes_, kept_.size(), limit_, hits_, misses_};
   }
@@ -96,7 +96,7 @@ class OutputAllocator final : public c10::Allocator {
   static void release(void* ptr) { instance().keep(ptr); }
 
   // Keep a freed block, most recent first; past the limit, free the oldest. A pointer this cache did not
-  // hand out came from torch's default allocator (small, or allocated before install_as_cpu_allocator):
+  // hand out came from torch's default allocator (small, or allocated before install()):
   // its own deleter frees it.
   void keep(void* ptr) {
     std::list<Block> dropped;
@@ -125,11 +125,11 @@ class OutputAllocator final : public c10::Allocator {
   }
 
  public:
-  // Made at the first use (reading RPE_OPS_CPU_CACHE_MB then; a bad value throws, and the next use tries
+  // Made at the first use (reading RPE_OPS_BLOCK_CACHE_MB then; a bad value throws, and the next use tries
   // again), never destroyed: tensors may be freed during interpreter shutdown.
-  static OutputAllocator& instance() {
-    static OutputAllocator* allocator = new OutputAllocator();
-    return *allocator;
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();
+    return *cache;
   }
 
  private:
@@ -143,23 +143,23 @@ class OutputAllocator final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
-  return at::detail::empty_generic(sizes, &OutputAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+  return at::detail::empty_generic(sizes, &BlockCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
 
-OutputCacheStats output_cache_stats() { return OutputAllocator::instance().stats(); }
+Stats stats() { return BlockCache::instance().stats(); }
 
-bool install_as_cpu_allocator() {
-  c10::Allocator* cache = &OutputAllocator::instance();
-  if (c10::GetCPUAllocator() == cache) return false;
-  c10::SetCPUAllocator(cache, /*priority=*/1);  // above torch's default (0)
+void empty() { BlockCache::instance().empty(); }
+
+bool install() {
+  BlockCache& cache = BlockCache::instance();
+  if (c10::GetCPUAllocator() == &cache || cache.stats().limit_bytes == 0) return false;
+  c10::SetCPUAllocator(&cache, /*priority=*/1);  // above torch's default (0)
   return true;
 }
 
-bool installed_as_cpu_allocator() { return c10::GetCPUAllocator() == &OutputAllocator::instance(); }
+bool installed() { return c10::GetCPUAllocator() == &BlockCache::instance(); }
 
-void empty_output_cache() { OutputAllocator::instance().empty(); }
-
-}  // namespace rpe_ops
+}  // namespace rpe_ops::block_cache
