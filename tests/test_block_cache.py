@@ -124,3 +124,11 @@ def test_convolutions_and_their_gradients_compute_the_same_on_the_cache():
     assert results['install']['hits'] > 0 and results['default']['hits'] == 0
     assert results['install']['out'] == results['default']['out']
     assert results['install']['grad'] == results['default']['grad']
+
+
+@compiled
+def test_tools_run_with_freed_memory_kept():
+    run = run_python('from rpe_ops import block_cache\nfrom detr_irpe.cli.runner import run_tool\n'
+                     'print(run_tool(block_cache.describe))\n')
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith('rpe_ops block cache: CPU tensors of 2 MiB or more reused')

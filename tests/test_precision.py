@@ -222,7 +222,7 @@ def test_train_py_keeps_the_scaler_in_its_checkpoint_and_resumes_exactly(tmp_pat
     assert full.returncode == 0, full.stderr[-3000:]
     lines = [line for line in full.stdout.splitlines() if line.startswith('precision:')]
     assert lines == [f'precision: --amp on cpu: float16 autocast with a gradient scaler (forced by {FORCE_ENV})']
-    # the tool's freed CPU blocks are kept for reuse (detr_irpe.allocator), and it says so once
+    # the tool's freed CPU blocks are kept for reuse (rpe_ops.block_cache), and it says so once
     memory = [line for line in full.stdout.splitlines() if line.startswith('CPU memory:')]
     assert len(memory) == 1 and memory[0].startswith('CPU memory: rpe_ops block cache: CPU tensors of 2 MiB'), memory
     half = tool('train.py', *common, '--epochs', '1', '--output_dir', str(tmp_path / 'cut'), env=env)

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from detr_irpe.allocator import reuse_freed_memory
+from rpe_ops import block_cache
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import device_flag, int_range, non_empty
 from detr_irpe.cli.runner import run_tool
@@ -41,7 +41,7 @@ def run(argv=None):
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    malloc = reuse_freed_memory()  # as every tool runs (DETR_IRPE_MALLOC=system: torch's default allocator)
+    malloc = block_cache.install()  # as every tool runs (RPE_OPS_BLOCK_CACHE_MB=0: torch's default allocator)
 
     index = None
     if args.ids == 'product':
@@ -79,13 +79,12 @@ def run(argv=None):
     if args.device == 'cpu' and args.dtype == 'float32':
         loops = benchmark_loops(args.batch, args.heads, args.length, args.buckets, args.repeats, index=index)
         result['cpu_loops'] = loops
-        print(f"CPU loops, float32 (chosen: {', '.join(f'{op} {s}' for op, s in loops['chosen'].items())}); "
-              f"ms, and / portable:")
+        print(f"CPU loops, float32 (these ops run {loops['loops']}); ms, and / portable:")
         for op, kinds in loops['median_seconds'].items():
             for kind, t in kinds.items():
                 print(f"  {op:<13}{kind:<17}" + '  '.join(
                     f"{s} {v * 1e3:.1f} ({loops['vs_portable'][op][kind][s]:.2f})" for s, v in t.items()))
-    result['machine']['host'] = host()  # every op has chosen its loops by now
+    result['machine']['host'] = host()
     print(describe_host(result['machine']['host']))
     save_json(result, args.json, indent=2)
     print(f'wrote {args.json}')

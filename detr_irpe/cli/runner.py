@@ -9,7 +9,7 @@ import os
 import sys
 
 from detr_irpe import UsageError
-from detr_irpe.allocator import reuse_freed_memory
+from rpe_ops import block_cache
 
 __all__ = ['UsageError', 'run_tool']
 
@@ -17,9 +17,9 @@ USAGE_EXIT_STATUS = 2
 
 
 def run_tool(main, *args):
-    """main(*args) with freed CPU memory kept for reuse (detr_irpe.allocator), its result returned."""
+    """main(*args) with freed CPU memory kept for reuse (rpe_ops.block_cache), its result returned."""
     try:
-        reuse_freed_memory()
+        block_cache.install()
         return main(*args)
     except UsageError as e:
         if os.environ.get('DETR_IRPE_DEBUG'):

@@ -20,7 +20,6 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import distributed, engine
-from detr_irpe.allocator import describe as describe_allocator
 from detr_irpe.checkpoint import (load_checkpoint, load_model_state, load_optimizer_state, resolve_resume,
                                   save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
@@ -31,6 +30,7 @@ from detr_irpe.precision import choose_precision
 from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_rng_state, rng_state,
                                   set_rng_state)
 from detr_irpe_datasets.coco_eval import resolve_backend
+from rpe_ops import block_cache
 
 
 def get_parser():
@@ -95,7 +95,7 @@ def run(args):
         print(precision.describe())
     scaler = precision.grad_scaler()
     print(f'parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable')
-    print(f'CPU memory: {describe_allocator()}')  # run_tool installed it (detr_irpe/allocator.py)
+    print(f'CPU memory: {block_cache.describe()}')  # run_tool installed it
     optimizer = engine.build_optimizer(model_without_ddp, args)
     lr_scheduler = engine.build_lr_scheduler(optimizer, args)
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,

@@ -20,7 +20,7 @@ from torch import nn
 
 import rpe_ops
 import rpe_ops.benchmark
-from detr_irpe.allocator import describe as describe_malloc, reuse_freed_memory
+from rpe_ops import block_cache
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.cli.flags import get_model_parser
 from detr_irpe.detr import batch_images, build_model
@@ -149,9 +149,9 @@ def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
 
 DC5_SCRIPT = '''
 import json, resource, sys, time, torch
-from detr_irpe.allocator import reuse_freed_memory
+from rpe_ops import block_cache
 from detr_irpe.lab.benchmark import build, sample_batch, train_step
-reuse_freed_memory()
+block_cache.install()
 name, rpe, h, w, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
 model, criterion = build(rpe, dilation=True)
@@ -194,7 +194,7 @@ def machine():
     return {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
             'torch': torch.__version__,
             'cuda': torch.cuda.is_available(), 'rpe_ops_compiled': rpe_ops.build_info()['cpu'],
-            'malloc': describe_malloc(),
+            'malloc': block_cache.describe(),
             'load_average_1min_start': os.getloadavg()[0]}
 
 
@@ -210,7 +210,7 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
     """
     if threads:
         torch.set_num_threads(threads)
-    reuse_freed_memory()  # as the tools run: the figures are what training and evaluation see
+    block_cache.install()  # as the tools run: the figures are what training and evaluation see
     cfg = QUICK if quick else FULL
     result = {'machine': machine(), 'quick': quick,
               'sizes': {'images': cfg['images'], 'attention_map': cfg['attention_map'], 'attention_batch': 2,
@@ -243,7 +243,7 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
             result['cpu_loops' + suffix] = loops
             for k, short in (('forward', 'fwd'), ('forward_backward', 'fwd+bwd')):
                 ratios['rpe_index'][f'chosen loops / portable ({short}, {kind})'] = \
-                    loops['vs_portable']['rpe_index'][k]['chosen']
+                    loops['vs_portable']['rpe_index'][k][loops['loops']]
     if 'dc5' in parts:
         d = dc5(cfg['dc5_image'], cfg['dc5_steps'], cfg['dc5_rounds'])
         result['dc5'] = d
