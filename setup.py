@@ -6,7 +6,7 @@ as `detr_irpe_datasets`, and the tools as console scripts (detr-irpe-train, ...)
 The CUDA kernels are compiled whenever nvcc is found (no GPU is needed to build
 them). Environment:
     RPE_OPS_NO_CUDA=1         CPU kernels only (quick rebuilds while iterating)
-    TORCH_CUDA_ARCH_LIST=...  GPU architectures (default: sm_80, sm_90 + PTX)
+    TORCH_CUDA_ARCH_LIST=...  GPU architectures (default: sm_75, sm_80, sm_90 + PTX)
     MAX_JOBS=N                parallel compile jobs
 """
 import glob
@@ -27,6 +27,7 @@ except ImportError as error:
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join('rpe_ops', 'csrc')
 DEFAULT_CUDA_ARCH_FLAGS = [
+    '-gencode=arch=compute_75,code=sm_75',  # Turing (T4), the oldest CUDA 13 still builds for
     '-gencode=arch=compute_80,code=sm_80',
     '-gencode=arch=compute_90,code=sm_90',
     '-gencode=arch=compute_90,code=compute_90',  # PTX, so newer GPUs can JIT it

@@ -14,7 +14,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
-FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu']
+FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu',
+               'triton_kernels_match_cpu_op', 'flex_recompiles']
 
 
 def run_script(*argv):
@@ -42,6 +43,9 @@ def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_th
     # the compiled graph holds all four ops; every op was compared in every dtype
     assert len(report['checks']['compile_sees_op']['ops_in_graph']) == 4
     assert report['checks']['op_matches_reference']['compared'] == 3 * 4 * (3 + 2 + 1 + 2)
+    assert report['checks']['triton_kernels_match_cpu_op']['cases'] >= 50   # interpreted Triton against the CPU op
+    compiles = report['checks']['flex_recompiles']['compiles_after_each_call']
+    assert len(compiles) == 6 and compiles[1] == compiles[-1] > 0
     assert report['benchmark']['op_vs_gather']['gather / rpe_index']['forward_backward']['gather'] > 0
     for name in FAST_CHECKS + ['op_vs_gather']:
         assert f'| {name} |' in run.stdout  # the printed table has a row per check and benchmark part
@@ -95,6 +99,9 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report['checks']) | set(FAST_CHECKS) == set(gpu_check.CHECKS)
+    if torch.backends.cpu.get_cpu_capability() != 'AVX512':   # flex on CPU is refused there, and said so
+        assert 'without AVX-512' in report['checks'].pop('flex_matches_explicit')['skipped']
+        assert 'without AVX-512' in report['benchmark'].pop('flex_vs_op')['skipped']
     assert all(r['passed'] is True for r in report['checks'].values()), report['checks']
     amp = report['checks']['amp_step']['precisions']['float16 + GradScaler']
     assert amp['loop_skipped_steps'] < 3 and amp['grad_cosine'] >= 0.98

@@ -59,9 +59,11 @@ def run(argv=None):
     for name in args.checks:
         print(f'check {name} ...', flush=True)
         report['checks'][name] = run_one(CHECKS[name], args.device, args.quick)
+        save_json(report, args.output, default=str)  # what is done so far survives a crash or a time limit
     for name in args.benchmarks:
         print(f'benchmark {name} ...', flush=True)
         report['benchmark'][name] = run_one(BENCHMARKS[name], args.device, args.quick)
+        save_json(report, args.output, default=str)
     report['seconds'] = time.time() - started
     failed = [n for n, r in report['checks'].items() if r['passed'] is False]
     failed += [f'benchmark {n}' for n, r in report['benchmark'].items() if r.get('error')]

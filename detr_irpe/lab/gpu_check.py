@@ -328,6 +328,8 @@ def check_flex(device, quick):
     from detr_irpe.flex import flex_attention
     if flex_attention is None:
         raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
+    if device == 'cpu' and torch.backends.cpu.get_cpu_capability() != 'AVX512':
+        raise Skip('flex attention on CPU is refused without AVX-512 (detr_irpe.flex)')
     from detr_irpe.irpe import rpe_config_from_string
     torch._dynamo.reset()  # each score_mod compiles anew; earlier checks' compiles must not use up the recompile limit
     # iRPE-K (the default), bias on both sides per head, and cross's two tables; the CPU suite has every method
@@ -367,6 +369,63 @@ def check_flex(device, quick):
         results[rpe] = entry
         passed = passed and ok
     return {'passed': passed, 'backward_checked': backward, 'map': [h, w], 'configs': results}
+
+
+@check('triton_kernels_match_cpu_op')
+def check_triton(device, quick):
+    """The Triton kernels (the ops' CUDA implementation) against the CPU op and the float64 reference, forward and
+    backward, every dtype (rpe_ops.triton_kernels.check_against_cpu): on CUDA as compiled, and the nvcc kernels
+    beside them where built; on CPU under the Triton interpreter."""
+    from rpe_ops import _C, triton_kernels
+    results = {'triton': triton_kernels.check_against_cpu(device)}
+    if device == 'cuda' and _C.compiled_with_cuda():
+        results['cuda'] = triton_kernels.check_against_cpu(device, kernels='cuda')
+    worst = {kernels: max(r['bound_ratio'] for r in cases.values()) for kernels, cases in results.items()}
+    return {'passed': all(w <= 1 for w in worst.values()), 'worst_error_over_bound': worst,
+            'cases': len(results['triton']),
+            'failing': {f'{k}: {case}': r for k, cases in results.items() for case, r in cases.items()
+                        if not r['bound_ratio'] <= 1}}
+
+
+@check('flex_recompiles')
+def check_flex_recompiles(device, quick):
+    """flex compiled as detr_irpe.flex compiles it on CUDA (dynamic shapes from the first call): three map sizes,
+    each under float32 (evaluation) and bfloat16 autocast (training). Passes when no size after the first
+    compiles again. Backend: inductor on CUDA; on CPU aot_eager, dynamo's guards without code generation."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from detr_irpe.flex import compiled_flex_attention, flex_attention, irpe_score_mod
+    from detr_irpe.irpe import build_rpe, rpe_config_from_string
+    if flex_attention is None:
+        raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
+    torch._dynamo.reset()
+    graphs = []
+    inner = lookup_backend('inductor' if device == 'cuda' else 'aot_eager')
+
+    def counting(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return inner(gm, example_inputs)
+    compiled_flex_attention.cache_clear()
+    run = compiled_flex_attention(True, backend=counting)
+    rpe_q, rpe_k, _ = build_rpe(rpe_config_from_string('rpe-2.0-product-ctx-1-qk'), 16, 4)
+    rpe_q, rpe_k = rpe_q.to(device), rpe_k.to(device)
+    sizes = [(5, 6), (7, 4), (6, 9)] if quick else [(25, 34), (23, 38), (50, 67)]
+    compiles = []
+    for height, width in sizes:
+        for training in (True, False):
+            L = height * width
+            q, k, v = (torch.randn(2, 4, L, 16, device=device) for _ in range(3))
+            mask = torch.zeros(2, L, dtype=torch.bool, device=device)
+            mask[1, -(L // 5):] = True
+            with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=training):
+                score_mod = irpe_score_mod(rpe_q, rpe_k, q, k, height, width, mask)
+                dtype = torch.bfloat16 if training else torch.float32
+                run(q.to(dtype), k.to(dtype), v.to(dtype), score_mod=score_mod, scale=1.0)
+            sync(device)
+            compiles.append(len(graphs))
+    compiled_flex_attention.cache_clear()
+    return {'passed': compiles[1] == compiles[-1], 'compiles_after_each_call': compiles,
+            'maps': [list(s) for s in sizes]}
 
 
 @check('amp_step')
@@ -481,6 +540,8 @@ def bench_flex(device, quick):
     from detr_irpe.flex import flex_attention
     if flex_attention is None:
         return {'skipped': f'torch {torch.__version__} has no flex_attention'}
+    if device == 'cpu' and torch.backends.cpu.get_cpu_capability() != 'AVX512':
+        return {'skipped': 'flex attention on CPU is refused without AVX-512 (detr_irpe.flex)'}
     from detr_irpe.irpe import rpe_config_from_string
     torch._dynamo.reset()  # past torch's recompile limit flex would run uncompiled, and this would time that
     h, w = (6, 8) if quick else (25, 42)
