@@ -11,7 +11,8 @@ import torch
 
 from detr_irpe import UsageError, distributed, engine
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.checkpoint import load_checkpoint, load_optimizer_state, resolve_resume, save_checkpoint
+from detr_irpe.checkpoint import (load_checkpoint, load_optimizer_state, load_resume_checkpoint, resolve_resume,
+                                  save_checkpoint)
 from detr_irpe.preemption import PREEMPTED_EXIT_STATUS, process_rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +32,8 @@ def test_resume_auto_finds_the_run_folders_checkpoint_or_starts_fresh(tmp_path):
 
 def test_an_unreadable_checkpoint_is_an_error_for_resume_auto_not_a_fresh_start(tmp_path):
     (tmp_path / 'checkpoint.pth').write_bytes(b'half a checkpoint')
-    with pytest.raises(UsageError, match='cannot be read'):
-        load_checkpoint(resolve_resume('auto', str(tmp_path)))
+    with pytest.raises(UsageError, match='not a checkpoint .*No readable checkpoint is left'):
+        load_resume_checkpoint('auto', str(tmp_path))
     assert (tmp_path / 'checkpoint.pth').read_bytes() == b'half a checkpoint'
 
 

@@ -45,8 +45,7 @@ def test_checkpoint_is_replaced_atomically_and_a_failed_write_keeps_the_old_one(
     save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
 
     def dies_midway(obj, f, *a, **k):
-        with open(f, 'wb') as out:
-            out.write(b'partial bytes of a checkpoint')
+        f.write(b'partial bytes of a checkpoint')
         raise KeyboardInterrupt('killed while writing')
 
     monkeypatch.setattr(torch, 'save', dies_midway)
