@@ -17,6 +17,8 @@ from detr_irpe.preemption import PREEMPTED_EXIT_STATUS, process_rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+# the checkout first; an existing PYTHONPATH (where detr_irpe_datasets is found without an install) kept
+PYTHONPATH = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 
 
@@ -75,7 +77,7 @@ def _torchrun(*argv):
 def _env():
     # A restarted group must not read the previous group's addresses from torchrun's shared store
     # (pytorch/pytorch#135712): the README's torchrun --max-restarts command lines set this too.
-    return {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    return {**os.environ, 'PYTHONPATH': PYTHONPATH, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
 
 
 def _workers(parent):
