@@ -2,7 +2,8 @@
 
     python tools/train.py --config configs/smoke.yaml
     python tools/train.py --coco_path /data/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir runs/irpe
-    torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 tools/train.py \\
+        --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
     python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
 
 Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps; the one before it is kept as
