@@ -45,10 +45,16 @@ class RandomSizeCrop(v2.Transform):
 
 def random_resize(scales, max_size=None):
     """Shorter side to a random s in `scales`; if the longer side would exceed max_size, it becomes max_size."""
-    if max_size is not None and max_size <= max(scales):
-        raise ValueError(f'the maximum size {max_size} must be larger than every resize scale {list(scales)}; '
+    return v2.RandomChoice([resize(s, max_size) for s in scales])
+
+
+def resize(size, max_size=None):
+    """Shorter side to `size`, the longer at most max_size: no random draw (validation must not move the global
+    generator that training's dropout draws from, or a run resumed after an evaluation would differ)."""
+    if max_size is not None and max_size <= size:
+        raise ValueError(f'the maximum size {max_size} must be larger than the resize scale {size}; '
                          f'raise the maximum size or lower the scales')
-    return v2.RandomChoice([v2.Resize(s, max_size=max_size) for s in scales])
+    return v2.Resize(size, max_size=max_size)
 
 
 def normalize():
@@ -78,7 +84,7 @@ def make_transforms(image_set, train_scales=tuple(range(480, 801, 32)), train_ma
             normalize(),
         ])
     if image_set == 'val':
-        return v2.Compose([random_resize([val_size], val_max_size), normalize()])
+        return v2.Compose([resize(val_size, val_max_size), normalize()])
     raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
 
 

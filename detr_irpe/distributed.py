@@ -1,9 +1,12 @@
 """Distributed training glue: `torchrun --nproc_per_node N tools/train.py ...` runs DistributedDataParallel
 (gloo on CPU, nccl on GPU); several machines through torchrun's own flags."""
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from detr_irpe import UsageError
 
 
 def init_distributed(args):
@@ -17,10 +20,17 @@ def init_distributed(args):
     if cuda:
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
-    dist.init_process_group('nccl' if cuda else 'gloo', init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
-    args.distributed = True
-    dist.barrier()
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    try:
+        # The timeout bounds the rendezvous and every collective: a group missing a process fails, never hangs.
+        dist.init_process_group('nccl' if cuda else 'gloo', init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank, timeout=timeout)
+        args.distributed = True
+        dist.barrier()
+    except dist.DistError as e:
+        raise UsageError(f'process {args.rank} of {args.world_size}: not every process arrived within '
+                         f'--dist_timeout {args.dist_timeout} s ({str(e).splitlines()[0]}); a process died or never '
+                         'started: see its log, or raise --dist_timeout.') from None
     if (args.rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0
             and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
         print('warning: torchrun --max-restarts with its shared rendezvous store: a restarted group can read the '

@@ -98,9 +98,11 @@ class ResumableSampler(Sampler):
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, device, epoch, args, precision,
-                    start_step=0, on_step=None, scaler=None):
+                    start_step=0, on_step=None, scaler=None, stats=None):
     """One epoch from batch `start_step`. on_step(step) is called after each optimizer step (for periodic
-    checkpoints). Returns averaged losses. Raises NonFiniteLossError naming epoch and step.
+    checkpoints). stats: this process's running sums of the epoch ({'sums', 'count', 'skipped'}, new_epoch_stats()),
+    updated in place at each step, so a checkpoint can keep them and a resumed epoch logs the averages of all its
+    steps. Returns averaged losses. Raises NonFiniteLossError naming epoch and step.
 
     precision: the run's detr_irpe.precision.Precision (choose_precision); scaler: its grad_scaler(), kept by the
     caller across epochs and in checkpoints (default: a fresh one). A step the scaler skips for inf/nan gradients
@@ -110,7 +112,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
         scaler = precision.grad_scaler()
     model.train()
     criterion.train()
-    sums, count, skipped = {}, 0, 0
+    stats = new_epoch_stats() if stats is None else stats
+    sums = stats['sums']
     steps = start_step + len(data_loader)
     bar = tqdm(data_loader, total=len(data_loader), initial=0, desc=f'epoch {epoch}', dynamic_ncols=True,
                disable=not distributed.is_main_process(), mininterval=2.0)
@@ -147,24 +150,29 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
         scaler.step(optimizer)  # skipped when a gradient is inf/nan (float16 only)
         scaler.update()
         if scale is not None and scaler.get_scale() < scale:  # the scale drops exactly when the step was skipped
-            skipped += 1
+            stats['skipped'] += 1
 
         # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
         logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items()
                                           if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
-        count += 1
+        stats['count'] += 1
         images_seen += len(images)
         bar.set_postfix(loss=f'{logged["loss"]:.3f}', img_s=f'{images_seen / (time.time() - t0):.1f}')
         if on_step is not None:
             on_step(step + 1)
     for g, lr in zip(optimizer.param_groups, base_lrs):
         g['lr'] = lr
-    averages = {k: v / max(count, 1) for k, v in sums.items()}
+    averages = {k: v / max(stats['count'], 1) for k, v in sums.items()}
     if scaler.is_enabled():
-        averages['skipped_steps'] = skipped  # the same on every process: the scaler sees the reduced gradients
+        averages['skipped_steps'] = stats['skipped']  # the same on every process: the scaler sees the reduced gradients
     return distributed.all_reduce_mean(averages)
+
+
+def new_epoch_stats():
+    """Running sums of an epoch's logged losses: train_one_epoch's `stats`, kept in checkpoints."""
+    return {'sums': {}, 'count': 0, 'skipped': 0}
 
 
 def _float(v):
@@ -174,12 +182,15 @@ def _float(v):
 
 
 @torch.no_grad()
-def evaluate(model, postprocessors, data_loader, evaluator, device):
+def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=None):
     """Run the model over data_loader and feed the post-processed detections (original-image pixels)
-    to evaluator (datasets.CocoEvaluator). Returns evaluator.summarize()'s result on every process."""
+    to evaluator (datasets.CocoEvaluator). Returns evaluator.summarize()'s result on the main process, None on the
+    others. on_batch() is called before each batch (to stop at a SIGTERM without waiting for the whole pass)."""
     model.eval()
     for images, targets in tqdm(data_loader, desc='eval', dynamic_ncols=True, mininterval=2.0,
                                 disable=not distributed.is_main_process()):
+        if on_batch is not None:
+            on_batch()
         images = [img.to(device) for img in images]
         outputs = model(images)
         sizes = torch.stack([t['orig_size'] for t in targets]).to(device)

@@ -13,10 +13,17 @@ from detr_irpe import distributed
 def process_rng_state(checkpoint):
     """This process's generator states from a checkpoint: its own where every process's were kept by a run
     of the same size, else the main process's (older checkpoints, another number of processes)."""
-    per_process = checkpoint.get('rng_per_process')
+    own = process_entry(checkpoint, 'rng')
+    return own if own is not None else checkpoint['rng']
+
+
+def process_entry(checkpoint, name):
+    """This process's item of checkpoint[name + '_per_process'] (a list, one per process) when a run of the same
+    size wrote it, else None."""
+    per_process = checkpoint.get(name + '_per_process')
     if per_process and len(per_process) == distributed.get_world_size():
         return per_process[distributed.get_rank()]
-    return checkpoint['rng']
+    return None
 
 
 # The exit status after the checkpoint of a SIGTERM: 128 + 15, what a process ended by SIGTERM reports, so

@@ -11,11 +11,14 @@ import torch
 
 from detr_irpe import UsageError, distributed, engine
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.checkpoint import load_checkpoint, load_optimizer_state, resolve_resume, save_checkpoint
+from detr_irpe.checkpoint import (load_checkpoint, load_optimizer_state, load_resume_checkpoint, resolve_resume,
+                                  save_checkpoint)
 from detr_irpe.preemption import PREEMPTED_EXIT_STATUS, process_rng_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+# the checkout first; an existing PYTHONPATH (where detr_irpe_datasets is found without an install) kept
+PYTHONPATH = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
 SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
 
 
@@ -31,8 +34,8 @@ def test_resume_auto_finds_the_run_folders_checkpoint_or_starts_fresh(tmp_path):
 
 def test_an_unreadable_checkpoint_is_an_error_for_resume_auto_not_a_fresh_start(tmp_path):
     (tmp_path / 'checkpoint.pth').write_bytes(b'half a checkpoint')
-    with pytest.raises(UsageError, match='cannot be read'):
-        load_checkpoint(resolve_resume('auto', str(tmp_path)))
+    with pytest.raises(UsageError, match='not a checkpoint .*No readable checkpoint is left'):
+        load_resume_checkpoint('auto', str(tmp_path))
     assert (tmp_path / 'checkpoint.pth').read_bytes() == b'half a checkpoint'
 
 
@@ -74,7 +77,7 @@ def _torchrun(*argv):
 def _env():
     # A restarted group must not read the previous group's addresses from torchrun's shared store
     # (pytorch/pytorch#135712): the README's torchrun --max-restarts command lines set this too.
-    return {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    return {**os.environ, 'PYTHONPATH': PYTHONPATH, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
 
 
 def _workers(parent):

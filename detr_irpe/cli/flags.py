@@ -245,6 +245,12 @@ def add_training_args(p):
                         '--num_workers 1 or more; --no-backbone_in_workers undoes a preset\'s)')
     g.add_argument('--world_size', default=1, type=int_range(1), help='number of distributed processes')
     g.add_argument('--dist_url', default='env://', type=non_empty, help='url used to set up distributed training')
+    # 10 minutes: longer than a healthy run's longest wait (the main process's COCO evaluation and checkpoint
+    # write, a few minutes on COCO), short enough that a group waiting for a lost peer ends and torchrun or the
+    # scheduler starts it again.
+    g.add_argument('--dist_timeout', default=600, type=int_range(1, 86400),
+                   help='seconds a process waits for the others (at start-up and in every collective) before it '
+                        'fails, so a group whose peer never comes ends instead of hanging')
     return p
 
 

@@ -2,12 +2,16 @@
 
     python tools/train.py --config configs/smoke.yaml
     python tools/train.py --coco_path /data/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir runs/irpe
-    torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 tools/train.py \\
+        --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
     python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
 
-Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps), log.txt (JSON lines)
-and eval.json (the 12 COCO bbox stats of the latest evaluation).
+Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps; the one before it is kept as
+checkpoint.prev.pth), log.txt (JSON lines) and eval.json (the 12 COCO bbox stats of the latest evaluation). One
+run at a time owns output_dir (detr_irpe.run_lock); a resumed run, wherever it stopped, ends at the weights and log
+of an uninterrupted one.
 """
+import atexit
 import datetime
 import json
 import os
@@ -20,15 +24,17 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import distributed, engine
-from detr_irpe.checkpoint import (load_checkpoint, load_model_state, load_optimizer_state, resolve_resume,
+from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, check_training_checkpoint, load_model_state,
+                                  load_optimizer_state, load_resume_checkpoint, remove_stale_temporaries,
                                   save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.detr import build_model
 from detr_irpe.precision import choose_precision
-from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_rng_state, rng_state,
-                                  set_rng_state)
+from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_entry, process_rng_state,
+                                  rng_state, set_rng_state)
+from detr_irpe.run_lock import RunLock
 from detr_irpe_datasets.coco_eval import resolve_backend
 from rpe_ops import block_cache
 
@@ -59,9 +65,9 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     return train_set, sampler, train_loader, val_loader
 
 
-def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch, backend=None):
+def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch, backend=None, on_batch=None):
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val), backend=backend)
-    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device)
+    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device, on_batch)
     if summary is not None and output_dir:
         save_json({**summary, 'epoch': epoch}, os.path.join(output_dir, 'eval.json'))
     return summary
@@ -72,6 +78,12 @@ def run(args):
         torch.set_num_threads(args.threads)
     args.eval_backend = resolve_backend(args.eval_backend)
     distributed.init_distributed(args)
+    if args.output_dir:  # before anything is built: a second run on the folder stops at once
+        lock = RunLock(args.output_dir).acquire()
+        atexit.register(lock.release, failed=True)  # a bad input leaves no empty run folder
+        if distributed.is_main_process():
+            for path in remove_stale_temporaries(args.output_dir):
+                print(f'removed {path}, left by a write that was killed')
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -82,9 +94,6 @@ def run(args):
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(args)
     model, criterion, postprocessors = build_model(args)
-    # made once the data and the model are known to be good, so a bad input leaves no empty run folder
-    if args.output_dir and distributed.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
@@ -101,18 +110,21 @@ def run(args):
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,
                                                                 model_without_ddp.backbone[0], precision)
 
-    start_epoch, start_step = args.start_epoch, 0
-    resume = resolve_resume(args.resume, args.output_dir)  # --resume auto: output_dir's checkpoint, if any
+    start_epoch, start_step, start_stats, unfinished_log = args.start_epoch, 0, None, None
+    # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start
+    resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
     if resume:
-        checkpoint = load_checkpoint(resume)
-        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}')
+        check_training_checkpoint(checkpoint, f'--resume {resume}')
+        load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}', checkpoint.get('args'), args)
         if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             if checkpoint.get('step') is not None:
                 start_epoch, start_step = checkpoint['epoch'], checkpoint['step']
+                start_stats = process_entry(checkpoint, 'epoch_stats')
             else:
                 start_epoch = checkpoint['epoch'] + 1
+                unfinished_log = checkpoint.get('epoch_log')  # written unless the run stopped before its log line
             if 'rng' in checkpoint:
                 set_rng_state(process_rng_state(checkpoint))
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
@@ -125,47 +137,36 @@ def run(args):
         return
 
     writer = make_writer(args)
-    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
+    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT) if args.output_dir else None
 
     preemption = Preemption()
 
-    def save(epoch, step):
+    def save(epoch, step, stats, epoch_log=None):
+        """The checkpoint with the generator states the next step draws from, and the epoch's running loss sums
+        (mid-epoch) or its log line before evaluation (at its end: finished on resume if the run stops first)."""
         if not checkpoint_path:
             return
-        states = distributed.gather_to_main(rng_state())  # every process's, so dropout resumes exactly
+        # every process's, so dropout and the epoch's averages resume exactly
+        per_process = distributed.gather_to_main({'rng': rng_state(), 'epoch_stats': stats})
         if distributed.is_main_process():
+            states = [p['rng'] for p in per_process]
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
                              'args': vars(args), 'rng': states[0], 'rng_per_process': states,
-                             'scaler': scaler.state_dict()}, checkpoint_path)
+                             'epoch_stats_per_process': [p['epoch_stats'] for p in per_process],
+                             'epoch_log': epoch_log, 'scaler': scaler.state_dict()},
+                            checkpoint_path, previous=os.path.join(args.output_dir, PREVIOUS_CHECKPOINT))
 
-    steps_per_epoch = len(sampler) // args.batch_size
-    started = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, start=first * args.batch_size)
-        train_set.set_epoch(epoch)
+    def on_eval_batch(epoch):
+        if preemption.requested():  # the checkpoint is written: stop now, evaluate again on resume
+            preemption.exit(f'the end of epoch {epoch} (its evaluation runs again on resume)', checkpoint_path)
 
-        def on_step(step, epoch=epoch):
-            stop = preemption.requested()  # SIGTERM: a checkpoint at this step, then exit
-            if step < steps_per_epoch and (stop or (args.checkpoint_every and step % args.checkpoint_every == 0)):
-                save(epoch, step)
-                if stop:
-                    preemption.exit(f'epoch {epoch}, step {step}', checkpoint_path)
-
-        # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
-        train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
-                                             epoch, args, start_step=first, on_step=on_step, precision=precision,
-                                             scaler=scaler)
-        lr_scheduler.step()
-        save(epoch, None)
-        if preemption.requested():  # before the evaluation: a scheduler's grace period is short
-            preemption.exit(f'the end of epoch {epoch}', checkpoint_path)
-        log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-               'time': round(time.time() - started, 1)}
+    def finish_epoch(log):
+        """Evaluate when due and write the epoch's log line."""
+        epoch = log['epoch']
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch,
-                               args.eval_backend)
+                               args.eval_backend, on_batch=lambda: on_eval_batch(epoch))
             if summary is not None:
                 log['test_coco_eval_bbox'] = summary['bbox']
         if distributed.is_main_process():
@@ -178,7 +179,47 @@ def run(args):
                         writer.add_scalar(k, v, epoch)
                 for name, v in zip(('AP', 'AP50', 'AP75'), log.get('test_coco_eval_bbox', [])):
                     writer.add_scalar(f'test_{name}', v, epoch)
+
+    if unfinished_log is not None and distributed.any_process(
+            distributed.is_main_process() and unfinished_log['epoch'] not in logged_epochs(args.output_dir)):
+        finish_epoch(dict(unfinished_log))  # stopped after the epoch's checkpoint, before its log line
+
+    steps_per_epoch = len(sampler) // args.batch_size
+    started = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=first * args.batch_size)
+        train_set.set_epoch(epoch)
+        stats = (start_stats if epoch == start_epoch and first else None) or engine.new_epoch_stats()
+
+        def on_step(step, epoch=epoch, stats=stats):
+            stop = preemption.requested()  # SIGTERM: a checkpoint at this step, then exit
+            if step < steps_per_epoch and (stop or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+                save(epoch, step, stats)
+                if stop:
+                    preemption.exit(f'epoch {epoch}, step {step}', checkpoint_path)
+
+        # A NonFiniteLossError ends the run here, before the save below: the last good checkpoint stays.
+        train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
+                                             epoch, args, start_step=first, on_step=on_step, precision=precision,
+                                             scaler=scaler, stats=stats)
+        lr_scheduler.step()
+        log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+               'time': round(time.time() - started, 1)}
+        save(epoch, None, None, epoch_log=log)
+        if preemption.requested():  # before the evaluation: a scheduler's grace period is short
+            preemption.exit(f'the end of epoch {epoch} (its evaluation and log line follow on resume)', checkpoint_path)
+        finish_epoch(log)
     print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
+
+
+def logged_epochs(output_dir):
+    """The epochs log.txt has a line of (empty without --output_dir or log.txt)."""
+    path = os.path.join(output_dir, 'log.txt') if output_dir else ''
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)['epoch'] for line in f if line.strip()}
 
 
 def make_writer(args):
