@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from detr_irpe import UsageError, build_model
-from detr_irpe.checkpoint import (PREVIOUS_CHECKPOINT, check_training_checkpoint, load_checkpoint, load_model_state,
-                                  load_resume_checkpoint, save_checkpoint, save_json)
+from detr_irpe.checkpoint import (PREVIOUS_CHECKPOINT, load_checkpoint, load_model_state, load_resume_checkpoint,
+                                  save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.lab.gpu_check import gradient_cosine
 from detr_irpe.preemption import PREEMPTED_EXIT_STATUS
@@ -338,11 +338,13 @@ def test_a_model_mismatch_names_the_flag_and_both_values_from_the_checkpoints_ar
 @pytest.mark.parametrize('checkpoint, wrong', [({'model': 5}, "'model' entry is int 5"), ([1, 2], 'is list'),
                                                ({'model': {}, 'epoch': 'last'}, "'epoch' entry is str"),
                                                ({'model': {'w': 'text'}}, "'model' entry is a dict of str")])
-def test_a_malformed_checkpoint_is_one_line(checkpoint, wrong):
+def test_a_malformed_checkpoint_is_one_line(tmp_path, checkpoint, wrong):
+    path = str(tmp_path / 'x.pth')
+    torch.save(checkpoint, path)
     model = build_model(get_args_parser().parse_args(TINY))[0]
-    with pytest.raises(UsageError) as e:
-        check_training_checkpoint(checkpoint, '--resume x.pth')
-        load_model_state(model, checkpoint['model'], '--resume x.pth')
+    with pytest.raises(UsageError) as e:  # what train.py does with --resume x.pth
+        _, loaded = load_resume_checkpoint(path, '')
+        load_model_state(model, loaded['model'], '--resume x.pth')
     assert wrong in str(e.value) and '\n' not in str(e.value)
 
 
