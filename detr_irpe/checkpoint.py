@@ -262,15 +262,14 @@ def load_resume_checkpoint(resume, output_dir):
     when it is damaged or missing the one before it (checkpoint.prev.pth), with a warning that names the damaged
     file; an error when every one there is damaged (a fresh start would overwrite them)."""
     if resume != 'auto':
-        return (resume, load_checkpoint(resume)) if resume else ('', None)
+        return (resume, _load_training_checkpoint(resume)) if resume else ('', None)
     resolve_resume(resume, output_dir)  # the error of a missing --output_dir
     candidates = [p for p in (os.path.join(output_dir, name) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
                   if os.path.exists(p)]
     errors = []
     for path in candidates:
         try:
-            checkpoint = load_checkpoint(path)
-            check_training_checkpoint(checkpoint, f'checkpoint {path!r}')
+            checkpoint = _load_training_checkpoint(path)
         except UsageError as e:
             errors.append(str(e))
             continue
@@ -281,6 +280,12 @@ def load_resume_checkpoint(resume, output_dir):
         raise UsageError(' '.join(errors) + ' No readable checkpoint is left in --output_dir: move the damaged files '
                          'away to start the run again, or pass --resume a checkpoint of your own.')
     return '', None
+
+
+def _load_training_checkpoint(path):
+    checkpoint = load_checkpoint(path)
+    check_training_checkpoint(checkpoint, f'checkpoint {path!r}')
+    return checkpoint
 
 
 def load_optimizer_state(optimizer, state, source):

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,8 +20,8 @@ import torch
 from PIL import Image
 
 from detr_irpe import UsageError, build_model
-from detr_irpe.checkpoint import (PREVIOUS_CHECKPOINT, check_training_checkpoint, load_checkpoint, load_model_state,
-                                  load_resume_checkpoint, save_checkpoint, save_json)
+from detr_irpe.checkpoint import (PREVIOUS_CHECKPOINT, load_checkpoint, load_model_state, load_resume_checkpoint,
+                                  save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.lab.gpu_check import gradient_cosine
 from detr_irpe.preemption import PREEMPTED_EXIT_STATUS
@@ -129,10 +130,43 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights_and_the_same_logge
     _assert_same_run(str(straight / 'out'), str(tmp_path / 'out'))
 
 
+def _sigterm_once_printed(proc, text, timeout=240):
+    """SIGTERM `proc` once its stderr shows `text` (a progress bar's label); (stdout, stderr) when it has exited."""
+    chunks, fd = [], proc.stderr.fileno()
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(fd, 65536), b'')))
+    reader.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and text.encode() not in b''.join(chunks):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join()
+    return stdout, b''.join(chunks).decode(errors='replace')
+
+
 @pytest.mark.slow
-def test_sigterm_at_an_epochs_end_stops_before_its_log_line_and_the_resume_writes_it(straight, tmp_path):
-    """The SIGTERM comes once the epoch's checkpoint is written: the run stops before or within the evaluation
-    (not after a whole evaluation and another step), and the resumed run evaluates that epoch and logs it."""
+def test_sigterm_during_an_evaluation_stops_within_it_and_the_resume_evaluates_and_logs_the_epoch(straight, tmp_path):
+    """The checkpoint of the epoch's end is written before its evaluation: a SIGTERM within the evaluation ends the
+    run before the next batch (not after the whole evaluation and another step), and the resumed run evaluates that
+    epoch again and writes its log line."""
+    data = ['--synthetic_dir', str(straight / 'synthetic'), '--output_dir', str(tmp_path / 'out')]
+    out = tmp_path / 'out'
+    proc = _start(*RUN, *data)
+    stdout, stderr = _sigterm_once_printed(proc, 'eval:')  # the bar appears as the evaluation starts
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    assert 'at the end of epoch 0 (its evaluation runs again on resume)' in stdout
+    assert not os.path.exists(out / 'log.txt') and not os.path.exists(out / 'eval.json')
+    assert _checkpoint_position(str(out / 'checkpoint.pth')) == (0, None)
+    resumed = _train(*RUN, *data)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(str(straight / 'out'), str(out))
+
+
+@pytest.mark.slow
+def test_sigterm_as_an_epochs_checkpoint_appears_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
+    """The SIGTERM lands after the epoch's checkpoint, before or within its evaluation (whichever the timing
+    gives): no log line yet, and the resumed run writes it."""
     data = ['--synthetic_dir', str(straight / 'synthetic'), '--output_dir', str(tmp_path / 'out')]
     out = tmp_path / 'out'
     proc = _start(*RUN, *data)
@@ -141,7 +175,6 @@ def test_sigterm_at_an_epochs_end_stops_before_its_log_line_and_the_resume_write
     assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
     assert 'SIGTERM: checkpoint' in stdout and 'the end of epoch 0' in stdout
     assert not os.path.exists(out / 'log.txt')  # stopped before epoch 0's log line
-    assert _checkpoint_position(str(out / 'checkpoint.pth')) == (0, None)
     resumed = _train(*RUN, *data)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(str(straight / 'out'), str(out))
@@ -338,11 +371,13 @@ def test_a_model_mismatch_names_the_flag_and_both_values_from_the_checkpoints_ar
 @pytest.mark.parametrize('checkpoint, wrong', [({'model': 5}, "'model' entry is int 5"), ([1, 2], 'is list'),
                                                ({'model': {}, 'epoch': 'last'}, "'epoch' entry is str"),
                                                ({'model': {'w': 'text'}}, "'model' entry is a dict of str")])
-def test_a_malformed_checkpoint_is_one_line(checkpoint, wrong):
+def test_a_malformed_checkpoint_is_one_line(tmp_path, checkpoint, wrong):
+    path = str(tmp_path / 'x.pth')
+    torch.save(checkpoint, path)
     model = build_model(get_args_parser().parse_args(TINY))[0]
-    with pytest.raises(UsageError) as e:
-        check_training_checkpoint(checkpoint, '--resume x.pth')
-        load_model_state(model, checkpoint['model'], '--resume x.pth')
+    with pytest.raises(UsageError) as e:  # what train.py does with --resume x.pth
+        _, loaded = load_resume_checkpoint(path, '')
+        load_model_state(model, loaded['model'], '--resume x.pth')
     assert wrong in str(e.value) and '\n' not in str(e.value)
 
 

@@ -24,9 +24,8 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import distributed, engine
-from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, check_training_checkpoint, load_model_state,
-                                  load_optimizer_state, load_resume_checkpoint, remove_stale_temporaries,
-                                  save_checkpoint, save_json)
+from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, load_model_state, load_optimizer_state,
+                                  load_resume_checkpoint, remove_stale_temporaries, save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -114,7 +113,6 @@ def run(args):
     # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start
     resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
     if resume:
-        check_training_checkpoint(checkpoint, f'--resume {resume}')
         load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}', checkpoint.get('args'), args)
         if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
