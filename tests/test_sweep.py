@@ -148,7 +148,7 @@ def test_launch_command_sets_the_gpus_of_its_slot_and_uses_torchrun_for_several(
     command, env = launch_command(argv, ('5',), 29500)
     assert env == {'CUDA_VISIBLE_DEVICES': '5'} and 'torch.distributed.run' not in command
     command, env = launch_command(argv, ('2', '3'), 29501)
-    assert env == {'CUDA_VISIBLE_DEVICES': '2,3'}
+    assert env == {'CUDA_VISIBLE_DEVICES': '2,3', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
     assert command[1:7] == ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29501']
     assert command[-5:] == [command[-5]] + argv and command[-5].endswith('train.py')
 

@@ -69,7 +69,7 @@ def final_result(folder, epochs):
 # Flags that may change between starts of one run: where it writes, how it runs, how long it trains
 # (train.py --resume continues a finished run to a larger --epochs).
 RESTART_FLAGS = ('output_dir', 'config', 'resume', 'eval', 'start_epoch', 'epochs', 'threads', 'num_workers',
-                 'device', 'dist_url')
+                 'device', 'dist_url', 'dist_timeout')
 
 
 def check_same_run(folder, flags):
@@ -123,6 +123,7 @@ def launch_command(train_argv, slot, port):
     env = {'CUDA_VISIBLE_DEVICES': ','.join(slot)}
     if len(slot) == 1:
         return [sys.executable, train, *train_argv], env
+    env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE'] = '1'  # restarted workers can hang on a shared store otherwise
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(len(slot)),
             '--master_port', str(port), train, *train_argv], env
 
