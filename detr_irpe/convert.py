@@ -256,7 +256,10 @@ def torchvision_resnet_name(name):
 
 
 def huggingface_flags(config):
-    """Our model-shaping flags from a DETR config.json (transformers 4's layout, as on the hub, or 5's)."""
+    """Our model-shaping flags from a DETR config.json (transformers 4's layout, as on the hub, or 5's).
+
+    auxiliary_loss is not taken for --aux_loss: it shapes no weight, and transformers' decoder with it on feeds each
+    layer's normalised output to the next, which DETR does not (the hub's configs have it off)."""
     def get(key, default):
         value = config.get(key)
         return default if value is None else value

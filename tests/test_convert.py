@@ -6,13 +6,12 @@ import os
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
+import transformers  # a test dependency (the Makefile's pins), never the package's
 
 from detr_irpe import build_model, get_args_parser
 from detr_irpe.convert import COCO_CATEGORY_NAMES, read_source
-
-transformers = pytest.importorskip('transformers')  # a test dependency (Makefile), never the package's
-safetensors_torch = pytest.importorskip('safetensors.torch')
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 with open(os.path.join(DATA, 'detr_r50_state_dict_manifests.json')) as f:
@@ -72,7 +71,7 @@ def hf_folder(tmp_path_factory):
             folder = str(tmp_path_factory.mktemp(case))
             model.save_pretrained(folder)
             if WEIGHTS_FILE[case] == 'pytorch_model.bin':  # as transformers 4 wrote it (safe_serialization=False)
-                weights = safetensors_torch.load_file(os.path.join(folder, 'model.safetensors'))
+                weights = safetensors.torch.load_file(os.path.join(folder, 'model.safetensors'))
                 torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))
                 os.remove(os.path.join(folder, 'model.safetensors'))
             made[case] = folder, model
@@ -107,7 +106,7 @@ def assert_same_predictions(model, hf_model):
         expected = hf_model(pixel_values=pixel_values, pixel_mask=pixel_mask)
         got = model(images)
     # The same float32 operations in another order (q scaled before q k^T, SDPA's kernel, channels_last
-    # convolutions): rounding of ~1e-7 relative per operation, measured differences about 2e-6 on logits of about 1;
+    # convolutions): rounding of ~1e-7 relative per operation, measured differences up to 4e-6 on logits of about 1;
     # 1e-4 is the bound the issue asks for.
     torch.testing.assert_close(got['pred_logits'], expected.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
@@ -208,9 +207,10 @@ def test_published_detr_file_comes_back_in_our_names_tensor_for_tensor(manifest_
             backbone='resnet50', dilation=False, position_embedding='sine', enc_layers=6, dec_layers=6,
             dim_feedforward=2048, hidden_dim=256, dropout=0.1, nheads=8, num_queries=100, pre_norm=False,
             masks=False, aux_loss=True, enc_rpe2d=rpe, lr=1e-4, dataset_file='coco')
+        published['model']['mask_head.lay1.weight'] = torch.zeros(8, 8, 3, 3)  # as in DETR's panoptic files
     torch.save(published, tmp_path / 'detr.pth')
     source = read_source(str(tmp_path / 'detr.pth'))
-    assert source.format == 'published' and source.unused == []
+    assert source.format == 'published' and source.unused == (['mask_head.lay1.weight'] if with_args else [])
     assert source.state_dict.keys() == ours.keys()
     assert all(torch.equal(source.state_dict[k], ours[k]) for k in ours)
     expected_flags = {'backbone': 'resnet50', 'hidden_dim': 256, 'enc_layers': 6, 'dec_layers': 6,
