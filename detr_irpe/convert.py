@@ -107,6 +107,13 @@ class Source:
 
 def read_source(path) -> Source:
     """Read detector weights from `path` (any of FORMATS, recognised by content) and rename them to ours."""
+    source = read_any(path)
+    if not source.state_dict:
+        raise not_a_source(path, f'none of its {len(source.unused)} tensors is named as a DETR tensor')
+    return source
+
+
+def read_any(path):
     if os.path.isdir(path):
         return read_huggingface_folder(path)
     if not os.path.isfile(path):

@@ -245,13 +245,15 @@ def test_coco_names_are_cocos_91_id_table():
     assert COCO_CATEGORY_NAMES == {i: n for i, n in enumerate(_COCO_CATEGORIES) if n not in ('N/A', '__background__')}
 
 
-@pytest.mark.parametrize('content', [b'not a checkpoint\n', 'torch-list', 'torch-dict'])
+@pytest.mark.parametrize('content', [b'not a checkpoint\n', 'torch-list', 'torch-dict', 'torch-model-dict'])
 def test_file_of_no_known_format_is_refused_naming_the_formats(content, tmp_path):
     path = tmp_path / 'weights.pth'
     if content == 'torch-list':
         torch.save([torch.zeros(2)], path)
     elif content == 'torch-dict':
         torch.save({'layer.weight': torch.zeros(2)}, path)
+    elif content == 'torch-model-dict':
+        torch.save({'model': {'layer.weight': torch.zeros(2)}, 'args': {}}, path)
     else:
         path.write_bytes(content)
     with pytest.raises(ValueError, match='tools/train.py.*facebookresearch/detr.*DetrForObjectDetection'):
