@@ -18,13 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
-from detr_irpe.checkpoint import MODEL_FLAGS, load_checkpoint
+from detr_irpe import UsageError
+from detr_irpe.checkpoint import load_checkpoint
 
 FORMATS = ('detr-irpe', 'published', 'huggingface')
 FORMATS_HELP = ("a checkpoint of tools/train.py; a DETR-with-iRPE model-zoo or facebookresearch/detr .pth file "
                 "({'model': state_dict}); a Hugging Face DetrForObjectDetection folder (config.json with "
                 "model.safetensors or pytorch_model.bin, as save_pretrained writes it) or its weights file alone")
 HF_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+# Flags that shape the model: what a source states and a model built from it adopts unless they are given.
+MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_layers', 'dim_feedforward',
+               'hidden_dim', 'nheads', 'num_queries', 'pre_norm', 'enc_rpe2d', 'num_classes', 'aux_loss')
 
 # The 80 COCO categories by id (1..90, with gaps), the classes of every published DETR and DETR-with-iRPE file.
 COCO_CATEGORY_NAMES = {
@@ -117,7 +122,7 @@ def read_any(path):
     if os.path.isdir(path):
         return read_huggingface_folder(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path!r} does not exist; expected {FORMATS_HELP}.')
+        raise UsageError(f'{path!r} does not exist; expected {FORMATS_HELP}.')
     config_path = os.path.join(os.path.dirname(path), 'config.json')
     if os.path.basename(path) in HF_WEIGHTS_FILES and os.path.isfile(config_path):
         # the weights file of a save_pretrained folder: its config says what the shapes cannot
@@ -142,7 +147,7 @@ def read_any(path):
 
 
 def not_a_source(path, why):
-    return ValueError(f'{path!r} is not a detector file this project reads ({why}); expected {FORMATS_HELP}.')
+    return UsageError(f'{path!r} is not a detector file this project reads ({why}); expected {FORMATS_HELP}.')
 
 
 def file_kind(path):
@@ -191,16 +196,16 @@ def from_detr(state_dict, declared, fmt, category_names=None):
 def read_huggingface_folder(folder, weights=None):
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(config_path):
-        raise ValueError(f'folder {folder!r} has no config.json; expected {FORMATS_HELP}.')
+        raise UsageError(f'folder {folder!r} has no config.json; expected {FORMATS_HELP}.')
     with open(config_path) as f:
         config = json.load(f)
     if config.get('model_type') != 'detr':
-        raise ValueError(f"{config_path} describes a {config.get('model_type')!r} model, not 'detr'; expected "
+        raise UsageError(f"{config_path} describes a {config.get('model_type')!r} model, not 'detr'; expected "
                          f'{FORMATS_HELP}.')
     if weights is None:
         found = [os.path.join(folder, n) for n in HF_WEIGHTS_FILES if os.path.isfile(os.path.join(folder, n))]
         if not found:
-            raise ValueError(f'folder {folder!r} has a DETR config.json but neither of {list(HF_WEIGHTS_FILES)}; '
+            raise UsageError(f'folder {folder!r} has a DETR config.json but neither of {list(HF_WEIGHTS_FILES)}; '
                              'save the model with save_pretrained, or download its weights file into the folder.')
         weights = found[0]
     state_dict = read_safetensors(weights) if file_kind(weights) == 'safetensors' else load_checkpoint(weights)
@@ -283,7 +288,7 @@ def huggingface_flags(config):
         problems.append(f"activation_function is {config['activation_function']!r} (DETR's, and this model's, is relu)")
     backbone, dilation = huggingface_backbone(config, problems)
     if problems:
-        raise ValueError('this Hugging Face DETR cannot be built here: ' + '; '.join(problems) + '.')
+        raise UsageError('this Hugging Face DETR cannot be built here: ' + '; '.join(problems) + '.')
     return {'backbone': backbone, 'dilation': dilation, 'hidden_dim': get('d_model', 256), 'nheads': heads[0],
             'enc_layers': get('encoder_layers', 6), 'dec_layers': get('decoder_layers', 6),
             'dim_feedforward': ffn[0], 'num_queries': get('num_queries', 100),

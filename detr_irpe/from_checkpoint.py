@@ -3,16 +3,12 @@ import argparse
 
 from detr_irpe import UsageError
 from detr_irpe.checkpoint import load_checkpoint, load_model_state
+from detr_irpe.convert import MODEL_FLAGS
 from detr_irpe.detr import build_detector
 
 # What only training reads, for a model built to run: its backbone frozen; dropout and auxiliary outputs as DETR's
 # defaults (the model is in eval mode; postprocessing reads the last layer only).
 INFERENCE_DEFAULTS = {'lr_backbone': 0.0, 'dropout': 0.1, 'aux_loss': True}
-
-
-# Flags that shape the model: taken from a checkpoint's 'args' unless given explicitly.
-MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_layers', 'dim_feedforward',
-               'hidden_dim', 'nheads', 'num_queries', 'pre_norm', 'enc_rpe2d', 'num_classes', 'aux_loss')
 
 
 def adopt_model_flags(args, checkpoint, explicit=()):

@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 import transformers  # a test dependency (the Makefile's pins), never the package's
 
-from detr_irpe import build_model, get_args_parser
+from detr_irpe import build_model
+from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.convert import COCO_CATEGORY_NAMES, read_source
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
