@@ -14,7 +14,7 @@ Three formats are read:
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,10 @@ HF_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')
 # Flags that shape the model: what a source states and a model built from it adopts unless they are given.
 MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_layers', 'dim_feedforward',
                'hidden_dim', 'nheads', 'num_queries', 'pre_norm', 'enc_rpe2d', 'num_classes', 'aux_loss')
+# Flags of the data a checkpoint of tools/train.py was trained on, which the inference tools take as defaults.
+DATA_FLAGS = ('dataset_file', 'coco_path', 'val_json', 'val_images', 'val_size', 'val_max_size', 'synthetic_dir',
+              'synthetic_train', 'synthetic_val', 'synthetic_image_size', 'synthetic_classes', 'synthetic_objects',
+              'synthetic_object_size', 'synthetic_seed')
 
 # The 80 COCO categories by id (1..90, with gaps), the classes of every published DETR and DETR-with-iRPE file.
 COCO_CATEGORY_NAMES = {
@@ -102,12 +106,14 @@ class Source:
     category_names: {category id: name}, or None when the source names no classes.
     format: one of FORMATS.
     unused: source keys that map to no tensor of this model.
+    data_flags: the DATA_FLAGS its run was given (a checkpoint of tools/train.py; empty for the others).
     """
     state_dict: dict
     flags: dict
     category_names: dict | None
     format: str
     unused: list
+    data_flags: dict = field(default_factory=dict)
 
 
 def read_source(path) -> Source:
@@ -190,7 +196,10 @@ def from_detr(state_dict, declared, fmt, category_names=None):
     flags.update(flags_from_shapes(ours))
     if category_names is None and fmt == 'published' and flags.get('num_classes') == COCO_NUM_CLASSES:
         category_names = dict(COCO_CATEGORY_NAMES)
-    return Source(ours, flags, category_names, fmt, sorted(state_dict.keys() - ours.keys()))
+    synthetic = declared.get('dataset_file') == 'synthetic'  # the synthetic set's flags say nothing of other data
+    data_flags = {k: declared[k] for k in DATA_FLAGS if k in declared and (synthetic or not k.startswith('synthetic_'))
+                  } if fmt == 'detr-irpe' else {}
+    return Source(ours, flags, category_names, fmt, sorted(state_dict.keys() - ours.keys()), data_flags)
 
 
 def read_huggingface_folder(folder, weights=None):

@@ -4,6 +4,8 @@
     python tools/train.py --coco_path /data/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir runs/irpe
     torchrun --nproc_per_node 8 tools/train.py --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
     python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
+    python tools/train.py --train_json train.json --train_images images --val_json val.json --val_images images \
+        --finetune outputs/smoke/checkpoint.pth --output_dir runs/mine   # your own data, from trained weights
 
 Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps), log.txt (JSON lines)
 and eval.json (the 12 COCO bbox stats of the latest evaluation).
@@ -19,14 +21,16 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
-from detr_irpe import distributed, engine
+from detr_irpe import UsageError, distributed, engine
 from detr_irpe.allocator import describe as describe_allocator
 from detr_irpe.checkpoint import (load_checkpoint, load_model_state, load_optimizer_state, resolve_resume,
                                   save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.cli.presets import parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.convert import read_source
 from detr_irpe.detr import build_model
+from detr_irpe.from_checkpoint import adopt_flags, load_for_finetuning
 from detr_irpe.precision import choose_precision
 from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_rng_state, rng_state,
                                   set_rng_state)
@@ -67,7 +71,19 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
     return summary
 
 
-def run(args):
+def finetune_source(args, explicit):
+    """The source of --finetune, its model flags adopted except those given (the classes are the data's); the
+    backbone's weights come from it, so no ImageNet weights are fetched unless --backbone_weights is given."""
+    source = read_source(args.finetune)
+    adopt_flags(args, source.flags, set(explicit) | {'num_classes'})
+    if 'backbone_weights' not in explicit:
+        args.backbone_weights = 'none'
+    return source
+
+
+def run(args, explicit=()):
+    """explicit: the flags given on the command line or in the preset, which --finetune's source does not
+    override."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.eval_backend = resolve_backend(args.eval_backend)
@@ -80,8 +96,13 @@ def run(args):
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
     datasets.check_against_training_set(dataset_train, args)
     if args.num_classes is None:
-        args.num_classes = datasets.num_classes_for(args)
+        args.num_classes = datasets.num_classes_for(dataset_train)
+    category_names = datasets.category_names(dataset_train)
+    print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
+    source = finetune_source(args, explicit) if args.finetune else None
     model, criterion, postprocessors = build_model(args)
+    if source is not None:
+        print(load_for_finetuning(model, source, category_names, args.finetune))
     # made once the data and the model are known to be good, so a bad input leaves no empty run folder
     if args.output_dir and distributed.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
@@ -118,6 +139,10 @@ def run(args):
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
                 scaler.load_state_dict(checkpoint['scaler'])
         print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
+        if start_epoch >= args.epochs and not args.eval:
+            raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; '
+                             'pass a larger --epochs to train on, --eval to evaluate it, or --finetune to start a new '
+                             'run from its weights')
 
     if args.eval:
         run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
@@ -136,7 +161,8 @@ def run(args):
         if distributed.is_main_process():
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
-                             'args': vars(args), 'rng': states[0], 'rng_per_process': states,
+                             'args': vars(args), 'category_names': category_names, 'rng': states[0],
+                             'rng_per_process': states,
                              'scaler': scaler.state_dict()}, checkpoint_path)
 
     steps_per_epoch = len(sampler) // args.batch_size
@@ -193,4 +219,4 @@ def make_writer(args):
 
 
 def main(argv=None):
-    run_tool(lambda: run(parse_args_with_config(get_parser(), argv)))
+    run_tool(lambda: run(parse_args_with_config(get_parser(), argv), explicit_flags(get_parser(), argv)))
