@@ -92,7 +92,10 @@ def load_for_finetuning(model, source, category_names, path):
             f'{target[CLASS_HEAD[1]].shape[0] - 1} here; carried over: the no-object row and the rows of '
             f'{len(carried)} classes named on both sides{f" ({summarise(carried)})" if carried else ""}')
     unused = sorted(source.state_dict.keys() - target.keys()) + source.unused
-    why = '; '.join(f'{k} ({r})' for k, r in reinitialised.items())
+    by_reason = {}
+    for name, reason in reinitialised.items():
+        by_reason.setdefault(reason, []).append(name)
+    why = '; '.join(f'{", ".join(names)} ({reason})' for reason, names in by_reason.items())
     return (f'--finetune {path} ({source.format}): {len(loaded)} tensors loaded, {len(reinitialised)} re-initialised'
             f'{f" [{why}]" if why else ""}, {len(new)} new{f" ({summarise(new)})" if new else ""}, {len(unused)} '
             f'unused in the source{f" ({summarise(unused)})" if unused else ""}')
