@@ -74,7 +74,10 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
 def finetune_source(args, explicit):
     """The source of --finetune, its model flags adopted except those given (the classes are the data's); the
     backbone's weights come from it, so no ImageNet weights are fetched unless --backbone_weights is given."""
-    source = read_source(args.finetune)
+    try:
+        source = read_source(args.finetune)
+    except UsageError as e:
+        raise UsageError(f'--finetune {args.finetune}: {e}') from None
     adopt_flags(args, source.flags, set(explicit) | {'num_classes'})
     if 'backbone_weights' not in explicit:
         args.backbone_weights = 'none'
