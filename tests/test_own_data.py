@@ -146,3 +146,12 @@ def test_flags_that_did_nothing_are_gone(argv, capsys):
 def test_no_aux_loss_help_says_aux_loss_is_on_by_default():
     action = next(a for a in get_args_parser()._actions if a.dest == 'aux_loss')
     assert 'on by default' in action.help and action.default is True
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=1)
+    # Adam's first step moves every weight by about the learning rate: at 1e30 the next loss is not finite
+    result = tool('train.py', *data, *SMALL, '--lr', '1e30', '--clip_max_norm', '0', '--output_dir',
+                  str(tmp_path / 'run'))
+    assert result.returncode == 2 and 'loss is nan' in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / 'run').exists()

@@ -106,9 +106,6 @@ def run(args, explicit=()):
     model, criterion, postprocessors = build_model(args)
     if source is not None:
         print(load_for_finetuning(model, source, category_names, args.finetune))
-    # made once the data and the model are known to be good, so a bad input leaves no empty run folder
-    if args.output_dir and distributed.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
@@ -152,7 +149,9 @@ def run(args, explicit=()):
                  args.eval_backend)
         return
 
-    writer = make_writer(args)
+    # The run folder is made by the first file written into it (the checkpoint, or --eval's eval.json): a run that
+    # fails before that leaves none behind. TensorBoard's writer makes its folder on creation: made after that.
+    writer = None
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
 
     preemption = Preemption()
@@ -188,6 +187,7 @@ def run(args, explicit=()):
                                              scaler=scaler)
         lr_scheduler.step()
         save(epoch, None)
+        writer = writer or make_writer(args)
         if preemption.requested():  # before the evaluation: a scheduler's grace period is short
             preemption.exit(f'the end of epoch {epoch}', checkpoint_path)
         log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
