@@ -155,3 +155,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path)
                   str(tmp_path / 'run'))
     assert result.returncode == 2 and 'loss is nan' in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_onnx_export_keeps_the_category_names(trained, tmp_path):
+    import onnx
+    from detr_irpe.export import OnnxDetector
+    _, run, _ = trained
+    result = tool('export.py', '--resume', str(run / 'checkpoint.pth'), '--output', str(tmp_path / 'detr.onnx'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / 'detr.onnx')).metadata_props}
+    assert json.loads(stored['category_names']) == {str(k): v for k, v in NAMES.items()}
+    assert OnnxDetector(str(tmp_path / 'detr.onnx')).category_names == NAMES
