@@ -126,3 +126,19 @@ def test_finetune_source_matching_under_half_of_the_model_is_refused_naming_the_
     model = finetune_model('--backbone', 'resnet50', '--num_queries', '5')  # the source's is a resnet18
     with pytest.raises(UsageError, match='only .* of the model.s .* tensors match.*DetrForObjectDetection'):
         load_for_finetuning(model, read_source(hf[0]), HF_ID2LABEL, hf[0])
+
+
+def test_predict_runs_a_huggingface_folder_with_its_id2label_names(hf, tmp_path, monkeypatch):
+    from detr_irpe.cli import predict as predict_tool
+    folder, _ = hf
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=1, num_val=1)
+    drawn, real_draw = [], predict_tool.draw_detections
+
+    def draw(image, detections, threshold, names, min_size):
+        drawn.append(names)
+        return real_draw(image, detections, threshold, names, min_size)
+    monkeypatch.setattr(predict_tool, 'draw_detections', draw)
+    out = predict_tool.run(['--resume', folder, os.path.join(data[7], 'val_000001.jpg'), '--val_size', '64',
+                            '--val_max_size', '96', '--output_dir', str(tmp_path / 'predict'), '--device', 'cpu'])
+    assert drawn == [{0: 'circle', 1: 'square', 3: 'kite'}]  # 'N/A' is no name
+    assert os.path.isfile(os.path.join(out, 'detections.json'))
