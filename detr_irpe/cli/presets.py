@@ -20,10 +20,12 @@ def parse_args_with_config(parser, argv=None):
     parser.add_argument('--config', default=None, help='YAML preset from configs/; flags given here override it')
     if known.config:
         preset = load_config(known.config, parser)
-        from detr_irpe_datasets.build import DATA_LOCATION_FLAGS  # here: a tool without data flags runs without it
-        if command_line_flags(parser, argv) & set(DATA_LOCATION_FLAGS):
-            # data given on the command line replaces the preset's, whichever way each gives it
-            preset = {k: v for k, v in preset.items() if k not in DATA_LOCATION_FLAGS}
+        if any(a.dest == 'dataset_file' for a in parser._actions):
+            # here: a tool without data flags runs where datasets/ is not installed
+            from detr_irpe_datasets.build import DATA_LOCATION_FLAGS
+            if command_line_flags(parser, argv) & set(DATA_LOCATION_FLAGS):
+                # data given on the command line replaces the preset's, whichever way each gives it
+                preset = {k: v for k, v in preset.items() if k not in DATA_LOCATION_FLAGS}
         parser.set_defaults(**preset)
     return parser.parse_args(argv)
 
