@@ -143,6 +143,11 @@ def test_flags_that_did_nothing_are_gone(argv, capsys):
         get_args_parser().parse_args(argv)
 
 
+def test_eval_resume_help_speaks_of_what_it_loads():
+    action = next(a for a in eval_tool.get_parser()._actions if a.dest == 'resume')
+    assert action.help.startswith('the detector to load') and 'resum' not in action.help
+
+
 def test_no_aux_loss_help_says_aux_loss_is_on_by_default():
     action = next(a for a in get_args_parser()._actions if a.dest == 'aux_loss')
     assert 'on by default' in action.help and action.default is True
