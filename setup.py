@@ -124,7 +124,7 @@ setup(
                                       for tool in TOOLS]},
     python_requires='>=3.9',
     install_requires=['torch>=2.4', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
-                      'matplotlib'],
+                      'matplotlib', 'safetensors'],
     ext_modules=[rpe_ops_extension()],
     cmdclass={'build_ext': BuildExtension},
     zip_safe=False,

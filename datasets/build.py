@@ -20,8 +20,9 @@ from . import coco, synthetic
 from .coco_eval import CocoEvaluator
 from .transforms import make_transforms
 
-__all__ = ['build_dataset', 'check_against_training_set', 'collate_fn', 'get_coco_api_from_dataset',
-           'num_classes_for', 'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
+__all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'collate_fn',
+           'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for', 'CocoEvaluator',
+           'FrozenBackboneCollate', 'make_transforms']
 
 
 def ensure_synthetic(args):
@@ -38,8 +39,18 @@ def ensure_synthetic(args):
         raise UsageError(f'--synthetic_dir {args.synthetic_dir}: {e}') from None
 
 
+# Where --dataset_file coco finds its data: COCO's layout, or each split's annotation file and image folder.
+DATA_LOCATION_FLAGS = ('coco_path', 'train_json', 'train_images', 'val_json', 'val_images')
+
+
+def files_given(args):
+    """Whether the data is given by file (--train_json ... --val_images) rather than by --coco_path."""
+    return any(getattr(args, flag, None) for flag in DATA_LOCATION_FLAGS[1:])
+
+
 def build_dataset(image_set, args):
-    """image_set 'train' or 'val' of args.dataset_file ('coco' from args.coco_path, or 'synthetic')."""
+    """image_set 'train' or 'val' of args.dataset_file: 'coco' from --coco_path's layout or from
+    --{image_set}_json and --{image_set}_images, or 'synthetic'."""
     if args.dataset_file == 'coco':
         root = args.coco_path
     elif args.dataset_file == 'synthetic':
@@ -51,7 +62,28 @@ def build_dataset(image_set, args):
                                      crop_scales=args.crop_scales, crop_size=args.crop_size)
     else:  # the inference tools have no training-transform flags
         transforms = make_transforms(image_set, val_size=args.val_size, val_max_size=args.val_max_size)
+    if args.dataset_file == 'coco' and files_given(args):
+        return coco.build_from_files(image_set, getattr(args, f'{image_set}_json', None),
+                                     getattr(args, f'{image_set}_images', None), transforms)
     return coco.build(image_set, root, transforms)
+
+
+def category_names(dataset):
+    """{category id: name} of a dataset's annotation file."""
+    return {c['id']: c['name'] for c in get_coco_api_from_dataset(dataset).dataset['categories']}
+
+
+def describe(args, splits, num_classes):
+    """The one start-up line of the data a run uses: dataset, files, images, annotations, categories, num_classes.
+    splits: {'train': dataset, 'val': dataset}."""
+    parts = []
+    for name, dataset in splits.items():
+        base = unwrap(dataset)
+        parts.append(f'{name} {base.ann_file} (images {base.root}): {len(base.coco.imgs)} images, '
+                     f'{len(base.coco.anns)} annotations')
+    names = category_names(next(iter(splits.values())))
+    shown = ', '.join(f'{i} {n}' for i, n in list(names.items())[:10]) + (', ...' if len(names) > 10 else '')
+    return f"data: {args.dataset_file}; {'; '.join(parts)}; {len(names)} categories ({shown}); num_classes {num_classes}"
 
 
 def check_against_training_set(dataset, args):
@@ -69,7 +101,7 @@ def check_against_training_set(dataset, args):
     if args.batch_size * world_size > len(dataset):
         processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
         source = (f'--synthetic_train {args.synthetic_train}' if getattr(args, 'dataset_file', None) == 'synthetic'
-                  else f'in --coco_path {getattr(args, "coco_path", None)}')
+                  else f'in {unwrap(dataset).ann_file}')
         raise UsageError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
                          f'images ({source}): no full batch, so no training step would run; lower --batch_size')
 
@@ -113,11 +145,16 @@ class FrozenBackboneCollate:
         return FrozenFeatures(features, feature_mask), targets
 
 
-def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object behind a dataset, looking through torch Subsets."""
+def unwrap(dataset):
+    """The CocoDetection behind a dataset, looking through torch Subsets."""
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
-    return dataset.coco
+    return dataset
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind a dataset, looking through torch Subsets."""
+    return unwrap(dataset).coco
 
 
 def num_classes_for(args_or_dataset):

@@ -1,4 +1,5 @@
-"""COCO detection in the standard layout, read with pycocotools.
+"""COCO-format detection, read with pycocotools: in COCO's layout (build) or from any annotation file and image
+folder (build_from_files).
 
     coco_path/
       train2017/ or train2017.zip (holding train2017/xxx.jpg)
@@ -52,7 +53,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         # torchvision's __init__ would read the file with pycocotools, which checks nothing: ours validates it.
         torchvision.datasets.VisionDataset.__init__(self, root)
         self.ann_file = str(ann_file)
-        self.coco, self.skipped_entries = load_coco(self.ann_file)
+        self.coco, self.skipped_entries = load_coco(self.ann_file, self._image_finder())
         self.ids = sorted(self.coco.imgs)
         self._transforms = transforms
         # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the
@@ -65,6 +66,15 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     def skipped(self):
         """Number of image reads that failed so far (all epochs, all DataLoader workers)."""
         return int(self._skipped.sum())
+
+    def _image_finder(self):
+        """file_name -> whether the image file is there: checked once at load time, so a missing file is counted
+        before the model is built, not met as a warning in the middle of training."""
+        if str(self.root).endswith('.zip'):
+            with zipfile.ZipFile(self.root) as archive:
+                members = set(archive.namelist())
+            return lambda file_name: f'{Path(self.root).stem}/{file_name}' in members
+        return lambda file_name: os.path.isfile(os.path.join(self.root, file_name))
 
     def __getstate__(self):  # an open ZipFile cannot be pickled (DataLoader workers under spawn)
         return {**self.__dict__, '_zip': None, '_zip_pid': None}
@@ -139,8 +149,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 def build(image_set, coco_path, transforms):
     """image_set 'train' or 'val' of the COCO-layout folder `coco_path`."""
     if coco_path is None:
-        raise UsageError(f'--coco_path is required for --dataset_file coco ({LAYOUT}); '
-                         f'or use --dataset_file synthetic for the built-in dataset')
+        raise UsageError(f'--dataset_file coco reads --coco_path ({LAYOUT}) or, in any layout, --{image_set}_json '
+                         f'FILE --{image_set}_images FOLDER; or use --dataset_file synthetic for the built-in dataset')
     root = Path(coco_path)
     if not root.is_dir():
         raise UsageError(f'--coco_path {root} is not a folder; {LAYOUT}')
@@ -154,3 +164,22 @@ def build(image_set, coco_path, transforms):
             raise UsageError(f'neither image folder {root / f"{image_set}2017"} nor {img_folder} found; '
                                     f'{LAYOUT}')
     return CocoDetection(img_folder, ann_file, transforms)
+
+
+def build_from_files(image_set, ann_file, images, transforms):
+    """image_set 'train' or 'val' from an annotation file and the folder (or zip) its file_names are relative to,
+    wherever each lies (--train_json / --train_images, --val_json / --val_images)."""
+    json_flag, images_flag = f'--{image_set}_json', f'--{image_set}_images'
+    if ann_file is None and images is None:
+        raise UsageError(f'{json_flag} FILE and {images_flag} FOLDER are needed for the {image_set} split: the data '
+                         'is given by file (--train_json ... --val_images), so --coco_path is not read')
+    if ann_file is None or images is None:
+        given, missing = (json_flag, images_flag) if images is None else (images_flag, json_flag)
+        raise UsageError(f'{given} needs {missing} too: the annotation file and the folder its file_names are '
+                         'relative to')
+    if not os.path.isfile(ann_file):
+        raise UsageError(f'{json_flag} {ann_file} is not a file; expected a COCO-format annotation file')
+    if not (os.path.isdir(images) or (str(images).endswith('.zip') and os.path.isfile(images))):
+        raise UsageError(f'{images_flag} {images} is not a folder (nor a .zip); expected the folder that the '
+                         f'file_names of {ann_file} are relative to')
+    return CocoDetection(images, ann_file, transforms)

@@ -8,8 +8,8 @@ The run stops (UsageError naming the file and what to fix) when the file as a wh
   - no valid image entry is left.
 One entry is skipped, with a warning naming the file, the image or annotation id and the field, and a count
 of all skipped entries at the end (the first MAX_NAMED problems are named one by one):
-  - an image entry whose 'id' is not an integer or whose 'file_name' is not a non-empty string (its
-    annotations are skipped with it);
+  - an image entry whose 'id' is not an integer, whose 'file_name' is not a non-empty string, or whose file is
+    not in the image folder (its annotations are skipped with it);
   - an annotation whose 'id', 'image_id' or 'category_id' is not an integer, whose 'bbox' is not a list of 4
     finite numbers [x, y, w, h], whose 'iscrowd' is not 0 or 1, or whose 'area' is not a finite number;
   - an annotation of an image that is not in 'images', or of a category that is not in 'categories'.
@@ -18,7 +18,8 @@ small / medium / large ranges). Other fields ('width', 'height', 'segmentation',
 
 Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
 dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
-naming the annotation id; an unreadable image is skipped with a warning naming the file and counted.
+naming the annotation id; an image file that exists but cannot be read is skipped with a warning naming the file
+and counted.
 """
 import contextlib
 import io
@@ -101,9 +102,10 @@ def entry_name(kind, entry, position):
     return f'{kind} entry #{position} (no usable id)'
 
 
-def validate_annotations(data, path):
+def validate_annotations(data, path, image_found=None):
     """(a COCO dict holding only the valid entries, number of entries skipped) for the parsed file `data`.
-    Raises UsageError where the policy above stops the run; warns for each skipped entry."""
+    Raises UsageError where the policy above stops the run; warns for each skipped entry. image_found: file_name ->
+    whether the image file exists; an entry whose file does not is skipped with its annotations."""
     if not isinstance(data, dict):
         raise UsageError(f'annotation file {path} holds a JSON {type(data).__name__}; expected an object with '
                          f"'images', 'annotations' and 'categories' lists (the COCO format)")
@@ -126,6 +128,8 @@ def validate_annotations(data, path):
     images, image_ids = [], set()
     for position, image in enumerate(data['images']):
         problem = image_problem(image)
+        if problem is None and image_found is not None and not image_found(image['file_name']):
+            problem = f"file {image['file_name']!r} is not in the image folder"
         if problem:
             skipped.append(f'{entry_name("image", image, position)} {problem}; skipped with its annotations')
             continue
@@ -137,7 +141,7 @@ def validate_annotations(data, path):
         images.append(image)
     if not images:
         raise UsageError(f"annotation file {path}: no usable image entry (of {len(data['images'])}); every image needs "
-                         f"an integer 'id' and a 'file_name'")
+                         f"an integer 'id' and a 'file_name' found in the image folder")
 
     annotations, annotation_ids = [], set()
     for position, ann in enumerate(data['annotations']):
@@ -163,9 +167,10 @@ def validate_annotations(data, path):
     return {**data, 'images': images, 'annotations': annotations}, len(skipped)
 
 
-def load_coco(path):
-    """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped)."""
-    data, skipped = validate_annotations(read_json(path), path)
+def load_coco(path, image_found=None):
+    """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped);
+    image_found as for validate_annotations."""
+    data, skipped = validate_annotations(read_json(path), path, image_found)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

@@ -4,6 +4,9 @@
     from detr_irpe.cli.flags import get_args_parser
     args = get_args_parser().parse_args(['--enc_rpe2d', 'rpe-2.0-product-ctx-1-k'])
     model, criterion, postprocessors = build_model(args)
+
+    from detr_irpe import load_detector
+    model, postprocessors = load_detector('detr-resnet-50/')   # any detector file or folder, in eval mode
 """
 
 __version__ = '0.1.0'
@@ -26,4 +29,7 @@ def __getattr__(name):
     if name == 'build_model':
         from detr_irpe.detr import build_model
         return build_model
+    if name == 'load_detector':  # in detr_irpe.cli: it takes the command line's defaults for what a file leaves out
+        from detr_irpe.cli.load import load_detector
+        return load_detector
     raise AttributeError(f"module 'detr_irpe' has no attribute {name!r}")

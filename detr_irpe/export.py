@@ -11,6 +11,7 @@ in ONNX each becomes standard operators, GatherElements and ScatterElements per 
 """
 import contextlib
 import copy
+import json
 import os
 import warnings
 
@@ -164,8 +165,9 @@ def load_pt2(path):
         return torch.export.load(path)
 
 
-def export_onnx(model, path, opset=MIN_OPSET, example=None):
-    """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators.
+def export_onnx(model, path, opset=MIN_OPSET, example=None, category_names=None):
+    """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators; with
+    category_names ({id: name}), the file's metadata keeps them as JSON under 'category_names'.
     Returns the torch.onnx.ONNXProgram."""
     check_opset(opset)
     check_output_path(path)
@@ -176,6 +178,9 @@ def export_onnx(model, path, opset=MIN_OPSET, example=None):
     # The program's symbols (s0, s1, ...) as the dimension names of dynamic_shapes(), in the whole graph.
     images = onnx_program.model.graph.inputs[0]
     onnx_program.rename_axes({images.shape[0]: 'batch', images.shape[2]: 'height', images.shape[3]: 'width'})
+    if category_names:
+        onnx_program.model.metadata_props['category_names'] = json.dumps({str(k): v for k, v in
+                                                                          category_names.items()})
     atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
     return onnx_program
 
@@ -200,6 +205,9 @@ class OnnxDetector:
             raise UsageError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
                                     '--format onnx --output FILE.')
         self.session = onnx_session(path, threads)
+        stored = self.session.get_modelmeta().custom_metadata_map.get('category_names')
+        # {id: name} the exported model was trained with, or None for a file that keeps none
+        self.category_names = {int(k): v for k, v in json.loads(stored).items()} if stored else None
 
     def __call__(self, samples, mask=None):
         from detr_irpe.detr import batch_images

@@ -1,56 +1,122 @@
-"""A model for inference from a checkpoint: its model-shaping flags adopted, its weights loaded."""
-import argparse
+"""A model from detector weights of any source detr_irpe.convert reads: for inference (its model-shaping and data
+flags adopted, its weights loaded exactly) or to fine-tune (tensors matched by name and shape, the class head by
+category name)."""
+import torch
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import load_checkpoint, load_model_state
+from detr_irpe.checkpoint import load_model_state
+from detr_irpe.convert import DATA_FLAGS, FORMATS_HELP, MODEL_FLAGS, read_source
 from detr_irpe.detr import build_detector
 
 # What only training reads, for a model built to run: its backbone frozen; dropout and auxiliary outputs as DETR's
 # defaults (the model is in eval mode; postprocessing reads the last layer only).
 INFERENCE_DEFAULTS = {'lr_backbone': 0.0, 'dropout': 0.1, 'aux_loss': True}
+# Where the data is; taken from the source only as a whole, and only when none of them (nor the dataset) is given.
+DATA_LOCATION = ('dataset_file', 'coco_path', 'val_json', 'val_images')
 
 
-# Flags that shape the model: taken from a checkpoint's 'args' unless given explicitly.
-MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_layers', 'dim_feedforward',
-               'hidden_dim', 'nheads', 'num_queries', 'pre_norm', 'enc_rpe2d', 'num_classes', 'aux_loss')
-
-
-def adopt_model_flags(args, checkpoint, explicit=()):
-    """Copy the model-shaping flags of the run that wrote `checkpoint` into args, except those in `explicit`.
-    Returns the names of the flags taken over."""
-    saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-    if saved is None:
-        return []
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
+def adopt_flags(args, flags, explicit=(), names=MODEL_FLAGS):
+    """Copy the values in `flags` of the flags in `names` that args has, except those in `explicit`, into args.
+    Returns the names of the flags whose value changed."""
     taken = []
-    for flag in MODEL_FLAGS:
-        if flag in saved and flag not in explicit and getattr(args, flag, None) != saved[flag]:
-            setattr(args, flag, saved[flag])
+    for flag in names:
+        if flag in flags and flag not in explicit and hasattr(args, flag) and getattr(args, flag) != flags[flag]:
+            setattr(args, flag, flags[flag])
             taken.append(flag)
     return taken
 
 
-def build_model_from_checkpoint(args, explicit=()):
-    """(model, postprocessors, checkpoint) for inference from args.resume, in eval mode on args.device.
-
-    Model-shaping flags come from the checkpoint's 'args' unless given explicitly (so
-    `tools/eval.py --resume detr-r50-irpe.pth` needs no other flag); the backbone's weights come from the
-    checkpoint, so nothing is downloaded.
-    """
-    checkpoint = load_checkpoint(args.resume)
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
-        raise UsageError(f"checkpoint {args.resume!r} has no 'model' entry; expected a file written by "
-                         'tools/train.py or a DETR model-zoo file.')
-    taken = adopt_model_flags(args, checkpoint, explicit)
+def adopt_source_flags(args, source, explicit=()):
+    """The source's model flags, then its data and size flags (the val transform, the dataset; the location only
+    when the command line names no data), into args except those given; one line says which were taken."""
+    names = MODEL_FLAGS + tuple(f for f in DATA_FLAGS if f not in DATA_LOCATION or not set(DATA_LOCATION) & set(explicit))
+    taken = adopt_flags(args, {**source.data_flags, **source.flags}, explicit, names)
     if taken:
-        print('flags from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
-    if getattr(args, 'num_classes', None) is None and 'class_embed.bias' in checkpoint['model']:
-        # Published files keep no num_classes in their args; the classifier's size says it.
-        args.num_classes = checkpoint['model']['class_embed.bias'].shape[0] - 1
+        print('from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
+    return taken
+
+
+def build_model_from_checkpoint(args, explicit=()):
+    """(model, postprocessors, source) for inference from args.resume (any of convert.FORMATS), in eval mode on
+    args.device.
+
+    Model-shaping flags come from the source unless given explicitly (so `tools/eval.py --resume detr-r50-irpe.pth`
+    needs no other flag), and so do its data and size flags where args has them; the backbone's weights come from
+    the source, so nothing is downloaded.
+    """
+    source = read_source(args.resume)
+    adopt_source_flags(args, source, explicit)
     for name, value in INFERENCE_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)
     args.backbone_weights = 'none'
     model, postprocessors = build_detector(args)
-    load_model_state(model, checkpoint['model'], f'checkpoint {args.resume}')
-    return model.eval(), postprocessors, checkpoint
+    load_model_state(model, source.state_dict, f'checkpoint {args.resume}')
+    return model.eval(), postprocessors, source
+
+
+CLASS_HEAD = ('class_embed.weight', 'class_embed.bias')
+
+
+@torch.no_grad()
+def load_for_finetuning(model, source, category_names, path):
+    """Copy `source`'s tensors into `model` (built from these flags, freshly initialised) where name and shape match.
+
+    The class head of another number of classes keeps its fresh initialisation except the rows of classes whose
+    name both sides have, and the no-object row (the last); any other tensor of another shape (the query embeddings
+    of another --num_queries) keeps its own, as do tensors the source lacks (iRPE tables added to a plain DETR start
+    from --rpe_init). category_names: {id: name} of the training data. A source matching under half of the model's
+    tensors is refused. Returns the one-line report."""
+    target = model.state_dict()
+    loaded, reinitialised, new = [], {}, []
+    for name, tensor in target.items():
+        value = source.state_dict.get(name)
+        if value is None:
+            new.append(name)
+        elif value.shape == tensor.shape:
+            tensor.copy_(value)
+            loaded.append(name)
+        elif name in CLASS_HEAD:
+            reinitialised[name] = 'classes differ'
+        else:
+            reason = 'num_queries differs' if name.startswith('query_embed.') else 'shape differs'
+            reinitialised[name] = f'{reason}: {tuple(value.shape)} in the source, {tuple(tensor.shape)} here'
+    if len(loaded) < len(target) / 2:
+        raise UsageError(f'--finetune {path}: only {len(loaded)} of the model\'s {len(target)} tensors match the '
+                         f'source\'s by name and shape ({source.format}); the model flags given may not fit it, or it '
+                         f'is no detector this project reads. Expected {FORMATS_HELP}.')
+    if CLASS_HEAD[0] in reinitialised:
+        carried = carry_class_rows(target, source, category_names)
+        reinitialised[CLASS_HEAD[0]] = reinitialised[CLASS_HEAD[1]] = (
+            f'{source.state_dict[CLASS_HEAD[1]].shape[0] - 1} classes in the source, '
+            f'{target[CLASS_HEAD[1]].shape[0] - 1} here; carried over: the no-object row and the rows of '
+            f'{len(carried)} classes named on both sides{f" ({summarise(carried)})" if carried else ""}')
+    unused = sorted(source.state_dict.keys() - target.keys()) + source.unused
+    by_reason = {}
+    for name, reason in reinitialised.items():
+        by_reason.setdefault(reason, []).append(name)
+    why = '; '.join(f'{", ".join(names)} ({reason})' for reason, names in by_reason.items())
+    return (f'--finetune {path} ({source.format}): {len(loaded)} tensors loaded, {len(reinitialised)} re-initialised'
+            f'{f" [{why}]" if why else ""}, {len(new)} new{f" ({summarise(new)})" if new else ""}, {len(unused)} '
+            f'unused in the source{f" ({summarise(unused)})" if unused else ""}')
+
+
+def carry_class_rows(target, source, category_names):
+    """Copy the source's class-head rows into `target`'s for the classes both name alike, and the no-object row.
+    Returns the names carried over."""
+    by_name = {name: i for i, name in (source.category_names or {}).items()}
+    weight, bias = (source.state_dict[k] for k in CLASS_HEAD)
+    carried = []
+    for i, name in (category_names or {}).items():
+        j = by_name.get(name)
+        if j is not None and j < weight.shape[0] - 1 and i < target[CLASS_HEAD[0]].shape[0] - 1:
+            target[CLASS_HEAD[0]][i] = weight[j]
+            target[CLASS_HEAD[1]][i] = bias[j]
+            carried.append(name)
+    target[CLASS_HEAD[0]][-1] = weight[-1]
+    target[CLASS_HEAD[1]][-1] = bias[-1]
+    return carried
+
+
+def summarise(names, shown=3):
+    return ', '.join(names[:shown]) + (f', ... ({len(names)} in all)' if len(names) > shown else '')

@@ -7,16 +7,25 @@ from .box_ops import box_cxcywh_to_xyxy
 
 
 class PostProcess(nn.Module):
+    def __init__(self, category_ids=None):
+        """category_ids: the labels a detection may take (a dataset's category ids); None: every class."""
+        super().__init__()
+        self.category_ids = None if category_ids is None else sorted(category_ids)
+
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict]:
         """outputs: 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh.
         target_sizes: (B, 2) as [h, w] of each original image.
-        Returns B dicts with 'scores' (Q,), 'labels' (Q,) — the most likely real class, the
+        Returns B dicts with 'scores' (Q,), 'labels' (Q,) — the most likely real class (of category_ids), the
         no-object class excluded — and 'boxes' (Q, 4) xyxy in pixels."""
         if len(outputs['pred_logits']) != len(target_sizes):
             raise ValueError(f"{len(outputs['pred_logits'])} predictions but {len(target_sizes)} target sizes")
-        prob = F.softmax(outputs['pred_logits'], -1)
-        scores, labels = prob[..., :-1].max(-1)
+        prob = F.softmax(outputs['pred_logits'], -1)[..., :-1]
+        if self.category_ids is not None:  # the other classes' probabilities out of the running
+            keep = torch.zeros(prob.shape[-1], dtype=torch.bool, device=prob.device)
+            keep[[i for i in self.category_ids if i < len(keep)]] = True
+            prob = prob.masked_fill(~keep, 0.0)
+        scores, labels = prob.max(-1)
 
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (B, 4)

@@ -2,10 +2,13 @@
 split with pycocotools; write eval.json, and the detections as COCO results JSON when asked.
 
     python tools/eval.py --config configs/demo.yaml --resume outputs/demo/checkpoint.pth
+    python tools/eval.py --val_json val.json --val_images images --resume runs/mine/checkpoint.pth
     python tools/eval.py --coco_path /data/coco --resume detr_irpe_r50_150ep.pth --output_dir runs/eval \\
         --results_json runs/eval/detections.json
 
-Model flags (--backbone, --enc_rpe2d, ...) are taken from the checkpoint's saved args unless given.
+The checkpoint is any detector file or folder detr_irpe.convert reads (ours, DETR's, Hugging Face's). Model flags
+(--backbone, --enc_rpe2d, ...) and, from ours, the data and size flags (--dataset_file, --val_size, ...) are taken
+from it unless given. eval.json goes to eval_<checkpoint's name>/ beside the checkpoint unless --output_dir says.
 """
 import os
 
@@ -13,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import detr_irpe_datasets.build as datasets
-from detr_irpe import engine
+from detr_irpe import UsageError, engine
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
@@ -26,7 +29,9 @@ def get_parser():
     """The model flags (taken from the checkpoint unless given), the run's, and the val split's data flags."""
     parser = new_parser(description=__doc__)
     add_model_args(parser)
-    add_run_args(parser, resume_help=CHECKPOINT_HELP)
+    add_run_args(parser, resume_help=CHECKPOINT_HELP,
+                 output_help="where to write eval.json (default: eval_<checkpoint's name>/ beside the checkpoint); "
+                             "never a training run's folder, whose eval.json is training's")
     add_data_args(parser, train=False)
     parser.add_argument('--results_json', default=None, type=non_empty,
                         help='also write the detections as a COCO results JSON')
@@ -35,7 +40,8 @@ def get_parser():
 
 def run(argv=None):
     parser = get_parser()
-    args = parse_checkpoint_args(parser, argv, 'the .pth file to evaluate')
+    args = parse_checkpoint_args(parser, argv, 'the detector to evaluate')
+    output_dir = eval_output_dir(args)
     args.eval_backend = resolve_backend(args.eval_backend)
     model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     device = torch.device(args.device)
@@ -47,12 +53,25 @@ def run(argv=None):
                         num_workers=args.num_workers)
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device)
-    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
     save_json({**summary, 'checkpoint': os.path.abspath(args.resume)}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:
         save_json(evaluator.results(), args.results_json, indent=None)
         print(f'wrote {args.results_json}')
+
+
+def eval_output_dir(args):
+    """--output_dir, or eval_<checkpoint's name>/ beside the checkpoint; a training run's folder (it holds a
+    checkpoint.pth or log.txt) is refused, so training's eval.json is never replaced."""
+    checkpoint = os.path.abspath(args.resume).rstrip(os.sep)
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    output_dir = args.output_dir or os.path.join(os.path.dirname(checkpoint), f'eval_{stem}')
+    run_files = [f for f in ('checkpoint.pth', 'log.txt') if os.path.isfile(os.path.join(output_dir, f))]
+    if run_files:
+        raise UsageError(f"--output_dir {output_dir} is a training run's folder (it holds {', '.join(run_files)}): its "
+                         f"eval.json is training's; pass another --output_dir, or leave it out for eval_{stem}/ "
+                         'beside the checkpoint')
+    return output_dir
 
 
 def main(argv=None):

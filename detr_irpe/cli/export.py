@@ -6,8 +6,9 @@
 
 Inputs of the exported graph: images (B, 3, H, W) float32, normalised as for evaluation, and mask (B, H, W)
 bool, True on padding; outputs pred_logits (B, Q, num_classes + 1) and pred_boxes (B, Q, 4) normalised
-cxcywh. B, H and W are dynamic (H, W at least 33). Model flags come from the checkpoint unless given; the
-export runs on the CPU. After writing, the file is run once on a batch of another size and compared with
+cxcywh. B, H and W are dynamic (H, W at least 33). The checkpoint is any detector file or folder
+detr_irpe.convert reads; model flags come from it unless given, and its category names go into the ONNX file's
+metadata ('category_names', JSON {id: name}). The export runs on the CPU. After writing, the file is run once on a batch of another size and compared with
 the PyTorch model (the largest difference is printed).
 """
 import os
@@ -42,7 +43,7 @@ def get_parser():
 
 def run(argv=None):
     parser = get_parser()
-    args = parse_checkpoint_args(parser, argv, 'the .pth file to export')
+    args = parse_checkpoint_args(parser, argv, 'the detector to export')
     fmt = args.format or os.path.splitext(args.output)[1].lstrip('.').lower()
     if fmt not in FORMATS:
         parser.error(f'--output {args.output!r} ends in neither .onnx nor .pt2: pass --format onnx or --format pt2.')
@@ -50,9 +51,9 @@ def run(argv=None):
     check_output_path(args.output)
     # On the CPU, with SDPA: flex_attention's compiled kernel has no ONNX form (and 'auto' is SDPA there).
     args.device, args.attention_impl = 'cpu', 'sdpa'
-    model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+    model, _, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     if fmt == 'onnx':
-        export_onnx(model, args.output, opset=args.opset)
+        export_onnx(model, args.output, opset=args.opset, category_names=source.category_names)
     else:
         export_pt2(model, args.output)
     print(f'wrote {args.output}')

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from detr_irpe.convert import FORMATS_HELP
 from detr_irpe.flex import ATTENTION_IMPLS
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
 from detr_irpe.transformer import RPE_INITS
@@ -125,6 +126,9 @@ def check_flag_combinations(args):
         if get('position_embedding') == 'learned' and hidden_dim % 2:
             return (f'--position_embedding learned needs an even --hidden_dim (half the channels for rows, half '
                     f'for columns), got {hidden_dim}')
+    problem = data_location_problem(args)
+    if problem:
+        return problem
     costs = [get(k) for k in ('set_cost_class', 'set_cost_bbox', 'set_cost_giou')]
     if None not in costs and not any(costs):
         return 'all matching costs are 0: set at least one of --set_cost_class, --set_cost_bbox, --set_cost_giou'
@@ -151,6 +155,25 @@ def check_flag_combinations(args):
             if get(flag) is not None and -(-get(flag) // stride) > 50:
                 return (f'--position_embedding learned covers feature maps up to 50 x 50, i.e. images up to '
                         f'{50 * stride} px (stride {stride}); --{flag} {get(flag)} is larger')
+    return None
+
+
+def data_location_problem(args):
+    """A data flag that the chosen dataset does not read, or both ways of giving COCO-format data at once."""
+    if 'dataset_file' not in vars(args):  # a parser without the data flags (datasets/ may not be installed)
+        return None
+    from detr_irpe_datasets.build import DATA_LOCATION_FLAGS
+    given = [flag for flag in DATA_LOCATION_FLAGS if vars(args).get(flag)]
+    if not given:
+        return None
+    shown = ' '.join(f'--{flag}' for flag in given)
+    if vars(args).get('dataset_file') == 'synthetic':
+        return (f'{shown} given, but --dataset_file is synthetic (the built-in shapes), which reads no files: add '
+                f'--dataset_file coco to train on them (a --config preset may have chosen synthetic), or leave out '
+                f'{shown}')
+    if 'coco_path' in given and len(given) > 1:
+        return (f'{shown}: give either --coco_path (COCO\'s layout) or the files (--train_json FILE --train_images '
+                f'FOLDER --val_json FILE --val_images FOLDER), not both')
     return None
 
 
@@ -194,7 +217,8 @@ def add_model_args(p, attention=True):
                             "on values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
                             "'auto' flex on CUDA where it applies, sdpa otherwise")
     g.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
-                   help='classes + 1 (largest category id + 1); default 91 for coco, the dataset\'s own otherwise')
+                   help="largest category id + 1 (DETR's convention; the model adds the no-object class); default: "
+                        "from the training annotation file (91 for COCO)")
     return p
 
 
@@ -215,14 +239,16 @@ def add_training_args(p):
     g.add_argument('--lr_drop', default=200, type=int_range(1), help='epoch at which the learning rate drops 10x')
     g.add_argument('--lr_warmup', default=0, type=int_range(0), help='steps of linear learning-rate warm-up (0: none, as DETR)')
     g.add_argument('--clip_max_norm', default=0.1, type=float_range(0), help='gradient clipping max norm (0: none)')
-    g.add_argument('--frozen_weights', type=str, default=None,
-                   help='path to a pretrained model; if set, only the mask head would be trained (unused here)')
+    g.add_argument('--finetune', default=None, type=non_empty, metavar='PATH',
+                   help='start a new run (epoch 0, fresh optimizer and schedule) from the weights of PATH: '
+                        f'{FORMATS_HELP}; its model flags unless given, the class head matched by category name')
     g.add_argument('--backbone_weights', default='imagenet', type=backbone_weights_flag,
                    help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
                         "or a path to a state dict")
     g.add_argument('--dropout', default=0.1, type=float_range(0, 1, high_open=True))
     g.add_argument('--no_aux_loss', dest='aux_loss', action='store_false',
-                   help='no auxiliary decoding losses (loss at each decoder layer)')
+                   help='turn off the auxiliary decoding losses, which are on by default (a loss at every decoder '
+                        'layer, as DETR)')
     g.add_argument('--set_cost_class', default=1, type=float_range(0, MAX_COEF))
     g.add_argument('--set_cost_bbox', default=5, type=float_range(0, MAX_COEF))
     g.add_argument('--set_cost_giou', default=2, type=float_range(0, MAX_COEF))
@@ -256,16 +282,18 @@ def add_training_args(p):
 
 RESUME_HELP = ("checkpoint to resume from: a path, or 'auto' (output_dir/checkpoint.pth when it exists, else start "
                'fresh: one command line for the first launch and every restart)')
-CHECKPOINT_HELP = 'the checkpoint to run: a .pth of tools/train.py or a DETR model-zoo file'
+CHECKPOINT_HELP = ('the detector to load: its weights and model flags, and from a checkpoint of tools/train.py its '
+                   'val size, dataset and category names as defaults (flags given here win). Any of: ' + FORMATS_HELP)
+OUTPUT_HELP = 'where to save checkpoints, logs and eval.json'
 
 
-def add_run_args(p, loader=True, device=True, resume_help=RESUME_HELP):
+def add_run_args(p, loader=True, device=True, resume_help=RESUME_HELP, output_help=OUTPUT_HELP):
     """Where a run reads and writes (--resume, --output_dir), its device and threads; with loader, the data loader
     and evaluation flags too."""
     g = p.add_argument_group('run')
     if device:
         g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag)
-        g.add_argument('--output_dir', default='', help='where to save checkpoints, logs and eval.json')
+        g.add_argument('--output_dir', default='', help=output_help)
     g.add_argument('--resume', default='', help=resume_help)
     g.add_argument('--threads', default=0, type=int_range(0, 4096),
                    help="torch CPU threads (0: torch's default). 1 is faster on a machine other work shares: "
@@ -288,8 +316,17 @@ def add_data_args(p, train=True):
     from detr_irpe_datasets.synthetic import SHAPES
     side = int_range(1, MAX_IMAGE_SIDE)  # pixels
     g = p.add_argument_group('data')
-    g.add_argument('--dataset_file', default='coco', choices=['coco', 'synthetic'])
-    g.add_argument('--coco_path', type=non_empty, default=None)
+    g.add_argument('--dataset_file', default='coco', choices=['coco', 'synthetic'],
+                   help="'coco': COCO-format annotation files, from --coco_path's layout or from --*_json and "
+                        "--*_images; 'synthetic': the built-in shapes")
+    g.add_argument('--coco_path', type=non_empty, default=None,
+                   help='a folder in COCO\'s layout: train2017/, val2017/, annotations/instances_{train,val}2017.json')
+    splits = ('train', 'val') if train else ('val',)
+    for split in splits:
+        g.add_argument(f'--{split}_json', type=non_empty, default=None, metavar='FILE',
+                       help=f'the {split} split\'s COCO-format annotation file, anywhere (instead of --coco_path)')
+        g.add_argument(f'--{split}_images', type=non_empty, default=None, metavar='FOLDER',
+                       help=f"the folder (or .zip) that the file_names of --{split}_json are relative to")
     if train:
         g.add_argument('--train_scales', type=side, nargs='+', default=list(range(480, 801, 32)),
                        help='training: the shorter side is resized to one of these')

@@ -12,8 +12,10 @@ Writes output_dir/<image name>.png, detections.json (COCO results: image_id, cat
 in pixels of the image file, score; every query's detection, whatever its score, so it can be scored with
 pycocotools) and images.json (id, file_name, width, height of each image: the image_id of detections.json).
 Images found in the dataset's val annotation file keep their id there; others are numbered from 1.
-Category names come from that annotation file (--coco_path, or the synthetic set) when it can be read.
-Model flags come from the checkpoint unless given; output_dir defaults to <checkpoint folder>/predict.
+Category names are those stored with the model (checkpoint or ONNX file), else the val annotation file's.
+Model flags, and from a checkpoint of tools/train.py the data and size flags, come from the checkpoint unless given;
+the checkpoint is any detector file or folder detr_irpe.convert reads; output_dir defaults to <checkpoint
+folder>/predict.
 With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
 pictures and JSON; model flags are not needed, --config still gives the data flags (--val_size, names).
 """
@@ -49,7 +51,7 @@ def get_parser():
 
 def val_annotations(args):
     """The pycocotools COCO object of the val split, or None when it cannot be read (no --coco_path)."""
-    if args.dataset_file == 'coco' and not args.coco_path:
+    if args.dataset_file == 'coco' and not (args.coco_path or args.val_json):
         return None
     try:
         return datasets.get_coco_api_from_dataset(datasets.build_dataset('val', args))
@@ -68,11 +70,15 @@ def run(argv=None):
     if args.onnx:
         model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
     else:
-        model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+        model, postprocessors, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
         device = torch.device(args.device)
         model.to(device)
     coco = val_annotations(args)
-    names = {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {}
+    # the names the model was trained with (the checkpoint's, the ONNX file's), else the val annotations'
+    names = (model.category_names if args.onnx else source.category_names) or (
+        {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {})
+    if names:  # detections of the model's categories only: not of an id that no class of its data has
+        postprocessors = {**postprocessors, 'bbox': PostProcess(names)}
     known_ids = {os.path.basename(img['file_name']): img['id'] for img in coco.dataset['images']} if coco else {}
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume or args.onnx)), 'predict')

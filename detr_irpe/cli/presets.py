@@ -19,7 +19,14 @@ def parse_args_with_config(parser, argv=None):
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     parser.add_argument('--config', default=None, help='YAML preset from configs/; flags given here override it')
     if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+        preset = load_config(known.config, parser)
+        if any(a.dest == 'dataset_file' for a in parser._actions):
+            # here: a tool without data flags runs where datasets/ is not installed
+            from detr_irpe_datasets.build import DATA_LOCATION_FLAGS
+            if command_line_flags(parser, argv) & set(DATA_LOCATION_FLAGS):
+                # data given on the command line replaces the preset's, whichever way each gives it
+                preset = {k: v for k, v in preset.items() if k not in DATA_LOCATION_FLAGS}
+        parser.set_defaults(**preset)
     return parser.parse_args(argv)
 
 
@@ -86,14 +93,17 @@ def preset_value(parser, action, value, where):
     return checked if many else checked[0]
 
 
+def command_line_flags(parser, argv=None):
+    """Destinations of the flags set on the command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {action.dest for action in parser._actions for opt in action.option_strings
+            if any(a == opt or a.startswith(opt + '=') for a in argv)}
+
+
 def explicit_flags(parser, argv=None):
     """Destinations of the flags set on the command line or in the --config file (not left at defaults)."""
     argv = sys.argv[1:] if argv is None else argv
-    given = set()
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + '=') for a in argv):
-                given.add(action.dest)
+    given = command_line_flags(parser, argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default=None)
     config = pre.parse_known_args(argv)[0].config

@@ -5,6 +5,8 @@
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 tools/train.py \\
         --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
     python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
+    python tools/train.py --train_json train.json --train_images images --val_json val.json --val_images images \
+        --finetune outputs/smoke/checkpoint.pth --output_dir runs/mine   # your own data, from trained weights
 
 Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps; the one before it is kept as
 checkpoint.prev.pth), log.txt (JSON lines) and eval.json (the 12 COCO bbox stats of the latest evaluation). One
@@ -23,13 +25,15 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
-from detr_irpe import distributed, engine
+from detr_irpe import UsageError, distributed, engine
 from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, load_model_state, load_optimizer_state,
                                   load_resume_checkpoint, remove_stale_temporaries, save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.cli.presets import parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.convert import read_source
 from detr_irpe.detr import build_model
+from detr_irpe.from_checkpoint import adopt_flags, load_for_finetuning
 from detr_irpe.precision import choose_precision
 from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_entry, process_rng_state,
                                   rng_state, set_rng_state)
@@ -72,7 +76,22 @@ def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir,
     return summary
 
 
-def run(args):
+def finetune_source(args, explicit):
+    """The source of --finetune, its model flags adopted except those given (the classes are the data's); the
+    backbone's weights come from it, so no ImageNet weights are fetched unless --backbone_weights is given."""
+    try:
+        source = read_source(args.finetune)
+    except UsageError as e:
+        raise UsageError(f'--finetune {args.finetune}: {e}') from None
+    adopt_flags(args, source.flags, set(explicit) | {'num_classes'})
+    if 'backbone_weights' not in explicit:
+        args.backbone_weights = 'none'
+    return source
+
+
+def run(args, explicit=()):
+    """explicit: the flags given on the command line or in the preset, which --finetune's source does not
+    override."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.eval_backend = resolve_backend(args.eval_backend)
@@ -91,8 +110,13 @@ def run(args):
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
     datasets.check_against_training_set(dataset_train, args)
     if args.num_classes is None:
-        args.num_classes = datasets.num_classes_for(args)
+        args.num_classes = datasets.num_classes_for(dataset_train)
+    category_names = datasets.category_names(dataset_train)
+    print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
+    source = finetune_source(args, explicit) if args.finetune else None
     model, criterion, postprocessors = build_model(args)
+    if source is not None:
+        print(load_for_finetuning(model, source, category_names, args.finetune))
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
@@ -128,13 +152,17 @@ def run(args):
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
                 scaler.load_state_dict(checkpoint['scaler'])
         print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
+        if start_epoch >= args.epochs and not args.eval:
+            raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; '
+                             'pass a larger --epochs to train on, --eval to evaluate it, or --finetune to start a new '
+                             'run from its weights')
 
     if args.eval:
         run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
                  args.eval_backend)
         return
 
-    writer = make_writer(args)
+    writer = None  # made with the first log line: its folder must not outlive a run that fails before that
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT) if args.output_dir else None
 
     preemption = Preemption()
@@ -150,7 +178,8 @@ def run(args):
             states = [p['rng'] for p in per_process]
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
-                             'args': vars(args), 'rng': states[0], 'rng_per_process': states,
+                             'args': vars(args), 'category_names': category_names, 'rng': states[0],
+                             'rng_per_process': states,
                              'epoch_stats_per_process': [p['epoch_stats'] for p in per_process],
                              'epoch_log': epoch_log, 'scaler': scaler.state_dict()},
                             checkpoint_path, previous=os.path.join(args.output_dir, PREVIOUS_CHECKPOINT))
@@ -161,6 +190,7 @@ def run(args):
 
     def finish_epoch(log):
         """Evaluate when due and write the epoch's log line."""
+        nonlocal writer
         epoch = log['epoch']
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch,
@@ -168,6 +198,7 @@ def run(args):
             if summary is not None:
                 log['test_coco_eval_bbox'] = summary['bbox']
         if distributed.is_main_process():
+            writer = writer or make_writer(args)
             if args.output_dir:
                 with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
                     f.write(json.dumps(log) + '\n')
@@ -232,4 +263,4 @@ def make_writer(args):
 
 
 def main(argv=None):
-    run_tool(lambda: run(parse_args_with_config(get_parser(), argv)))
+    run_tool(lambda: run(parse_args_with_config(get_parser(), argv), explicit_flags(get_parser(), argv)))

@@ -1,0 +1,23 @@
+"""detr_irpe.load_detector: a detector for inference from any weights file or folder, with the command line's
+defaults for every flag the source does not state (here, beside the parser, as the library may not import it)."""
+from detr_irpe.cli.flags import get_model_parser
+from detr_irpe.from_checkpoint import build_model_from_checkpoint
+
+
+def load_detector(path, device='cpu', **flag_overrides):
+    """(model, postprocessors) in eval mode on `device` from `path`: a checkpoint of tools/train.py, a DETR or
+    DETR-with-iRPE model-zoo file, or a Hugging Face DetrForObjectDetection folder or weights file
+    (detr_irpe.convert). Model flags come from the file; flag_overrides (e.g. attention_impl='sdpa', nheads=8 for a
+    weights file alone) win over it, the parser's defaults fill the rest.
+
+        model, postprocessors = load_detector('detr-resnet-50/')
+        outputs = model([image])            # image (3, H, W), normalised as datasets.make_transforms('val')
+    """
+    args = get_model_parser().parse_args(['--device', str(device), '--backbone_weights', 'none'])
+    unknown = sorted(set(flag_overrides) - vars(args).keys())
+    if unknown:
+        raise TypeError(f'load_detector() got flags it does not know: {", ".join(unknown)}; flags are those of '
+                        'tools/train.py without dashes, e.g. attention_impl=\'sdpa\'')
+    vars(args).update(flag_overrides, resume=path)
+    model, postprocessors, _ = build_model_from_checkpoint(args, explicit=set(flag_overrides))
+    return model, postprocessors

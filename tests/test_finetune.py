@@ -1,0 +1,144 @@
+"""--finetune and load_detector: weights of any source (here a Hugging Face DetrForObjectDetection folder written by
+save_pretrained, random weights) into a new run or an inference model, checked against transformers' own outputs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers  # a test dependency (the Makefile's pins), never the package's
+
+from detr_irpe import UsageError, build_model, load_detector
+from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.convert import read_source
+from detr_irpe.from_checkpoint import load_for_finetuning
+from own_data import NAMES, make_flat_dataset
+from test_convert import hf_config, padded_pair, randomise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two names shared with the flat dataset (circle: id 0 here, 3 there; square: 1 and 7), one not.
+HF_ID2LABEL = {0: 'circle', 1: 'square', 2: 'N/A', 3: 'kite'}
+SMALL = ['--train_scales', '64', '--train_max_size', '96', '--crop_scales', '64', '--crop_size', '48', '64',
+         '--val_size', '64', '--val_max_size', '96', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu']
+
+
+def tool(name, *argv):
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', name), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def hf(tmp_path_factory):
+    """(folder written by save_pretrained, the transformers model in eval mode): timm resnet18, d_model 32."""
+    config = hf_config(backbone='resnet18', use_timm_backbone=True)
+    config.id2label, config.label2id = HF_ID2LABEL, {v: k for k, v in HF_ID2LABEL.items()}
+    model = transformers.DetrForObjectDetection(config).eval()
+    randomise(model, seed=3)
+    folder = str(tmp_path_factory.mktemp('hf'))
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def predictions(model, hf_model):
+    images, pixel_values, pixel_mask = padded_pair()
+    with torch.no_grad():
+        return model(images), hf_model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+
+def test_load_detector_of_a_huggingface_folder_gives_transformers_predictions(hf):
+    folder, hf_model = hf
+    model, postprocessors = load_detector(folder)
+    assert not model.training and 'bbox' in postprocessors
+    got, expected = predictions(model, hf_model)
+    # the same float32 arithmetic in another order: differences of a few 1e-6 measured; 1e-4 the issue's bound
+    torch.testing.assert_close(got['pred_logits'], expected.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
+
+
+def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp_path):
+    args = get_args_parser().parse_args(['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32',
+                                         '--nheads', '2', '--enc_layers', '1', '--dec_layers', '1',
+                                         '--dim_feedforward', '32', '--num_queries', '5', '--device', 'cpu'])
+    model = build_model(args)[0].eval()
+    randomise(model, seed=5)
+    torch.save({'model': model.state_dict()}, tmp_path / 'detr.pth')  # facebookresearch/detr's layout, no args
+    loaded, _ = load_detector(str(tmp_path / 'detr.pth'), nheads=2)  # heads have no tensor: the one flag to give
+    images = padded_pair()[0]
+    with torch.no_grad():
+        expected, got = model(images), loaded(images)
+    assert torch.equal(got['pred_logits'], expected['pred_logits'])
+    assert torch.equal(got['pred_boxes'], expected['pred_boxes'])
+
+
+def test_load_detector_refuses_a_flag_it_does_not_know(hf):
+    with pytest.raises(TypeError, match='no_such_flag'):
+        load_detector(hf[0], no_such_flag=1)
+
+
+def test_finetune_of_a_huggingface_folder_into_irpe_keeps_the_box_path_and_carries_classes_by_name(hf, tmp_path):
+    folder, hf_model = hf
+    data = make_flat_dataset(str(tmp_path / 'data'))
+    out = tmp_path / 'run'
+    # a learning rate far below float32's resolution of any weight: no weight moves in the one epoch
+    result = tool('train.py', *data, *SMALL, '--finetune', folder, '--enc_rpe2d', 'rpe-2.0-product-ctx-1-k',
+                  '--rpe_init', 'zero', '--lr', '1e-30', '--lr_backbone', '0', '--epochs', '1', '--output_dir', str(out))
+    assert result.returncode == 0, result.stderr
+    report = next(line for line in result.stdout.splitlines() if line.startswith('--finetune'))
+    source = read_source(folder)
+    assert f'{len(source.state_dict) - 2} tensors loaded, 2 re-initialised' in report  # all but the class head
+    assert '2 new' in report and 'rpe_k.lookup_table_weight' in report and '0 unused' in report
+    assert 'circle, square' in report
+
+    checkpoint = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == 0 and checkpoint['category_names'] == NAMES
+    weight, bias = checkpoint['model']['class_embed.weight'], checkpoint['model']['class_embed.bias']
+    assert bias.shape == (max(NAMES) + 1 + 1,)  # largest id + 1 classes, + no-object
+    for ours, theirs in ((3, 0), (7, 1), (-1, -1)):  # circle, square, no-object: transformers' rows
+        assert torch.equal(weight[ours], hf_model.class_labels_classifier.weight[theirs].detach())
+        assert torch.equal(bias[ours], hf_model.class_labels_classifier.bias[theirs].detach())
+
+    model, _ = load_detector(str(out / 'checkpoint.pth'))
+    assert model.transformer.encoder.layers[0].self_attn.rpe_k is not None  # iRPE on, its tables zero
+    got, expected = predictions(model, hf_model)
+    torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
+
+
+def finetune_model(*argv):
+    args = get_args_parser().parse_args(['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32',
+                                         '--nheads', '4', '--enc_layers', '2', '--dec_layers', '2',
+                                         '--dim_feedforward', '48', '--num_classes', '4', '--device', 'cpu', *argv])
+    return build_model(args)[0]
+
+
+def test_finetune_with_other_num_queries_reinitialises_only_the_query_embeddings(hf):
+    source = read_source(hf[0])
+    model = finetune_model('--num_queries', '7')
+    fresh = model.query_embed.weight.detach().clone()
+    report = load_for_finetuning(model, source, HF_ID2LABEL, hf[0])
+    assert 'query_embed.weight (num_queries differs' in report and '1 re-initialised' in report
+    assert torch.equal(model.query_embed.weight, fresh)
+    assert torch.equal(model.class_embed.weight, source.state_dict['class_embed.weight'])  # same classes: loaded
+
+
+def test_finetune_source_matching_under_half_of_the_model_is_refused_naming_the_formats(hf):
+    model = finetune_model('--backbone', 'resnet50', '--num_queries', '5')  # the source's is a resnet18
+    with pytest.raises(UsageError, match='only .* of the model.s .* tensors match.*DetrForObjectDetection'):
+        load_for_finetuning(model, read_source(hf[0]), HF_ID2LABEL, hf[0])
+
+
+def test_predict_runs_a_huggingface_folder_with_its_id2label_names(hf, tmp_path, monkeypatch):
+    from detr_irpe.cli import predict as predict_tool
+    folder, _ = hf
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=1, num_val=1)
+    drawn, real_draw = [], predict_tool.draw_detections
+
+    def draw(image, detections, threshold, names, min_size):
+        drawn.append(names)
+        return real_draw(image, detections, threshold, names, min_size)
+    monkeypatch.setattr(predict_tool, 'draw_detections', draw)
+    out = predict_tool.run(['--resume', folder, os.path.join(data[7], 'val_000001.jpg'), '--val_size', '64',
+                            '--val_max_size', '96', '--output_dir', str(tmp_path / 'predict'), '--device', 'cpu'])
+    assert drawn == [{0: 'circle', 1: 'square', 3: 'kite'}]  # 'N/A' is no name
+    assert os.path.isfile(os.path.join(out, 'detections.json'))

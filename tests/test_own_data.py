@@ -1,0 +1,174 @@
+"""Your own data: a flat-layout COCO-format dataset with non-contiguous named categories trains, evaluates and
+predicts with the four data flags; and each silent trap a new user met is now a usage error or a stated default."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import detr_irpe_datasets.build as datasets
+from detr_irpe.cli import eval as eval_tool
+from detr_irpe.cli import predict as predict_tool
+from detr_irpe.cli import train as train_tool
+from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.presets import parse_args_with_config
+from own_data import NAMES, make_flat_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, 'configs', 'smoke.yaml')
+# the smoke preset's tiny model, its sizes given on the command line (no preset: its data is synthetic)
+SMALL = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
+         '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '64', '--num_queries', '5',
+         '--train_scales', '64', '--train_max_size', '96', '--crop_scales', '64', '--crop_size', '48', '64',
+         '--val_size', '64', '--val_max_size', '96', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu',
+         '--epochs', '1', '--lr_drop', '1']
+
+
+def tool(name, *argv):
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    env.pop('DETR_IRPE_DEBUG', None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', name), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """(data flags, run folder) of one epoch of tools/train.py on the flat dataset."""
+    folder = tmp_path_factory.mktemp('own')
+    data = make_flat_dataset(str(folder / 'data'))
+    result = tool('train.py', *data, *SMALL, '--output_dir', str(folder / 'run'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, folder / 'run', result.stdout
+
+
+def test_flat_dataset_trains_with_the_four_flags_and_says_what_it_uses(trained):
+    data, run, stdout = trained
+    line = next(line for line in stdout.splitlines() if line.startswith('data:'))
+    assert '8 images' in line and '4 images' in line and '3 circle, 7 square, 12 triangle' in line
+    assert line.endswith(f'num_classes {max(NAMES) + 1}')
+    checkpoint = torch.load(run / 'checkpoint.pth', weights_only=True)
+    assert checkpoint['model']['class_embed.bias'].shape == (max(NAMES) + 1 + 1,)  # largest id + 1, + no-object
+    assert checkpoint['category_names'] == NAMES
+
+
+def test_eval_takes_the_checkpoints_data_and_sizes_names_its_classes_and_writes_beside_it(trained, capsys):
+    data, run, _ = trained
+    training_eval = (run / 'eval.json').read_bytes()
+    eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0'])
+    out = capsys.readouterr().out
+    taken = next(line for line in out.splitlines() if line.startswith('from the checkpoint:'))
+    assert '--val_size 64' in taken and '--val_max_size 96' in taken and f'--val_json {data[5]}' in taken
+    table = out[out.index('category  AP'):].splitlines()[1:4]
+    assert [row.split()[0] for row in table] == list(NAMES.values())
+    assert (run / 'eval.json').read_bytes() == training_eval  # training's result stays
+    assert json.loads((run / 'eval_checkpoint' / 'eval.json').read_text())['checkpoint'] == \
+        str(run / 'checkpoint.pth')
+
+
+def test_eval_into_a_training_runs_folder_is_a_usage_error(trained):
+    _, run, _ = trained
+    result = tool('eval.py', '--resume', str(run / 'checkpoint.pth'), '--output_dir', str(run))
+    assert result.returncode == 2 and "training run's folder" in result.stderr
+
+
+def test_predict_draws_the_checkpoints_names_and_writes_only_the_datasets_ids(trained, tmp_path, monkeypatch):
+    data, run, _ = trained
+    drawn, real_draw = [], predict_tool.draw_detections
+
+    def draw(image, detections, threshold, names, min_size):
+        drawn.append(names)
+        return real_draw(image, detections, threshold, names, min_size)
+    monkeypatch.setattr(predict_tool, 'draw_detections', draw)
+    image = os.path.join(data[7], 'val_000001.jpg')
+    # --dataset_file given, with no files: no annotations are read, the names come with the model
+    out = predict_tool.run(['--resume', str(run / 'checkpoint.pth'), image, '--dataset_file', 'coco',
+                            '--output_dir', str(tmp_path), '--threshold', '0'])
+    assert drawn == [NAMES]
+    detections = json.loads(open(os.path.join(out, 'detections.json')).read())
+    assert len(detections) == 5 and {d['category_id'] for d in detections} <= set(NAMES)
+
+
+def test_resume_of_a_finished_run_is_a_usage_error_unless_evaluating(trained):
+    data, run, _ = trained
+    result = tool('train.py', *data, *SMALL, '--output_dir', str(run), '--resume', str(run / 'checkpoint.pth'))
+    assert result.returncode == 2 and 'already trained all --epochs 1' in result.stderr
+
+
+def test_a_category_id_beyond_91_sets_num_classes(tmp_path):
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=2, num_val=1)
+    for path in (data[1], data[5]):
+        with open(path) as f:
+            coco = json.load(f)
+        coco['categories'].append({'id': 120, 'name': 'hexagon'})
+        for ann in coco['annotations'][:1]:
+            ann['category_id'] = 120
+        with open(path, 'w') as f:
+            json.dump(coco, f)
+    args = get_args_parser().parse_args([*data, *SMALL])
+    dataset = datasets.build_dataset('train', args)
+    assert datasets.num_classes_for(dataset) == 121
+
+
+def test_data_flag_the_presets_dataset_does_not_read_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args_with_config(train_tool.get_parser(), ['--config', SMOKE, '--coco_path', '/data/coco'])
+    assert e.value.code == 2
+    assert '--coco_path given, but --dataset_file is synthetic' in capsys.readouterr().err
+
+
+def test_data_on_the_command_line_replaces_the_presets(tmp_path):
+    preset = tmp_path / 'p.yaml'
+    preset.write_text('dataset_file: coco\ncoco_path: /data/coco\n')
+    args = parse_args_with_config(train_tool.get_parser(), ['--config', str(preset), '--train_json', 'a.json',
+                                                            '--train_images', 'i', '--val_json', 'b.json',
+                                                            '--val_images', 'i'])
+    assert args.coco_path is None and args.train_json == 'a.json'
+
+
+def test_missing_image_file_is_skipped_when_the_annotations_are_read(tmp_path):
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=3, num_val=1)
+    os.remove(os.path.join(data[3], 'train_000002.jpg'))
+    args = get_args_parser().parse_args([*data, *SMALL])
+    with pytest.warns(UserWarning, match="'train_000002.jpg' is not in the image folder"):
+        dataset = datasets.build_dataset('train', args)
+    assert len(dataset) == 2 and dataset.skipped_entries >= 1
+
+
+@pytest.mark.parametrize('argv', [['--frozen_weights', 'no_such.pth']])
+def test_flags_that_did_nothing_are_gone(argv, capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(argv)
+
+
+def test_eval_resume_help_speaks_of_what_it_loads():
+    action = next(a for a in eval_tool.get_parser()._actions if a.dest == 'resume')
+    assert action.help.startswith('the detector to load') and 'resum' not in action.help
+
+
+def test_no_aux_loss_help_says_aux_loss_is_on_by_default():
+    action = next(a for a in get_args_parser()._actions if a.dest == 'aux_loss')
+    assert 'on by default' in action.help and action.default is True
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=1)
+    # Adam's first step moves every weight by about the learning rate: at 1e30 the next loss is not finite
+    result = tool('train.py', *data, *SMALL, '--lr', '1e30', '--clip_max_norm', '0', '--output_dir',
+                  str(tmp_path / 'run'))
+    assert result.returncode == 2 and 'loss is nan' in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_onnx_export_keeps_the_category_names(trained, tmp_path):
+    import onnx
+    from detr_irpe.export import OnnxDetector
+    _, run, _ = trained
+    result = tool('export.py', '--resume', str(run / 'checkpoint.pth'), '--output', str(tmp_path / 'detr.onnx'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / 'detr.onnx')).metadata_props}
+    assert json.loads(stored['category_names']) == {str(k): v for k, v in NAMES.items()}
+    assert OnnxDetector(str(tmp_path / 'detr.onnx')).category_names == NAMES
