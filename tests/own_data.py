@@ -1,5 +1,9 @@
 """A flat-layout COCO-format dataset with non-contiguous named categories (ids 3, 7, 12), made from the synthetic
-shapes: train.json, val.json and one folder of images, as a user's own data comes."""
+shapes: train.json, val.json and one folder of images, as a user's own data comes.
+
+    python tests/own_data.py mydata --num_train 64 --num_val 32 --seed 1     # the README's "Your own data"
+"""
+import argparse
 import json
 import os
 import shutil
@@ -10,10 +14,11 @@ IDS = {1: 3, 2: 7, 3: 12}  # synthetic id -> ours
 NAMES = {3: 'circle', 7: 'square', 12: 'triangle'}
 
 
-def make_flat_dataset(folder, num_train=8, num_val=4, image_size=64):
+def make_flat_dataset(folder, num_train=8, num_val=4, image_size=64, seed=0):
     """folder/{train.json, val.json, images/} with categories 3, 7, 12; returns the four data flags."""
     synthetic = ensure_synthetic_coco(os.path.join(folder, 'synthetic'), num_train=num_train, num_val=num_val,
-                                      image_size=image_size, num_classes=3, objects=(1, 2), object_size=(0.3, 0.5))
+                                      image_size=image_size, num_classes=3, objects=(1, 2), object_size=(0.3, 0.5),
+                                      seed=seed)
     images = os.path.join(folder, 'images')
     os.makedirs(images, exist_ok=True)
     for split in ('train', 'val'):
@@ -32,3 +37,13 @@ def make_flat_dataset(folder, num_train=8, num_val=4, image_size=64):
     os.remove(os.path.join(folder, 'synthetic.lock'))
     return ['--train_json', os.path.join(folder, 'train.json'), '--train_images', images,
             '--val_json', os.path.join(folder, 'val.json'), '--val_images', images]
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('folder')
+    parser.add_argument('--num_train', type=int, default=64)
+    parser.add_argument('--num_val', type=int, default=32)
+    parser.add_argument('--seed', type=int, default=1, help='the drawing (the synthetic presets draw with 0)')
+    args = parser.parse_args()
+    print(' '.join(make_flat_dataset(args.folder, args.num_train, args.num_val, seed=args.seed)))
