@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from detr_irpe import UsageError, distributed
 from detr_irpe.irpe import rpe_parameters
+from detr_irpe.preemption import iterate_loader
 
 
 class NonFiniteLossError(UsageError):
@@ -115,8 +116,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     stats = new_epoch_stats() if stats is None else stats
     sums = stats['sums']
     steps = start_step + len(data_loader)
-    bar = tqdm(data_loader, total=len(data_loader), initial=0, desc=f'epoch {epoch}', dynamic_ncols=True,
-               disable=not distributed.is_main_process(), mininterval=2.0)
+    bar = tqdm(iterate_loader(data_loader), total=len(data_loader), initial=0, desc=f'epoch {epoch}',
+               dynamic_ncols=True, disable=not distributed.is_main_process(), mininterval=2.0)
     t0, images_seen = time.time(), 0
     base_lrs = lr_scheduler.get_last_lr()  # the groups' own lr may hold a warm-up factor of a resumed step
     for i, (images, targets) in enumerate(bar):
@@ -187,8 +188,8 @@ def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=Non
     to evaluator (datasets.CocoEvaluator). Returns evaluator.summarize()'s result on the main process, None on the
     others. on_batch() is called before each batch (to stop at a SIGTERM without waiting for the whole pass)."""
     model.eval()
-    for images, targets in tqdm(data_loader, desc='eval', dynamic_ncols=True, mininterval=2.0,
-                                disable=not distributed.is_main_process()):
+    for images, targets in tqdm(iterate_loader(data_loader), total=len(data_loader), desc='eval', dynamic_ncols=True,
+                                mininterval=2.0, disable=not distributed.is_main_process()):
         if on_batch is not None:
             on_batch()
         images = [img.to(device) for img in images]

@@ -61,8 +61,20 @@ class Preemption:
 def loader_worker_ignores_sigterm(worker_id):
     """DataLoader worker_init_fn: a SIGTERM sent to the whole process group (SLURM, torchrun) must not kill
     the data workers, or the main process fails on their death before it can write its checkpoint. They end
-    with the main process, as always."""
+    with the main process, as always. A SIGTERM held back while they started (iterate_loader) is dropped here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def iterate_loader(data_loader):
+    """iter(data_loader) with SIGTERM held back while its workers start: torch's worker start-up installs a
+    handler that dies of SIGTERM before loader_worker_ignores_sigterm runs, and a worker inherits the mask. The
+    main process gets a SIGTERM sent meanwhile when the mask is restored."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(data_loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def rng_state():

@@ -13,7 +13,8 @@ from detr_irpe import UsageError, distributed, engine
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.checkpoint import (load_checkpoint, load_optimizer_state, load_resume_checkpoint, resolve_resume,
                                   save_checkpoint)
-from detr_irpe.preemption import PREEMPTED_EXIT_STATUS, process_rng_state
+from detr_irpe.preemption import (PREEMPTED_EXIT_STATUS, iterate_loader, loader_worker_ignores_sigterm,
+                                  process_rng_state)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -187,3 +188,31 @@ def test_sigterm_to_the_process_group_checkpoints_the_current_step_and_exits_143
     assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
     assert 'SIGTERM: checkpoint' in stdout
     assert (0, 10 ** 9) < _position(str(out / 'checkpoint.pth')) < (2, 10 ** 9)
+
+
+_MASK_AT_INIT = None
+
+
+def _record_mask_then_ignore_sigterm(worker_id):
+    global _MASK_AT_INIT
+    _MASK_AT_INIT = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader_worker_ignores_sigterm(worker_id)
+
+
+class _WorkerSignals(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return (_MASK_AT_INIT, signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+                signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+
+
+def test_loader_workers_start_with_sigterm_held_back_until_they_ignore_it():
+    # torch's worker start-up installs a SIGTERM handler that kills the worker; a SIGTERM to the process group in
+    # that window used to end the run with a dead worker instead of a checkpoint
+    loader = torch.utils.data.DataLoader(_WorkerSignals(), num_workers=2, batch_size=None,
+                                         worker_init_fn=_record_mask_then_ignore_sigterm)
+    for blocked_at_init, blocked_after, ignored in iterate_loader(loader):
+        assert blocked_at_init and not blocked_after and ignored
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])   # the main process's mask restored
