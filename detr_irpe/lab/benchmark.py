@@ -314,7 +314,7 @@ def markdown_table(result):
     return '\n'.join(lines)
 
 
-# DETR's evaluation sizes, as in the README's performance table.
+# DETR's evaluation sizes, as in docs/performance.md.
 BENCHMARK_SIZES = ((640, 853), (600, 800))
 
 
