@@ -71,6 +71,16 @@ def use_flex(attention_impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p):
     return True
 
 
+def cpu_refusal():
+    """Why flex attention cannot run on this CPU, or None: it needs AVX-512 code (ATEN_CPU_CAPABILITY included)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == 'AVX512':
+        return None
+    return (f'flex attention on CPU needs AVX-512 (torch runs {capability} code here): the AVX2 code of torch '
+            '2.14.1 computes some flex attentions wrong, differently from run to run (tests/flex_avx2_repro.py). '
+            'Use --attention_impl auto or sdpa on this CPU.')
+
+
 def per_bucket_values(part, x):
     """(B or 1, H or 1, L or 1, K): entry [b, h, i, t] is the logit term of token i against any token in
     bucket t. Contextual: x_i . W[:, t] (x @ W); bias: the table itself, (1, H or 1, 1, K)."""
@@ -133,11 +143,8 @@ def flex_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, key_padding_mask=None, 
             raise NotImplementedError('flex attention on CPU has a forward only (torch FlexAttention has no CPU '
                                       'backward): run it under torch.no_grad(), or train with --attention_impl '
                                       'auto or sdpa on CPU.')
-        if torch.backends.cpu.get_cpu_capability() != 'AVX512':
-            raise NotImplementedError(
-                f'flex attention on CPU needs AVX-512 (torch runs {torch.backends.cpu.get_cpu_capability()} code '
-                'here): the AVX2 code of torch 2.14.1 computes some flex attentions wrong, differently from run to '
-                'run (tests/flex_avx2_repro.py). Use --attention_impl auto or sdpa on this CPU.')
+        if cpu_refusal() is not None:
+            raise NotImplementedError(cpu_refusal())
     score_mod = irpe_score_mod(rpe_q, rpe_k, q, k * q.shape[-1] ** -0.5, height, width, key_padding_mask)
     run = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(q.is_cuda)
     return run(q, k, v, score_mod=score_mod, scale=1.0)

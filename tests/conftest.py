@@ -3,10 +3,9 @@ import pickle
 
 import pytest
 
-from detr_irpe.inductor_cache import use_cache_per_cpu
-
-# Also for test modules that compile without importing detr_irpe (tests/test_rpe_ops.py)
-use_cache_per_cpu()
+# inductor's cache per CPU instruction set (detr_irpe/inductor_cache.py) also for test modules that compile
+# without importing detr_irpe (tests/test_rpe_ops.py): importing the package sets it
+import detr_irpe  # noqa: F401
 
 
 class RunsCode:

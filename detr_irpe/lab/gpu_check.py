@@ -333,11 +333,11 @@ def check_flex(device, quick):
     """The encoder attention through flex_attention (--attention_impl flex) against the SDPA/explicit path with the
     same weights, padded keys: forward, and on CUDA the gradients (torch's FlexAttention has no CPU backward)."""
     from detr_irpe.attention import RPEMultiheadAttention
-    from detr_irpe.flex import flex_attention
+    from detr_irpe.flex import cpu_refusal, flex_attention
     if flex_attention is None:
         raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
-    if device == 'cpu' and torch.backends.cpu.get_cpu_capability() != 'AVX512':
-        raise Skip('flex attention on CPU is refused without AVX-512 (detr_irpe.flex)')
+    if device == 'cpu' and cpu_refusal() is not None:
+        raise Skip(cpu_refusal())
     from detr_irpe.irpe import rpe_config_from_string
     torch._dynamo.reset()  # each score_mod compiles anew; earlier checks' compiles must not use up the recompile limit
     # iRPE-K (the default), bias on both sides per head, and cross's two tables; the CPU suite has every method
@@ -545,11 +545,11 @@ def bench_flex(device, quick):
     """The encoder attention layer with iRPE-K (dropout 0), flex vs the op path (SDPA with the iRPE term as
     its mask): forward + backward on CUDA, forward on CPU."""
     from detr_irpe.attention import RPEMultiheadAttention
-    from detr_irpe.flex import flex_attention
+    from detr_irpe.flex import cpu_refusal, flex_attention
     if flex_attention is None:
         return {'skipped': f'torch {torch.__version__} has no flex_attention'}
-    if device == 'cpu' and torch.backends.cpu.get_cpu_capability() != 'AVX512':
-        return {'skipped': 'flex attention on CPU is refused without AVX-512 (detr_irpe.flex)'}
+    if device == 'cpu' and cpu_refusal() is not None:
+        return {'skipped': cpu_refusal()}
     from detr_irpe.irpe import rpe_config_from_string
     torch._dynamo.reset()  # past torch's recompile limit flex would run uncompiled, and this would time that
     h, w = (6, 8) if quick else (25, 42)
