@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from detr_irpe import UsageError
 
@@ -18,6 +18,16 @@ from .position_encoding import build_position_encoding
 
 NUM_CHANNELS = {'resnet18': 512, 'resnet34': 512, 'resnet50': 2048, 'resnet101': 2048}
 DETR_PREFIX = 'backbone.0.body.'
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """torchvision's frozen batch norm (the same buffers and state-dict keys) as one F.batch_norm call: one kernel
+    each way instead of seven, and under autocast the output keeps the activations' half type (the affine in
+    float32, as cuDNN's batch norm computes it) instead of becoming float32 for the next convolution to cast
+    back (docs/performance.md)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class Backbone(nn.Module):
@@ -96,15 +106,12 @@ def last_norm(block: nn.Module) -> FrozenBatchNorm2d:
 
 
 def shortcut_only(block: nn.Module, x: Tensor) -> Tensor:
-    """block(x) for a block whose branch's last norm has zero scale: FrozenBatchNorm2d computes
-    branch * scale + bias, i.e. (+-0) + bias, so the block's `branch + shortcut` is `shortcut + bias`, the same
-    bits (for finite activations) without the branch's convolutions."""
+    """block(x) for a block whose branch's last norm has zero scale: the norm computes
+    (branch - mean) * rsqrt(var + eps) * 0 + bias, i.e. (+-0) + bias, so the block's `branch + shortcut` is
+    `shortcut + bias`, the same bits (for finite activations) without the branch's convolutions."""
     norm = last_norm(block)
     shortcut = x if block.downsample is None else block.downsample(x)
-    # FrozenBatchNorm2d's own arithmetic for its bias
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    bias = norm.bias - norm.running_mean * scale
-    return block.relu(shortcut + bias.reshape(1, -1, 1, 1))
+    return block.relu(shortcut + norm.bias.reshape(1, -1, 1, 1).to(shortcut.dtype))
 
 
 class Joiner(nn.Sequential):
