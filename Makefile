@@ -5,8 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # Pinned for reproducibility (setup.py keeps loose ranges for users); transformers and timm only for the tests
 # that check Hugging Face DETR weights against transformers' own predictions, never for the package. The CUDA builds of torch and
-# torchvision run on machines without a GPU; their pip `nvidia` packages carry the headers the CUDA
-# kernel compiles against.
+# torchvision run on machines without a GPU; on a GPU the ops run Triton kernels (Triton comes with torch).
 PINNED := torch==2.14.1 torchvision==0.29.1 pycocotools==2.0.11 faster-coco-eval==1.8.0 scipy==1.17.1 numpy==2.4.6 \
           pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 pillow==13.0.0 pytest==9.2.0 ninja==1.13.0 \
           setuptools==84.2.1 wheel onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetensors==0.8.0 \
@@ -39,7 +38,7 @@ test-quick: setup
 benchmark: setup
 	$(PY) tools/benchmark.py
 
-# On a bare GPU machine (python, torch 2.4+, torchvision, nvcc, ninja; no .venv, no downloads): builds rpe_ops
+# On a bare GPU machine (python, torch 2.4+, torchvision, scipy, ninja; no .venv, no nvcc, no downloads): builds rpe_ops
 # in place against the installed torch, runs the named checks and the benchmark, writes outputs/gpu_check.json.
 # -m from the checkout: its folder is on the path, so the packages are found without an install.
 gpu-check:

@@ -23,7 +23,8 @@ On CPU, the ops run AVX-512 loops where the processor has AVX-512 and torch's
 CPU capability is AVX512 (all four ops for float32, the two reductions also for
 bfloat16 and float16), portable loops elsewhere; RPE_OPS_CPU_LOOPS or
 `set_cpu_loops` forces a set, and `build_info()['cpu_loops']` says which runs and
-why (csrc/cpu/loops.h). Their outputs of 2 MiB or more come from
+why (csrc/cpu/loops.h). On CUDA they run Triton kernels (rpe_ops/triton_kernels.py,
+registered in rpe_ops/cuda.py). Their CPU outputs of 2 MiB or more come from
 `rpe_ops.block_cache`, which keeps freed blocks for the next tensor of about
 their size and can serve every CPU tensor (`block_cache.install()`).
 
@@ -52,13 +53,13 @@ __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'referenc
 
 
 def build_info():
-    """Which compiled kernels this install has and which CPU loops run: {'cpu': bool, 'cuda': bool,
+    """Which kernels this install has and which CPU loops run: {'cpu': bool, 'cuda': bool (the Triton kernels can run),
     'cpu_loops': {'loops': 'portable' or 'avx512' (every op's), 'reason': 'by CPU feature: ...' or
     'forced by ...', 'available': the sets this CPU runs} (None without the compiled extension),
     'torch': version, 'import_error': why the extension did not load, or None}."""
     return {
         'cpu': _C is not None,
-        'cuda': _C is not None and _C.compiled_with_cuda(),
+        'cuda': _C is not None and _cuda.triton_problem() is None,
         'cpu_loops': _C.cpu_loops() if _C is not None else None,
         'torch': torch.__version__,
         'import_error': None if _IMPORT_ERROR is None else str(_IMPORT_ERROR),
@@ -287,4 +288,4 @@ if _C is not None:
     torch.library.register_autograd('rpe_ops::rpe_reduce', _rpe_reduce_backward,
                                     setup_context=_rpe_reduce_setup_context)
 
-    from rpe_ops import cuda as _cuda  # noqa: E402,F401  the CUDA kernels: Triton, or the .cu (rpe_ops/cuda.py)
+    from rpe_ops import cuda as _cuda  # noqa: E402  the CUDA kernels (Triton): rpe_ops/cuda.py

@@ -1,76 +1,31 @@
-"""The CUDA implementation of the four rpe_ops, registered for the ops' CUDA dispatch key so that autograd,
-torch.compile and export see one op whichever kernels run:
-
-    RPE_OPS_CUDA_KERNELS=triton   the Triton kernels of rpe_ops/triton_kernels.py (default; Triton needs no nvcc)
-    RPE_OPS_CUDA_KERNELS=cuda     the hand-written kernels of csrc/cuda/rpe_index_kernel.cu (compiled only
-                                  where nvcc was found at install), until a GPU run has compared the two
-
-The .cu kernels register under names of their own (rpe_ops::_cuda_rpe_index, ...): a second kernel for the
-same op and dispatch key would silently replace the first. Bucket ids are checked here, on the host, for both.
+"""The CUDA implementation of the four rpe_ops: the Triton kernels of rpe_ops/triton_kernels.py, registered for
+the ops' CUDA dispatch key so that autograd, torch.compile and export see one op. Triton comes with torch's CUDA
+wheels and compiles for the GPU at hand: no nvcc, one build for every GPU and CUDA version. (Hand-written .cu
+kernels ran 1.9x slower over DETR's sizes on an H200, up to 5.6x on DC5's reductions: docs/rpe_ops.md.)
+Bucket ids are checked here, on the host, once per ids tensor: no device asserts.
 """
-import contextlib
-import os
-import warnings
-
 import torch
 
 import rpe_ops
-from rpe_ops import _C
-
-CUDA_KERNELS = ('triton', 'cuda')
 
 
-def cuda_kernels():
-    """Which kernels CUDA calls run: 'triton' or 'cuda', from RPE_OPS_CUDA_KERNELS (default 'triton'),
-    read at every call."""
-    choice = os.environ.get('RPE_OPS_CUDA_KERNELS', 'triton')
-    if choice not in CUDA_KERNELS:
-        raise ValueError(f'RPE_OPS_CUDA_KERNELS={choice!r} is not one of {", ".join(CUDA_KERNELS)}; unset it '
-                         f'for the Triton kernels, or set it to cuda for the kernels compiled with nvcc.')
-    return choice
-
-
-@contextlib.contextmanager
-def using(kernels):
-    """Within `with`, CUDA calls run `kernels` ('triton' or 'cuda'), as if RPE_OPS_CUDA_KERNELS said so."""
-    previous = os.environ.get('RPE_OPS_CUDA_KERNELS')
-    os.environ['RPE_OPS_CUDA_KERNELS'] = kernels
+def triton_problem():
+    """Why the Triton kernels cannot run here (triton missing), or None."""
     try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ['RPE_OPS_CUDA_KERNELS']
-        else:
-            os.environ['RPE_OPS_CUDA_KERNELS'] = previous
-
-
-_warned_no_triton = False
+        import triton  # noqa: F401
+    except ImportError as error:
+        return (f'triton cannot be imported ({error}); rpe_ops runs on CUDA through Triton kernels. Install the '
+                f'triton that matches torch {torch.__version__} (`pip install triton`; no nvcc needed).')
+    return None
 
 
 def _kernels(op):
-    """The function that runs op on CUDA tensors."""
-    global _warned_no_triton
-    choice = cuda_kernels()
-    if choice == 'triton':
-        try:
-            from rpe_ops import triton_kernels
-            return getattr(triton_kernels, op)
-        except ImportError as error:
-            if not _C.compiled_with_cuda():
-                raise RuntimeError(
-                    f'rpe_ops.{op} on CUDA runs Triton kernels, but triton cannot be imported ({error}), and this '
-                    f'build has no CUDA kernels of its own (those are compiled only where nvcc is found at '
-                    f'install). Install triton (`pip install triton`, no nvcc needed).') from error
-            if not _warned_no_triton:
-                _warned_no_triton = True
-                warnings.warn(f'rpe_ops: triton cannot be imported ({error}); CUDA calls run the kernels compiled '
-                              f'with nvcc instead. Install triton, or set RPE_OPS_CUDA_KERNELS=cuda to choose '
-                              f'those kernels and silence this warning.', RuntimeWarning, stacklevel=4)
-    elif not _C.compiled_with_cuda():
-        raise RuntimeError(f'RPE_OPS_CUDA_KERNELS=cuda, but this build of rpe_ops has no CUDA kernels (they are '
-                           f'compiled only where nvcc is found at install). Unset RPE_OPS_CUDA_KERNELS to run the '
-                           f'Triton kernels, or reinstall with nvcc on PATH.')
-    return getattr(torch.ops.rpe_ops, '_cuda_' + op).default
+    """The Triton kernel of op."""
+    problem = triton_problem()
+    if problem is not None:
+        raise RuntimeError(f'rpe_ops.{op} on CUDA: {problem}')
+    from rpe_ops import triton_kernels
+    return getattr(triton_kernels, op)
 
 
 def check_bucket_ids(op, index, num_buckets):
@@ -133,58 +88,3 @@ IMPLEMENTATIONS = {'rpe_index': rpe_index, 'rpe_reduce': rpe_reduce, 'rpe_index_
 _LIBRARY = torch.library.Library('rpe_ops', 'IMPL')
 for _op, _kernel in IMPLEMENTATIONS.items():
     _LIBRARY.impl(_op, _kernel, 'CUDA')
-
-
-def compare_kernels(maps=((25, 34), (50, 68)), batch=2, heads=8, dtype=torch.bfloat16, repeats=10,
-                    kernels=CUDA_KERNELS, device='cuda'):
-    """The Triton and the nvcc kernels side by side in one run, for the GPU run that decides which to keep:
-    {f'{op}/{h}x{w}': {'<kernels>_ms': median milliseconds per call, 'max_difference': between the two
-    outputs}} at DETR-R50's encoder maps (C5 25 x 34, DC5 50 x 68: L = 850 and 3400) with iRPE's product
-    bucket ids (K = 49) and their transpose; 'flat' ops are iRPE on queries alone (Lq = 1, K = L * 49).
-    Each repeat times every kernel set once, in turns, so a slow spell of the GPU hits them alike."""
-    import statistics
-    import time
-    from detr_irpe import irpe
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    results = {}
-    for h, w in maps:
-        ids, K = irpe.get_bucket_ids_2d('product', h, w, device=device)
-        ids_t, L = irpe.key_major_ids(ids, 0), h * w
-        flat_ids = irpe.key_major_ids(ids, K).view(1, L * L)
-
-        def rand(*shape):
-            return torch.randn(*shape, generator=g, device=device, dtype=dtype)
-
-        ops = torch.ops.rpe_ops
-        table, table_t, scores = rand(batch, heads, L, K), rand(batch, heads, L, K), rand(batch, heads, L, L)
-        calls = {'rpe_index': lambda: ops.rpe_index(table, ids),
-                 'rpe_reduce': lambda: ops.rpe_reduce(scores, ids, K),
-                 'rpe_index_qk': lambda: ops.rpe_index_qk(table, ids, table_t, ids_t),
-                 'rpe_reduce_qk': lambda: ops.rpe_reduce_qk(scores, ids, K, ids_t, K),
-                 'rpe_index_flat': lambda: ops.rpe_index(table.reshape(batch, heads, 1, L * K), flat_ids),
-                 'rpe_reduce_flat': lambda: ops.rpe_reduce(scores.reshape(batch, heads, 1, L * L), flat_ids, L * K)}
-        for op, call in calls.items():
-            outputs, times = {}, {name: [] for name in kernels}
-            for name in kernels:  # a first call each: compiles the Triton kernels, checks the ids
-                with using(name):
-                    outputs[name] = call()
-            for _ in range(repeats):
-                for name in kernels:
-                    with using(name):
-                        _synchronize(device)
-                        start = time.perf_counter()
-                        call()
-                        _synchronize(device)
-                    times[name].append(1000 * (time.perf_counter() - start))
-            first, *others = [torch.cat([o.flatten().double() for o in (out if isinstance(out, tuple) else (out,))])
-                              for out in outputs.values()]
-            results[f'{op}/{h}x{w}'] = {
-                **{f'{name}_ms': statistics.median(t) for name, t in times.items()},
-                'max_difference': max([(first - o).abs().max().item() for o in others], default=0.0)}
-    return results
-
-
-def _synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)

@@ -58,7 +58,7 @@ def _index_kernel(in_ptr, idx_ptr, in_t_ptr, idx_t_ptr, out_ptr, BH, H, Lq, Lk,
 @triton.jit
 def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
                    s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r, s_out_b, s_out_h, s_out_p, s_out_k,
-                   DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_BH: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_BH: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b, h, p, t] = sum_r v[b, h, p, r] [idx[p, r] == t]: per row p, v[:, p, :] @ onehot(idx[p, :])."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -75,8 +75,9 @@ def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
         onehot = ids[:, :, None] == t[None, None, :]                                     # (P, R, K)
         v = tl.load(v_ptr + rows + r[None, None, :] * s_v_r, mask=row_mask & (r < R)[None, None, :],
                     other=0)                                                             # (P, BH, R)
-        # 0/1 times a value is exact; tensor cores sum in float32; no TF32 for float32 values.
-        acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision='ieee')
+        # 0/1 times a value is exact and tensor cores sum in float32; float32 values go in as two TF32 parts
+        # (tf32x3: 21 of float32's 24 bits, on tensor cores; 'ieee' ran 4x slower on an H200, docs/rpe_ops.md)
+        acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision=PRECISION)
     out = out_ptr + (p[:, None] * s_out_p + (b * s_out_b + h * s_out_h)[None, :])[:, :, None] + t[None, None, :] * s_out_k
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (t < K)[None, None, :])
 
@@ -173,19 +174,19 @@ def _reduce(values, index, num_buckets):
     BLOCK_P, BLOCK_R = (2, 64) if values.stride(3) == 1 else (max(2, 32 // values.element_size()), 16)
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(num_buckets, BLOCK_K), triton.cdiv(BH, BLOCK_BH))
     _reduce_kernel[grid](values, index, out, BH, H, P, R, num_buckets, *values.stride(), *index.stride(),
-                         *out.stride(), DOT=dot, BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
+                         *out.stride(), DOT=dot, PRECISION='tf32x3' if dtype == torch.float32 else 'ieee',
+                         BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
                          BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4 if BLOCK_P < 8 else 8)
     return out
 
 
-def check_against_cpu(device='cpu', kernels='triton'):
+def check_against_cpu(device='cpu'):
     """The four ops through their registered kernel on `device` (forward, and backward by autograd) against the
     CPU op and the reference_* functions in float64, over iRPE and random bucket ids, float32 / bfloat16 /
     float16 (and float64 once), contiguous and strided inputs, K past one tile, Lq != Lk.
 
     Returns {case: {'max_error': largest difference to either, 'bound_ratio': largest difference / its bound}};
-    a case passes when bound_ratio <= 1. kernels: 'triton', or 'cuda' for the .cu kernels on a GPU. On CPU the
-    Triton kernels run under the interpreter: in a subprocess with TRITON_INTERPRET=1 unless this process
+    a case passes when bound_ratio <= 1. On CPU the Triton kernels run under the interpreter: in a subprocess with TRITON_INTERPRET=1 unless this process
     imported them so, with the CPU op's dispatch routed to rpe_ops/cuda.py's kernels for the duration.
     """
     device = torch.device(device)
@@ -194,14 +195,13 @@ def check_against_cpu(device='cpu', kernels='triton'):
         env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
             [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
         script = ('import json, rpe_ops.triton_kernels as t; '
-                  f'print(json.dumps(t.check_against_cpu("cpu", {kernels!r})))')
+                  'print(json.dumps(t.check_against_cpu("cpu")))')
         run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
         if run.returncode != 0:
             raise RuntimeError(f'the Triton interpreter check failed:\n{run.stderr[-4000:]}')
         return json.loads(run.stdout.splitlines()[-1])
     from rpe_ops import cuda
-    with cuda.using(kernels):
-        return _check_cases(device, lambda: _routed_to(cuda.IMPLEMENTATIONS) if device.type == 'cpu' else None)
+    return _check_cases(device, lambda: _routed_to(cuda.IMPLEMENTATIONS) if device.type == 'cpu' else None)
 
 
 class _routed_to:

@@ -92,10 +92,10 @@ def test_cuda_without_a_gpu_is_a_usage_error_that_says_what_to_do():
 @pytest.mark.slow
 def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp_path):
     """What the quick test above leaves out (flex and AMP compile or run slowly on CPU; the benchmark builds
-    DETR-R50 five times; the kernels' comparison needs CUDA and says so): together the code paths `make gpu-check` takes, on CPU."""
+    DETR-R50 five times; host_bound needs CUDA and says so): together the code paths `make gpu-check` takes, on CPU."""
     out = tmp_path / 'report.json'
-    run = run_script('--checks', 'flex_matches_explicit', 'amp_step', '--benchmarks', 'kernels', 'flex_vs_op',
-                     'train_steps', '--output', str(out))
+    run = run_script('--checks', 'flex_matches_explicit', 'amp_step', '--benchmarks', 'flex_vs_op', 'train_steps',
+                     'host_bound', '--output', str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report['checks']) | set(FAST_CHECKS) == set(gpu_check.CHECKS)
@@ -105,7 +105,7 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
     assert all(r['passed'] is True for r in report['checks'].values()), report['checks']
     amp = report['checks']['amp_step']['precisions']['float16 + GradScaler']
     assert amp['loop_skipped_steps'] < 3 and amp['grad_cosine'] >= 0.98
-    assert 'run with --device cuda' in report['benchmark']['kernels']['skipped']
+    assert 'run with --device cuda' in report['benchmark']['host_bound']['skipped']
     steps = report['benchmark']['train_steps']
     assert set(steps['rows']) == {'plain C5', 'irpe_k sdpa C5', 'irpe_qkv C5', 'plain DC5', 'irpe_qkv DC5'}
     assert all(r['step_ms'] > 0 for r in steps['rows'].values()) and steps['ratios']['irpe_qkv / plain (DC5)'] > 0

@@ -56,32 +56,18 @@ def test_bucket_ids_are_checked_on_the_host_with_the_range_found_and_expected():
     cuda.check_bucket_ids('rpe_index', index, 3)
 
 
-def test_public_ops_have_one_cuda_kernel_and_the_nvcc_kernels_their_own_names():
+def test_public_ops_have_one_cuda_kernel_the_triton_one():
     for op in OPS:
         dump = torch._C._dispatch_dump(f'rpe_ops::{op}')
         cuda_lines = [line for line in dump.splitlines() if line.startswith('CUDA')]
         assert len(cuda_lines) == 1 and 'rpe_ops/cuda.py' in cuda_lines[0], dump
-        if rpe_ops.build_info()['cuda']:
-            assert 'rpe_index_kernel.cu' in torch._C._dispatch_dump(f'rpe_ops::_cuda_{op}')
 
 
-def test_cuda_kernels_setting_and_the_message_without_triton(monkeypatch):
+def test_without_triton_a_cuda_call_says_what_to_install(monkeypatch):
     from rpe_ops import cuda
-    monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cutlass')
-    with pytest.raises(ValueError, match=r"RPE_OPS_CUDA_KERNELS='cutlass' is not one of triton, cuda"):
-        cuda._kernels('rpe_index')
-    monkeypatch.delenv('RPE_OPS_CUDA_KERNELS')
-    monkeypatch.setitem(sys.modules, 'rpe_ops.triton_kernels', None)  # importing it raises ImportError
-    monkeypatch.delattr(rpe_ops, 'triton_kernels', raising=False)
-    monkeypatch.setattr(cuda, '_warned_no_triton', False)
-    if rpe_ops.build_info()['cuda']:
-        with pytest.warns(RuntimeWarning, match=r'triton cannot be imported .* run the kernels compiled with nvcc'):
-            assert cuda._kernels('rpe_reduce') is torch.ops.rpe_ops._cuda_rpe_reduce.default
-        monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cuda')
-        assert cuda._kernels('rpe_index_qk') is torch.ops.rpe_ops._cuda_rpe_index_qk.default
-    else:
-        with pytest.raises(RuntimeError, match=r'Install triton \(`pip install triton`, no nvcc needed\)'):
-            cuda._kernels('rpe_reduce')
-        monkeypatch.setenv('RPE_OPS_CUDA_KERNELS', 'cuda')
-        with pytest.raises(RuntimeError, match=r'no CUDA kernels .* only where nvcc is found'):
-            cuda._kernels('rpe_index')
+    assert cuda._kernels('rpe_reduce') is rpe_ops.triton_kernels.rpe_reduce
+    monkeypatch.setitem(sys.modules, 'triton', None)  # importing it raises ImportError
+    with pytest.raises(RuntimeError, match=r'rpe_ops.rpe_reduce on CUDA: triton cannot be imported .*'
+                                           r'`pip install triton`; no nvcc needed'):
+        cuda._kernels('rpe_reduce')
+    assert rpe_ops.build_info()['cuda'] is False

@@ -1,7 +1,6 @@
 // Schema of the rpe_ops library. The CPU kernels register themselves in
-// cpu/rpe_index_kernel.cpp; the CUDA kernel (Triton, or cuda/rpe_index_kernel.cu)
-// from Python in rpe_ops/cuda.py, as autograd and the fake (meta) kernels are
-// in rpe_ops/__init__.py.
+// cpu/rpe_index_kernel.cpp; the CUDA kernels (Triton) from Python in rpe_ops/cuda.py,
+// as autograd and the fake (meta) kernels are in rpe_ops/__init__.py.
 #include <Python.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -30,16 +29,8 @@ TORCH_LIBRARY(rpe_ops, m) {
 }
 
 // A plain Python module (no pybind11): importing rpe_ops._C loads the library
-// above, and compiled_with_cuda() tells build_info() which kernels exist.
+// above; its functions report and set the CPU kernels' state.
 namespace {
-
-PyObject* compiled_with_cuda(PyObject*, PyObject*) {
-#ifdef WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
 
 // fn(), with a C++ exception raised as a Python one: ValueError for a bad setting, RuntimeError otherwise.
 template <typename Fn>
@@ -102,8 +93,6 @@ PyObject* block_cache_installed(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS,
-     "True if the CUDA kernels were compiled into this build."},
     {"cpu_loops", cpu_loops, METH_NOARGS, "Which CPU loops the ops run, and why (see cpu/loops.h)."},
     {"set_cpu_loops", set_cpu_loops, METH_O,
      "Force the CPU loops of every op ('portable', 'avx512') or 'auto'; returns the previous setting."},
