@@ -7,10 +7,9 @@ Logged, not trained on: 'class_error' (top-1 error in % on matched queries) and
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou
 
 from . import distributed
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .matcher import build_matcher
 
 
@@ -34,68 +33,73 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer('empty_weight', empty_weight)
 
-    @staticmethod
-    def matched_queries(indices) -> tuple[Tensor, Tensor]:
-        """(batch index, query index) of every matched prediction, images in order."""
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-        query_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, query_idx
-
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True) -> dict:
-        """Cross-entropy over all queries; unmatched queries target the no-object class."""
-        logits = outputs['pred_logits']  # (B, Q, num_classes + 1)
-        idx = self.matched_queries(indices)
-        matched_labels = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=logits.device)
-        target_classes[idx] = matched_labels
-        losses = {'loss_ce': F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
-        if log:
-            losses['class_error'] = 100 - top1_accuracy(logits[idx], matched_labels)
-        return losses
-
-    @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> dict:
-        """L1 error between the number of non-empty predictions and of targets, per image."""
-        logits = outputs['pred_logits']
-        num_targets = torch.as_tensor([len(t['labels']) for t in targets], device=logits.device)
-        num_predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        return {'cardinality_error': F.l1_loss(num_predicted.float(), num_targets.float())}
-
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict:
-        """L1 on normalised cxcywh and 1 - GIoU, summed over matched pairs, divided by num_boxes."""
-        idx = self.matched_queries(indices)
-        src_boxes = outputs['pred_boxes'][idx]
-        target_boxes = torch.cat([t['boxes'][j] for t, (_, j) in zip(targets, indices)], dim=0)
-        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction='none')
-        # diag of the pairwise GIoU, not generalized_box_iou_loss: the latter adds an epsilon
-        # that published DETR does not have.
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
-        return {'loss_bbox': loss_bbox.sum() / num_boxes, 'loss_giou': (1 - giou).sum() / num_boxes}
-
-    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs) -> dict:
-        fn = {'labels': self.loss_labels, 'cardinality': self.loss_cardinality, 'boxes': self.loss_boxes}[loss]
-        return fn(outputs, targets, indices, num_boxes, **kwargs)
-
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         """outputs: 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh,
         optionally 'aux_outputs': a list of such dicts, one per intermediate decoder layer.
         targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) normalised cxcywh.
-        Returns a dict of scalar losses; those of aux_outputs[i] carry the suffix `_{i}`."""
-        final_outputs = {k: v for k, v in outputs.items() if k != 'aux_outputs'}
-        indices = self.matcher(final_outputs, targets)
-        num_boxes = self.average_num_boxes(targets)
+        Returns a dict of scalar losses; those of aux_outputs[i] carry the suffix `_{i}`.
 
-        losses = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
-        for i, aux_outputs in enumerate(outputs.get('aux_outputs', [])):
-            indices = self.matcher(aux_outputs, targets)
-            for loss in self.losses:
-                kwargs = {'log': False} if loss == 'labels' else {}
-                aux_losses = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
-                losses.update({f'{k}_{i}': v for k, v in aux_losses.items()})
+        Every decoder layer is matched on its own, but all layers' losses are computed together, stacked as
+        (D, B, Q, ...): a few hundred GPU kernels a step instead of a few thousand (the step is bound by
+        the host launching them, docs/performance.md)."""
+        layers = outputs.get('aux_outputs', []) + [outputs]  # the final layer last
+        logits = torch.stack([o['pred_logits'] for o in layers])  # (D, B, Q, num_classes + 1)
+        boxes = torch.stack([o['pred_boxes'] for o in layers])  # (D, B, Q, 4)
+        matched = self.matched(self.matcher.match_layers(logits, boxes, targets), targets, logits.device)
+        num_boxes = self.average_num_boxes(targets)
+        tgt_labels = torch.cat([t['labels'] for t in targets])
+        per_layer = {}
+        if 'labels' in self.losses:
+            per_layer.update(self.loss_labels(logits, tgt_labels, matched))
+        if 'boxes' in self.losses:
+            per_layer.update(self.loss_boxes(boxes, torch.cat([t['boxes'] for t in targets]), matched, num_boxes))
+        if 'cardinality' in self.losses:
+            per_layer.update(self.loss_cardinality(logits, targets))
+        D = len(layers)
+        losses = {f'{k}_{i}' if i < D - 1 else k: v[i] for k, v in per_layer.items() for i in range(D)}
+        if 'labels' in self.losses:
+            final = matched[0] == D - 1
+            losses['class_error'] = 100 - top1_accuracy(logits[-1][matched[1][final], matched[2][final]],
+                                                        tgt_labels[matched[3][final]])
         return losses
+
+    @staticmethod
+    def matched(indices, targets, device) -> Tensor:
+        """(4, P) int64 on device: layer, image, query and target (an index into the targets of all images
+        concatenated) of every matched pair, layer by layer, images in order; one copy from the host."""
+        offsets = [0]
+        for t in targets[:-1]:
+            offsets.append(offsets[-1] + len(t['labels']))
+        rows = [torch.stack([torch.full_like(i, d), torch.full_like(i, b), i, j + offsets[b]])
+                for d, layer in enumerate(indices) for b, (i, j) in enumerate(layer)]
+        return torch.cat(rows, 1).to(device)
+
+    def loss_labels(self, logits, tgt_labels, matched) -> dict:
+        """Cross-entropy over all queries of each layer (weighted mean, as F.cross_entropy's); unmatched queries
+        target the no-object class."""
+        layer, image, query, target = matched
+        target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[layer, image, query] = tgt_labels[target]
+        nll = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.empty_weight, reduction='none')
+        weights = self.empty_weight[target_classes]
+        return {'loss_ce': nll.view(len(logits), -1).sum(1) / weights.view(len(logits), -1).sum(1)}
+
+    @torch.no_grad()
+    def loss_cardinality(self, logits, targets) -> dict:
+        """L1 error between the number of non-empty predictions and of targets, per image, averaged."""
+        num_targets = torch.as_tensor([len(t['labels']) for t in targets], device=logits.device)
+        num_predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (D, B)
+        return {'cardinality_error': (num_predicted.float() - num_targets.float()).abs().mean(1)}
+
+    def loss_boxes(self, boxes, tgt_boxes, matched, num_boxes) -> dict:
+        """L1 on normalised cxcywh and 1 - GIoU, summed over each layer's matched pairs, divided by num_boxes.
+        Every layer matches the same number of pairs, so a layer's pairs are one row of a (D, P) view."""
+        layer, image, query, target = matched
+        D = len(boxes)
+        src_boxes, target_boxes = boxes[layer, image, query], tgt_boxes[target]
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction='none').view(D, -1).sum(1)
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        return {'loss_bbox': loss_bbox / num_boxes, 'loss_giou': (1 - giou).view(D, -1).sum(1) / num_boxes}
 
     @staticmethod
     def average_num_boxes(targets) -> float:

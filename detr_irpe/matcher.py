@@ -29,10 +29,17 @@ class HungarianMatcher(nn.Module):
         targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh.
         Returns B pairs (query indices, target indices), each int64 of length min(Q, N_b),
         with query i matched to target j."""
-        B, Q = outputs['pred_logits'].shape[:2]
-        # All images at once: a (B*Q, sum N_b) cost matrix, then split per image.
-        prob = outputs['pred_logits'].flatten(0, 1).softmax(-1)
-        out_boxes = outputs['pred_boxes'].flatten(0, 1)
+        return self.match_layers(outputs['pred_logits'][None], outputs['pred_boxes'][None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict]) -> list[list[tuple]]:
+        """forward for D decoder layers at once: logits (D, B, Q, num_classes + 1), boxes (D, B, Q, 4); one cost
+        computation and one copy to the host for all of them (each copy waits for the GPU). Returns D lists as
+        forward returns."""
+        D, B, Q = logits.shape[:3]
+        # All layers and images at once: a (D*B*Q, sum N_b) cost matrix, then split per layer and image.
+        prob = logits.flatten(0, 2).softmax(-1)
+        out_boxes = boxes.flatten(0, 2)
         tgt_labels = torch.cat([t['labels'] for t in targets])
         tgt_boxes = torch.cat([t['boxes'] for t in targets])
 
@@ -40,12 +47,11 @@ class HungarianMatcher(nn.Module):
         cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(B, Q, -1).cpu()
+        cost = cost.view(D, B, Q, -1).cpu()
 
         sizes = [len(t['boxes']) for t in targets]
-        indices = [linear_sum_assignment(c[b]) for b, c in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
-                for i, j in indices]
+        return [[tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(c[b]))
+                 for b, c in enumerate(layer.split(sizes, -1))] for layer in cost]
 
 
 def build_matcher(args) -> HungarianMatcher:

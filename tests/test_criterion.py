@@ -134,3 +134,55 @@ def test_num_boxes_averaged_over_processes(tmp_path):
     # 1 and 3 targets: 2 boxes per process on average
     assert results[0] == pytest.approx(0.1 * 1 / 2, abs=1e-6)
     assert results[1] == pytest.approx(0.1 * 3 / 2, abs=1e-6)
+
+
+def _layer_losses_one_at_a_time(crit, logits, boxes, targets):
+    """Each decoder layer's losses as published DETR computes them, one layer at a time: its own matching,
+    F.cross_entropy with the no-object weight, L1 and the diagonal of torchvision's pairwise GIoU."""
+    from torchvision.ops import generalized_box_iou
+
+    from detr_irpe.box_ops import box_cxcywh_to_xyxy
+    num_boxes = sum(len(t['labels']) for t in targets)
+    out = []
+    for d in range(len(logits)):
+        indices = crit.matcher({'pred_logits': logits[d], 'pred_boxes': boxes[d]}, targets)
+        image = torch.cat([torch.full_like(i, b) for b, (i, _) in enumerate(indices)])
+        query = torch.cat([i for i, _ in indices])
+        labels = torch.cat([t['labels'][j] for t, (_, j) in zip(targets, indices)])
+        classes = torch.full(logits.shape[1:3], crit.num_classes, dtype=torch.int64)
+        classes[image, query] = labels
+        src = boxes[d][image, query]
+        tgt = torch.cat([t['boxes'][j] for t, (_, j) in zip(targets, indices)])
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        num_predicted = (logits[d].argmax(-1) != crit.num_classes).sum(1).float()
+        num_targets = torch.tensor([len(t['labels']) for t in targets], dtype=torch.float)
+        out.append({'loss_ce': torch.nn.functional.cross_entropy(logits[d].transpose(1, 2), classes, crit.empty_weight),
+                    'loss_bbox': (src - tgt).abs().sum() / num_boxes, 'loss_giou': (1 - giou).sum() / num_boxes,
+                    'cardinality_error': (num_predicted - num_targets).abs().mean()})
+    return out
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_all_layers_at_once_equal_each_layer_alone_with_gradients(seed):
+    g = torch.Generator().manual_seed(seed)
+    D, B, Q, C = 4, 3, 7, 5
+    logits = torch.randn(D, B, Q, C + 1, generator=g, requires_grad=True)
+    boxes = (0.2 + 0.6 * torch.rand(D, B, Q, 4, generator=g)).requires_grad_()
+    targets = [{'labels': torch.randint(0, C, (n,), generator=g),
+                'boxes': torch.cat([0.3 + 0.4 * torch.rand(n, 2, generator=g), 0.1 + 0.3 * torch.rand(n, 2, generator=g)], 1)}
+               for n in (2, 0, 5)]  # an image without targets in the middle
+    crit = criterion(num_classes=C, dec_layers=D)
+    outputs = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
+               'aux_outputs': [{'pred_logits': logits[d], 'pred_boxes': boxes[d]} for d in range(D - 1)]}
+    losses = crit(outputs, targets)
+    expected = _layer_losses_one_at_a_time(crit, logits.detach(), boxes.detach(), targets)
+    for d, layer in enumerate(expected):
+        for k, v in layer.items():
+            torch.testing.assert_close(losses[k if d == D - 1 else f'{k}_{d}'], v, rtol=1e-6, atol=1e-7)
+    total = sum(losses[k] * w for k, w in crit.weight_dict.items())
+    grads = torch.autograd.grad(total, (logits, boxes))
+    leaves = (logits.detach().requires_grad_(), boxes.detach().requires_grad_())
+    expected = _layer_losses_one_at_a_time(crit, *leaves, targets)
+    total = sum(layer[k] * crit.weight_dict[k] for layer in expected for k in ('loss_ce', 'loss_bbox', 'loss_giou'))
+    for got, want in zip(grads, torch.autograd.grad(total, leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
