@@ -5,11 +5,12 @@ interpreter (TRITON_INTERPRET=1 set before this module is imported), which is ho
 rpe_index / rpe_index_qk: one program per (BLOCK_I, BLOCK_J) tile of the (Lq, Lk) pairs loads the tile's
     bucket ids once and gathers that tile for a share of the B*H (b, h) pairs.
 rpe_reduce: out[bh, p, t] = sum_r values[bh, p, r] [index[p, r] == t] is, for one row p, the matrix
-    product values[:, p, :] (B*H, R) @ onehot(index[p, :]) (R, K): one program per (BLOCK_P rows,
-    BLOCK_K buckets, BLOCK_BH (b, h) pairs) runs it as a batched tl.dot over all of R, accumulating in
-    float32 (tensor cores for half types), and writes its output block once: no atomics, and each id
-    tile is read once for BLOCK_BH (b, h) pairs. The key side of rpe_reduce_qk is the same kernel on
-    the transposed view (p = key j, r = query i), with blocks wide in p so its loads stay coalesced.
+    product onehot(index[p, :])^T (K, R) @ values[:, p, :]^T (R, B*H): one program per (row p, BLOCK_K
+    buckets, BLOCK_BH (b, h) pairs) runs it as a 2-D tl.dot over all of R, the buckets on the dot's M side,
+    accumulating in float32 (tensor cores; float32 values as tf32x3), and writes its output block once: no
+    atomics, and each id is read once for BLOCK_BH (b, h) pairs. The key side of rpe_reduce_qk is the same
+    kernel on the transposed view (p = key j, r = query i), with shorter steps in r and longer in t.
+    Block sizes are the fastest of a sweep on an H200 (docs/rpe_ops.md, docs/gpu_runs/2026-12-04/).
     When K is so large that re-reading values once per BLOCK_K buckets costs more than atomics (the
     flattened key-major layout of iRPE on queries alone, K = L * buckets), a scatter with float32
     atomics runs instead; there the ids of a row are spread, so the atomics rarely collide. float64
@@ -56,30 +57,27 @@ def _index_kernel(in_ptr, idx_ptr, in_t_ptr, idx_t_ptr, out_ptr, BH, H, Lq, Lk,
 
 
 @triton.jit
-def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R, K,
-                   s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r, s_out_b, s_out_h, s_out_p, s_out_k,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_BH: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b, h, p, t] = sum_r v[b, h, p, r] [idx[p, r] == t]: per row p, v[:, p, :] @ onehot(idx[p, :])."""
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+def _reduce_kernel(v_ptr, idx_ptr, out_ptr, BH, H, R, K, s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r,
+                   s_out_b, s_out_h, s_out_p, s_out_k, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_BH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, h, p, t] = sum_r v[b, h, p, r] [idx[p, r] == t]: per row p, onehot(idx[p, :])^T @ v[:, p, :]^T."""
+    p = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     bh = tl.program_id(2) * BLOCK_BH + tl.arange(0, BLOCK_BH)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = (p[:, None] * s_v_p + (b * s_v_b + h * s_v_h)[None, :])[:, :, None]      # (P, BH, 1)
-    row_mask = ((p < P)[:, None] & (bh < BH)[None, :])[:, :, None]
-    acc = tl.zeros((BLOCK_P, BLOCK_BH, BLOCK_K), dtype=tl.float32)
+    row = p * s_v_p + b * s_v_b + h * s_v_h  # (BH,)
+    acc = tl.zeros((BLOCK_K, BLOCK_BH), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        ids = tl.load(idx_ptr + p[:, None] * s_idx_p + r[None, :] * s_idx_r,
-                      mask=(p < P)[:, None] & (r < R)[None, :], other=-1)                # (P, R)
-        onehot = ids[:, :, None] == t[None, None, :]                                     # (P, R, K)
-        v = tl.load(v_ptr + rows + r[None, None, :] * s_v_r, mask=row_mask & (r < R)[None, None, :],
-                    other=0)                                                             # (P, BH, R)
+        ids = tl.load(idx_ptr + p * s_idx_p + r * s_idx_r, mask=r < R, other=-1)
+        onehot = t[:, None] == ids[None, :]  # (K, R)
+        v = tl.load(v_ptr + row[None, :] + r[:, None] * s_v_r, mask=(r < R)[:, None] & (bh < BH)[None, :],
+                    other=0)  # (R, BH)
         # 0/1 times a value is exact and tensor cores sum in float32; float32 values go in as two TF32 parts
-        # (tf32x3: 21 of float32's 24 bits, on tensor cores; 'ieee' ran 4x slower on an H200, docs/rpe_ops.md)
-        acc = tl.dot(v.to(DOT), onehot.to(DOT), acc, input_precision=PRECISION)
-    out = out_ptr + (p[:, None] * s_out_p + (b * s_out_b + h * s_out_h)[None, :])[:, :, None] + t[None, None, :] * s_out_k
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (t < K)[None, None, :])
+        # (tf32x3: 21 of float32's 24 bits; 'ieee' ran 1.7x slower on an H200, docs/rpe_ops.md)
+        acc = tl.dot(onehot.to(DOT), v.to(DOT), acc, input_precision=PRECISION)
+    out = out_ptr + p * s_out_p + (b * s_out_b + h * s_out_h)[None, :] + t[:, None] * s_out_k
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(t < K)[:, None] & (bh < BH)[None, :])
 
 
 @triton.jit
@@ -134,15 +132,15 @@ def _index(input, index, input_t=None, index_t=None):
     keys = input_t is not None
     if not keys:
         input_t, index_t = input, index  # unused by the kernel
-    BLOCK_I = min(16, triton.next_power_of_2(Lq))  # Lq = 1 in iRPE on queries' key-major layout
-    BLOCK_J = 1024 // BLOCK_I
+    BLOCK_I = min(8, triton.next_power_of_2(Lq))  # Lq = 1 in iRPE on queries' key-major layout
+    BLOCK_J, num_warps = 1024 // BLOCK_I, 4  # 8 x 128: 1.4x faster than 16 x 64 at DC5 on an H200
     # The longest dim on grid axis 0, which alone may exceed 65535 programs.
     grid_ji = (triton.cdiv(Lk, BLOCK_J), triton.cdiv(Lq, BLOCK_I))
     grid = (*grid_ji, _bh_programs(B * H, grid_ji[0] * grid_ji[1]))
     _index_kernel[grid](input, index, input_t, index_t, out, B * H, H, Lq, Lk, *input.stride(),
                         *input_t.stride(), *index.stride(), *index_t.stride(), *out.stride(),
                         KEYS=keys, ACC=_acc_dtype(input.dtype), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                        num_warps=4)
+                        num_warps=num_warps)
     return out
 
 
@@ -168,15 +166,13 @@ def _reduce(values, index, num_buckets):
     dot = _TRITON_DTYPES[dtype]
     if INTERPRETING and dtype in _HALF:
         dot = tl.float32  # the interpreter's tl.dot (numpy) has no bfloat16; as exact for 0/1 products
-    BLOCK_BH, BLOCK_K = min(64, max(16, triton.next_power_of_2(BH))), 64  # tl.dot needs dims >= 16
-    # Coalesced loads: wide in r where r is the contiguous dim (query side), else wide in p (a 32-byte
-    # sector of keys per row).
-    BLOCK_P, BLOCK_R = (2, 64) if values.stride(3) == 1 else (max(2, 32 // values.element_size()), 16)
-    grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(num_buckets, BLOCK_K), triton.cdiv(BH, BLOCK_BH))
-    _reduce_kernel[grid](values, index, out, BH, H, P, R, num_buckets, *values.stride(), *index.stride(),
+    BLOCK_BH = min(64, max(16, triton.next_power_of_2(BH)))  # tl.dot needs dims >= 16
+    # Query side (r contiguous): long steps in r; key side (r strided by L): short steps in r, all of K at once.
+    BLOCK_R, BLOCK_K, stages = (128, 64, 3) if values.stride(3) == 1 else (32, 128, 4)
+    grid = (P, triton.cdiv(num_buckets, BLOCK_K), triton.cdiv(BH, BLOCK_BH))
+    _reduce_kernel[grid](values, index, out, BH, H, R, num_buckets, *values.stride(), *index.stride(),
                          *out.stride(), DOT=dot, PRECISION='tf32x3' if dtype == torch.float32 else 'ieee',
-                         BLOCK_P=BLOCK_P, BLOCK_BH=BLOCK_BH,
-                         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4 if BLOCK_P < 8 else 8)
+                         BLOCK_BH=BLOCK_BH, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4, num_stages=stages)
     return out
 
 
@@ -186,8 +182,9 @@ def check_against_cpu(device='cpu'):
     float16 (and float64 once), contiguous and strided inputs, K past one tile, Lq != Lk.
 
     Returns {case: {'max_error': largest difference to either, 'bound_ratio': largest difference / its bound}};
-    a case passes when bound_ratio <= 1. On CPU the Triton kernels run under the interpreter: in a subprocess with TRITON_INTERPRET=1 unless this process
-    imported them so, with the CPU op's dispatch routed to rpe_ops/cuda.py's kernels for the duration.
+    a case passes when bound_ratio <= 1. On CPU the Triton kernels run under the interpreter: in a subprocess
+    with TRITON_INTERPRET=1 unless this process imported them so, with the CPU op's dispatch routed to
+    rpe_ops/cuda.py's kernels for the duration.
     """
     device = torch.device(device)
     if device.type == 'cpu' and not INTERPRETING:

@@ -1,6 +1,6 @@
 """Why detr_step_cuda_vs_cpu's backbone gradients differed on CUDA: one config's worst gradient error (CUDA float32
 vs CPU float64, over CPU float32's) with cuDNN on / off, padded / same-size images, and how many pre-ReLU
-activations are exactly 0 on each device. Run from the repository root: python3 docs/gpu_runs/2026-12-04-b/probe_detr_step.py"""
+activations are exactly 0 on each device. Run from the repository root: python3 docs/gpu_runs/2026-12-04/probe_detr_step.py"""
 import copy
 import json
 import sys
