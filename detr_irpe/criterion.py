@@ -57,10 +57,9 @@ class SetCriterion(nn.Module):
             per_layer.update(self.loss_cardinality(logits, targets))
         D = len(layers)
         losses = {f'{k}_{i}' if i < D - 1 else k: v[i] for k, v in per_layer.items() for i in range(D)}
-        if 'labels' in self.losses:
-            final = matched[0] == D - 1
-            losses['class_error'] = 100 - top1_accuracy(logits[-1][matched[1][final], matched[2][final]],
-                                                        tgt_labels[matched[3][final]])
+        if 'labels' in self.losses:  # the final layer's pairs: the last of D equal runs (no boolean mask: no sync)
+            _, image, query, target = matched[:, matched.shape[1] - matched.shape[1] // D:]
+            losses['class_error'] = 100 - top1_accuracy(logits[-1][image, query], tgt_labels[target])
         return losses
 
     @staticmethod
@@ -87,7 +86,8 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def loss_cardinality(self, logits, targets) -> dict:
         """L1 error between the number of non-empty predictions and of targets, per image, averaged."""
-        num_targets = torch.as_tensor([len(t['labels']) for t in targets], device=logits.device)
+        # counted on the device: a tensor copied from the host's pageable memory would wait for the GPU
+        num_targets = torch.stack([torch.full((), len(t['labels']), device=logits.device) for t in targets])
         num_predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (D, B)
         return {'cardinality_error': (num_predicted.float() - num_targets.float()).abs().mean(1)}
 
