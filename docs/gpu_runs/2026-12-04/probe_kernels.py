@@ -47,19 +47,23 @@ def reduce(values, ids, K, BLOCK_R, BLOCK_K, num_warps, num_stages):
     return out
 
 
-def main(device='cuda', cases=(((25, 34), torch.bfloat16), ((50, 68), torch.bfloat16), ((50, 68), torch.float32)),
-         out_path=None):
+# (map, iRPE ratio, dtype): ratio 2.0 is DETR's rpe-2.0-... (81 product buckets), 1.9 run 3's sweep (49)
+CASES = (((25, 34), 2.0, torch.bfloat16), ((50, 68), 2.0, torch.bfloat16), ((50, 68), 2.0, torch.float32),
+         ((50, 68), 1.9, torch.bfloat16))
+
+
+def main(device='cuda', cases=CASES, out_path=None):
     from detr_irpe import irpe
     results = []
     g = torch.Generator(device=device).manual_seed(0)
     bench = (lambda f: do_bench(f, warmup=10, rep=40, return_mode='median')) if device == 'cuda' else \
         (lambda f: (f(), 0.0)[1])
-    for (h, w), dtype in cases:
-        ids, K = irpe.get_bucket_ids_2d('product', h, w, device=device)
+    for (h, w), ratio, dtype in cases:
+        ids, K = irpe.get_bucket_ids_2d('product', h, w, ratio=ratio, device=device)
         L, start = h * w, len(results)
         table = torch.randn(2, 8, L, K, generator=g, device=device).to(dtype)
         scores = torch.randn(2, 8, L, L, generator=g, device=device).to(dtype)
-        base = {'map': f'{h}x{w}', 'dtype': str(dtype).split('.')[1]}
+        base = {'map': f'{h}x{w}', 'buckets': K, 'dtype': str(dtype).split('.')[1]}
         index64 = ids.long().expand(2, 8, L, L)
         results.append({**base, 'op': 'copy of the (B, H, L, L) bytes', 'ms': bench(lambda: scores.clone())})
         results.append({**base, 'op': 'torch.gather', 'ms': bench(lambda: table.gather(3, index64))})
