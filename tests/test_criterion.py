@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from detr_irpe.criterion import SetCriterion, build_criterion
+from detr_irpe.criterion import build_criterion
 from detr_irpe.matcher import HungarianMatcher
 
 ARGS = dict(set_cost_class=1, set_cost_bbox=5, set_cost_giou=2, bbox_loss_coef=5, giou_loss_coef=2,
