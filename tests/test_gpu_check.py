@@ -111,3 +111,13 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
     assert all(r['step_ms'] > 0 for r in steps['rows'].values()) and steps['ratios']['irpe_qkv / plain (DC5)'] > 0
     assert '| irpe_qkv DC5 |' in run.stdout  # the table of training steps
 
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once(gpu_check):
+    """The union of the kernels' intervals, against a loop over every microsecond (GPU-busy share of a step)."""
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        spans = [(a, a + rng.randint(0, 30)) for a in (rng.randint(0, 200) for _ in range(rng.randint(0, 12)))]
+        ticks = {t for start, stop in spans for t in range(start, stop)}
+        assert gpu_check.covered(spans) == len(ticks)

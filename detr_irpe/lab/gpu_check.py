@@ -537,16 +537,21 @@ def gpu_activity(fn):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
-    busy_us, end = 0, None
-    for start, stop in spans:
-        if end is None or start >= end:
-            busy_us, end = busy_us + stop - start, stop
-        elif stop > end:
-            busy_us, end = busy_us + stop - end, stop
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     ops = [e for e in prof.key_averages() if e.device_type != DeviceType.CUDA and e.key.startswith('aten::')]
     top = {e.key: e.count for e in sorted(ops, key=lambda e: -e.count)[:10]}
-    return len(spans), busy_us / 1e3, top
+    return len(spans), covered(spans) / 1e3, top
+
+
+def covered(spans):
+    """Length of the union of (start, end) intervals: time the GPU ran something, overlaps counted once."""
+    total, end = 0, None
+    for start, stop in sorted(spans):
+        if end is None or start >= end:
+            total, end = total + stop - start, stop
+        elif stop > end:
+            total, end = total + stop - end, stop
+    return total
 
 
 def bench_train_steps(device, quick):
