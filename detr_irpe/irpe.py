@@ -15,7 +15,6 @@ logits; contextual mode (`ctx`) adds x_i . r_bucket(i, j) (Eq. 13-16).
 """
 import collections
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -219,15 +218,11 @@ def cached_when_eager(function):
     traces, so that bucket ids are computed in the graph from the feature map's size (a gather from a small
     table): a cache can hold neither a symbolic (dynamic) height and width nor the tracer's fake tensors."""
 
-    signature = inspect.signature(function)
-
     @functools.wraps(function)
-    def call(*args, **kwargs):
+    def call(*args):
         if torch.compiler.is_compiling():
-            return function(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()  # one key per argument set, however it was passed
-        return BUCKET_ID_CACHE.get((function.__name__, *bound.arguments.values()), lambda: function(*args, **kwargs))
+            return function(*args)
+        return BUCKET_ID_CACHE.get((function.__name__, *args), lambda: function(*args))
     return call
 
 

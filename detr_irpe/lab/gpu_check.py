@@ -90,9 +90,7 @@ def loss_and_grads(model, criterion, images, targets, precision=None):
     model.zero_grad(set_to_none=True)
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         outputs = model(images)
-    outputs = {k: _upcast(v) if torch.is_tensor(v) else [{n: _upcast(x) for n, x in d.items()} for d in v]
-               for k, v in outputs.items()}
-    losses = criterion(outputs, targets)
+    losses = criterion(upcast(outputs), targets)
     loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
@@ -100,9 +98,13 @@ def loss_and_grads(model, criterion, images, targets, precision=None):
     return loss.item(), terms, grads
 
 
-def _upcast(t):
-    """float16 / bfloat16 to float32 (the loss is computed in float32, as the training loop does); others as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def upcast(outputs):
+    """DETR's outputs with float16 / bfloat16 tensors in float32 (the loss is computed in float32, as the training
+    loop does); float32 and float64 as they are."""
+    def one(t):
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return {k: one(v) if torch.is_tensor(v) else [{n: one(x) for n, x in d.items()} for d in v]
+            for k, v in outputs.items()}
 
 
 def gradient_cosine(a, b):
@@ -138,7 +140,7 @@ def interleaved(cases, device, repeats, warmup):
     """Median seconds of each callable; each repeat runs every case once, the order rotating."""
     times = {name: [] for name in cases}
     names = list(cases)
-    for r in range(warmup + repeats):
+    for r in range(warmup + repeats if names else 0):
         for name in names[r % len(names):] + names[:r % len(names)]:
             seconds = timed(cases[name], device)
             if r >= warmup:
@@ -356,11 +358,11 @@ def check_detr_step(device, quick):
                 ratios[n] = cuda_error / (GRAD_ERROR_FACTOR * cpu_error + slack)
             name, ratio = max(ratios.items(), key=lambda kv: kv[1])
             ok = loss_error <= 1e-4 and ratio <= 1
+            scale = max(grads64[name].norm().item(), 1e-300)
+            worst = {where: (g[name].double() - grads64[name]).norm().item() / scale
+                     for where, g in (('cuda', grads), ('cpu', cpu_grads))}
             results[rpe] = {'loss_rel_error': loss_error, 'worst_error_over_bound': ratio, 'worst_parameter': name,
-                            'worst_rel_error_cuda': (grads[name].double() - grads64[name]).norm().item()
-                            / max(grads64[name].norm().item(), 1e-300),
-                            'worst_rel_error_cpu': (cpu_grads[name].double() - grads64[name]).norm().item()
-                            / max(grads64[name].norm().item(), 1e-300), 'passed': ok}
+                            'worst_rel_error_cuda': worst['cuda'], 'worst_rel_error_cpu': worst['cpu'], 'passed': ok}
             passed = passed and ok
     return {'passed': passed, 'reference': 'the same step in float64 on CPU',
             'worst_loss_rel_error': max(r['loss_rel_error'] for r in results.values()),
@@ -608,13 +610,9 @@ def step_table(cases, device, quick):
             rows[row] = _row_error(e)
             steps.pop(row, None)
         print(f'{row}: warmed', flush=True)
-    times = {row: [] for row in steps}
-    names = list(steps)
-    for r in range(1 if quick else 5):
-        for row in names[r % len(names):] + names[:r % len(names)]:
-            times[row].append(timed(steps[row], device))
+    seconds = interleaved(steps, device, repeats=1 if quick else 5, warmup=0)
     for row, step in steps.items():
-        rows[row]['step_ms'] = 1e3 * statistics.median(times[row])
+        rows[row]['step_ms'] = 1e3 * seconds[row]
         if cuda:
             try:
                 torch.cuda.synchronize()
@@ -659,9 +657,7 @@ def training_step(flags, compiled, data, precision, device):
     def step():
         with precision.autocast():
             outputs = forward(images)
-        outputs = {k: _upcast(v) if torch.is_tensor(v) else [{n: _upcast(x) for n, x in d.items()} for d in v]
-                   for k, v in outputs.items()}
-        losses = criterion(outputs, targets)
+        losses = criterion(upcast(outputs), targets)
         sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
         model.zero_grad(set_to_none=True)
     step.parameter_bytes = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
@@ -776,7 +772,8 @@ def markdown(report):
     lines += ['', '| benchmark | result | seconds |', '|---|---|---|']
     for name, r in report['benchmark'].items():
         shown = summary(r) if r.get('error') or r.get('skipped') else json.dumps(
-            _rounded({k: v for k, v in r.items() if k not in ('seconds', 'images', 'map', 'backward', 'rows', 'cases')}))
+            _rounded({k: v for k, v in r.items()
+                      if k not in ('seconds', 'images', 'map', 'backward', 'rows', 'cases')}))
         lines.append(f"| {name} | {shown} | {r['seconds']:.1f} |")
     rows = {**report['benchmark'].get('train_steps', {}).get('rows', {}),
             **{f'{k} (host_bound)': v for k, v in report['benchmark'].get('host_bound', {}).get('rows', {}).items()}}
@@ -784,7 +781,8 @@ def markdown(report):
         lines += ['', '| training step | ms | peak GiB | GPU busy | GPU events |', '|---|---|---|---|---|']
         for row, r in rows.items():
             cells = [f'{r[k]:.3g}' if k in r else '-' for k in ('step_ms', 'peak_gib', 'gpu_busy_share')]
-            lines.append(f"| {row} | {' | '.join(cells)} | {r.get('gpu_events_per_step', r.get('out_of_memory', '-'))} |")
+            events = r.get('gpu_events_per_step', r.get('out_of_memory', '-'))
+            lines.append(f"| {row} | {' | '.join(cells)} | {events} |")
     return '\n'.join(lines)
 
 

@@ -59,7 +59,7 @@ def main(device='cuda', cases=CASES, out_path=None):
     bench = (lambda f: do_bench(f, warmup=10, rep=40, return_mode='median')) if device == 'cuda' else \
         (lambda f: (f(), 0.0)[1])
     for (h, w), ratio, dtype in cases:
-        ids, K = irpe.get_bucket_ids_2d('product', h, w, ratio=ratio, device=device)
+        ids, K = irpe.get_bucket_ids_2d('product', h, w, 0, ratio, 'piecewise', torch.device(device))
         L, start = h * w, len(results)
         table = torch.randn(2, 8, L, K, generator=g, device=device).to(dtype)
         scores = torch.randn(2, 8, L, L, generator=g, device=device).to(dtype)
