@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_irpe.flex import check_attention_impl, flex_irpe_attention, use_flex
-from detr_irpe.irpe import build_rpe, query_key_terms
+from detr_irpe.irpe import build_rpe, iRPE_Cross, query_key_terms
+from detr_irpe import triton_attention
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -19,7 +20,9 @@ class RPEMultiheadAttention(nn.Module):
     Where no attention weights are needed (no iRPE on values, need_weights=False) this runs
     F.scaled_dot_product_attention with the iRPE terms as its additive float mask; otherwise the
     explicit softmax. Both give the same numbers. attention_impl 'flex' (or 'auto' on CUDA) runs those
-    cases through flex_attention with the iRPE terms inside the kernel instead (detr_irpe.flex.use_flex).
+    cases through flex_attention with the iRPE terms inside the kernel instead (detr_irpe.flex.use_flex);
+    'triton' runs every case but need_weights through fused Triton kernels, iRPE on values included
+    (detr_irpe.triton_attention).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, rpe_config=None, attention_impl='auto'):
@@ -36,7 +39,9 @@ class RPEMultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
         check_attention_impl(attention_impl, self.rpe_v)
-        self.attention_impl = attention_impl  # 'auto', 'sdpa' or 'flex': see detr_irpe.flex.use_flex
+        self.attention_impl = attention_impl  # 'auto', 'sdpa', 'flex' (detr_irpe.flex.use_flex) or 'triton'
+        if attention_impl == 'triton' and any(isinstance(m, iRPE_Cross) for m in (self.rpe_q, self.rpe_k, self.rpe_v)):
+            raise ValueError(triton_attention.CROSS_REFUSAL)
 
     def forward(self, query, key, value, key_padding_mask=None, height=None, width=None, need_weights=False):
         """query, key, value: (L, B, E) sequence-first, as in DETR; key_padding_mask: (B, L), True on padding.
@@ -47,6 +52,13 @@ class RPEMultiheadAttention(nn.Module):
         B, E = query.shape[1], self.embed_dim
         q, k, v = self.project(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
+        if self.attention_impl == 'triton' and not need_weights:
+            why = triton_attention.problem(q, self.rpe_q, self.rpe_k, self.rpe_v, dropout_p)
+            if why is not None:
+                raise ValueError(why)
+            out = triton_attention.triton_irpe_attention(q, k, v, self.rpe_q, self.rpe_k, self.rpe_v,
+                                                         key_padding_mask, height, width)
+            return self.out_proj(out.permute(2, 0, 1, 3).reshape(-1, B, E)), None
         if use_flex(self.attention_impl, q, self.rpe_q, self.rpe_k, self.rpe_v, need_weights, dropout_p):
             # The iRPE terms inside one flex_attention kernel (detr_irpe.flex), no (B, H, L, L) tensor.
             out = flex_irpe_attention(q, k, v, self.rpe_q, self.rpe_k, key_padding_mask, height, width)

@@ -24,7 +24,7 @@ try:
 except ImportError:  # torch < 2.5
     flex_attention = None
 
-ATTENTION_IMPLS = ('auto', 'sdpa', 'flex')
+ATTENTION_IMPLS = ('auto', 'sdpa', 'flex', 'triton')
 # The dtypes torch's FlexAttention compiles for on CPU.
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Its CUDA kernels multiply with tl.dot, which needs at least 16 columns.
@@ -36,10 +36,11 @@ MIN_AUTO_FLEX_TOKENS = 2048
 
 def check_attention_impl(attention_impl, rpe_v=None):
     """Raise ValueError for an attention implementation that cannot run: unknown, flex without
-    torch.nn.attention.flex_attention, or flex with iRPE on values."""
+    torch.nn.attention.flex_attention, or flex with iRPE on values (triton: detr_irpe.triton_attention.problem)."""
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f'attention_impl {attention_impl!r} is not one of {list(ATTENTION_IMPLS)}: use '
-                         '--attention_impl auto (flex on CUDA where it applies, SDPA otherwise), sdpa or flex.')
+                         '--attention_impl auto (flex on CUDA where it applies, SDPA otherwise), sdpa, flex or '
+                         'triton.')
     if attention_impl != 'flex':
         return
     if flex_attention is None:

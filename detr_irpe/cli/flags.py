@@ -126,6 +126,10 @@ def check_flag_combinations(args):
         if get('position_embedding') == 'learned' and hidden_dim % 2:
             return (f'--position_embedding learned needs an even --hidden_dim (half the channels for rows, half '
                     f'for columns), got {hidden_dim}')
+    device = get('device')
+    if get('attention_impl') == 'triton' and device is not None and not str(device).startswith('cuda'):
+        return (f'--attention_impl triton runs Triton kernels on a GPU; --device {device} has none: use '
+                f'--attention_impl auto (or sdpa) there, or --device cuda')
     problem = data_location_problem(args)
     if problem:
         return problem
@@ -214,8 +218,9 @@ def add_model_args(p, attention=True):
     if attention:
         g.add_argument('--attention_impl', default='auto', choices=ATTENTION_IMPLS,
                        help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE "
-                            "on values, no attention dropout; on CPU inference only), 'sdpa' the SDPA/explicit path, "
-                            "'auto' flex on CUDA where it applies, sdpa otherwise")
+                            "on values, no attention dropout; on CPU inference only), 'triton' runs iRPE on queries, "
+                            "keys and values in fused Triton kernels (CUDA; no cross method, no attention dropout), "
+                            "'sdpa' the SDPA/explicit path, 'auto' flex on CUDA where it applies, sdpa otherwise")
     g.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
                    help="largest category id + 1 (DETR's convention; the model adds the no-object class); default: "
                         "from the training annotation file (91 for COCO)")

@@ -433,6 +433,75 @@ def check_triton(device, quick):
             'failing': {case: r for case, r in cases.items() if not r['bound_ratio'] <= 1}}
 
 
+# (--enc_rpe2d, map) of the triton_attention check: no iRPE; every term per head with 81 buckets; shared-head keys
+# on a map smaller than a tile; bias mode on queries and keys; values alone with few buckets; keys and values
+TRITON_ATTENTION_CONFIGS = [('', (5, 7)), ('rpe-2.0-product-ctx-0-qkv', (5, 7)), ('rpe-1.9-product-ctx-1-k', (3, 4)),
+                            ('rpe-2.0-product-bias-0-qk', (5, 7)), ('rpe-2.0-euc-ctx-1-v', (5, 7)),
+                            ('rpe-1.9-quant-ctx-1-kv', (6, 6))]
+
+
+@check('triton_attention_matches_explicit')
+def check_triton_attention(device, quick):
+    """The encoder attention through --attention_impl triton (detr_irpe.triton_attention) against the SDPA/explicit
+    path with the same random weights and tables, padded keys: the output and the gradients of the input and of
+    every parameter, in float32 and bfloat16. Each error to the explicit path in float64 must be within
+    GRAD_ERROR_FACTOR times the explicit path's own error in that dtype, plus one rounding of the largest entry.
+    On CPU the kernels run under the Triton interpreter, in a subprocess (TRITON_INTERPRET=1 from the start)."""
+    from detr_irpe import triton_attention
+    if triton_attention.triton is None:
+        raise Skip('triton is not installed')
+    if device == 'cpu' and not triton_attention.INTERPRETING:
+        script = ('import json; from detr_irpe.lab import gpu_check as g; '
+                  f'print(json.dumps(g.check_triton_attention("cpu", {quick})))')
+        env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
+            [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+        run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f'the Triton interpreter run failed:\n{run.stderr[-4000:]}')
+        return json.loads(run.stdout.splitlines()[-1])
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.irpe import rpe_config_from_string
+    E, H = (64, 4) if quick or device == 'cpu' else (128, 4)  # head_dim 16 and DETR's 32
+    configs = TRITON_ATTENTION_CONFIGS[:3] if quick else TRITON_ATTENTION_CONFIGS
+    if device == 'cuda' and not quick:
+        configs = configs + [('rpe-2.0-product-ctx-1-qkv', (19, 25))]  # many tiles each way
+    results, worst = {}, 0.0
+    for rpe, (h, w) in configs:
+        L, B = h * w, 2
+        g = torch.Generator().manual_seed(0)
+        layer = RPEMultiheadAttention(E, H, rpe_config=rpe_config_from_string(rpe), attention_impl='sdpa')
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        x = torch.randn(L, B, E, generator=g)
+        grad = torch.randn(L, B, E, generator=g)
+        mask = torch.zeros(B, L, dtype=torch.bool)
+        mask[1, -(L // 4):] = True
+
+        def run(impl, dtype, dev):
+            one = copy.deepcopy(layer).to(device=dev, dtype=dtype)
+            one.attention_impl = impl
+            xi = x.to(device=dev, dtype=dtype).requires_grad_()
+            with float32_exact():
+                out = one(xi, xi, xi, key_padding_mask=mask.to(dev), height=h, width=w)[0]
+                grads = torch.autograd.grad(out, [xi] + list(one.parameters()), grad.to(device=dev, dtype=dtype))
+            names = ['output', 'input'] + [n for n, _ in one.named_parameters()]
+            return {n: t.detach().cpu().double() for n, t in zip(names, [out] + list(grads))}
+
+        exact = run('sdpa', torch.float64, 'cpu')
+        for dtype in (torch.float32, torch.bfloat16):
+            explicit, fused = run('sdpa', dtype, device), run('triton', dtype, device)
+            ratios = {}
+            for name, want in exact.items():
+                bound = (GRAD_ERROR_FACTOR * (explicit[name] - want).abs().max()
+                         + torch.finfo(dtype).eps * want.abs().max()).item()
+                ratios[name] = (fused[name] - want).abs().max().item() / max(bound, torch.finfo(torch.float64).tiny)
+            case = f'{rpe or "plain"} {h}x{w} {str(dtype).split(".")[1]}'
+            results[case] = {'worst_error_over_bound': max(ratios.values()), 'worst': max(ratios, key=ratios.get)}
+            worst = max(worst, max(ratios.values()))
+    return {'passed': worst <= 1, 'worst_error_over_bound': worst, 'configs': results}
+
+
 @check('flex_recompiles')
 def check_flex_recompiles(device, quick):
     """flex compiled as detr_irpe.flex compiles it on CUDA (dynamic shapes from the first call): three map sizes,
@@ -521,7 +590,8 @@ def check_amp(device, quick):
 
 # The training-step tables (docs/gpu_check.md): (row, --enc_rpe2d, --attention_impl, torch.compile, batch size)
 STEP_MODELS = [('plain', '', 'sdpa', False, 2), ('irpe_k sdpa', IRPE_K, 'sdpa', False, 2),
-               ('irpe_k flex', IRPE_K, 'flex', False, 2), ('irpe_qkv', IRPE_QKV, 'sdpa', False, 2)]
+               ('irpe_k flex', IRPE_K, 'flex', False, 2), ('irpe_k triton', IRPE_K, 'triton', False, 2),
+               ('irpe_qkv', IRPE_QKV, 'sdpa', False, 2), ('irpe_qkv triton', IRPE_QKV, 'triton', False, 2)]
 # Where the host's time goes at batch 2: under torch.compile, and with 4x the images per step
 HOST_BOUND_MODELS = [('plain', '', 'sdpa', False, 2), ('plain compiled', '', 'sdpa', True, 2),
                      ('irpe_k compiled', IRPE_K, 'sdpa', True, 2), ('plain batch 8', '', 'sdpa', False, 8),
@@ -558,9 +628,11 @@ def covered(spans):
 
 def bench_train_steps(device, quick):
     """DETR-R50 training steps (forward, loss, backward; dropout 0) at C5 and DC5, batch 2 (800x1066 and
-    736x970), under --amp's precision: plain, iRPE-K through SDPA and flex, iRPE-QKV (step_table)."""
+    736x970), under --amp's precision: plain, iRPE-K through SDPA, flex and Triton, iRPE-QKV through SDPA/explicit
+    and Triton (step_table)."""
     cuda = device == 'cuda'
-    models = STEP_MODELS if cuda else [m for m in STEP_MODELS if m[2] != 'flex']  # no flex backward on CPU
+    # CPU: no flex backward, and the Triton kernels only under the interpreter
+    models = STEP_MODELS if cuda else [m for m in STEP_MODELS if m[2] not in ('flex', 'triton')]
     cases = [(m, stage) for stage in ('C5', 'DC5') for m in models
              if cuda or not quick or stage == 'C5' or m[1] != IRPE_K]
     out = step_table(cases, device, quick)
@@ -574,7 +646,8 @@ def bench_train_steps(device, quick):
         if model_name != 'plain':
             out['ratios'][f'{model_name} / plain ({stage})'] = ratio(row, f'plain {stage}')
     if cuda:
-        out['ratios']['irpe_qkv peak / plain (DC5)'] = ratio('irpe_qkv DC5', 'plain DC5', 'peak_gib')
+        for name in ('irpe_qkv', 'irpe_qkv triton'):
+            out['ratios'][f'{name} peak / plain (DC5)'] = ratio(f'{name} DC5', 'plain DC5', 'peak_gib')
     out['targets'] = STEP_TARGETS
     return out
 
@@ -715,9 +788,80 @@ def bench_flex(device, quick):
             'flex / sdpa': seconds['flex'] / seconds['sdpa']}
 
 
+# (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS) of detr_irpe.triton_attention tried by bench_triton_attention; all compile
+# without spills for sm_80 and sm_90 (detr_irpe.lab.kernel_resources; the suite checks the default on every GPU)
+TRITON_ATTENTION_BLOCKS = [(16, 16, 16, 4), (16, 32, 16, 8), (32, 16, 16, 8), (16, 32, 8, 4), (32, 32, 8, 8),
+                           (16, 64, 8, 8)]
+
+
+def bench_triton_attention(device, quick):
+    """One encoder attention layer (E 256, 8 heads, batch 2, bfloat16 autocast, padded keys), forward + backward,
+    at C5 (25x42) and DC5 (50x84): --attention_impl triton against SDPA/explicit for iRPE-QKV and iRPE-K (flex
+    too), beside plain SDPA; ms and peak MiB per case, then Triton's iRPE-QKV at DC5 over the block sizes of
+    TRITON_ATTENTION_BLOCKS. CUDA only (on CPU the kernels run in the interpreter)."""
+    if device != 'cuda':
+        raise Skip('times the Triton kernels on a GPU: run with --device cuda')
+    from detr_irpe import triton_attention
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.irpe import rpe_config_from_string
+    cases = [('plain', '', 'sdpa'), ('irpe_k sdpa', IRPE_K, 'sdpa'), ('irpe_k flex', IRPE_K, 'flex'),
+             ('irpe_k triton', IRPE_K, 'triton'), ('irpe_qkv sdpa', IRPE_QKV, 'sdpa'),
+             ('irpe_qkv triton', IRPE_QKV, 'triton')]
+    maps = [(6, 8)] if quick else [(25, 42), (50, 84)]
+    out = {'rows': {}}
+
+    def layer_step(rpe, impl, h, w):
+        torch.manual_seed(0)
+        layer = RPEMultiheadAttention(256, 8, rpe_config=rpe_config_from_string(rpe), attention_impl=impl).to(device)
+        L = h * w
+        x = torch.randn(L, 2, 256, device=device, requires_grad=True)
+        mask = torch.zeros(2, L, dtype=torch.bool, device=device)
+        mask[1, -(L // 10):] = True
+
+        def step():
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                out = layer(x, x, x, key_padding_mask=mask, height=h, width=w)[0]
+            out.float().sum().backward()
+        return step
+
+    def peak_mib(step):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+    for h, w in maps:
+        steps = {name: layer_step(rpe, impl, h, w) for name, rpe, impl in cases}
+        for step in steps.values():
+            step()  # compiles
+        seconds = interleaved(steps, device, repeats=3 if quick else 20, warmup=1)
+        for name, step in steps.items():
+            out['rows'][f'{name} {h}x{w}'] = {'ms': 1e3 * seconds[name], 'peak_mib': peak_mib(step)}
+        free_memory(device)
+    h, w = maps[-1]
+    saved = (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK, triton_attention.NUM_WARPS)
+    blocks = {}
+    try:
+        for config in TRITON_ATTENTION_BLOCKS[:1] if quick else TRITON_ATTENTION_BLOCKS:
+            (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK,
+             triton_attention.NUM_WARPS) = config
+            step = layer_step(IRPE_QKV, 'triton', h, w)
+            step()
+            blocks['x'.join(map(str, config))] = 1e3 * interleaved({'t': step}, device, 3 if quick else 10, 1)['t']
+    finally:
+        (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK,
+         triton_attention.NUM_WARPS) = saved
+    out[f'irpe_qkv triton {h}x{w} ms by BLOCK_M x BLOCK_N x CHUNK x NUM_WARPS'] = blocks
+    rows = out['rows']
+    out['ratios'] = {f'{name} / plain ({h}x{w})': rows[f'{name} {h}x{w}']['ms'] / rows[f'plain {h}x{w}']['ms']
+                     for h, w in maps for name, _, _ in cases[1:]}
+    return out
+
+
 # checks' kernels and ops first, the model-sized steps last (DC5 may run the GPU out of memory)
 BENCHMARKS = {'op_vs_gather': bench_op, 'flex_vs_op': bench_flex,
-              'train_steps': bench_train_steps, 'host_bound': bench_host_bound}
+              'triton_attention_vs_explicit': bench_triton_attention, 'train_steps': bench_train_steps, 'host_bound': bench_host_bound}
 
 
 def free_memory(device):

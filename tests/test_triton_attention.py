@@ -1,0 +1,70 @@
+"""--attention_impl triton (detr_irpe/triton_attention.py): iRPE attention fused into Triton kernels.
+
+The kernels run on CPU tensors under the Triton interpreter, in one subprocess that gpu_check's check starts
+(TRITON_INTERPRET must be set before triton.jit decorates them), against the SDPA/explicit path in float64; and
+they are compiled here, without a GPU, for each CUDA architecture by Triton's own ptxas, to see that none spills.
+"""
+import argparse
+
+import pytest
+import torch
+
+from detr_irpe import triton_attention
+from detr_irpe.attention import RPEMultiheadAttention
+from detr_irpe.cli.flags import check_flag_combinations
+from detr_irpe.irpe import rpe_config_from_string
+
+needs_triton = pytest.mark.skipif(triton_attention.triton is None, reason='triton is not installed')
+
+
+@needs_triton
+def test_output_and_every_gradient_equal_the_explicit_path_in_float32_and_bfloat16():
+    from detr_irpe.lab import gpu_check
+    result = gpu_check.check_triton_attention('cpu', quick=False)
+    configs = result['configs']
+    # no iRPE; q, k, v per head with 81 buckets; a map smaller than one tile; bias mode; values alone; keys and values
+    expected = {f'{rpe or "plain"} {h}x{w} {dtype}' for rpe, (h, w) in gpu_check.TRITON_ATTENTION_CONFIGS
+                for dtype in ('float32', 'bfloat16')}
+    assert set(configs) == expected
+    # each error to float64 within 16x the explicit path's own in that dtype (a wrong term is orders above)
+    assert result['passed'], configs
+
+
+@needs_triton
+@pytest.mark.parametrize('arch', [75, 80, 86, 89, 90])
+def test_kernels_compile_for_each_gpu_architecture_without_spilling_registers(arch):
+    from detr_irpe.lab.kernel_resources import attention_kernel_resources
+    for dtype in ['bfloat16', 'float16'] + (['float32'] if arch == 90 else []):
+        resources = attention_kernel_resources(arch, dtype, rpe_on='qkv', mask=True)
+        assert len(resources) == 3
+        assert all(r['spill_bytes'] == 0 and 0 < r['registers'] <= 255 for r in resources.values()), resources
+
+
+def test_what_the_kernels_cannot_do_is_refused_with_what_to_use():
+    with pytest.raises(ValueError, match='no cross method.*--attention_impl auto'):
+        RPEMultiheadAttention(16, 2, rpe_config=rpe_config_from_string('rpe-2.0-cross-ctx-1-k'), attention_impl='triton')
+    layer = RPEMultiheadAttention(16, 2, dropout=0.1, rpe_config=rpe_config_from_string('rpe-2.0-product-ctx-1-qkv'),
+                                  attention_impl='triton')
+    x = torch.randn(12, 2, 16)
+    if not triton_attention.INTERPRETING:
+        with pytest.raises(ValueError, match='runs on CUDA, but the encoder runs on cpu'):
+            layer.eval()(x, x, x, height=3, width=4)
+    if triton_attention.triton is not None:
+        with pytest.raises(ValueError, match=r'no attention dropout \(dropout 0.1 in training\)'):
+            layer.train()(x, x, x, height=3, width=4)
+    problem = check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cpu'))
+    assert problem.startswith('--attention_impl triton runs Triton kernels on a GPU; --device cpu has none')
+    assert check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cuda:1')) is None
+
+
+def test_weights_asked_for_come_from_the_explicit_path():
+    torch.manual_seed(0)
+    config = rpe_config_from_string('rpe-2.0-product-ctx-1-qkv')
+    explicit = RPEMultiheadAttention(16, 2, rpe_config=config, attention_impl='sdpa')
+    fused = RPEMultiheadAttention(16, 2, rpe_config=config, attention_impl='triton')
+    fused.load_state_dict(explicit.state_dict())
+    x = torch.randn(12, 2, 16)
+    out, weights = fused(x, x, x, height=3, width=4, need_weights=True)  # no kernel: runs on CPU
+    want_out, want_weights = explicit(x, x, x, height=3, width=4, need_weights=True)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(weights, want_weights, rtol=0, atol=0)
