@@ -53,11 +53,8 @@ class RPEMultiheadAttention(nn.Module):
         q, k, v = self.project(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
         if self.attention_impl == 'triton' and not need_weights:
-            why = triton_attention.problem(q, self.rpe_q, self.rpe_k, self.rpe_v, dropout_p)
-            if why is not None:
-                raise ValueError(why)
             out = triton_attention.triton_irpe_attention(q, k, v, self.rpe_q, self.rpe_k, self.rpe_v,
-                                                         key_padding_mask, height, width)
+                                                         key_padding_mask, height, width, dropout_p)
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(-1, B, E)), None
         if use_flex(self.attention_impl, q, self.rpe_q, self.rpe_k, self.rpe_v, need_weights, dropout_p):
             # The iRPE terms inside one flex_attention kernel (detr_irpe.flex), no (B, H, L, L) tensor.

@@ -11,22 +11,22 @@ token's term against every bucket, and the output is
     out_i = sum_j p_ij v_j + sum_t w_it r_t,   p = softmax(s), w_it = sum_j p_ij [idv(i, j) = t]   (Eq. 16)
 
 with r the value table of rpe_v (Kv, d). The kernels walk (BLOCK_M queries x BLOCK_N keys) tiles as flash
-attention does (online softmax, the logits recomputed in the backward from the row's log-sum-exp) and keep the
-per-bucket sums w of a query block in registers beside its output; w r is one small matmul after the kernel,
-so the value table's gradient is autograd's. The backward: dp_ij = dout_i . v_j + dw[i, idv(i, j)],
-ds_ij = p_ij (dp_ij - delta_i) with delta_i = dout_i . o_i + dw_i . w_i, then
-dq = ds k, dk = ds^T q, dv = p^T dout, dqr[i, t] = sum_j ds_ij [idk(i, j) = t] (per query block) and
-dkr[j, t] = sum_i ds_ij [idq(j, i) = t] (per key block). A per-bucket sum is a where-and-sum over a
-(BLOCK_M, BLOCK_N, buckets) tile: each row has its own ids, so no matrix product applies.
+attention does (online softmax, the logits recomputed in the backward from the row's log-sum-exp). The per-bucket
+sums w of a query block accumulate in float32 rows of memory that only its program touches, CHUNK buckets at a
+time: each row of a tile has its own ids, so no matrix product applies, and a (BLOCK_M, BLOCK_N, buckets) select
+would not fit in registers. w r is one small matmul after the kernel, so the value table's gradient is autograd's.
+The backward: dp_ij = dout_i . v_j + dw[i, idv(i, j)], ds_ij = p_ij (dp_ij - delta_i) with
+delta_i = dout_i . o_i + dw_i . w_i, then dq = ds k, dk = ds^T q, dv = p^T dout and the per-bucket sums
+dqr[i, t] = sum_j ds_ij [idk(i, j) = t] (a kernel per query block) and dkr[j, t] = sum_i ds_ij [idq(j, i) = t]
+(a kernel per key block). Attention dropout drops pairs by a Philox draw per (b, h, i, j) from one seed per
+call, so the backward recomputes the forward's choice; delta keeps its form with the kept, rescaled weights.
 
 The kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before
-this module is imported), which is how the suite checks them (check_against_explicit). Not covered, and refused
-with a message: the cross method (two tables per term), attention dropout, returning the attention weights.
+this module is imported), which is how the suite checks them (detr_irpe.lab.gpu_check's triton_attention check).
+Not covered, and refused with a message: the cross method (two tables per term). Returning the attention weights
+is the explicit path's (RPEMultiheadAttention takes it when they are asked for).
 """
-import json
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -46,16 +46,13 @@ CROSS_REFUSAL = ('--attention_impl triton has no cross method (two tables per iR
 BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS = 16, 16, 16, 4
 
 
-def problem(q, rpe_q, rpe_k, rpe_v, dropout_p):
+def problem(q, rpe_q, rpe_k, rpe_v):
     """Why triton_irpe_attention cannot run on these inputs and settings, or None."""
     if triton is None:
         return ('--attention_impl triton needs triton, which this torch install lacks: install the triton that '
                 f'matches torch {torch.__version__} (`pip install triton`), or use --attention_impl auto.')
     if any(isinstance(m, iRPE_Cross) for m in (rpe_q, rpe_k, rpe_v)):
         return CROSS_REFUSAL
-    if dropout_p > 0.0:
-        return (f'--attention_impl triton has no attention dropout (dropout {dropout_p} in training): use --dropout '
-                '0, or --attention_impl auto.')
     if not q.is_cuda and not INTERPRETING:
         return (f'--attention_impl triton runs on CUDA, but the encoder runs on {q.device.type}: use --attention_impl '
                 'auto or sdpa there (the suite runs the kernels on CPU under TRITON_INTERPRET=1).')
@@ -63,13 +60,15 @@ def problem(q, rpe_q, rpe_k, rpe_v, dropout_p):
 
 
 def triton_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, rpe_v=None, key_padding_mask=None, height=None,
-                          width=None):
+                          width=None, dropout_p=0.0, seed=None):
     """softmax(q k^T + iRPE terms, -inf at padded keys) v + the iRPE term on values, without (B, H, L, L) tensors.
 
     q: (B, H, L, d) scaled by d^-0.5; k, v: (B, H, L, d); key_padding_mask: (B, L) True on padding, or None.
-    Returns (B, H, L, d) in q's dtype.
+    dropout_p: attention dropout, on the weights that multiply v and that the iRPE term on values sums, as
+    F.dropout after the softmax; which pairs it drops follows from seed (by default drawn from torch's CPU
+    generator), the same in the backward (dropout_mask gives them). Returns (B, H, L, d) in q's dtype.
     """
-    why = problem(q, rpe_q, rpe_k, rpe_v, 0.0)
+    why = problem(q, rpe_q, rpe_k, rpe_v)
     if why is not None:
         raise ValueError(why)
     B, H, L, _ = q.shape
@@ -88,20 +87,31 @@ def triton_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, rpe_v=None, key_paddi
     id_v = ids(rpe_v) if rpe_v is not None else None
     num_v = rpe_v.num_buckets if rpe_v is not None else 0
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
     out, weights = _Attention.apply(q, k, v, qr, ids(rpe_k) if rpe_k is not None else None, kr, id_q, id_v, num_v,
-                                    mask)
+                                    mask, float(dropout_p), seed)
     if rpe_v is not None:
         out = out + torch.matmul(weights, rpe_v.lookup_table_weight.to(dtype))
     return out
+
+
+def dropout_mask(seed, batch, heads, length, dropout_p, device):
+    """(batch, heads, length, length) float32: 1 / (1 - dropout_p) where triton_irpe_attention called with this seed
+    keeps the attention weight of a pair, 0 where its dropout drops it."""
+    out = torch.empty(batch * heads, length, length, device=device)
+    _dropout_mask_kernel[(triton.cdiv(length, BLOCK_M), batch * heads)](out, length, seed, float(dropout_p),
+                                                                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return out.view(batch, heads, length, length)
 
 
 class _Attention(torch.autograd.Function):
     """(out (B, H, L, d), w (B, H, L, Kv)) of the module docstring; qr, kr and their ids may be None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask):
+    def forward(ctx, q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask, dropout_p, seed):
         B, H, L, D = q.shape
-        a = _Args(q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask)
+        a = _Args(q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask, dropout_p, seed)
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
         weights = a.sums(num_v)
@@ -110,7 +120,7 @@ class _Attention(torch.autograd.Function):
                 *a.arguments(), out, lse, weights, *out.stride(), **a.flags(), num_warps=NUM_WARPS)
         weights = a.unpadded(weights, num_v)
         ctx.save_for_backward(q, k, v, qr, id_k, kr, id_q, id_v, mask, out, lse, weights)
-        ctx.num_v = num_v
+        ctx.num_v, ctx.dropout_p, ctx.seed = num_v, dropout_p, seed
         ctx.set_materialize_grads(False)
         return out, weights
 
@@ -119,13 +129,14 @@ class _Attention(torch.autograd.Function):
         q, k, v, qr, id_k, kr, id_q, id_v, mask, out, lse, weights = ctx.saved_tensors
         B, H, L, D = q.shape
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        delta = (grad_out.float() * out.float()).sum(-1)  # sum_j p_ij dp_ij, the softmax backward's row term
+        # sum_j p_ij dp_ij, the softmax backward's row term (with dropout: of the kept, rescaled weights)
+        delta = (grad_out.float() * out.float()).sum(-1)
         if ctx.num_v:
             grad_weights = torch.zeros_like(weights) if grad_weights is None else grad_weights
             delta += (grad_weights.float() * weights.float()).sum(-1)
         else:
             grad_weights = weights  # empty; never read
-        a = _Args(q, k, v, qr, id_k, kr, id_q, id_v, ctx.num_v, mask)
+        a = _Args(q, k, v, qr, id_k, kr, id_q, id_v, ctx.num_v, mask, ctx.dropout_p, ctx.seed)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         num_k, num_q = (x.shape[-1] if x is not None else 0 for x in (qr, kr))
         dqr, dkr = a.sums(num_k), a.sums(num_q)
@@ -136,14 +147,15 @@ class _Attention(torch.autograd.Function):
             _backward_keys_kernel[(triton.cdiv(L, BLOCK_N), B * H)](
                 *common, dk, dv, dkr, *dk.stride(), *dv.stride(), **a.flags(), num_warps=NUM_WARPS)
         return (dq, dk, dv, a.unpadded(dqr, num_k) if qr is not None else None, None,
-                a.unpadded(dkr, num_q) if kr is not None else None, None, None, None, None)
+                a.unpadded(dkr, num_q) if kr is not None else None, None, None, None, None, None, None)
 
 
 class _Args:
     """The tensors, strides and flags every kernel takes, with stand-ins for the absent iRPE terms."""
 
-    def __init__(self, q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask):
+    def __init__(self, q, k, v, qr, id_k, kr, id_q, id_v, num_v, mask, dropout_p, seed):
         self.q, self.k, self.v = q, k, v
+        self.dropout_p, self.seed = dropout_p, seed
         self.qr, self.id_k = (qr, id_k) if qr is not None else (q, None)
         self.kr, self.id_q = (kr, id_q) if kr is not None else (q, None)
         self.id_v, self.num_v, self.mask = id_v, num_v, mask
@@ -168,7 +180,7 @@ class _Args:
                 H, L, D, self.rows, *(_padded(n) for n in self.bucket_counts()),
                 *self.q.stride(), *self.k.stride(), *self.v.stride(), *self.qr.stride(), *self.kr.stride(),
                 *self._ids(self.id_k).stride(), *self._ids(self.id_q).stride(), *self._ids(self.id_v).stride(),
-                *mask_strides)
+                *mask_strides, self.seed, self.dropout_p)
 
     def bucket_counts(self):
         """Buckets of the terms on keys, on queries and on values (0 where absent)."""
@@ -188,7 +200,7 @@ class _Args:
     def flags(self):
         D = self.q.shape[-1]
         return dict(HAS_QR=self.id_k is not None, HAS_KR=self.id_q is not None, HAS_V=self.num_v > 0,
-                    HAS_MASK=self.mask is not None, DOT=self.dot,
+                    HAS_MASK=self.mask is not None, DROPOUT=self.dropout_p > 0, DOT=self.dot,
                     PRECISION='ieee' if self.q.dtype == torch.float32 else 'tf32',
                     BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
 
@@ -222,6 +234,22 @@ if triton is not None:
         return tl.where(keep, s, float('-inf')), t, u
 
     @triton.jit
+    def _dropped(x, seed, dropout_p, bh, i, j, L):
+        """x (BLOCK_M, BLOCK_N) with the pairs that dropout drops at 0 and the kept ones divided by 1 - dropout_p:
+        one Philox draw per (b, h, i, j) from the call's seed, so the backward drops what the forward dropped."""
+        offsets = (bh.to(tl.int64) * L + i) * L + j
+        return tl.where(tl.rand(seed, offsets) >= dropout_p, x / (1 - dropout_p), 0.0)
+
+    @triton.jit
+    def _dropout_mask_kernel(out_ptr, L, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(1)
+        i = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        for n0 in range(0, L, BLOCK_N):
+            j = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+            tl.store(out_ptr + (bh * L + i) * L + j, _dropped(tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32), seed,
+                                                              dropout_p, bh, i, j, L), mask=(i < L) & (j < L))
+
+    @triton.jit
     def _add_bucket_sums(acc_ptr, rows, K_PAD, x, ids, scale, AXIS: tl.constexpr, CHUNK: tl.constexpr):
         """acc[r, t] = acc[r, t] * scale + (sum of x (M, N) over AXIS where ids == t) for the tile's rows r (R, 1)
         and every bucket t < K_PAD: float32 rows of K_PAD entries in memory, CHUNK buckets at a time, so the
@@ -237,10 +265,10 @@ if triton is not None:
     def _forward_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, id_v_ptr, mask_ptr,
                         H, L, D, ROWS, KP_K, KP_Q, KP_V, s_q_b, s_q_h, s_q_l, s_q_d, s_k_b, s_k_h, s_k_l, s_k_d,
                         s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k,
-                        s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l,
+                        s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l, seed, dropout_p,
                         o_ptr, lse_ptr, w_ptr, s_o_b, s_o_h, s_o_l, s_o_d,
                         HAS_QR: tl.constexpr, HAS_KR: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr,
-                        DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DROPOUT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
         """One query block of one (b, h): o = softmax(s) v, lse = log sum exp s, w = per-bucket sums of p."""
         bh = tl.program_id(1)
@@ -267,6 +295,8 @@ if triton is not None:
             scale = tl.exp(m - m_safe)
             p = tl.exp(s - m_safe[:, None])
             total = total * scale + tl.sum(p, 1)
+            if DROPOUT:  # the normaliser sums every weight; what multiplies v is the kept ones, rescaled
+                p = _dropped(p, seed, dropout_p, bh, i, j, L)
             acc = acc * scale[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
             if HAS_V:
                 idv = tl.load(id_v_ptr + i * s_idv_i + j * s_idv_j, mask=(i < L) & (j < L), other=-1)
@@ -283,13 +313,14 @@ if triton is not None:
                              tl.zeros((BLOCK_M, BLOCK_N), tl.int32), 1.0 / norm[:, None], 1, CHUNK)
 
     @triton.jit
-    def _ds(q, k, v, do, lse, delta, b, h, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, id_v_ptr, mask_ptr, dw_ptr,
-            s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j,
-            s_idv_i, s_idv_j, s_mask_b, s_mask_l, s_dw_b, s_dw_h, s_dw_l, s_dw_k,
+    def _ds(q, k, v, do, lse, delta, b, h, bh, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, id_v_ptr, mask_ptr,
+            dw_ptr, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i,
+            s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l, s_dw_b, s_dw_h, s_dw_l, s_dw_k, seed, dropout_p,
             HAS_QR: tl.constexpr, HAS_KR: tl.constexpr, HAS_V: tl.constexpr, HAS_MASK: tl.constexpr,
-            DOT: tl.constexpr, PRECISION: tl.constexpr):
-        """p and ds = p (dp - delta) (BLOCK_M, BLOCK_N) of one tile, recomputed from the forward's lse, and the
-        tile's ids on keys and queries."""
+            DROPOUT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """The weights that multiplied v (p, or its kept entries rescaled under dropout) and ds = p (dp - delta)
+        (BLOCK_M, BLOCK_N) of one tile, recomputed from the forward's lse, and the tile's ids on keys and
+        queries."""
         s, t, u = _logits(q, k, b, h, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, mask_ptr,
                           s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k,
                           s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_mask_b, s_mask_l,
@@ -300,6 +331,9 @@ if triton is not None:
             inside = (i < L) & (j < L)
             idv = tl.load(id_v_ptr + i * s_idv_i + j * s_idv_j, mask=inside, other=0)
             dp += tl.load(dw_ptr + b * s_dw_b + h * s_dw_h + i * s_dw_l + idv * s_dw_k, mask=inside, other=0).to(tl.float32)
+        if DROPOUT:  # dp so far is the gradient of the kept, rescaled weights
+            kept = _dropped(p, seed, dropout_p, bh, i, j, L)
+            return kept, p * (_dropped(dp, seed, dropout_p, bh, i, j, L) - delta), t, u
         return p, p * (dp - delta), t, u
 
     @triton.jit
@@ -307,11 +341,12 @@ if triton is not None:
                                  H, L, D, ROWS, KP_K, KP_Q, KP_V, s_q_b, s_q_h, s_q_l, s_q_d, s_k_b, s_k_h, s_k_l,
                                  s_k_d, s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l, s_qr_k,
                                  s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j,
-                                 s_idv_i, s_idv_j, s_mask_b, s_mask_l,
+                                 s_idv_i, s_idv_j, s_mask_b, s_mask_l, seed, dropout_p,
                                  do_ptr, dw_ptr, lse_ptr, delta_ptr, s_do_b, s_do_h, s_do_l, s_do_d,
                                  s_dw_b, s_dw_h, s_dw_l, s_dw_k, dq_ptr, dqr_ptr, s_dq_b, s_dq_h, s_dq_l, s_dq_d,
                                  HAS_QR: tl.constexpr, HAS_KR: tl.constexpr, HAS_V: tl.constexpr,
-                                 HAS_MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                                 HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                                 PRECISION: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  CHUNK: tl.constexpr):
         """One query block of one (b, h): dq = ds k and dqr = per-bucket sums of ds over keys."""
@@ -332,10 +367,11 @@ if triton is not None:
             jc, j = cols[:, None], cols[None, :]
             k = tl.load(k_ptr + b * s_k_b + h * s_k_h + jc * s_k_l + d * s_k_d, mask=(jc < L) & (d < D), other=0)
             v = tl.load(v_ptr + b * s_v_b + h * s_v_h + jc * s_v_l + d * s_v_d, mask=(jc < L) & (d < D), other=0)
-            _, ds, t, _ = _ds(q, k, v, do, lse, delta, b, h, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, id_v_ptr,
-                              mask_ptr, dw_ptr, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k,
-                              s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l,
-                              s_dw_b, s_dw_h, s_dw_l, s_dw_k, HAS_QR, HAS_KR, HAS_V, HAS_MASK, DOT, PRECISION)
+            _, ds, t, _ = _ds(q, k, v, do, lse, delta, b, h, bh, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr,
+                              id_v_ptr, mask_ptr, dw_ptr, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l,
+                              s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l,
+                              s_dw_b, s_dw_h, s_dw_l, s_dw_k, seed, dropout_p, HAS_QR, HAS_KR, HAS_V, HAS_MASK,
+                              DROPOUT, DOT, PRECISION)
             dq += tl.dot(ds.to(DOT), k.to(DOT), input_precision=PRECISION)
             if HAS_QR:
                 _add_bucket_sums(dqr_ptr, i, KP_K, ds, t, 1.0, 1, CHUNK)  # ds is 0 outside the map
@@ -346,12 +382,13 @@ if triton is not None:
                               H, L, D, ROWS, KP_K, KP_Q, KP_V, s_q_b, s_q_h, s_q_l, s_q_d, s_k_b, s_k_h, s_k_l,
                               s_k_d, s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l, s_qr_k,
                               s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j,
-                              s_idv_i, s_idv_j, s_mask_b, s_mask_l,
+                              s_idv_i, s_idv_j, s_mask_b, s_mask_l, seed, dropout_p,
                               do_ptr, dw_ptr, lse_ptr, delta_ptr, s_do_b, s_do_h, s_do_l, s_do_d,
                               s_dw_b, s_dw_h, s_dw_l, s_dw_k, dk_ptr, dv_ptr, dkr_ptr,
                               s_dk_b, s_dk_h, s_dk_l, s_dk_d, s_dv_b, s_dv_h, s_dv_l, s_dv_d,
                               HAS_QR: tl.constexpr, HAS_KR: tl.constexpr, HAS_V: tl.constexpr,
-                              HAS_MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                              HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                              PRECISION: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               CHUNK: tl.constexpr):
         """One key block of one (b, h): dk = ds^T q, dv = p^T dout and dkr = per-bucket sums of ds over queries."""
@@ -374,10 +411,11 @@ if triton is not None:
             do = tl.load(do_ptr + b * s_do_b + h * s_do_h + i * s_do_l + d * s_do_d, mask=rows, other=0)
             lse = tl.load(lse_ptr + bh * L + row, mask=row < L, other=float('inf'))[:, None]
             delta = tl.load(delta_ptr + bh * L + row, mask=row < L, other=0)[:, None]
-            p, ds, _, u = _ds(q, k, v, do, lse, delta, b, h, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr, id_v_ptr,
-                              mask_ptr, dw_ptr, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k,
-                              s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l,
-                              s_dw_b, s_dw_h, s_dw_l, s_dw_k, HAS_QR, HAS_KR, HAS_V, HAS_MASK, DOT, PRECISION)
+            p, ds, _, u = _ds(q, k, v, do, lse, delta, b, h, bh, i, j, L, qr_ptr, id_k_ptr, kr_ptr, id_q_ptr,
+                              id_v_ptr, mask_ptr, dw_ptr, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l,
+                              s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b, s_mask_l,
+                              s_dw_b, s_dw_h, s_dw_l, s_dw_k, seed, dropout_p, HAS_QR, HAS_KR, HAS_V, HAS_MASK,
+                              DROPOUT, DOT, PRECISION)
             dv += tl.dot(tl.trans(p.to(DOT)), do.to(DOT), input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(DOT)), q.to(DOT), input_precision=PRECISION)
             if HAS_KR:

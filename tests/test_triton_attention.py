@@ -18,14 +18,17 @@ needs_triton = pytest.mark.skipif(triton_attention.triton is None, reason='trito
 
 
 @needs_triton
-def test_output_and_every_gradient_equal_the_explicit_path_in_float32_and_bfloat16():
+def test_output_and_every_gradient_equal_the_explicit_path_in_float32_and_bfloat16_and_with_dropout():
     from detr_irpe.lab import gpu_check
     result = gpu_check.check_triton_attention('cpu', quick=False)
     configs = result['configs']
     # no iRPE; q, k, v per head with 81 buckets; a map smaller than one tile; bias mode; values alone; keys and values
     expected = {f'{rpe or "plain"} {h}x{w} {dtype}' for rpe, (h, w) in gpu_check.TRITON_ATTENTION_CONFIGS
                 for dtype in ('float32', 'bfloat16')}
+    expected.add('rpe-2.0-product-ctx-0-qkv 5x7 float32 dropout 0.3')  # what the kernels drop, the explicit path drops
     assert set(configs) == expected
+    share, (kept, sigma) = result['dropout_kept_share'], result['dropout_kept_share_expected']
+    assert kept == 0.7 and abs(share - kept) <= 5 * sigma
     # each error to float64 within 16x the explicit path's own in that dtype (a wrong term is orders above)
     assert result['passed'], configs
 
@@ -35,7 +38,7 @@ def test_output_and_every_gradient_equal_the_explicit_path_in_float32_and_bfloat
 def test_kernels_compile_for_each_gpu_architecture_without_spilling_registers(arch):
     from detr_irpe.lab.kernel_resources import attention_kernel_resources
     for dtype in ['bfloat16', 'float16'] + (['float32'] if arch == 90 else []):
-        resources = attention_kernel_resources(arch, dtype, rpe_on='qkv', mask=True)
+        resources = attention_kernel_resources(arch, dtype, rpe_on='qkv', mask=True, dropout=True)
         assert len(resources) == 3
         assert all(r['spill_bytes'] == 0 and 0 < r['registers'] <= 255 for r in resources.values()), resources
 
@@ -43,15 +46,12 @@ def test_kernels_compile_for_each_gpu_architecture_without_spilling_registers(ar
 def test_what_the_kernels_cannot_do_is_refused_with_what_to_use():
     with pytest.raises(ValueError, match='no cross method.*--attention_impl auto'):
         RPEMultiheadAttention(16, 2, rpe_config=rpe_config_from_string('rpe-2.0-cross-ctx-1-k'), attention_impl='triton')
-    layer = RPEMultiheadAttention(16, 2, dropout=0.1, rpe_config=rpe_config_from_string('rpe-2.0-product-ctx-1-qkv'),
+    layer = RPEMultiheadAttention(16, 2, rpe_config=rpe_config_from_string('rpe-2.0-product-ctx-1-qkv'),
                                   attention_impl='triton')
     x = torch.randn(12, 2, 16)
-    if not triton_attention.INTERPRETING:
+    if not triton_attention.INTERPRETING and triton_attention.triton is not None:
         with pytest.raises(ValueError, match='runs on CUDA, but the encoder runs on cpu'):
-            layer.eval()(x, x, x, height=3, width=4)
-    if triton_attention.triton is not None:
-        with pytest.raises(ValueError, match=r'no attention dropout \(dropout 0.1 in training\)'):
-            layer.train()(x, x, x, height=3, width=4)
+            layer(x, x, x, height=3, width=4)
     problem = check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cpu'))
     assert problem.startswith('--attention_impl triton runs Triton kernels on a GPU; --device cpu has none')
     assert check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cuda:1')) is None

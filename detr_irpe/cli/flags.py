@@ -219,7 +219,7 @@ def add_model_args(p, attention=True):
         g.add_argument('--attention_impl', default='auto', choices=ATTENTION_IMPLS,
                        help="encoder attention: 'flex' adds the iRPE terms inside one flex_attention kernel (no iRPE "
                             "on values, no attention dropout; on CPU inference only), 'triton' runs iRPE on queries, "
-                            "keys and values in fused Triton kernels (CUDA; no cross method, no attention dropout), "
+                            "keys and values in fused Triton kernels (CUDA; no cross method), "
                             "'sdpa' the SDPA/explicit path, 'auto' flex on CUDA where it applies, sdpa otherwise")
     g.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
                    help="largest category id + 1 (DETR's convention; the model adds the no-object class); default: "

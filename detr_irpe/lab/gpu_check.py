@@ -438,14 +438,17 @@ def check_triton(device, quick):
 TRITON_ATTENTION_CONFIGS = [('', (5, 7)), ('rpe-2.0-product-ctx-0-qkv', (5, 7)), ('rpe-1.9-product-ctx-1-k', (3, 4)),
                             ('rpe-2.0-product-bias-0-qk', (5, 7)), ('rpe-2.0-euc-ctx-1-v', (5, 7)),
                             ('rpe-1.9-quant-ctx-1-kv', (6, 6))]
+TRITON_DROPOUT = 0.3  # with the first iRPE-on-values config: the kernels' dropout against F.dropout with their mask
 
 
 @check('triton_attention_matches_explicit')
 def check_triton_attention(device, quick):
     """The encoder attention through --attention_impl triton (detr_irpe.triton_attention) against the SDPA/explicit
     path with the same random weights and tables, padded keys: the output and the gradients of the input and of
-    every parameter, in float32 and bfloat16. Each error to the explicit path in float64 must be within
-    GRAD_ERROR_FACTOR times the explicit path's own error in that dtype, plus one rounding of the largest entry.
+    every parameter, in float32 and bfloat16, and in float32 with attention dropout (the explicit path dropping
+    what the kernels' dropout_mask says they drop; the kept share within 5 sigma of 1 - p). Each error to the
+    explicit path in float64 must be within GRAD_ERROR_FACTOR times the explicit path's own error in that dtype,
+    plus one rounding of the largest entry.
     On CPU the kernels run under the Triton interpreter, in a subprocess (TRITON_INTERPRET=1 from the start)."""
     from detr_irpe import triton_attention
     if triton_attention.triton is None:
@@ -459,13 +462,15 @@ def check_triton_attention(device, quick):
         if run.returncode != 0:
             raise RuntimeError(f'the Triton interpreter run failed:\n{run.stderr[-4000:]}')
         return json.loads(run.stdout.splitlines()[-1])
+    from unittest import mock
+
     from detr_irpe.attention import RPEMultiheadAttention
     from detr_irpe.irpe import rpe_config_from_string
     E, H = (64, 4) if quick or device == 'cpu' else (128, 4)  # head_dim 16 and DETR's 32
     configs = TRITON_ATTENTION_CONFIGS[:3] if quick else TRITON_ATTENTION_CONFIGS
     if device == 'cuda' and not quick:
         configs = configs + [('rpe-2.0-product-ctx-1-qkv', (19, 25))]  # many tiles each way
-    results, worst = {}, 0.0
+    results, worst, share_ok = {}, 0.0, None
     for rpe, (h, w) in configs:
         L, B = h * w, 2
         g = torch.Generator().manual_seed(0)
@@ -478,28 +483,44 @@ def check_triton_attention(device, quick):
         mask = torch.zeros(B, L, dtype=torch.bool)
         mask[1, -(L // 4):] = True
 
-        def run(impl, dtype, dev):
+        def run(impl, dtype, dev, dropout=0.0, kept=None):
             one = copy.deepcopy(layer).to(device=dev, dtype=dtype)
-            one.attention_impl = impl
+            one.attention_impl, one.dropout = impl, dropout
             xi = x.to(device=dev, dtype=dtype).requires_grad_()
-            with float32_exact():
+            # the explicit path's F.dropout multiplies by the kernels' mask; the kernels draw their seed from
+            # torch's CPU generator, reset to draw the mask's
+            drop = (mock.patch.object(torch.nn.functional, 'dropout', lambda t, p, training: t * kept.to(t))
+                    if kept is not None and impl == 'sdpa' else contextlib.nullcontext())
+            torch.manual_seed(7)
+            with float32_exact(), drop:
                 out = one(xi, xi, xi, key_padding_mask=mask.to(dev), height=h, width=w)[0]
                 grads = torch.autograd.grad(out, [xi] + list(one.parameters()), grad.to(device=dev, dtype=dtype))
             names = ['output', 'input'] + [n for n, _ in one.named_parameters()]
             return {n: t.detach().cpu().double() for n, t in zip(names, [out] + list(grads))}
 
-        exact = run('sdpa', torch.float64, 'cpu')
-        for dtype in (torch.float32, torch.bfloat16):
-            explicit, fused = run('sdpa', dtype, device), run('triton', dtype, device)
+        runs = [(dtype, 0.0, None) for dtype in (torch.float32, torch.bfloat16)]
+        if 'v' in rpe.split('-')[-1] and share_ok is None:
+            torch.manual_seed(7)
+            kept = triton_attention.dropout_mask(int(torch.randint(0, 2 ** 31 - 1, ())), B, H, L, TRITON_DROPOUT,
+                                                 device).cpu()
+            share = (kept > 0).double().mean().item()
+            sigma = (TRITON_DROPOUT * (1 - TRITON_DROPOUT) / kept.numel()) ** 0.5
+            share_ok = abs(share - (1 - TRITON_DROPOUT)) <= 5 * sigma
+            runs.append((torch.float32, TRITON_DROPOUT, kept))
+        for dtype, dropout, kept in runs:
+            exact = run('sdpa', torch.float64, 'cpu', dropout, None if kept is None else kept.double())
+            explicit = run('sdpa', dtype, device, dropout, None if kept is None else kept.to(device))
+            fused = run('triton', dtype, device, dropout)
             ratios = {}
             for name, want in exact.items():
                 bound = (GRAD_ERROR_FACTOR * (explicit[name] - want).abs().max()
                          + torch.finfo(dtype).eps * want.abs().max()).item()
                 ratios[name] = (fused[name] - want).abs().max().item() / max(bound, torch.finfo(torch.float64).tiny)
-            case = f'{rpe or "plain"} {h}x{w} {str(dtype).split(".")[1]}'
+            case = f'{rpe or "plain"} {h}x{w} {str(dtype).split(".")[1]}' + (f' dropout {dropout}' if dropout else '')
             results[case] = {'worst_error_over_bound': max(ratios.values()), 'worst': max(ratios, key=ratios.get)}
             worst = max(worst, max(ratios.values()))
-    return {'passed': worst <= 1, 'worst_error_over_bound': worst, 'configs': results}
+    return {'passed': worst <= 1 and share_ok is True, 'worst_error_over_bound': worst, 'configs': results,
+            'dropout_kept_share': share, 'dropout_kept_share_expected': [1 - TRITON_DROPOUT, sigma]}
 
 
 @check('flex_recompiles')
@@ -789,7 +810,8 @@ def bench_flex(device, quick):
 
 
 # (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS) of detr_irpe.triton_attention tried by bench_triton_attention; all compile
-# without spills for sm_80 and sm_90 (detr_irpe.lab.kernel_resources; the suite checks the default on every GPU)
+# without spills for sm_80 and sm_90, as timed (no dropout; detr_irpe.lab.kernel_resources), and the suite checks the
+# default, dropout included, for every GPU
 TRITON_ATTENTION_BLOCKS = [(16, 16, 16, 4), (16, 32, 16, 8), (32, 16, 16, 8), (16, 32, 8, 4), (32, 32, 8, 8),
                            (16, 64, 8, 8)]
 

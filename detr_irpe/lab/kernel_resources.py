@@ -11,12 +11,14 @@ import tempfile
 ARCHITECTURES = (75, 80, 86, 89, 90)
 _POINTER_TYPES = {'id_k_ptr': '*i32', 'id_q_ptr': '*i32', 'id_v_ptr': '*i32', 'mask_ptr': '*u8', 'lse_ptr': '*fp32',
                   'delta_ptr': '*fp32', 'w_ptr': '*fp32', 'dqr_ptr': '*fp32', 'dkr_ptr': '*fp32'}
+_SCALAR_TYPES = {'dropout_p': 'fp32', 'seed': 'i32'}
 
 
-def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, blocks=None, head_dim=32):
+def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, dropout=True, blocks=None,
+                               head_dim=32):
     """{kernel name: {'registers': per thread, 'spill_bytes': stack + local memory per thread}} of the three kernels
-    of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on and the current block sizes (or
-    blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
+    of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on, padded keys (mask) and attention
+    dropout as asked, and the current block sizes (or blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -25,14 +27,14 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     from detr_irpe import triton_attention as ta
     block_m, block_n, chunk, num_warps = blocks or (ta.BLOCK_M, ta.BLOCK_N, ta.CHUNK, ta.NUM_WARPS)
     element = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}[dtype]
-    flags = dict(HAS_QR='k' in rpe_on, HAS_KR='q' in rpe_on, HAS_V='v' in rpe_on, HAS_MASK=mask,
+    flags = dict(HAS_QR='k' in rpe_on, HAS_KR='q' in rpe_on, HAS_V='v' in rpe_on, HAS_MASK=mask, DROPOUT=dropout,
                  DOT=getattr(tl, dtype), PRECISION='ieee' if dtype == 'float32' else 'tf32',
                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk)
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     resources = {}
     for kernel in (ta._forward_kernel, ta._backward_queries_kernel, ta._backward_keys_kernel):
         signature = {name: 'constexpr' if name in flags else _POINTER_TYPES.get(name, '*' + element)
-                     if name.endswith('_ptr') else 'i64' if name.startswith('s_') else 'i32'
+                     if name.endswith('_ptr') else _SCALAR_TYPES.get(name, 'i64' if name.startswith('s_') else 'i32')
                      for name in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature, constexprs={n: flags[n] for n in flags})
         compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps})
