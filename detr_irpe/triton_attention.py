@@ -89,8 +89,8 @@ def triton_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, rpe_v=None, key_paddi
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
     if seed is None:
         seed = int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
-    out, weights = _Attention.apply(q, k, v, qr, ids(rpe_k) if rpe_k is not None else None, kr, id_q, id_v, num_v,
-                                    mask, float(dropout_p), seed)
+    out, weights = _attention(q, k, v, qr, ids(rpe_k) if rpe_k is not None else None, kr, id_q, id_v, num_v, mask,
+                              float(dropout_p), seed)
     if rpe_v is not None:
         out = out + torch.matmul(weights, rpe_v.lookup_table_weight.to(dtype))
     return out
@@ -103,6 +103,11 @@ def dropout_mask(seed, batch, heads, length, dropout_p, device):
     _dropout_mask_kernel[(triton.cdiv(length, BLOCK_M), batch * heads)](out, length, seed, float(dropout_p),
                                                                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return out.view(batch, heads, length, length)
+
+
+@torch.compiler.disable  # under torch.compile: run as is, a graph break per layer (dynamo does not trace these launches)
+def _attention(*args):
+    return _Attention.apply(*args)
 
 
 class _Attention(torch.autograd.Function):

@@ -446,7 +446,7 @@ def check_triton_attention(device, quick):
     """The encoder attention through --attention_impl triton (detr_irpe.triton_attention) against the SDPA/explicit
     path with the same random weights and tables, padded keys: the output and the gradients of the input and of
     every parameter, in float32 and bfloat16, and in float32 with attention dropout (the explicit path dropping
-    what the kernels' dropout_mask says they drop; the kept share within 5 sigma of 1 - p). Each error to the
+    what the kernels' dropout_mask says they drop; the kept share within 5 sigma of 1 - p) and under torch.compile. Each error to the
     explicit path in float64 must be within GRAD_ERROR_FACTOR times the explicit path's own error in that dtype,
     plus one rounding of the largest entry.
     On CPU the kernels run under the Triton interpreter, in a subprocess (TRITON_INTERPRET=1 from the start)."""
@@ -483,9 +483,12 @@ def check_triton_attention(device, quick):
         mask = torch.zeros(B, L, dtype=torch.bool)
         mask[1, -(L // 4):] = True
 
-        def run(impl, dtype, dev, dropout=0.0, kept=None):
+        def run(impl, dtype, dev, dropout=0.0, kept=None, compiled=False):
             one = copy.deepcopy(layer).to(device=dev, dtype=dtype)
             one.attention_impl, one.dropout = impl, dropout
+            parameters = list(one.parameters())
+            if compiled:  # the kernels run outside the graph (a graph break), the projections inside
+                one = torch.compile(one, backend='inductor' if dev == 'cuda' else 'aot_eager')
             xi = x.to(device=dev, dtype=dtype).requires_grad_()
             # the explicit path's F.dropout multiplies by the kernels' mask; the kernels draw their seed from
             # torch's CPU generator, reset to draw the mask's
@@ -494,11 +497,11 @@ def check_triton_attention(device, quick):
             torch.manual_seed(7)
             with float32_exact(), drop:
                 out = one(xi, xi, xi, key_padding_mask=mask.to(dev), height=h, width=w)[0]
-                grads = torch.autograd.grad(out, [xi] + list(one.parameters()), grad.to(device=dev, dtype=dtype))
-            names = ['output', 'input'] + [n for n, _ in one.named_parameters()]
+                grads = torch.autograd.grad(out, [xi] + parameters, grad.to(device=dev, dtype=dtype))
+            names = ['output', 'input'] + [n for n, _ in layer.named_parameters()]
             return {n: t.detach().cpu().double() for n, t in zip(names, [out] + list(grads))}
 
-        runs = [(dtype, 0.0, None) for dtype in (torch.float32, torch.bfloat16)]
+        runs = [(dtype, 0.0, None, False) for dtype in (torch.float32, torch.bfloat16)]
         if 'v' in rpe.split('-')[-1] and share_ok is None:
             torch.manual_seed(7)
             kept = triton_attention.dropout_mask(int(torch.randint(0, 2 ** 31 - 1, ())), B, H, L, TRITON_DROPOUT,
@@ -506,17 +509,18 @@ def check_triton_attention(device, quick):
             share = (kept > 0).double().mean().item()
             sigma = (TRITON_DROPOUT * (1 - TRITON_DROPOUT) / kept.numel()) ** 0.5
             share_ok = abs(share - (1 - TRITON_DROPOUT)) <= 5 * sigma
-            runs.append((torch.float32, TRITON_DROPOUT, kept))
-        for dtype, dropout, kept in runs:
+            runs += [(torch.float32, TRITON_DROPOUT, kept, False), (torch.float32, 0.0, None, True)]
+        for dtype, dropout, kept, compiled in runs:
             exact = run('sdpa', torch.float64, 'cpu', dropout, None if kept is None else kept.double())
             explicit = run('sdpa', dtype, device, dropout, None if kept is None else kept.to(device))
-            fused = run('triton', dtype, device, dropout)
+            fused = run('triton', dtype, device, dropout, compiled=compiled)
             ratios = {}
             for name, want in exact.items():
                 bound = (GRAD_ERROR_FACTOR * (explicit[name] - want).abs().max()
                          + torch.finfo(dtype).eps * want.abs().max()).item()
                 ratios[name] = (fused[name] - want).abs().max().item() / max(bound, torch.finfo(torch.float64).tiny)
-            case = f'{rpe or "plain"} {h}x{w} {str(dtype).split(".")[1]}' + (f' dropout {dropout}' if dropout else '')
+            case = (f'{rpe or "plain"} {h}x{w} {str(dtype).split(".")[1]}' + (f' dropout {dropout}' if dropout else '')
+                    + (' compiled' if compiled else ''))
             results[case] = {'worst_error_over_bound': max(ratios.values()), 'worst': max(ratios, key=ratios.get)}
             worst = max(worst, max(ratios.values()))
     return {'passed': worst <= 1 and share_ok is True, 'worst_error_over_bound': worst, 'configs': results,
