@@ -257,6 +257,14 @@ def resolve_resume(resume, output_dir):
     return path if os.path.exists(path) else ''
 
 
+def resume_point(checkpoint):
+    """(epoch, step) where a training checkpoint resumes: a mid-epoch one at its own step, an epoch's last one at
+    the start of the next epoch."""
+    if checkpoint.get('step') is not None:
+        return checkpoint['epoch'], checkpoint['step']
+    return checkpoint['epoch'] + 1, 0
+
+
 def load_resume_checkpoint(resume, output_dir):
     """(path, checkpoint) to resume from, ('', None) to start fresh. For `--resume auto`: output_dir's checkpoint, or
     when it is damaged or missing the one before it (checkpoint.prev.pth), with a warning that names the damaged

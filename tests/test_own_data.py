@@ -95,6 +95,7 @@ def test_resume_of_a_finished_run_is_a_usage_error_unless_evaluating(trained):
     data, run, _ = trained
     result = tool('train.py', *data, *SMALL, '--output_dir', str(run), '--resume', str(run / 'checkpoint.pth'))
     assert result.returncode == 2 and 'already trained all --epochs 1' in result.stderr
+    assert 'parameters:' not in result.stdout and 'images' not in result.stdout  # said before data and model are built
 
 
 def test_a_category_id_beyond_91_sets_num_classes(tmp_path):

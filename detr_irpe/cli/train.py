@@ -27,7 +27,8 @@ from torch.utils.data import BatchSampler, DataLoader
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, distributed, engine
 from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, load_model_state, load_optimizer_state,
-                                  load_resume_checkpoint, remove_stale_temporaries, save_checkpoint, save_json)
+                                  load_resume_checkpoint, remove_stale_temporaries, resume_point, save_checkpoint,
+                                  save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -106,6 +107,14 @@ def run(args, explicit=()):
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
     device = torch.device(args.device)
+    # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start.
+    # Read before data and model are built, so that resuming a finished run stops at once.
+    resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
+    resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
+    if resumes_training and resume_point(checkpoint)[0] >= args.epochs:
+        raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; pass a larger '
+                         '--epochs to train on, --eval to evaluate it, or --finetune to start a new run from its '
+                         'weights')
 
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
     datasets.check_against_training_set(dataset_train, args)
@@ -134,28 +143,21 @@ def run(args, explicit=()):
                                                                 model_without_ddp.backbone[0], precision)
 
     start_epoch, start_step, start_stats, unfinished_log = args.start_epoch, 0, None, None
-    # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start
-    resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
     if resume:
         load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}', checkpoint.get('args'), args)
-        if not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint:
+        if resumes_training:
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            start_epoch, start_step = resume_point(checkpoint)
             if checkpoint.get('step') is not None:
-                start_epoch, start_step = checkpoint['epoch'], checkpoint['step']
                 start_stats = process_entry(checkpoint, 'epoch_stats')
             else:
-                start_epoch = checkpoint['epoch'] + 1
                 unfinished_log = checkpoint.get('epoch_log')  # written unless the run stopped before its log line
             if 'rng' in checkpoint:
                 set_rng_state(process_rng_state(checkpoint))
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
                 scaler.load_state_dict(checkpoint['scaler'])
         print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
-        if start_epoch >= args.epochs and not args.eval:
-            raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; '
-                             'pass a larger --epochs to train on, --eval to evaluate it, or --finetune to start a new '
-                             'run from its weights')
 
     if args.eval:
         run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
