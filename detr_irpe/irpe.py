@@ -285,6 +285,17 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
 
 
 @cached_when_eager
+def product_factors(height, width, ratio=1.9, index_func='piecewise', device='cpu'):
+    """The product method's bucket ids in factors (Eq. 19): (rows (2 height - 1,), cols (2 width - 1,), side) with
+    the bucket of a relative position (dr, dc) = rows[dr + height - 1] * side + cols[dc + width - 1], numbered as
+    get_bucket_ids_2d numbers them (no skip tokens); int32 on device, cached per argument set."""
+    table = offset_bucket_ids('product', height, width, ratio, index_func)
+    side = 2 * RPEConfig(ratio=ratio, method='product', mode='bias', shared_head=True).beta_int + 1
+    rows, cols = table[:, width - 1] // side, table[height - 1, :] % side
+    return rows.to(device=device, dtype=torch.int32), cols.to(device=device, dtype=torch.int32), side
+
+
+@cached_when_eager
 def key_major_ids(bucket_ids, row_stride):
     """out[i, j] = j * row_stride + bucket_ids[j, i], int32 (L, L), contiguous.
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detr_irpe.irpe import (RPEConfig, build_rpe, clip_index, get_bucket_ids_2d, get_rpe_config, iRPE,
-                            piecewise_index, rpe_config_from_string, rpe_parameters)
+                            piecewise_index, product_factors, rpe_config_from_string, rpe_parameters)
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 REFERENCE_IDS = np.load(os.path.join(DATA, 'bucket_ids.npz'))
@@ -66,6 +66,19 @@ def test_clip_product_buckets_are_clipped_offsets():
     dc = np.clip(cols[:, None] - cols[None, :], -4, 4) + 4
     np.testing.assert_array_equal(ids.numpy(), dr * 9 + dc)
     assert n == 81
+
+
+@pytest.mark.parametrize('height, width, ratio, index_func', [(5, 7, 1.9, 'piecewise'), (2, 9, 2.0, 'clip'),
+                                                               (11, 3, 3.0, 'piecewise'), (1, 1, 1.9, 'piecewise'),
+                                                               (25, 38, 2.0, 'piecewise')])
+def test_product_bucket_ids_are_a_row_factor_times_the_side_plus_a_column_factor(height, width, ratio, index_func):
+    rows, cols, side = product_factors(height, width, ratio, index_func)
+    ids, num_buckets = get_bucket_ids_2d('product', height, width, 0, ratio, index_func)
+    assert side * side == num_buckets and rows.dtype == cols.dtype == torch.int32
+    r, c = np.divmod(np.arange(height * width), width)
+    want = (rows.numpy()[r[:, None] - r[None, :] + height - 1] * side
+            + cols.numpy()[c[:, None] - c[None, :] + width - 1])
+    np.testing.assert_array_equal(ids.numpy(), want)
 
 
 def test_bucket_ids_are_cached_per_shape_and_device():

@@ -433,11 +433,13 @@ def check_triton(device, quick):
             'failing': {case: r for case, r in cases.items() if not r['bound_ratio'] <= 1}}
 
 
-# (--enc_rpe2d, map) of the triton_attention check: no iRPE; every term per head with 81 buckets; shared-head keys
-# on a map smaller than a tile; bias mode on queries and keys; values alone with few buckets; keys and values
-TRITON_ATTENTION_CONFIGS = [('', (5, 7)), ('rpe-2.0-product-ctx-0-qkv', (5, 7)), ('rpe-1.9-product-ctx-1-k', (3, 4)),
-                            ('rpe-2.0-product-bias-0-qk', (5, 7)), ('rpe-2.0-euc-ctx-1-v', (5, 7)),
-                            ('rpe-1.9-quant-ctx-1-kv', (6, 6))]
+# (--enc_rpe2d, map, embed dim, heads) of the triton_attention check: no iRPE; every term per head with 81 buckets
+# (the product method's factored buckets); shared-head keys on a map smaller than a tile; bias mode on queries and
+# keys, values alone, keys and values (any method's ids); head dim 24 (not a power of two) on a wide map
+TRITON_ATTENTION_CONFIGS = [('', (5, 7), 64, 4), ('rpe-2.0-product-ctx-0-qkv', (5, 7), 64, 4),
+                            ('rpe-1.9-product-ctx-1-k', (3, 4), 64, 4), ('rpe-2.0-euc-bias-0-qk', (5, 7), 64, 4),
+                            ('rpe-2.0-euc-ctx-1-v', (5, 7), 64, 4), ('rpe-1.9-quant-ctx-1-kv', (6, 6), 64, 4),
+                            ('rpe-1.9-product-ctx-1-qkv', (2, 9), 48, 2)]
 TRITON_DROPOUT = 0.3  # with the first iRPE-on-values config: the kernels' dropout against F.dropout with their mask
 
 
@@ -446,9 +448,9 @@ def check_triton_attention(device, quick):
     """The encoder attention through --attention_impl triton (detr_irpe.triton_attention) against the SDPA/explicit
     path with the same random weights and tables, padded keys: the output and the gradients of the input and of
     every parameter, in float32 and bfloat16, and in float32 with attention dropout (the explicit path dropping
-    what the kernels' dropout_mask says they drop; the kept share within 5 sigma of 1 - p) and under torch.compile. Each error to the
-    explicit path in float64 must be within GRAD_ERROR_FACTOR times the explicit path's own error in that dtype,
-    plus one rounding of the largest entry.
+    what the kernels' dropout_mask says they drop; the kept share within 5 sigma of 1 - p) and under
+    torch.compile. Each error to the explicit path in float64 must be within GRAD_ERROR_FACTOR times the explicit
+    path's own error in that dtype, plus one rounding of the largest entry.
     On CPU the kernels run under the Triton interpreter, in a subprocess (TRITON_INTERPRET=1 from the start)."""
     from detr_irpe import triton_attention
     if triton_attention.triton is None:
@@ -466,12 +468,11 @@ def check_triton_attention(device, quick):
 
     from detr_irpe.attention import RPEMultiheadAttention
     from detr_irpe.irpe import rpe_config_from_string
-    E, H = (64, 4) if quick or device == 'cpu' else (128, 4)  # head_dim 16 and DETR's 32
     configs = TRITON_ATTENTION_CONFIGS[:3] if quick else TRITON_ATTENTION_CONFIGS
-    if device == 'cuda' and not quick:
-        configs = configs + [('rpe-2.0-product-ctx-1-qkv', (19, 25))]  # many tiles each way
+    if device == 'cuda' and not quick:  # many tiles each way, DETR's head dim 32
+        configs = configs + [(rpe, (19, 25), 128, 4) for rpe in ('rpe-2.0-product-ctx-1-qkv', 'rpe-2.0-euc-ctx-1-qkv')]
     results, worst, share_ok = {}, 0.0, None
-    for rpe, (h, w) in configs:
+    for rpe, (h, w), E, H in configs:
         L, B = h * w, 2
         g = torch.Generator().manual_seed(0)
         layer = RPEMultiheadAttention(E, H, rpe_config=rpe_config_from_string(rpe), attention_impl='sdpa')
@@ -824,16 +825,19 @@ def bench_triton_attention(device, quick):
     """One encoder attention layer (E 256, 8 heads, batch 2, bfloat16 autocast, padded keys), forward + backward,
     at C5 (25x42) and DC5 (50x84): --attention_impl triton against SDPA/explicit for iRPE-QKV and iRPE-K (flex
     too), beside plain SDPA; ms and peak MiB per case, then Triton's iRPE-QKV at DC5 over the block sizes of
-    TRITON_ATTENTION_BLOCKS. CUDA only (on CPU the kernels run in the interpreter)."""
-    if device != 'cuda':
-        raise Skip('times the Triton kernels on a GPU: run with --device cuda')
+    TRITON_ATTENTION_BLOCKS and with the product method's ids unfactored. CUDA only; on CPU under the Triton
+    interpreter (TRITON_INTERPRET=1 from the start), quick, without flex and memory, only to try the code."""
     from detr_irpe import triton_attention
+    cuda = device == 'cuda'
+    if not cuda and not triton_attention.INTERPRETING:
+        raise Skip('times the Triton kernels on a GPU: run with --device cuda')
     from detr_irpe.attention import RPEMultiheadAttention
     from detr_irpe.irpe import rpe_config_from_string
     cases = [('plain', '', 'sdpa'), ('irpe_k sdpa', IRPE_K, 'sdpa'), ('irpe_k flex', IRPE_K, 'flex'),
              ('irpe_k triton', IRPE_K, 'triton'), ('irpe_qkv sdpa', IRPE_QKV, 'sdpa'),
              ('irpe_qkv triton', IRPE_QKV, 'triton')]
-    maps = [(6, 8)] if quick else [(25, 42), (50, 84)]
+    cases = cases if cuda else [c for c in cases if c[2] != 'flex']  # no flex backward on CPU
+    maps = ([(6, 8)] if cuda else [(3, 5)]) if quick else [(25, 42), (50, 84)]
     out = {'rows': {}}
 
     def layer_step(rpe, impl, h, w):
@@ -845,12 +849,14 @@ def bench_triton_attention(device, quick):
         mask[1, -(L // 10):] = True
 
         def step():
-            with torch.autocast('cuda', dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 out = layer(x, x, x, key_padding_mask=mask, height=h, width=w)[0]
             out.float().sum().backward()
         return step
 
     def peak_mib(step):
+        if not cuda:
+            return None
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -879,6 +885,14 @@ def bench_triton_attention(device, quick):
         (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK,
          triton_attention.NUM_WARPS) = saved
     out[f'irpe_qkv triton {h}x{w} ms by BLOCK_M x BLOCK_N x CHUNK x NUM_WARPS'] = blocks
+    try:  # the product method's buckets as any method's ids: what factoring them saves
+        triton_attention.FACTOR_PRODUCT = False
+        step = layer_step(IRPE_QKV, 'triton', h, w)
+        step()
+        out[f'irpe_qkv triton {h}x{w} ms, ids not factored'] = 1e3 * interleaved({'t': step}, device,
+                                                                                 3 if quick else 10, 1)['t']
+    finally:
+        triton_attention.FACTOR_PRODUCT = True
     rows = out['rows']
     out['ratios'] = {f'{name} / plain ({h}x{w})': rows[f'{name} {h}x{w}']['ms'] / rows[f'plain {h}x{w}']['ms']
                      for h, w in maps for name, _, _ in cases[1:]}
@@ -887,7 +901,8 @@ def bench_triton_attention(device, quick):
 
 # checks' kernels and ops first, the model-sized steps last (DC5 may run the GPU out of memory)
 BENCHMARKS = {'op_vs_gather': bench_op, 'flex_vs_op': bench_flex,
-              'triton_attention_vs_explicit': bench_triton_attention, 'train_steps': bench_train_steps, 'host_bound': bench_host_bound}
+              'triton_attention_vs_explicit': bench_triton_attention, 'train_steps': bench_train_steps,
+              'host_bound': bench_host_bound}
 
 
 def free_memory(device):

@@ -1,24 +1,23 @@
 """What the GPU compiler makes of the Triton attention kernels, on a machine without a GPU: each kernel compiled
 ahead of time for a CUDA architecture by Triton's own ptxas, then its registers per thread and the bytes it spills
-to local memory read from the binary (Triton's cuobjdump). A spill costs memory traffic in the innermost loop; a
-kernel past 255 registers spills."""
+to local memory as ptxas reports them (a spill is memory traffic, in the innermost loop at worst)."""
 import os
 import re
 import subprocess
 import tempfile
 
-# Turing (sm_75) to Hopper (sm_90): the GPUs the README covers
-ARCHITECTURES = (75, 80, 86, 89, 90)
-_POINTER_TYPES = {'id_k_ptr': '*i32', 'id_q_ptr': '*i32', 'id_v_ptr': '*i32', 'mask_ptr': '*u8', 'lse_ptr': '*fp32',
-                  'delta_ptr': '*fp32', 'w_ptr': '*fp32', 'dqr_ptr': '*fp32', 'dkr_ptr': '*fp32'}
+_POINTER_TYPES = {'id_k_ptr': '*i32', 'id_q_ptr': '*i32', 'id_v_ptr': '*i32', 'rows_ptr': '*i32', 'cols_ptr': '*i32',
+                  'mask_ptr': '*u8', 'lse_ptr': '*fp32', 'delta_ptr': '*fp32', 'w_ptr': '*fp32', 'dqr_ptr': '*fp32',
+                  'dkr_ptr': '*fp32'}
 _SCALAR_TYPES = {'dropout_p': 'fp32', 'seed': 'i32'}
 
 
-def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, dropout=True, blocks=None,
-                               head_dim=32):
-    """{kernel name: {'registers': per thread, 'spill_bytes': stack + local memory per thread}} of the three kernels
-    of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on, padded keys (mask) and attention
-    dropout as asked, and the current block sizes (or blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
+def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, dropout=True, factored=True,
+                               blocks=None, head_dim=32):
+    """{kernel name: {'registers': per thread, 'spill_bytes': spill stores per thread}} of the three kernels
+    of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on, padded keys (mask), attention
+    dropout and the product method's factored buckets (factored) as asked, and the current block sizes (or
+    blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -28,9 +27,10 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     block_m, block_n, chunk, num_warps = blocks or (ta.BLOCK_M, ta.BLOCK_N, ta.CHUNK, ta.NUM_WARPS)
     element = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}[dtype]
     flags = dict(HAS_QR='k' in rpe_on, HAS_KR='q' in rpe_on, HAS_V='v' in rpe_on, HAS_MASK=mask, DROPOUT=dropout,
+                 FACTORED=factored,
                  DOT=getattr(tl, dtype), PRECISION='ieee' if dtype == 'float32' else 'tf32',
                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk)
-    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
     resources = {}
     for kernel in (ta._forward_kernel, ta._backward_queries_kernel, ta._backward_keys_kernel):
         signature = {name: 'constexpr' if name in flags else _POINTER_TYPES.get(name, '*' + element)
@@ -38,11 +38,14 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
                      for name in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature, constexprs={n: flags[n] for n in flags})
         compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps})
-        with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
-            cubin.write(compiled.asm['cubin'])
-            cubin.flush()
-            usage = subprocess.run([tool, '-res-usage', cubin.name], capture_output=True, text=True, check=True).stdout
-        numbers = {key: int(value) for key, value in re.findall(r'(REG|STACK|LOCAL):(\d+)', usage)}
-        resources[kernel.fn.__name__] = {'registers': numbers['REG'],
-                                         'spill_bytes': numbers['STACK'] + numbers['LOCAL']}
+        with tempfile.TemporaryDirectory() as folder:
+            ptx = os.path.join(folder, 'kernel.ptx')
+            with open(ptx, 'w') as f:
+                f.write(compiled.asm['ptx'])
+            report = subprocess.run([ptxas, f'-arch=sm_{arch}a' if arch >= 90 else f'-arch=sm_{arch}', '-v', ptx,
+                                     '-o', os.path.join(folder, 'kernel.cubin')],
+                                    capture_output=True, text=True, check=True).stderr
+        resources[kernel.fn.__name__] = {
+            'registers': int(re.search(r'Used (\d+) registers', report).group(1)),
+            'spill_bytes': int(re.search(r'(\d+) bytes spill stores', report).group(1))}
     return resources
