@@ -198,7 +198,7 @@ class _Args:
         B, H, L, _ = q.shape
         block = max(BLOCK_M, BLOCK_N)
         self.rows = triton.cdiv(L, block) * block  # of the per-bucket sums' float32 accumulators
-        self.none = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+        self.none = torch.empty(1, 1, dtype=torch.int32, device=q.device)  # stands in for absent ids; never read
         dtype = q.dtype
         if INTERPRETING and dtype in (torch.bfloat16, torch.float16):
             dtype = torch.float32  # the interpreter's tl.dot (numpy) has no bfloat16
