@@ -1,5 +1,6 @@
 """Distributed training glue: `torchrun --nproc_per_node N tools/train.py ...` runs DistributedDataParallel
 (gloo on CPU, nccl on GPU); several machines through torchrun's own flags."""
+import atexit
 import datetime
 import os
 
@@ -26,6 +27,9 @@ def init_distributed(args):
         dist.init_process_group('nccl' if cuda else 'gloo', init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank, timeout=timeout)
         args.distributed = True
+        # Torn down before the interpreter's exit: gloo's threads left to static destruction abort the process
+        # now and then ("terminate called without an active exception"), failing a run that had finished.
+        atexit.register(_destroy_process_group)
         dist.barrier()
     except dist.DistError as e:
         raise UsageError(f'process {args.rank} of {args.world_size}: not every process arrived within '
@@ -36,6 +40,11 @@ def init_distributed(args):
         print('warning: torchrun --max-restarts with its shared rendezvous store: a restarted group can read the '
               "previous group's addresses and fail to connect (pytorch/pytorch#135712); launch torchrun with "
               'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.', flush=True)
+
+
+def _destroy_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed():
