@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_irpe.flex import check_attention_impl, flex_irpe_attention, use_flex
-from detr_irpe.irpe import build_rpe, iRPE_Cross, query_key_terms
 from detr_irpe import triton_attention
+from detr_irpe.flex import check_attention_impl, flex_irpe_attention, use_flex
+from detr_irpe.irpe import build_rpe, query_key_terms
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -40,8 +40,10 @@ class RPEMultiheadAttention(nn.Module):
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
         check_attention_impl(attention_impl, self.rpe_v)
         self.attention_impl = attention_impl  # 'auto', 'sdpa', 'flex' (detr_irpe.flex.use_flex) or 'triton'
-        if attention_impl == 'triton' and any(isinstance(m, iRPE_Cross) for m in (self.rpe_q, self.rpe_k, self.rpe_v)):
-            raise ValueError(triton_attention.CROSS_REFUSAL)
+        if attention_impl == 'triton':
+            why = triton_attention.settings_problem(self.rpe_q, self.rpe_k, self.rpe_v)
+            if why is not None:
+                raise ValueError(why)
 
     def forward(self, query, key, value, key_padding_mask=None, height=None, width=None, need_weights=False):
         """query, key, value: (L, B, E) sequence-first, as in DETR; key_padding_mask: (B, L), True on padding.

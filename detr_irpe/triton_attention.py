@@ -45,8 +45,6 @@ except ImportError:  # CPU-only torch wheels come without triton
     triton = None
 
 INTERPRETING = os.environ.get('TRITON_INTERPRET') == '1'
-CROSS_REFUSAL = ('--attention_impl triton has no cross method (two tables per iRPE term): use --attention_impl auto '
-                 'or sdpa, or another method in --enc_rpe2d (e.g. product).')
 # Query and key rows per tile, and buckets per step of the per-bucket sums, whose (BLOCK_M, BLOCK_N, CHUNK)
 # select dominates the registers.
 BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS = 16, 16, 16, 4
@@ -55,13 +53,22 @@ BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS = 16, 16, 16, 4
 FACTOR_PRODUCT = True
 
 
+def settings_problem(rpe_q, rpe_k, rpe_v):
+    """Why the kernels cannot compute these iRPE modules, or None: checked when the attention layer is built."""
+    if any(isinstance(m, iRPE_Cross) for m in (rpe_q, rpe_k, rpe_v)):
+        return ('--attention_impl triton has no cross method (two tables per iRPE term): use --attention_impl auto '
+                'or sdpa, or another method in --enc_rpe2d (e.g. product).')
+    return None
+
+
 def problem(q, rpe_q, rpe_k, rpe_v):
     """Why triton_irpe_attention cannot run on these inputs and settings, or None."""
     if triton is None:
         return ('--attention_impl triton needs triton, which this torch install lacks: install the triton that '
                 f'matches torch {torch.__version__} (`pip install triton`), or use --attention_impl auto.')
-    if any(isinstance(m, iRPE_Cross) for m in (rpe_q, rpe_k, rpe_v)):
-        return CROSS_REFUSAL
+    settings = settings_problem(rpe_q, rpe_k, rpe_v)
+    if settings is not None:
+        return settings
     if not q.is_cuda and not INTERPRETING:
         return (f'--attention_impl triton runs on CUDA, but the encoder runs on {q.device.type}: use --attention_impl '
                 'auto or sdpa there (the suite runs the kernels on CPU under TRITON_INTERPRET=1).')
@@ -245,7 +252,19 @@ def _padded(num_buckets):
 
 if triton is not None:
     @triton.jit
-    def _loop_block(it, WIDTH, BLOCK: tl.constexpr):
+    def _program(H, BLOCK: tl.constexpr):
+        """This program's (b, h) pair (grid axis 1, as bh and as int64 b, h) and its block of tokens (axis 0)."""
+        bh = tl.program_id(1)
+        tokens = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), tokens
+
+    @triton.jit
+    def _load_rows(ptr, b, h, t, d, D, ok, s_b, s_h, s_l, s_d):
+        """The (tokens, head dim) block of a (B, H, L, D) tensor at tokens t (T, 1), zeros outside."""
+        return tl.load(ptr + b * s_b + h * s_h + t * s_l + d * s_d, mask=ok & (d < D), other=0)
+
+    @triton.jit
+    def _loop_tokens(it, WIDTH, BLOCK: tl.constexpr):
         """Token ids (BLOCK,) int64 of step `it` of a loop over the map one image row of WIDTH tokens at a time,
         BLOCK per step, and which of them are in the row."""
         per_row = tl.cdiv(WIDTH, BLOCK)
@@ -370,21 +389,19 @@ if triton is not None:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
         """One query block of one (b, h): o = softmax(s) v and lse = log sum exp s over the keys; then, in a second
         pass with the final lse (no rescaling of the sums), w = the per-bucket sums of p."""
-        bh = tl.program_id(1)
-        b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-        row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        bh, b, h, row = _program(H, BLOCK_M)
         i, i_ok = row[:, None], (row < L)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
-        q = tl.load(q_ptr + b * s_q_b + h * s_q_h + i * s_q_l + d * s_q_d, mask=i_ok & (d < D), other=0)
+        q = _load_rows(q_ptr, b, h, i, d, D, i_ok, s_q_b, s_q_h, s_q_l, s_q_d)
         m = tl.full((BLOCK_M,), float('-inf'), tl.float32)
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         steps = HEIGHT * tl.cdiv(WIDTH, BLOCK_N)
         for it in range(0, steps):
-            cols, ok = _loop_block(it, WIDTH, BLOCK_N)
+            cols, ok = _loop_tokens(it, WIDTH, BLOCK_N)
             jc, j, jc_ok, j_ok = cols[:, None], cols[None, :], ok[:, None], ok[None, :]
-            k = tl.load(k_ptr + b * s_k_b + h * s_k_h + jc * s_k_l + d * s_k_d, mask=jc_ok & (d < D), other=0)
-            v = tl.load(v_ptr + b * s_v_b + h * s_v_h + jc * s_v_l + d * s_v_d, mask=jc_ok & (d < D), other=0)
+            k = _load_rows(k_ptr, b, h, jc, d, D, jc_ok, s_k_b, s_k_h, s_k_l, s_k_d)
+            v = _load_rows(v_ptr, b, h, jc, d, D, jc_ok, s_v_b, s_v_h, s_v_l, s_v_d)
             s, _, _, _ = _logits(q, k, b, h, i, j, i_ok, j_ok, qr_ptr, kr_ptr, id_k_ptr, id_q_ptr, id_v_ptr, rows_ptr,
                                  cols_ptr, mask_ptr, HEIGHT, WIDTH, SIDE, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b,
                                  s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i, s_idv_j, s_mask_b,
@@ -408,9 +425,9 @@ if triton is not None:
         if HAS_V:
             w_ptr += bh.to(tl.int64) * ROWS * KP_V
             for it in range(0, steps):
-                cols, ok = _loop_block(it, WIDTH, BLOCK_N)
+                cols, ok = _loop_tokens(it, WIDTH, BLOCK_N)
                 jc, j, jc_ok, j_ok = cols[:, None], cols[None, :], ok[:, None], ok[None, :]
-                k = tl.load(k_ptr + b * s_k_b + h * s_k_h + jc * s_k_l + d * s_k_d, mask=jc_ok & (d < D), other=0)
+                k = _load_rows(k_ptr, b, h, jc, d, D, jc_ok, s_k_b, s_k_h, s_k_l, s_k_d)
                 s, _, _, tv = _logits(q, k, b, h, i, j, i_ok, j_ok, qr_ptr, kr_ptr, id_k_ptr, id_q_ptr, id_v_ptr,
                                       rows_ptr, cols_ptr, mask_ptr, HEIGHT, WIDTH, SIDE, s_qr_b, s_qr_h, s_qr_l, s_qr_k,
                                       s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j, s_idv_i,
@@ -434,22 +451,20 @@ if triton is not None:
                                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  CHUNK: tl.constexpr):
         """One query block of one (b, h): dq = ds k and dqr = per-bucket sums of ds over keys."""
-        bh = tl.program_id(1)
-        b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-        row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        bh, b, h, row = _program(H, BLOCK_M)
         i, i_ok = row[:, None], (row < L)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
-        q = tl.load(q_ptr + b * s_q_b + h * s_q_h + i * s_q_l + d * s_q_d, mask=i_ok & (d < D), other=0)
-        do = tl.load(do_ptr + b * s_do_b + h * s_do_h + i * s_do_l + d * s_do_d, mask=i_ok & (d < D), other=0)
+        q = _load_rows(q_ptr, b, h, i, d, D, i_ok, s_q_b, s_q_h, s_q_l, s_q_d)
+        do = _load_rows(do_ptr, b, h, i, d, D, i_ok, s_do_b, s_do_h, s_do_l, s_do_d)
         lse = tl.load(lse_ptr + bh * L + row, mask=row < L, other=float('inf'))[:, None]
         delta = tl.load(delta_ptr + bh * L + row, mask=row < L, other=0)[:, None]
         dqr_ptr += bh.to(tl.int64) * ROWS * KP_K
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for it in range(0, HEIGHT * tl.cdiv(WIDTH, BLOCK_N)):
-            cols, ok = _loop_block(it, WIDTH, BLOCK_N)
+            cols, ok = _loop_tokens(it, WIDTH, BLOCK_N)
             jc, j, jc_ok, j_ok = cols[:, None], cols[None, :], ok[:, None], ok[None, :]
-            k = tl.load(k_ptr + b * s_k_b + h * s_k_h + jc * s_k_l + d * s_k_d, mask=jc_ok & (d < D), other=0)
-            v = tl.load(v_ptr + b * s_v_b + h * s_v_h + jc * s_v_l + d * s_v_d, mask=jc_ok & (d < D), other=0)
+            k = _load_rows(k_ptr, b, h, jc, d, D, jc_ok, s_k_b, s_k_h, s_k_l, s_k_d)
+            v = _load_rows(v_ptr, b, h, jc, d, D, jc_ok, s_v_b, s_v_h, s_v_l, s_v_d)
             _, ds, t, _ = _ds(q, k, v, do, lse, delta, b, h, bh, i, j, i_ok, j_ok, L, qr_ptr, kr_ptr, id_k_ptr,
                               id_q_ptr, id_v_ptr, rows_ptr, cols_ptr, mask_ptr, HEIGHT, WIDTH, SIDE, s_qr_b, s_qr_h,
                               s_qr_l, s_qr_k, s_kr_b, s_kr_h, s_kr_l, s_kr_k, s_idk_i, s_idk_j, s_idq_i, s_idq_j,
@@ -473,21 +488,19 @@ if triton is not None:
                               FACTORED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
         """One key block of one (b, h): dk = ds^T q, dv = p^T dout and dkr = per-bucket sums of ds over queries."""
-        bh = tl.program_id(1)
-        b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-        cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        bh, b, h, cols = _program(H, BLOCK_N)
         jc, j, jc_ok, j_ok = cols[:, None], cols[None, :], (cols < L)[:, None], (cols < L)[None, :]
         d = tl.arange(0, BLOCK_D)[None, :]
-        k = tl.load(k_ptr + b * s_k_b + h * s_k_h + jc * s_k_l + d * s_k_d, mask=jc_ok & (d < D), other=0)
-        v = tl.load(v_ptr + b * s_v_b + h * s_v_h + jc * s_v_l + d * s_v_d, mask=jc_ok & (d < D), other=0)
+        k = _load_rows(k_ptr, b, h, jc, d, D, jc_ok, s_k_b, s_k_h, s_k_l, s_k_d)
+        v = _load_rows(v_ptr, b, h, jc, d, D, jc_ok, s_v_b, s_v_h, s_v_l, s_v_d)
         dkr_ptr += bh.to(tl.int64) * ROWS * KP_Q
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for it in range(0, HEIGHT * tl.cdiv(WIDTH, BLOCK_M)):
-            row, ok = _loop_block(it, WIDTH, BLOCK_M)
+            row, ok = _loop_tokens(it, WIDTH, BLOCK_M)
             i, i_ok = row[:, None], ok[:, None]
-            q = tl.load(q_ptr + b * s_q_b + h * s_q_h + i * s_q_l + d * s_q_d, mask=i_ok & (d < D), other=0)
-            do = tl.load(do_ptr + b * s_do_b + h * s_do_h + i * s_do_l + d * s_do_d, mask=i_ok & (d < D), other=0)
+            q = _load_rows(q_ptr, b, h, i, d, D, i_ok, s_q_b, s_q_h, s_q_l, s_q_d)
+            do = _load_rows(do_ptr, b, h, i, d, D, i_ok, s_do_b, s_do_h, s_do_l, s_do_d)
             lse = tl.load(lse_ptr + bh * L + row, mask=ok, other=float('inf'))[:, None]
             delta = tl.load(delta_ptr + bh * L + row, mask=ok, other=0)[:, None]
             p, ds, _, u = _ds(q, k, v, do, lse, delta, b, h, bh, i, j, i_ok, j_ok, L, qr_ptr, kr_ptr, id_k_ptr,
