@@ -206,10 +206,6 @@ class _Args:
         block = max(BLOCK_M, BLOCK_N)
         self.rows = triton.cdiv(L, block) * block  # of the per-bucket sums' float32 accumulators
         self.none = torch.empty(1, 1, dtype=torch.int32, device=q.device)  # stands in for absent ids; never read
-        dtype = q.dtype
-        if INTERPRETING and dtype in (torch.bfloat16, torch.float16):
-            dtype = torch.float32  # the interpreter's tl.dot (numpy) has no bfloat16
-        self.dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
     def arguments(self):
         g, none = self.g, self.none
@@ -239,11 +235,19 @@ class _Args:
         return sums[:, :L, :num_buckets].reshape(B, H, L, num_buckets).to(self.q.dtype)
 
     def flags(self):
-        D = self.q.shape[-1]
-        return dict(HAS_QR=self.qr is not None, HAS_KR=self.kr is not None, HAS_V=self.num_v > 0,
-                    HAS_MASK=self.mask is not None, DROPOUT=self.dropout_p > 0, FACTORED=self.g.factored,
-                    DOT=self.dot, PRECISION='ieee' if self.q.dtype == torch.float32 else 'tf32',
-                    BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
+        return kernel_flags(self.qr is not None, self.kr is not None, self.num_v > 0, self.mask is not None,
+                            self.dropout_p > 0, self.g.factored, self.q.dtype, self.q.shape[-1])
+
+
+def kernel_flags(on_keys, on_queries, on_values, mask, dropout, factored, dtype, head_dim):
+    """The compile-time arguments of the three kernels: which iRPE terms and features a call has (on_keys: the
+    term rpe_k adds, qr), the products' dtype and precision, and the block sizes."""
+    # the interpreter's tl.dot (numpy) has no bfloat16
+    dot = torch.float32 if INTERPRETING and dtype in (torch.bfloat16, torch.float16) else dtype
+    return dict(HAS_QR=on_keys, HAS_KR=on_queries, HAS_V=on_values, HAS_MASK=mask, DROPOUT=dropout,
+                FACTORED=factored, DOT=getattr(tl, str(dot).split('.')[1]),
+                PRECISION='ieee' if dtype == torch.float32 else 'tf32',
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
 
 
 def _padded(num_buckets):

@@ -133,14 +133,14 @@ def _index(input, index, input_t=None, index_t=None):
     if not keys:
         input_t, index_t = input, index  # unused by the kernel
     BLOCK_I = min(8, triton.next_power_of_2(Lq))  # Lq = 1 in iRPE on queries' key-major layout
-    BLOCK_J, num_warps = 1024 // BLOCK_I, 4  # 8 x 128: 1.4x faster than 16 x 64 at DC5 on an H200
+    BLOCK_J = 1024 // BLOCK_I  # 8 x 128: 1.4x faster than 16 x 64 at DC5 on an H200
     # The longest dim on grid axis 0, which alone may exceed 65535 programs.
     grid_ji = (triton.cdiv(Lk, BLOCK_J), triton.cdiv(Lq, BLOCK_I))
     grid = (*grid_ji, _bh_programs(B * H, grid_ji[0] * grid_ji[1]))
     _index_kernel[grid](input, index, input_t, index_t, out, B * H, H, Lq, Lk, *input.stride(),
                         *input_t.stride(), *index.stride(), *index_t.stride(), *out.stride(),
                         KEYS=keys, ACC=_acc_dtype(input.dtype), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                        num_warps=num_warps)
+                        num_warps=4)
     return out
 
 
@@ -188,17 +188,23 @@ def check_against_cpu(device='cpu'):
     """
     device = torch.device(device)
     if device.type == 'cpu' and not INTERPRETING:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(rpe_ops.__file__)))
-        env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
-            [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-        script = ('import json, rpe_ops.triton_kernels as t; '
-                  'print(json.dumps(t.check_against_cpu("cpu")))')
-        run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
-        if run.returncode != 0:
-            raise RuntimeError(f'the Triton interpreter check failed:\n{run.stderr[-4000:]}')
-        return json.loads(run.stdout.splitlines()[-1])
+        return interpreted('import rpe_ops.triton_kernels as t', 't.check_against_cpu("cpu")')
     from rpe_ops import cuda
     return _check_cases(device, lambda: _routed_to(cuda.IMPLEMENTATIONS) if device.type == 'cpu' else None)
+
+
+def interpreted(imports, expression):
+    """The JSON value of `expression` evaluated after `imports` in a new Python with TRITON_INTERPRET=1 from the
+    start (triton.jit reads it when it decorates a kernel) and this checkout on the path: how CPU tensors run
+    Triton kernels without the rest of this process running interpreted."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rpe_ops.__file__)))
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    script = f'import json; {imports}; print(json.dumps({expression}))'
+    run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f'{expression} under the Triton interpreter failed:\n{run.stderr[-4000:]}')
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 class _routed_to:

@@ -456,14 +456,8 @@ def check_triton_attention(device, quick):
     if triton_attention.triton is None:
         raise Skip('triton is not installed')
     if device == 'cpu' and not triton_attention.INTERPRETING:
-        script = ('import json; from detr_irpe.lab import gpu_check as g; '
-                  f'print(json.dumps(g.check_triton_attention("cpu", {quick})))')
-        env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
-            [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-        run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
-        if run.returncode != 0:
-            raise RuntimeError(f'the Triton interpreter run failed:\n{run.stderr[-4000:]}')
-        return json.loads(run.stdout.splitlines()[-1])
+        from rpe_ops.triton_kernels import interpreted
+        return interpreted('from detr_irpe.lab import gpu_check as g', f'g.check_triton_attention("cpu", {quick})')
     from unittest import mock
 
     from detr_irpe.attention import RPEMultiheadAttention
@@ -471,7 +465,7 @@ def check_triton_attention(device, quick):
     configs = TRITON_ATTENTION_CONFIGS[:3] if quick else TRITON_ATTENTION_CONFIGS
     if device == 'cuda' and not quick:  # many tiles each way, DETR's head dim 32
         configs = configs + [(rpe, (19, 25), 128, 4) for rpe in ('rpe-2.0-product-ctx-1-qkv', 'rpe-2.0-euc-ctx-1-qkv')]
-    results, worst, share_ok = {}, 0.0, None
+    results, worst, share_ok, share, sigma = {}, 0.0, None, None, None
     for rpe, (h, w), E, H in configs:
         L, B = h * w, 2
         g = torch.Generator().manual_seed(0)
@@ -871,28 +865,24 @@ def bench_triton_attention(device, quick):
         for name, step in steps.items():
             out['rows'][f'{name} {h}x{w}'] = {'ms': 1e3 * seconds[name], 'peak_mib': peak_mib(step)}
         free_memory(device)
+    # Triton's iRPE-QKV at the largest map under other settings of the module: block sizes (named
+    # BLOCK_M x BLOCK_N x CHUNK x NUM_WARPS), and the product method's buckets as any method's ids
+    variants = {'x'.join(map(str, blocks)): dict(zip(('BLOCK_M', 'BLOCK_N', 'CHUNK', 'NUM_WARPS'), blocks))
+                for blocks in (TRITON_ATTENTION_BLOCKS[:1] if quick else TRITON_ATTENTION_BLOCKS)}
+    variants['ids not factored'] = {'FACTOR_PRODUCT': False}
     h, w = maps[-1]
-    saved = (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK, triton_attention.NUM_WARPS)
-    blocks = {}
-    try:
-        for config in TRITON_ATTENTION_BLOCKS[:1] if quick else TRITON_ATTENTION_BLOCKS:
-            (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK,
-             triton_attention.NUM_WARPS) = config
+    out[f'irpe_qkv triton {h}x{w} ms'] = timings = {}
+    for name, settings in variants.items():
+        saved = {k: getattr(triton_attention, k) for k in settings}
+        try:
+            for k, v in settings.items():
+                setattr(triton_attention, k, v)
             step = layer_step(IRPE_QKV, 'triton', h, w)
-            step()
-            blocks['x'.join(map(str, config))] = 1e3 * interleaved({'t': step}, device, 3 if quick else 10, 1)['t']
-    finally:
-        (triton_attention.BLOCK_M, triton_attention.BLOCK_N, triton_attention.CHUNK,
-         triton_attention.NUM_WARPS) = saved
-    out[f'irpe_qkv triton {h}x{w} ms by BLOCK_M x BLOCK_N x CHUNK x NUM_WARPS'] = blocks
-    try:  # the product method's buckets as any method's ids: what factoring them saves
-        triton_attention.FACTOR_PRODUCT = False
-        step = layer_step(IRPE_QKV, 'triton', h, w)
-        step()
-        out[f'irpe_qkv triton {h}x{w} ms, ids not factored'] = 1e3 * interleaved({'t': step}, device,
-                                                                                 3 if quick else 10, 1)['t']
-    finally:
-        triton_attention.FACTOR_PRODUCT = True
+            step()  # compiles
+            timings[name] = 1e3 * interleaved({name: step}, device, 3 if quick else 10, 1)[name]
+        finally:
+            for k, v in saved.items():
+                setattr(triton_attention, k, v)
     rows = out['rows']
     out['ratios'] = {f'{name} / plain ({h}x{w})': rows[f'{name} {h}x{w}']['ms'] / rows[f'plain {h}x{w}']['ms']
                      for h, w in maps for name, _, _ in cases[1:]}

@@ -18,18 +18,17 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on, padded keys (mask), attention
     dropout and the product method's factored buckets (factored) as asked, and the current block sizes (or
     blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
+    import torch
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from detr_irpe import triton_attention as ta
     block_m, block_n, chunk, num_warps = blocks or (ta.BLOCK_M, ta.BLOCK_N, ta.CHUNK, ta.NUM_WARPS)
     element = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}[dtype]
-    flags = dict(HAS_QR='k' in rpe_on, HAS_KR='q' in rpe_on, HAS_V='v' in rpe_on, HAS_MASK=mask, DROPOUT=dropout,
-                 FACTORED=factored,
-                 DOT=getattr(tl, dtype), PRECISION='ieee' if dtype == 'float32' else 'tf32',
-                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk)
+    flags = ta.kernel_flags('k' in rpe_on, 'q' in rpe_on, 'v' in rpe_on, mask, dropout, factored, getattr(torch, dtype),
+                            head_dim)
+    flags.update(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk)
     ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
     resources = {}
     for kernel in (ta._forward_kernel, ta._backward_queries_kernel, ta._backward_keys_kernel):
