@@ -38,12 +38,8 @@ class RPEMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
-        check_attention_impl(attention_impl, self.rpe_v)
+        check_attention_impl(attention_impl, rpe_config)
         self.attention_impl = attention_impl  # 'auto', 'sdpa', 'flex' (detr_irpe.flex.use_flex) or 'triton'
-        if attention_impl == 'triton':
-            why = triton_attention.settings_problem(self.rpe_q, self.rpe_k, self.rpe_v)
-            if why is not None:
-                raise ValueError(why)
 
     def forward(self, query, key, value, key_padding_mask=None, height=None, width=None, need_weights=False):
         """query, key, value: (L, B, E) sequence-first, as in DETR; key_padding_mask: (B, L), True on padding.

@@ -34,22 +34,34 @@ MIN_CUDA_HEAD_DIM = 16
 MIN_AUTO_FLEX_TOKENS = 2048
 
 
-def check_attention_impl(attention_impl, rpe_v=None):
-    """Raise ValueError for an attention implementation that cannot run: unknown, flex without
-    torch.nn.attention.flex_attention, or flex with iRPE on values (triton: detr_irpe.triton_attention.problem)."""
+def attention_impl_problem(attention_impl, rpe_config=None):
+    """Why an attention implementation cannot compute iRPE as rpe_config (an RPEConfigs, or None) asks, or None:
+    unknown, flex without torch.nn.attention.flex_attention, flex with iRPE on values, triton with the cross
+    method. The layer raises it (check_attention_impl); the command line says it as a usage error."""
     if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f'attention_impl {attention_impl!r} is not one of {list(ATTENTION_IMPLS)}: use '
-                         '--attention_impl auto (flex on CUDA where it applies, SDPA otherwise), sdpa, flex or '
-                         'triton.')
+        return (f'attention_impl {attention_impl!r} is not one of {list(ATTENTION_IMPLS)}: use --attention_impl '
+                'auto (flex on CUDA where it applies, SDPA otherwise), sdpa, flex or triton.')
+    if attention_impl == 'triton':
+        from detr_irpe.triton_attention import settings_problem
+        return settings_problem(*(() if rpe_config is None else (rpe_config.rpe_q, rpe_config.rpe_k,
+                                                                  rpe_config.rpe_v)))
     if attention_impl != 'flex':
-        return
+        return None
     if flex_attention is None:
-        raise ValueError(f'--attention_impl flex needs torch.nn.attention.flex_attention (torch 2.5 or later); this is '
-                         f'torch {torch.__version__}: use --attention_impl sdpa, or upgrade torch.')
-    if rpe_v is not None:
-        raise ValueError("--attention_impl flex cannot apply iRPE on values (rpe_on has 'v'): that term sums the "
-                         'attention weights per bucket, and flex_attention does not produce the weights. Use '
-                         "--attention_impl auto or sdpa, or leave 'v' out of --enc_rpe2d's rpe_on.")
+        return (f'--attention_impl flex needs torch.nn.attention.flex_attention (torch 2.5 or later); this is '
+                f'torch {torch.__version__}: use --attention_impl sdpa, or upgrade torch.')
+    if rpe_config is not None and rpe_config.rpe_v is not None:
+        return ("--attention_impl flex cannot apply iRPE on values (rpe_on has 'v'): that term sums the attention "
+                'weights per bucket, and flex_attention does not produce the weights. Use --attention_impl auto or '
+                "sdpa, or leave 'v' out of --enc_rpe2d's rpe_on.")
+    return None
+
+
+def check_attention_impl(attention_impl, rpe_config=None):
+    """Raise ValueError with attention_impl_problem's message, if any."""
+    problem = attention_impl_problem(attention_impl, rpe_config)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def use_flex(attention_impl, q, rpe_q, rpe_k, rpe_v, need_weights, dropout_p):

@@ -397,6 +397,7 @@ class iRPE_Cross(nn.Module):
 
     def __init__(self, head_dim, num_heads, config, rpe_on):
         super().__init__()
+        self.config = config
         self.rp_rows = iRPE(head_dim, num_heads, config, rpe_on, method='cross_rows')
         self.rp_cols = iRPE(head_dim, num_heads, config, rpe_on, method='cross_cols')
 

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from detr_irpe.irpe import _map_size, iRPE_Cross, key_major_ids, product_factors
+from detr_irpe.irpe import _map_size, key_major_ids, product_factors
 
 try:
     import triton
@@ -53,9 +53,9 @@ BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS = 16, 16, 16, 4
 FACTOR_PRODUCT = True
 
 
-def settings_problem(rpe_q, rpe_k, rpe_v):
-    """Why the kernels cannot compute these iRPE modules, or None: checked when the attention layer is built."""
-    if any(isinstance(m, iRPE_Cross) for m in (rpe_q, rpe_k, rpe_v)):
+def settings_problem(*configs):
+    """Why the kernels cannot compute iRPE with these RPEConfig (None where a term is absent), or None."""
+    if any(c is not None and c.method == 'cross' for c in configs):
         return ('--attention_impl triton has no cross method (two tables per iRPE term): use --attention_impl auto '
                 'or sdpa, or another method in --enc_rpe2d (e.g. product).')
     return None
@@ -66,7 +66,7 @@ def problem(q, rpe_q, rpe_k, rpe_v):
     if triton is None:
         return ('--attention_impl triton needs triton, which this torch install lacks: install the triton that '
                 f'matches torch {torch.__version__} (`pip install triton`), or use --attention_impl auto.')
-    settings = settings_problem(rpe_q, rpe_k, rpe_v)
+    settings = settings_problem(*(None if m is None else m.config for m in (rpe_q, rpe_k, rpe_v)))
     if settings is not None:
         return settings
     if not q.is_cuda and not INTERPRETING:

@@ -5,6 +5,7 @@ textbook attention with per-pair iRPE tables, and the score_mod's term and its g
 tables) are checked by evaluating it densely on broadcast index grids. The references use per-pair tables
 (W[:, :, bucket_ids]) and no code of detr_irpe.flex, detr_irpe.attention or rpe_ops.
 """
+import re
 import types
 
 import pytest
@@ -14,7 +15,7 @@ from detr_irpe import build_model
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.attention import RPEMultiheadAttention
 from detr_irpe.flex import flex_irpe_attention, irpe_score_mod, use_flex
-from detr_irpe.irpe import build_rpe, get_bucket_ids_2d, get_rpe_config
+from detr_irpe.irpe import build_rpe, get_bucket_ids_2d, get_rpe_config, rpe_config_from_string
 
 B, HEADS, D, H_MAP, W_MAP = 2, 2, 8, 6, 7    # L = 42 (+ skip): small enough for a few-second CPU compile
 
@@ -229,9 +230,14 @@ def test_where_flex_applies():
         use_flex('flex', cuda, None, rpe, None, False, 0.1)
 
 
-def test_flex_cannot_be_asked_for_what_it_cannot_do():
+def test_flex_cannot_be_asked_for_what_it_cannot_do(capsys):
     with pytest.raises(ValueError, match="iRPE on values.*--attention_impl auto or sdpa"):
-        build_model(parse(TINY[:-1] + ['rpe-2.0-product-ctx-1-kv', '--attention_impl', 'flex']))
+        RPEMultiheadAttention(32, 2, rpe_config=rpe_config_from_string('rpe-2.0-product-ctx-1-kv'),
+                              attention_impl='flex')
+    with pytest.raises(SystemExit):  # on the command line, a usage error before anything is built
+        parse(TINY[:-1] + ['rpe-2.0-product-ctx-1-kv', '--attention_impl', 'flex'])
+    assert re.search("error: --attention_impl flex cannot apply iRPE on values.*--attention_impl auto or sdpa",
+                     capsys.readouterr().err)
     with pytest.raises(ValueError, match="'fused' is not one of"):
         RPEMultiheadAttention(16, 2, attention_impl='fused')
     with pytest.raises(SystemExit):

@@ -57,6 +57,9 @@ def test_what_the_kernels_cannot_do_is_refused_with_what_to_use():
     if not triton_attention.INTERPRETING and triton_attention.triton is not None:
         with pytest.raises(ValueError, match='runs on CUDA, but the encoder runs on cpu'):
             layer(x, x, x, height=3, width=4)
+    problem = check_flag_combinations(argparse.Namespace(attention_impl='triton', enc_rpe2d='rpe-2.0-cross-ctx-1-k',
+                                                         device='cuda'))
+    assert problem.startswith('--attention_impl triton has no cross method')  # on the command line too
     problem = check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cpu'))
     assert problem.startswith('--attention_impl triton runs Triton kernels on a GPU; --device cpu has none')
     assert check_flag_combinations(argparse.Namespace(attention_impl='triton', device='cuda:1')) is None

@@ -7,7 +7,7 @@ import os
 import torch
 
 from detr_irpe.convert import FORMATS_HELP
-from detr_irpe.flex import ATTENTION_IMPLS
+from detr_irpe.flex import ATTENTION_IMPLS, attention_impl_problem
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
 from detr_irpe.transformer import RPE_INITS
 
@@ -126,6 +126,10 @@ def check_flag_combinations(args):
         if get('position_embedding') == 'learned' and hidden_dim % 2:
             return (f'--position_embedding learned needs an even --hidden_dim (half the channels for rows, half '
                     f'for columns), got {hidden_dim}')
+    if get('attention_impl') is not None:
+        problem = attention_impl_problem(get('attention_impl'), rpe_config_from_string(get('enc_rpe2d')))
+        if problem:
+            return problem
     device = get('device')
     if get('attention_impl') == 'triton' and device is not None and not str(device).startswith('cuda'):
         return (f'--attention_impl triton runs Triton kernels on a GPU; --device {device} has none: use '
