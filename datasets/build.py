@@ -128,7 +128,7 @@ class FrozenBackboneCollate:
             outputs = model(features=features)
     """
 
-    def __init__(self, collate_fn, backbone, precision):
+    def __init__(self, collate_fn, backbone, precision, size_divisibility=1):
         trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
         if trainable:
             shown = ', '.join(trainable[:4]) + (f', ... ({len(trainable)} in all)' if len(trainable) > 4 else '')
@@ -136,10 +136,11 @@ class FrozenBackboneCollate:
                              f'trainable parameters ({shown}): a data loader worker would run a stale copy of it. '
                              'Freeze it (--lr_backbone 0) or run it in the model (--no-backbone_in_workers).')
         self.collate_fn, self.backbone, self.precision = collate_fn, backbone, precision
+        self.size_divisibility = size_divisibility
 
     def __call__(self, batch):
         images, targets = self.collate_fn(batch)
-        padded, mask = batch_images(images)
+        padded, mask = batch_images(images, self.size_divisibility)
         with torch.no_grad(), self.precision.autocast():
             features, feature_mask = self.backbone(padded, mask)
         return FrozenFeatures(features, feature_mask), targets

@@ -12,15 +12,16 @@ from detr_irpe.transformer import build_transformer
 DEFAULT_NUM_CLASSES = {'coco': 91}
 
 
-def batch_images(images):
-    """Pad a list of (3, H_i, W_i) images to one (B, 3, H, W) tensor and a (B, H, W) mask, True on padding."""
+def batch_images(images, size_divisibility=1):
+    """Pad a list of (3, H_i, W_i) images to one (B, 3, H, W) tensor and a (B, H, W) mask, True on padding; H and
+    W are the largest sides rounded up to a multiple of size_divisibility (--size_divisibility)."""
     if not images:
         raise ValueError('the model got an empty list of images; pass at least one (3, H, W) tensor.')
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != 3:
             raise ValueError(f'image {i} has shape {tuple(img.shape)}; expected (3, H, W).')
-    H = max(img.shape[1] for img in images)
-    W = max(img.shape[2] for img in images)
+    H = -(-max(img.shape[1] for img in images) // size_divisibility) * size_divisibility
+    W = -(-max(img.shape[2] for img in images) // size_divisibility) * size_divisibility
     batch = images[0].new_zeros(len(images), 3, H, W)
     mask = torch.ones(len(images), H, W, dtype=torch.bool, device=images[0].device)
     for img, b, m in zip(images, batch, mask):

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from detr_irpe import UsageError, distributed
+from detr_irpe.detr import batch_images
 from detr_irpe.irpe import rpe_parameters
 from detr_irpe.preemption import iterate_loader
 
@@ -128,8 +129,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             g['lr'] = lr * factor
         if getattr(args, 'backbone_in_workers', False):
             inputs = {'features': images.to(device, non_blocking=True)}
-        else:
-            inputs = {'samples': [img.to(device, non_blocking=True) for img in images]}
+        else:  # padded out here: a compiled model sees one tensor per batch shape, not one per image's shape
+            batch, mask = batch_images([img.to(device, non_blocking=True) for img in images],
+                                       getattr(args, 'size_divisibility', 1))
+            inputs = {'samples': batch, 'mask': mask}
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with precision.autocast():
             outputs = model(**inputs)
@@ -183,17 +186,17 @@ def _float(v):
 
 
 @torch.no_grad()
-def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=None):
+def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=None, size_divisibility=1):
     """Run the model over data_loader and feed the post-processed detections (original-image pixels)
     to evaluator (datasets.CocoEvaluator). Returns evaluator.summarize()'s result on the main process, None on the
-    others. on_batch() is called before each batch (to stop at a SIGTERM without waiting for the whole pass)."""
+    others. on_batch() is called before each batch (to stop at a SIGTERM without waiting for the whole pass).
+    Batches are padded to multiples of size_divisibility (--size_divisibility)."""
     model.eval()
     for images, targets in tqdm(iterate_loader(data_loader), total=len(data_loader), desc='eval', dynamic_ncols=True,
                                 mininterval=2.0, disable=not distributed.is_main_process()):
         if on_batch is not None:
             on_batch()
-        images = [img.to(device) for img in images]
-        outputs = model(images)
+        outputs = model(*batch_images([img.to(device) for img in images], size_divisibility))
         sizes = torch.stack([t['orig_size'] for t in targets]).to(device)
         results = postprocessors['bbox'](outputs, sizes)
         evaluator.update({int(t['image_id']): {k: v.cpu() for k, v in r.items()}

@@ -116,6 +116,22 @@ def test_a_preset_backbone_in_workers_is_undone_on_the_command_line():
     assert not args.backbone_in_workers and args.num_workers == 0
 
 
+def test_compile_takes_a_mode_and_cuda_graphs_are_refused_without_a_gpu(tmp_path, capsys):
+    parse = get_args_parser().parse_args
+    assert parse([]).compile is None and parse(['--compile']).compile == 'default'
+    assert parse(['--compile', '--size_divisibility', '128']).size_divisibility == 128
+    with pytest.raises(SystemExit):
+        parse(['--compile', 'reduce-overhead', '--device', 'cpu'])
+    assert 'error: --compile reduce-overhead records CUDA graphs' in capsys.readouterr().err
+    # a preset's `compile: true` (the flag's old switch form) is --compile alone
+    assert parse_args_with_config(get_args_parser(), ['--config', write(tmp_path / 'c.yaml', 'compile: true\n')]
+                                  ).compile == 'default'
+    problem = check_flag_combinations(argparse.Namespace(compile='reduce-overhead', device='cpu'))
+    assert problem.startswith('--compile reduce-overhead records CUDA graphs') and '--device cpu' in problem
+    assert check_flag_combinations(argparse.Namespace(compile='reduce-overhead', device='cuda')) is None
+    assert check_flag_combinations(argparse.Namespace(compile='default', device='cpu')) is None
+
+
 def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
     # cuda:<count> exists nowhere: on a machine without CUDA, 'cuda' itself is missing too
     missing = [f'cuda:{torch.cuda.device_count()}', 'tpu'] + ([] if torch.cuda.is_available() else ['cuda'])

@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
 FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu',
-               'triton_kernels_match_cpu_op', 'triton_attention_matches_explicit', 'flex_recompiles']
+               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'triton_attention_matches_explicit', 'flex_recompiles']
 
 
 def run_script(*argv):
@@ -37,8 +37,9 @@ def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_th
     report = json.loads(out.read_text())
     assert report['torch'] == torch.__version__ and report['device'].startswith('cpu')
     assert list(report['checks']) == FAST_CHECKS and report['failed'] == []
-    skipped = report['checks'].pop('detr_step_cuda_vs_cpu')
-    assert skipped['passed'] is None and 'CUDA' in skipped['skipped']
+    for name in ('detr_step_cuda_vs_cpu', 'cuda_graph_step_matches_float64'):
+        skipped = report['checks'].pop(name)
+        assert skipped['passed'] is None and 'CUDA' in skipped['skipped']
     assert all(r['passed'] is True for r in report['checks'].values()), report['checks']
     # the compiled graph holds all four ops; every op was compared in every dtype
     assert len(report['checks']['compile_sees_op']['ops_in_graph']) == 4
@@ -60,6 +61,26 @@ def test_a_wrong_op_fails_the_op_check(gpu_check, monkeypatch):
     result = gpu_check.check_op('cpu', quick=True)
     assert result['passed'] is False
     assert result['failures'] and all(f.startswith('rpe_index forward') for f in result['failures'])
+
+
+def test_the_cuda_graph_check_passes_compiled_steps_and_fails_a_replay_of_stale_inputs(gpu_check):
+    """Its comparison on CPU: aot_eager (dynamo's capture, AOTAutograd's graphs; no CUDA graphs here) passes every
+    step; a model that, as a graph without its input copy would, reruns each shape's first batch fails the steps
+    that bring new data to a shape it has seen."""
+    torch._dynamo.reset()
+    compiled = gpu_check.compiled_steps_against_float64('cpu', lambda m: torch.compile(m, backend='aot_eager'))
+    assert [s['passed'] for s in compiled] == [True] * 4, compiled
+    assert all(s['worst_error_over_bound'] <= 1 and s['loss_rel_error'] <= 1e-4 for s in compiled)
+
+    def stale(model):
+        first = {}
+
+        def forward(images, mask):
+            return model(*first.setdefault(images.shape, (images.clone(), mask.clone())))
+        return forward
+    steps = gpu_check.compiled_steps_against_float64('cpu', stale)
+    assert [s['passed'] for s in steps] == [True, False, True, False], steps
+    torch._dynamo.reset()
 
 
 def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, monkeypatch, tmp_path):

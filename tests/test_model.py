@@ -147,6 +147,19 @@ def test_batched_tensor_with_mask_equals_list_of_images():
     torch.testing.assert_close(a['pred_boxes'], b['pred_boxes'], rtol=0, atol=0)
 
 
+def test_size_divisibility_pads_the_batch_to_multiples_and_only_pads():
+    from detr_irpe.detr import batch_images
+    images = two_images()  # 128x160 and 96x192
+    plain, plain_mask = batch_images(images)
+    for n in (1, 32, 100):
+        batch, mask = batch_images(images, n)
+        assert batch.shape[-2:] == (-(-128 // n) * n, -(-192 // n) * n) and mask.shape == (2, *batch.shape[-2:])
+        # the images where they were, zeros and True elsewhere
+        torch.testing.assert_close(batch[..., :128, :192], plain, rtol=0, atol=0)
+        assert torch.equal(mask[:, :128, :192], plain_mask) and mask[:, 128:].all() and mask[..., 192:].all()
+        assert not batch[..., 128:, :].any() and not batch[..., 192:].any()
+
+
 def test_aux_losses_for_every_decoder_layer_but_the_last():
     _, out, losses, _ = _train_step(['--dec_layers', '3'])
     assert len(out['aux_outputs']) == 2

@@ -226,6 +226,35 @@ def test_non_finite_loss_names_epoch_and_step():
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
+def test_training_and_evaluation_give_the_model_batches_padded_to_size_divisibility():
+    args = get_args_parser().parse_args(TINY + ['--size_divisibility', '48'])
+    model, criterion, postprocessors = build_model(args)
+    seen, forward = [], model.forward
+
+    def recording(samples=None, mask=None, features=None):
+        seen.append((tuple(samples.shape), tuple(mask.shape)))
+        return forward(samples, mask, features)
+    model.forward = recording
+    optimizer = engine.build_optimizer(model, args)
+    targets = [{'labels': torch.tensor([1]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+                'orig_size': torch.tensor([64, 70]), 'image_id': torch.tensor(1)}]
+    loader = [([torch.rand(3, 64, 70), torch.rand(3, 50, 40)], targets * 2)]
+    engine.train_one_epoch(model, criterion, loader, optimizer, engine.build_lr_scheduler(optimizer, args), 'cpu', 0,
+                           args, choose_precision('cpu', amp=False))
+
+    class Evaluator:
+        def update(self, results):
+            pass
+
+        def synchronize_between_processes(self):
+            pass
+
+        def summarize(self):
+            return {}
+    engine.evaluate(model, postprocessors, loader, Evaluator(), 'cpu', size_divisibility=args.size_divisibility)
+    assert seen == [((2, 3, 96, 96), (2, 96, 96))] * 2  # 64x70 and 50x40 padded to 96x96, with their mask
+
+
 # --- end to end with configs/smoke.yaml ----------------------------------------------------------
 
 def _weights(path):

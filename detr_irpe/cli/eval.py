@@ -47,12 +47,13 @@ def run(argv=None):
     device = torch.device(args.device)
     model.to(device)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile)
     dataset = datasets.build_dataset('val', args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers)
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
-    summary = engine.evaluate(model, postprocessors, loader, evaluator, device)
+    summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
+                              size_divisibility=args.size_divisibility)
     save_json({**summary, 'checkpoint': os.path.abspath(args.resume)}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:

@@ -134,6 +134,9 @@ def check_flag_combinations(args):
     if get('attention_impl') == 'triton' and device is not None and not str(device).startswith('cuda'):
         return (f'--attention_impl triton runs Triton kernels on a GPU; --device {device} has none: use '
                 f'--attention_impl auto (or sdpa) there, or --device cuda')
+    if get('compile') == 'reduce-overhead' and device is not None and not str(device).startswith('cuda'):
+        return (f'--compile reduce-overhead records CUDA graphs; --device {device} has no GPU: use --compile '
+                '(default mode) there, or --device cuda')
     problem = data_location_problem(args)
     if problem:
         return problem
@@ -296,6 +299,9 @@ CHECKPOINT_HELP = ('the detector to load: its weights and model flags, and from 
 OUTPUT_HELP = 'where to save checkpoints, logs and eval.json'
 
 
+COMPILE_MODES = ('default', 'reduce-overhead')  # torch.compile's modes; the second records CUDA graphs
+
+
 def add_run_args(p, loader=True, device=True, resume_help=RESUME_HELP, output_help=OUTPUT_HELP):
     """Where a run reads and writes (--resume, --output_dir), its device and threads; with loader, the data loader
     and evaluation flags too."""
@@ -310,8 +316,13 @@ def add_run_args(p, loader=True, device=True, resume_help=RESUME_HELP, output_he
     if loader:
         g.add_argument('--batch_size', default=2, type=int_range(1), help='images per process')
         g.add_argument('--num_workers', default=2, type=int_range(0, 256))
-        g.add_argument('--compile', action='store_true',
-                       help='torch.compile the model (training and evaluation); the first steps take longer')
+        g.add_argument('--compile', nargs='?', const='default', default=None, choices=COMPILE_MODES,
+                       help="torch.compile the model (training and evaluation); the first steps take longer. "
+                            "'--compile reduce-overhead' (CUDA) replays the model's kernels as CUDA graphs, one "
+                            "recorded per batch shape: pair it with --size_divisibility 128")
+        g.add_argument('--size_divisibility', default=1, type=int_range(1, 4096),
+                       help='pad each batch to height and width multiples of this (1: to its largest image, as '
+                            'DETR); fewer batch shapes for --compile (detectron2 pads to 32)')
         g.add_argument('--eval_backend', default=None, choices=['faster_coco_eval', 'pycocotools'],
                        help="COCOeval implementation (default: faster_coco_eval where installed, else pycocotools); "
                             "both give the same stats")

@@ -62,6 +62,8 @@ def preset_value(parser, action, value, where):
         if not isinstance(value, bool):
             parser.error(f'{where}: expected true or false, got {value!r}')
         return value
+    if action.nargs == '?' and isinstance(value, bool):  # `compile: true` as `--compile` alone on a command line
+        return action.const if value else action.default
     if value is None:
         if action.default is None:
             return None

@@ -53,7 +53,7 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     train_set = engine.SeededDataset(dataset_train, args.seed)
     collate = datasets.collate_fn
     if args.backbone_in_workers:
-        collate = datasets.FrozenBackboneCollate(datasets.collate_fn, backbone, precision)
+        collate = datasets.FrozenBackboneCollate(datasets.collate_fn, backbone, precision, args.size_divisibility)
     sampler = engine.ResumableSampler(len(train_set), shuffle=True, seed=args.seed,
                                       num_replicas=args.world_size, rank=args.rank)
     # A loader generator of its own: creating an iterator must not draw from the global torch RNG, so a
@@ -69,11 +69,11 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     return train_set, sampler, train_loader, val_loader
 
 
-def run_eval(model, postprocessors, val_loader, dataset_val, device, output_dir, epoch, backend=None, on_batch=None):
-    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val), backend=backend)
-    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device, on_batch)
-    if summary is not None and output_dir:
-        save_json({**summary, 'epoch': epoch}, os.path.join(output_dir, 'eval.json'))
+def run_eval(model, postprocessors, val_loader, dataset_val, device, epoch, args, on_batch=None):
+    evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset_val), backend=args.eval_backend)
+    summary = engine.evaluate(model, postprocessors, val_loader, evaluator, device, on_batch, args.size_divisibility)
+    if summary is not None and args.output_dir:
+        save_json({**summary, 'epoch': epoch}, os.path.join(args.output_dir, 'eval.json'))
     return summary
 
 
@@ -130,7 +130,11 @@ def run(args, explicit=()):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     if args.compile:
-        model = torch.compile(model)  # checkpoints keep model_without_ddp's keys, without _orig_mod.
+        model = torch.compile(model, mode=args.compile)  # checkpoints keep model_without_ddp's keys, no _orig_mod.
+    if args.compile == 'reduce-overhead' and args.size_divisibility < 32:
+        print(f'note: --compile reduce-overhead records CUDA graphs for every batch shape, and --size_divisibility '
+              f'{args.size_divisibility} leaves DETR\'s resized batches in many shapes; --size_divisibility 128 '
+              'bounds them')
     precision = choose_precision(device, args.amp)
     if args.amp:
         print(precision.describe())
@@ -160,8 +164,7 @@ def run(args, explicit=()):
         print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
 
     if args.eval:
-        run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, start_epoch - 1,
-                 args.eval_backend)
+        run_eval(model, postprocessors, val_loader, dataset_val, device, start_epoch - 1, args)
         return
 
     writer = None  # made with the first log line: its folder must not outlive a run that fails before that
@@ -195,8 +198,8 @@ def run(args, explicit=()):
         nonlocal writer
         epoch = log['epoch']
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, args.output_dir, epoch,
-                               args.eval_backend, on_batch=lambda: on_eval_batch(epoch))
+            summary = run_eval(model, postprocessors, val_loader, dataset_val, device, epoch, args,
+                               on_batch=lambda: on_eval_batch(epoch))
             if summary is not None:
                 log['test_coco_eval_bbox'] = summary['bbox']
         if distributed.is_main_process():

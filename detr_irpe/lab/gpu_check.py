@@ -84,12 +84,12 @@ def batch(sizes, device, seed=0):
     return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def loss_and_grads(model, criterion, images, targets, precision=None):
+def loss_and_grads(model, criterion, images, targets, precision=None, forward=None):
     """The weighted loss (float), its weighted terms and each parameter's gradient (float32, on CPU), the
-    forward under precision's autocast (default: none)."""
+    forward (forward(images), default model(images)) under precision's autocast (default: none)."""
     model.zero_grad(set_to_none=True)
     with precision.autocast() if precision is not None else contextlib.nullcontext():
-        outputs = model(images)
+        outputs = (forward or model)(images)
     losses = criterion(upcast(outputs), targets)
     loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     loss.backward()
@@ -120,6 +120,21 @@ def relative_errors(grads, reference):
     (a gradient that is zero up to rounding has no meaningful relative error)."""
     floor = 1e-6 * max(g.norm().item() for g in reference.values())
     return {n: (grads[n] - g).norm().item() / max(g.norm().item(), floor) for n, g in reference.items()}
+
+
+def against_float64(terms, grads, terms64, grads64, cpu_grads):
+    """How far a float32 step (its loss terms and gradients) lies from the same step in float64, measured against
+    CPU float32's own distance: (worst loss term's relative error, worst parameter, its gradient's distance to
+    float64 over GRAD_ERROR_FACTOR x CPU float32's plus float32's epsilon of the whole gradient's norm). Float32
+    in another summation order errs like CPU float32; a real difference (a dropped term, a wrong bucket, a stale
+    buffer) by a term's size. A gradient small next to its summed terms has a large relative error on any device,
+    so no fixed relative bound fits all."""
+    loss_error = max(abs(terms[k] - v) / max(abs(v), 1e-6) for k, v in terms64.items())
+    slack = torch.finfo(torch.float32).eps * torch.cat([g.flatten() for g in grads64.values()]).norm().item()
+    ratios = {n: (grads[n].double() - g64).norm().item() / (
+        GRAD_ERROR_FACTOR * (cpu_grads[n].double() - g64).norm().item() + slack) for n, g64 in grads64.items()}
+    name = max(ratios, key=ratios.get)
+    return loss_error, name, ratios[name]
 
 
 def timed(fn, device):
@@ -325,11 +340,7 @@ def check_compile(device, quick):
 def check_detr_step(device, quick):
     """A small DETR's float32 training step on CUDA and on CPU, each against the same step in float64 on CPU, for
     every method and mode (bias on q and k, contextual on q, k and v, shared and per-head tables alternating).
-    Passes when CUDA's loss terms lie within 1e-4 of float64's and each parameter's gradient lies no further from
-    float64's than GRAD_ERROR_FACTOR times CPU float32's own distance plus float32's epsilon of the whole gradient's
-    norm: float32 in another summation order (cuDNN's algorithms, CUDA's reductions) errs like CPU float32, while
-    a real difference (a dropped term, a wrong bucket) errs by a term's size. A gradient that is small next to its
-    summed terms has a large relative error on both devices alike, so no fixed relative bound fits all.
+    Passes when CUDA's loss terms lie within 1e-4 of float64's and its gradients within against_float64's bound.
     cuDNN is off: with it, on an H200, the weight gradients of ResNet's stride-2 3x3 convolutions differed from
     float64 by 1.3% with TF32 off, padded or not, where CUDA's own convolutions agree to 3e-6 (docs/gpu_check.md)."""
     if device != 'cuda':
@@ -349,14 +360,7 @@ def check_detr_step(device, quick):
             gpu_images, gpu_targets = batch([(96, 128), (80, 112)], 'cuda')
             _, terms, grads = loss_and_grads(copy.deepcopy(model).cuda(), copy.deepcopy(criterion).cuda(),
                                              gpu_images, gpu_targets)
-            loss_error = max(abs(terms[k] - v) / max(abs(v), 1e-6) for k, v in terms64.items())
-            slack = torch.finfo(torch.float32).eps * torch.cat([g.flatten() for g in grads64.values()]).norm().item()
-            ratios = {}  # CUDA's distance to float64 over what float32 arithmetic may err there
-            for n, g64 in grads64.items():
-                cpu_error = (cpu_grads[n].double() - g64).norm().item()
-                cuda_error = (grads[n].double() - g64).norm().item()
-                ratios[n] = cuda_error / (GRAD_ERROR_FACTOR * cpu_error + slack)
-            name, ratio = max(ratios.items(), key=lambda kv: kv[1])
+            loss_error, name, ratio = against_float64(terms, grads, terms64, grads64, cpu_grads)
             ok = loss_error <= 1e-4 and ratio <= 1
             scale = max(grads64[name].norm().item(), 1e-300)
             worst = {where: (g[name].double() - grads64[name]).norm().item() / scale
@@ -368,6 +372,50 @@ def check_detr_step(device, quick):
             'worst_loss_rel_error': max(r['loss_rel_error'] for r in results.values()),
             'worst_grad_error_over_bound': max(r['worst_error_over_bound'] for r in results.values()),
             'configs': results}
+
+
+@check('cuda_graph_step_matches_float64')
+def check_cuda_graphs(device, quick):
+    """--compile reduce-overhead: a small DETR with iRPE-K, its forward and backward replayed as CUDA graphs
+    (torch.compile's cudagraph trees), stepped as compiled_steps_against_float64 steps it."""
+    if device != 'cuda':
+        raise Skip('CUDA graphs need CUDA: run with --device cuda')
+    steps = compiled_steps_against_float64('cuda', lambda model: torch.compile(model, mode='reduce-overhead'))
+    torch._dynamo.reset()  # frees the graphs' memory pool
+    return {'passed': all(s['passed'] for s in steps), 'reference': 'the same steps in float64 on CPU',
+            'steps': steps}
+
+
+def compiled_steps_against_float64(device, compile_model):
+    """A training step of a small DETR with iRPE-K, compile_model(model) on device, on each of four batches padded
+    as --size_divisibility 32 pads them: two of one shape (a recorded graph replayed on new data), one of another
+    (new recordings), the first shape again; each against the same step in float64 on CPU as
+    detr_step_cuda_vs_cpu judges it (against_float64, cuDNN off). A stale input, an output overwritten by a later
+    replay or a graph replayed for another shape errs by a term's size. Returns one result per step."""
+    from detr_irpe.detr import batch_images
+
+    def padded(forward):
+        return lambda images: forward(*batch_images(images, 32))
+    model, criterion = tiny_detr(IRPE_K, '--attention_impl', 'sdpa')
+    model64, criterion64 = copy.deepcopy(model).double(), copy.deepcopy(criterion).double()
+    on_device, device_criterion = copy.deepcopy(model).to(device), copy.deepcopy(criterion).to(device)
+    compiled = padded(compile_model(on_device))
+    steps = []
+    with float32_exact(cudnn=False):
+        for sizes, seed in [([(90, 120), (70, 100)], 0), ([(90, 120), (70, 100)], 1), ([(120, 90), (100, 60)], 2),
+                            ([(90, 120), (70, 100)], 3)]:  # canvases 96x128, 96x128, 128x96, 96x128
+            images, targets = batch(sizes, 'cpu', seed)
+            _, terms64, grads64 = loss_and_grads(
+                model64, criterion64, [i.double() for i in images],
+                [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets],
+                forward=padded(model64))
+            _, _, cpu_grads = loss_and_grads(model, criterion, images, targets, forward=padded(model))
+            _, terms, grads = loss_and_grads(on_device, device_criterion, *batch(sizes, device, seed),
+                                             forward=compiled)
+            loss_error, name, ratio = against_float64(terms, grads, terms64, grads64, cpu_grads)
+            steps.append({'sizes': sizes, 'loss_rel_error': loss_error, 'worst_error_over_bound': ratio,
+                          'worst_parameter': name, 'passed': loss_error <= 1e-4 and ratio <= 1})
+    return steps
 
 
 @check('flex_matches_explicit')
@@ -608,14 +656,15 @@ def check_amp(device, quick):
 
 # --- benchmark ---------------------------------------------------------------------------------------
 
-# The training-step tables (docs/gpu_check.md): (row, --enc_rpe2d, --attention_impl, torch.compile, batch size)
-STEP_MODELS = [('plain', '', 'sdpa', False, 2), ('irpe_k sdpa', IRPE_K, 'sdpa', False, 2),
-               ('irpe_k flex', IRPE_K, 'flex', False, 2), ('irpe_k triton', IRPE_K, 'triton', False, 2),
-               ('irpe_qkv', IRPE_QKV, 'sdpa', False, 2), ('irpe_qkv triton', IRPE_QKV, 'triton', False, 2)]
-# Where the host's time goes at batch 2: under torch.compile, and with 4x the images per step
-HOST_BOUND_MODELS = [('plain', '', 'sdpa', False, 2), ('plain compiled', '', 'sdpa', True, 2),
-                     ('irpe_k compiled', IRPE_K, 'sdpa', True, 2), ('plain batch 8', '', 'sdpa', False, 8),
-                     ('irpe_k batch 8', IRPE_K, 'sdpa', False, 8)]
+# The training-step tables (docs/gpu_check.md): (row, --enc_rpe2d, --attention_impl, --compile, batch size)
+STEP_MODELS = [('plain', '', 'sdpa', None, 2), ('irpe_k sdpa', IRPE_K, 'sdpa', None, 2),
+               ('irpe_k flex', IRPE_K, 'flex', None, 2), ('irpe_k triton', IRPE_K, 'triton', None, 2),
+               ('irpe_qkv', IRPE_QKV, 'sdpa', None, 2), ('irpe_qkv triton', IRPE_QKV, 'triton', None, 2)]
+# Where the host's time goes at batch 2: with the model's kernels replayed as CUDA graphs (torch.compile's
+# default mode was 1.57x eager in run 3), and with 4x the images per step
+HOST_BOUND_MODELS = [('plain', '', 'sdpa', None, 2), ('plain cuda graphs', '', 'sdpa', 'reduce-overhead', 2),
+                     ('irpe_k cuda graphs', IRPE_K, 'sdpa', 'reduce-overhead', 2),
+                     ('plain batch 8', '', 'sdpa', None, 8), ('irpe_k batch 8', IRPE_K, 'sdpa', None, 8)]
 STEP_TARGETS = {'irpe_k sdpa / plain': 1.03, 'irpe_qkv / plain (DC5)': 1.15, 'irpe_qkv peak / plain (DC5)': 1.5,
                 'plain gpu_busy_share': 0.6}
 STEP_IMAGES = [(800, 1066), (736, 970)]  # a batch of 2; batch 8 repeats them
@@ -681,9 +730,9 @@ def bench_host_bound(device, quick):
 
 
 def step_table(cases, device, quick):
-    """Rows ((name, --enc_rpe2d, --attention_impl, compiled, batch size), stage C5|DC5) of DETR-R50 training steps
-    under --amp's precision: every model built and warmed (2 steps; the first compiles), then timed in turns (5
-    rounds, the order rotating, so a slow spell of the host hits all rows alike). Per row: median ms, first
+    """Rows ((name, --enc_rpe2d, --attention_impl, --compile mode or None, batch size), stage C5|DC5) of DETR-R50
+    training steps under --amp's precision: every model built and warmed (2 steps; the first compiles), then timed
+    in turns (5 rounds, the order rotating, so a slow spell of the host hits all rows alike). Per row: median ms, first
     step s, and on CUDA the peak GiB above the other models' memory, the GPU's busy share of the step (kernel
     time in one profiled step / the median step), its GPU events (kernels, copies) and the most called ops.
     An out-of-memory or an error is that row's result (an error fails the benchmark)."""
@@ -692,11 +741,12 @@ def step_table(cases, device, quick):
     precision = choose_precision(device, amp=cuda)
     sizes = [(64, 96), (48, 80)] if quick else STEP_IMAGES
     rows, steps = {}, {}
-    for (name, rpe, impl, compiled, batch_size), stage in cases:
+    for (name, rpe, impl, compile_mode, batch_size), stage in cases:
         row = f'{name} {stage}'
         flags = ['--attention_impl', impl, '--enc_rpe2d', rpe] + (['--dilation'] if stage == 'DC5' else [])
         try:
-            steps[row] = training_step(flags, compiled, batch(sizes * (batch_size // 2), device), precision, device)
+            steps[row] = training_step(flags, compile_mode, batch(sizes * (batch_size // 2), device), precision,
+                                       device)
             rows[row] = {'first_step_s': timed(steps[row], device)}
             steps[row]()
         except Exception as e:  # noqa: BLE001 -- one row's failure is that row's result; the table goes on
@@ -735,21 +785,23 @@ def _row_error(e):
     return {'error': f'{type(e).__name__}: {e}'[:600], 'traceback': traceback.format_exc()[-2000:]}
 
 
-def training_step(flags, compiled, data, precision, device):
-    """step(): one training step (forward under precision's autocast, loss, backward; gradients dropped after) of
-    DETR-R50 with these model flags and random weights (seed 0) on data = (images, targets); step.parameter_bytes."""
+def training_step(flags, compile_mode, data, precision, device):
+    """step(): one training step (padding as the training loop pads, forward under precision's autocast, loss,
+    backward; gradients dropped after) of DETR-R50 with these model flags and random weights (seed 0), compiled in
+    compile_mode (None: eager), on data = (images, targets); step.parameter_bytes."""
+    from detr_irpe.detr import batch_images
     from detr_irpe import build_model
     from detr_irpe.cli.flags import get_model_parser
     torch.manual_seed(0)
     args = get_model_parser().parse_args(['--backbone_weights', 'none', '--device', device, '--dropout', '0', *flags])
     model, criterion, _ = build_model(args)
     model, criterion = model.to(device).train(), criterion.to(device).train()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     images, targets = data
 
     def step():
         with precision.autocast():
-            outputs = forward(images)
+            outputs = forward(*batch_images(images))
         losses = criterion(upcast(outputs), targets)
         sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
         model.zero_grad(set_to_none=True)
