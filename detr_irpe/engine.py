@@ -157,8 +157,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             stats['skipped'] += 1
 
         # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
-        logged = {'loss': loss.item(), **{k: v.item() for k, v in losses.items()
-                                          if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
+        logged = {'loss': loss, **{k: v for k, v in losses.items()
+                                   if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
+        logged = dict(zip(logged, torch.stack([v.detach().float() for v in logged.values()]).tolist()))  # one sync
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
         stats['count'] += 1
