@@ -31,8 +31,10 @@ def _kernels(op):
 def check_bucket_ids(op, index, num_buckets):
     """IndexError naming the op, the ids found and the range expected if an id lies outside [0, num_buckets).
     One min/max reduction (a device sync) per ids tensor and version: the result is kept on the tensor, since
-    bucket ids are built once per map size and reused every step."""
-    if index.numel() == 0:
+    bucket ids are built once per map size and reused every step. Not while a CUDA graph is being captured,
+    where a sync is an error: a graph is captured after a warm-up run of the same code (torch.compile's
+    cudagraph trees, torch.cuda.make_graphed_callables), which checked the ids it computes on every replay."""
+    if index.numel() == 0 or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     cached = getattr(index, '_rpe_ops_id_range', None)
     if cached is None or cached[0] != index._version:

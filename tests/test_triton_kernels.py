@@ -56,6 +56,18 @@ def test_bucket_ids_are_checked_on_the_host_with_the_range_found_and_expected():
     cuda.check_bucket_ids('rpe_index', index, 3)
 
 
+def test_bucket_ids_are_not_read_back_while_a_cuda_graph_is_captured(monkeypatch):
+    """Reading the range back is a sync, an error during capture; the warm-up run before it checked the ids."""
+    from rpe_ops import cuda
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: True)
+    monkeypatch.setattr(torch, 'aminmax', lambda t: pytest.fail('the ids were read back during capture'))
+    cuda.check_bucket_ids('rpe_index', torch.tensor([[0, 5]], dtype=torch.int32), 3)
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: False)
+    with pytest.raises(pytest.fail.Exception, match='read back'):
+        cuda.check_bucket_ids('rpe_index', torch.tensor([[0, 5]], dtype=torch.int32), 3)
+
+
 def test_public_ops_have_one_cuda_kernel_the_triton_one():
     for op in OPS:
         dump = torch._C._dispatch_dump(f'rpe_ops::{op}')
