@@ -175,6 +175,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     return distributed.all_reduce_mean(averages)
 
 
+def cudagraph_skips():
+    """How many graphs torch.compile (--compile reduce-overhead) compiled for CUDA graphs and ran without them (a CPU
+    op, a mutated input, ...): inductor only logs why (TORCH_LOGS=cudagraphs), so the run is quietly slower."""
+    from torch._dynamo.utils import counters
+    return counters['inductor']['cudagraph_skips']
+
+
 def new_epoch_stats():
     """Running sums of an epoch's logged losses: train_one_epoch's `stats`, kept in checkpoints."""
     return {'sums': {}, 'count': 0, 'skipped': 0}

@@ -237,6 +237,9 @@ def run(args, explicit=()):
         train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device,
                                              epoch, args, start_step=first, on_step=on_step, precision=precision,
                                              scaler=scaler, stats=stats)
+        if args.compile == 'reduce-overhead' and epoch == start_epoch and engine.cudagraph_skips():
+            print(f'note: --compile reduce-overhead ran {engine.cudagraph_skips()} compiled graph(s) without CUDA '
+                  'graphs; TORCH_LOGS=cudagraphs says why')
         lr_scheduler.step()
         log = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                'time': round(time.time() - started, 1)}

@@ -380,10 +380,13 @@ def check_cuda_graphs(device, quick):
     (torch.compile's cudagraph trees), stepped as compiled_steps_against_float64 steps it."""
     if device != 'cuda':
         raise Skip('CUDA graphs need CUDA: run with --device cuda')
+    from detr_irpe.engine import cudagraph_skips
+    before = cudagraph_skips()
     steps = compiled_steps_against_float64('cuda', lambda model: torch.compile(model, mode='reduce-overhead'))
+    skips = cudagraph_skips() - before
     torch._dynamo.reset()  # frees the graphs' memory pool
-    return {'passed': all(s['passed'] for s in steps), 'reference': 'the same steps in float64 on CPU',
-            'steps': steps}
+    return {'passed': all(s['passed'] for s in steps) and skips == 0, 'reference': 'the same steps in float64 on CPU',
+            'cudagraph_skips': skips, 'steps': steps}
 
 
 def compiled_steps_against_float64(device, compile_model):
@@ -736,6 +739,7 @@ def step_table(cases, device, quick):
     step s, and on CUDA the peak GiB above the other models' memory, the GPU's busy share of the step (kernel
     time in one profiled step / the median step), its GPU events (kernels, copies) and the most called ops.
     An out-of-memory or an error is that row's result (an error fails the benchmark)."""
+    from detr_irpe.engine import cudagraph_skips
     from detr_irpe.precision import choose_precision
     cuda = device == 'cuda'
     precision = choose_precision(device, amp=cuda)
@@ -747,8 +751,11 @@ def step_table(cases, device, quick):
         try:
             steps[row] = training_step(flags, compile_mode, batch(sizes * (batch_size // 2), device), precision,
                                        device)
+            skips = cudagraph_skips()
             rows[row] = {'first_step_s': timed(steps[row], device)}
             steps[row]()
+            if compile_mode == 'reduce-overhead':
+                rows[row]['cudagraph_skips'] = cudagraph_skips() - skips
         except Exception as e:  # noqa: BLE001 -- one row's failure is that row's result; the table goes on
             rows[row] = _row_error(e)
             steps.pop(row, None)
