@@ -226,33 +226,74 @@ def cached_when_eager(function):
     return call
 
 
-@torch.no_grad()
-def offset_bucket_ids(method, height, width, ratio=1.9, index_func='piecewise'):
-    """(2 height - 1, 2 width - 1) int64: entry [dr + height - 1, dc + width - 1] is the bucket of the
-    relative position (dr, dc), query minus key (Eq. 18-21 as get_bucket_ids_2d documents)."""
-    config = RPEConfig(ratio=ratio, method='product' if method == 'product' else 'euc', mode='bias',
-                       shared_head=True, index_func=index_func)
-    alpha, beta, gamma, beta_int = config.alpha, config.beta, config.gamma, config.beta_int
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing: its steps are constants of the graph
+def index_steps(index_func, ratio, of):
+    """The index function (Eq. 18, or clip) of a non-negative integer n as the integers where it steps up: its
+    value at n is the number of steps <= n. of: 'offset' (one coordinate's |dr| or |dc|: product and cross),
+    'distance' (round(sqrt(n)) of the squared distance n: euc), 'square' (the squared distance itself: quant).
 
-    def index(x):
+    Found by bisection on the float32 definition (piecewise_index / clip_index, evaluated on the CPU), which
+    rises monotonically to beta_int: bucket ids are then integer comparisons, the same as that definition's on
+    every device, and inside a compiled graph they are device ops (no CPU table, no copy to the GPU)."""
+    key = (index_func, ratio, of)
+    if key not in INDEX_STEPS:
+        INDEX_STEPS[key] = _bisect_index_steps(*key)
+    return INDEX_STEPS[key]
+
+
+INDEX_STEPS = {}  # index_steps' results
+
+
+def _bisect_index_steps(index_func, ratio, of):
+    config = RPEConfig(ratio=ratio, method='euc', mode='bias', shared_head=True, index_func=index_func)
+
+    def index(n):
+        x = n if of == 'offset' else n.float().sqrt().round() if of == 'distance' else n.float()
         if index_func == 'clip':
-            return clip_index(x, beta_int, torch.int64)
-        return piecewise_index(x, alpha, beta, gamma, torch.int64)
+            return clip_index(x, config.beta_int, torch.int64)
+        return piecewise_index(x, config.alpha, config.beta, config.gamma, torch.int64)
+    top = math.ceil(config.gamma) + 2  # index(top) = beta_int: the logarithm reaches beta at gamma
+    top = (top + 1) ** 2 if of == 'distance' else top
+    levels = torch.arange(1, config.beta_int + 1)
+    lo, hi = torch.zeros_like(levels), torch.full_like(levels, top)  # index(lo) < level <= index(hi)
+    assert index(torch.tensor([top])).item() == config.beta_int and index(torch.tensor([0])).item() == 0
+    while (hi - lo > 1).any():
+        mid = (lo + hi) // 2
+        reached = index(mid) >= levels
+        lo, hi = torch.where(reached, lo, mid), torch.where(reached, mid, hi)
+    return tuple(hi.tolist())
 
-    dr = torch.arange(-(height - 1), height)[:, None].expand(2 * height - 1, 2 * width - 1)
-    dc = torch.arange(-(width - 1), width)[None, :].expand(2 * height - 1, 2 * width - 1)
-    if method == 'euc':
-        return index((dr * dr + dc * dc).float().sqrt().round()) + beta_int
-    if method == 'quant':
-        # The paper describes a rank mapping; the published code applies g to the squared distance.
+
+def _stepped(n, steps):
+    """sum over steps of (n >= step): index_steps' function of the integers n."""
+    out = torch.zeros_like(n)
+    for step in steps:
+        out = out + (n >= step).to(n.dtype)
+    return out
+
+
+@torch.no_grad()
+def offset_bucket_ids(method, height, width, ratio=1.9, index_func='piecewise', device='cpu'):
+    """(2 height - 1, 2 width - 1) int64 on device: entry [dr + height - 1, dc + width - 1] is the bucket of the
+    relative position (dr, dc), query minus key (Eq. 18-21 as get_bucket_ids_2d documents)."""
+    beta_int = RPEConfig(ratio=ratio, method='euc', mode='bias', shared_head=True).beta_int
+    dr = torch.arange(-(height - 1), height, device=device)[:, None]
+    dc = torch.arange(-(width - 1), width, device=device)[None, :]
+    shape = (2 * height - 1, 2 * width - 1)
+
+    def signed(x):  # the index function is odd: g(-x) = -g(x)
+        return torch.sign(x) * _stepped(x.abs(), index_steps(index_func, ratio, 'offset')) + beta_int
+    if method in ('euc', 'quant'):
+        # The paper describes quant as a rank mapping; the published code applies g to the squared distance.
         # We follow the code, so published weights keep their meaning.
-        return index((dr * dr + dc * dc).float()) + beta_int
+        steps = index_steps(index_func, ratio, 'distance' if method == 'euc' else 'square')
+        return _stepped(dr * dr + dc * dc, steps) + beta_int
     if method == 'cross_rows':
-        return index(dr) + beta_int
+        return signed(dr).expand(shape)
     if method == 'cross_cols':
-        return index(dc) + beta_int
+        return signed(dc).expand(shape)
     if method == 'product':
-        return (index(dr) + beta_int) * (2 * beta_int + 1) + (index(dc) + beta_int)
+        return signed(dr) * (2 * beta_int + 1) + signed(dc)
     raise ValueError(f"bucket method {method!r} is not one of 'euc', 'quant', 'product', 'cross_rows', "
                      "'cross_cols'.")
 
@@ -267,7 +308,7 @@ def get_bucket_ids_2d(method, height, width, skip=0, ratio=1.9, index_func='piec
     the number of buckets of the map. Built on `device` by one gather from offset_bucket_ids' small table;
     cached per argument set (BUCKET_ID_CACHE): the tensor is shared, do not modify it.
     """
-    table = offset_bucket_ids(method, height, width, ratio, index_func).to(device=device, dtype=torch.int32)
+    table = offset_bucket_ids(method, height, width, ratio, index_func, device).to(torch.int32)
     # Token t at (row, col) -> row * (2 width - 1) + col: the table's flat index of (dr, dc) is then the
     # query's position minus the key's plus the index of (0, 0). Broadcasts, not repeat_interleave: the ONNX
     # exporter's repeat_interleave mistakes a symbolic repeat count.
@@ -289,10 +330,10 @@ def product_factors(height, width, ratio=1.9, index_func='piecewise', device='cp
     """The product method's bucket ids in factors (Eq. 19): (rows (2 height - 1,), cols (2 width - 1,), side) with
     the bucket of a relative position (dr, dc) = rows[dr + height - 1] * side + cols[dc + width - 1], numbered as
     get_bucket_ids_2d numbers them (no skip tokens); int32 on device, cached per argument set."""
-    table = offset_bucket_ids('product', height, width, ratio, index_func)
+    table = offset_bucket_ids('product', height, width, ratio, index_func, device)
     side = 2 * RPEConfig(ratio=ratio, method='product', mode='bias', shared_head=True).beta_int + 1
     rows, cols = table[:, width - 1] // side, table[height - 1, :] % side
-    return rows.to(device=device, dtype=torch.int32), cols.to(device=device, dtype=torch.int32), side
+    return rows.to(torch.int32), cols.to(torch.int32), side
 
 
 @cached_when_eager

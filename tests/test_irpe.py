@@ -49,6 +49,57 @@ def test_piecewise_index_is_equation_18(ratio):
     assert checked > 50
 
 
+RATIOS = [0.3, 0.5, 1.0, 1.5, 1.9, 2.0, 2.5, 2.8, 3.0, 3.8, 5.0, 7.3, 10.0, 24.0]
+
+
+@pytest.mark.parametrize('index_func', ['piecewise', 'clip'])
+def test_index_steps_give_the_float32_index_function_at_every_integer(index_func):
+    """The integer form of the index functions (bucket ids on any device, in compiled graphs) against their
+    float32 definitions, evaluated at every n up to 200,000: offsets far past DC5's 84 columns, squared
+    distances past 300 x 300 maps."""
+    from detr_irpe.irpe import _stepped, index_steps
+    n = torch.arange(200_001)
+    for ratio in RATIOS:
+        config = RPEConfig(ratio=ratio, method='euc', mode='bias', shared_head=True)
+        for of, x in (('offset', n), ('distance', n.float().sqrt().round()), ('square', n.float())):
+            want = (clip_index(x, config.beta_int, torch.int64) if index_func == 'clip' else
+                    piecewise_index(x, config.alpha, config.beta, config.gamma, torch.int64))
+            assert torch.equal(_stepped(n, index_steps(index_func, ratio, of)), want), (ratio, of)
+
+
+@pytest.mark.parametrize('method', ['euc', 'quant', 'cross_rows', 'cross_cols', 'product'])
+def test_offset_bucket_ids_are_equations_18_to_21_on_the_float32_offsets(method):
+    """Every (dr, dc) of a 70 x 110 map, each ratio and index function, against the index functions applied to
+    the offsets as the published code applies them."""
+    from detr_irpe.irpe import offset_bucket_ids
+    dr = torch.arange(-69, 70)[:, None].expand(139, 219)
+    dc = torch.arange(-109, 110)[None, :].expand(139, 219)
+    for ratio, index_func in itertools.product(RATIOS, ('piecewise', 'clip')):
+        config = RPEConfig(ratio=ratio, method='euc', mode='bias', shared_head=True)
+        b = config.beta_int
+
+        def g(x):
+            return (clip_index(x, b, torch.int64) if index_func == 'clip' else
+                    piecewise_index(x, config.alpha, config.beta, config.gamma, torch.int64))
+        want = {'euc': lambda: g((dr * dr + dc * dc).float().sqrt().round()) + b,
+                'quant': lambda: g((dr * dr + dc * dc).float()) + b,
+                'cross_rows': lambda: g(dr) + b, 'cross_cols': lambda: g(dc) + b,
+                'product': lambda: (g(dr) + b) * (2 * b + 1) + g(dc) + b}[method]()
+        got = offset_bucket_ids(method, 70, 110, ratio, index_func)
+        assert got.shape == (139, 219) and torch.equal(got, want), (ratio, index_func)
+
+
+def test_bucket_ids_are_built_on_the_device_asked_for():
+    """Every intermediate on that device (meta here: a CPU tensor meeting a meta one would raise), so a compiled
+    graph on a GPU builds them there, with no CPU table copied over at each call."""
+    from detr_irpe.irpe import offset_bucket_ids
+    for method in ('euc', 'quant', 'cross_rows', 'product'):
+        assert offset_bucket_ids(method, 5, 7, 1.9, 'piecewise', 'meta').device.type == 'meta'
+    ids, _ = get_bucket_ids_2d.__wrapped__('product', 5, 7, 1, 1.9, 'piecewise', torch.device('meta'))
+    rows, cols, _ = product_factors.__wrapped__(5, 7, 1.9, 'piecewise', torch.device('meta'))
+    assert ids.shape == (36, 36) and {ids.device.type, rows.device.type, cols.device.type} == {'meta'}
+
+
 def test_piecewise_index_rounds_half_to_even_near_zero():
     x = torch.tensor([-1.5, -0.5, 0.5, 1.5, 2.5])
     assert piecewise_index(x, 3.0, 6.0, 24.0).tolist() == [-2, 0, 0, 2, 2]
