@@ -33,7 +33,7 @@ MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_
 # Flags of the data a checkpoint of tools/train.py was trained on, which the inference tools take as defaults.
 DATA_FLAGS = ('dataset_file', 'coco_path', 'val_json', 'val_images', 'val_size', 'val_max_size', 'synthetic_dir',
               'synthetic_train', 'synthetic_val', 'synthetic_image_size', 'synthetic_classes', 'synthetic_objects',
-              'synthetic_object_size', 'synthetic_seed')
+              'synthetic_object_size', 'synthetic_seed', 'size_divisibility')
 
 # The 80 COCO categories by id (1..90, with gaps), the classes of every published DETR and DETR-with-iRPE file.
 COCO_CATEGORY_NAMES = {

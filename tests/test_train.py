@@ -255,6 +255,21 @@ def test_training_and_evaluation_give_the_model_batches_padded_to_size_divisibil
     assert seen == [((2, 3, 96, 96), (2, 96, 96))] * 2  # 64x70 and 50x40 padded to 96x96, with their mask
 
 
+def test_eval_pads_batches_as_the_training_run_did_unless_told(tmp_path):
+    """--size_divisibility changes the padding and so, slightly, the numbers: tools/eval.py takes the training
+    run's, as it takes its val size, so that it reproduces training's evaluation."""
+    from detr_irpe.cli import eval as eval_tool
+    from detr_irpe.convert import read_source
+    from detr_irpe.from_checkpoint import adopt_source_flags
+    args = get_args_parser().parse_args(TINY + ['--size_divisibility', '64'])
+    path = str(tmp_path / 'checkpoint.pth')
+    save_checkpoint({'model': build_model(args)[0].state_dict(), 'args': vars(args)}, path)
+    for argv, want in (([], 64), (['--size_divisibility', '8'], 8)):
+        eval_args = eval_tool.get_parser().parse_args(['--resume', path, *argv])
+        adopt_source_flags(eval_args, read_source(path), {'size_divisibility'} if argv else ())
+        assert eval_args.size_divisibility == want
+
+
 # --- end to end with configs/smoke.yaml ----------------------------------------------------------
 
 def _weights(path):
