@@ -382,7 +382,9 @@ def check_cuda_graphs(device, quick):
         raise Skip('CUDA graphs need CUDA: run with --device cuda')
     from detr_irpe.engine import cudagraph_skips
     before = cudagraph_skips()
-    steps = compiled_steps_against_float64('cuda', lambda model: torch.compile(model, mode='reduce-overhead'))
+    # dynamic from the first call: one compile for both shapes (train.py's second shape recompiles as dynamic)
+    steps = compiled_steps_against_float64(
+        'cuda', lambda model: torch.compile(model, mode='reduce-overhead', dynamic=True))
     skips = cudagraph_skips() - before
     torch._dynamo.reset()  # frees the graphs' memory pool
     return {'passed': all(s['passed'] for s in steps) and skips == 0, 'reference': 'the same steps in float64 on CPU',
