@@ -68,7 +68,8 @@ def test_the_cuda_graph_check_passes_compiled_steps_and_fails_a_replay_of_stale_
     step; a model that, as a graph without its input copy would, reruns each shape's first batch fails the steps
     that bring new data to a shape it has seen."""
     torch._dynamo.reset()
-    compiled = gpu_check.compiled_steps_against_float64('cpu', lambda m: torch.compile(m, backend='aot_eager'))
+    compiled = gpu_check.compiled_steps_against_float64(
+        'cpu', lambda m: torch.compile(m, backend='aot_eager', dynamic=True))  # dynamic, as the GPU check compiles
     assert [s['passed'] for s in compiled] == [True] * 4, compiled
     assert all(s['worst_error_over_bound'] <= 1 and s['loss_rel_error'] <= 1e-4 for s in compiled)
 
