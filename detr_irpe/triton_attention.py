@@ -37,6 +37,7 @@ import os
 import torch
 
 from detr_irpe.irpe import _map_size, key_major_ids, product_factors
+from rpe_ops.cuda import on_device_of
 
 try:
     import triton
@@ -140,8 +141,9 @@ def dropout_mask(seed, batch, heads, length, dropout_p, device):
     """(batch, heads, length, length) float32: 1 / (1 - dropout_p) where triton_irpe_attention called with this seed
     keeps the attention weight of a pair, 0 where its dropout drops it."""
     out = torch.empty(batch * heads, length, length, device=device)
-    _dropout_mask_kernel[(triton.cdiv(length, BLOCK_M), batch * heads)](out, length, seed, float(dropout_p),
-                                                                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    with on_device_of(out):
+        _dropout_mask_kernel[(triton.cdiv(length, BLOCK_M), batch * heads)](out, length, seed, float(dropout_p),
+                                                                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return out.view(batch, heads, length, length)
 
 
@@ -162,8 +164,9 @@ class _Attention(torch.autograd.Function):
         lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
         weights = a.sums(num_v)
         if L:
-            _forward_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
-                *a.arguments(), out, lse, weights, *out.stride(), **a.flags(), num_warps=NUM_WARPS)
+            with on_device_of(q):
+                _forward_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
+                    *a.arguments(), out, lse, weights, *out.stride(), **a.flags(), num_warps=NUM_WARPS)
         weights = a.unpadded(weights, num_v)
         ctx.save_for_backward(q, k, v, qr, kr, mask, out, lse, weights)
         ctx.num_v, ctx.dropout_p, ctx.seed, ctx.geometry = num_v, dropout_p, seed, geometry
@@ -188,10 +191,11 @@ class _Attention(torch.autograd.Function):
         dqr, dkr = a.sums(num_k), a.sums(num_q)
         if L:
             common = (*a.arguments(), grad_out, grad_weights, lse, delta, *grad_out.stride(), *grad_weights.stride())
-            _backward_queries_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
-                *common, dq, dqr, *dq.stride(), **a.flags(), num_warps=NUM_WARPS)
-            _backward_keys_kernel[(triton.cdiv(L, BLOCK_N), B * H)](
-                *common, dk, dv, dkr, *dk.stride(), *dv.stride(), **a.flags(), num_warps=NUM_WARPS)
+            with on_device_of(q):
+                _backward_queries_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
+                    *common, dq, dqr, *dq.stride(), **a.flags(), num_warps=NUM_WARPS)
+                _backward_keys_kernel[(triton.cdiv(L, BLOCK_N), B * H)](
+                    *common, dk, dv, dkr, *dk.stride(), *dv.stride(), **a.flags(), num_warps=NUM_WARPS)
         return (dq, dk, dv, a.unpadded(dqr, num_k) if qr is not None else None,
                 a.unpadded(dkr, num_q) if kr is not None else None, None, None, None, None, None)
 

@@ -4,6 +4,8 @@ wheels and compiles for the GPU at hand: no nvcc, one build for every GPU and CU
 kernels ran 1.9x slower over DETR's sizes on an H200, up to 5.6x on DC5's reductions: docs/rpe_ops.md.)
 Bucket ids are checked here, on the host, once per ids tensor: no device asserts.
 """
+import contextlib
+
 import torch
 
 import rpe_ops
@@ -26,6 +28,13 @@ def _kernels(op):
         raise RuntimeError(f'rpe_ops.{op} on CUDA: {problem}')
     from rpe_ops import triton_kernels
     return getattr(triton_kernels, op)
+
+
+def on_device_of(tensor):
+    """Triton launches on the current CUDA device and its stream: this makes it the tensor's for the launches in
+    its block (a model on cuda:1 in a process whose current device is cuda:0). Nothing for a CPU tensor (the
+    interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def check_bucket_ids(op, index, num_buckets):
@@ -53,13 +62,15 @@ def check_bucket_ids(op, index, num_buckets):
 def rpe_index(input, index):
     rpe_ops._check_args('rpe_index', 'input', input, index, 'K')
     check_bucket_ids('rpe_index', index, input.shape[3])
-    return _kernels('rpe_index')(input, index)
+    with on_device_of(input):
+        return _kernels('rpe_index')(input, index)
 
 
 def rpe_reduce(values, index, num_buckets):
     rpe_ops._check_reduce_args('rpe_reduce', values, index, num_buckets)
     check_bucket_ids('rpe_reduce', index, num_buckets)
-    return _kernels('rpe_reduce')(values, index, num_buckets)
+    with on_device_of(values):
+        return _kernels('rpe_reduce')(values, index, num_buckets)
 
 
 def rpe_index_qk(input, index, input_t, index_t):
@@ -73,7 +84,8 @@ def rpe_index_qk(input, index, input_t, index_t):
                          f'{tuple(index_t.shape)}.')
     check_bucket_ids('rpe_index_qk', index, input.shape[3])
     check_bucket_ids('rpe_index_qk (index_t)', index_t, input_t.shape[3])
-    return _kernels('rpe_index_qk')(input, index, input_t, index_t)
+    with on_device_of(input):
+        return _kernels('rpe_index_qk')(input, index, input_t, index_t)
 
 
 def rpe_reduce_qk(values, index, num_buckets, index_t, num_buckets_t):
@@ -81,7 +93,8 @@ def rpe_reduce_qk(values, index, num_buckets, index_t, num_buckets_t):
     rpe_ops._check_reduce_args('rpe_reduce_qk', values, index_t, num_buckets_t)
     check_bucket_ids('rpe_reduce_qk', index, num_buckets)
     check_bucket_ids('rpe_reduce_qk (index_t)', index_t, num_buckets_t)
-    return _kernels('rpe_reduce_qk')(values, index, num_buckets, index_t, num_buckets_t)
+    with on_device_of(values):
+        return _kernels('rpe_reduce_qk')(values, index, num_buckets, index_t, num_buckets_t)
 
 
 IMPLEMENTATIONS = {'rpe_index': rpe_index, 'rpe_reduce': rpe_reduce, 'rpe_index_qk': rpe_index_qk,

@@ -41,7 +41,9 @@ def test_kernels_compile_for_each_gpu_architecture_without_spilling_more_than_a_
     from detr_irpe.lab.kernel_resources import attention_kernel_resources
     # ptxas may keep a factored kernel at 128 registers and spill a few loop-invariant words (20 bytes on sm_86);
     # a whole (16, 32, 64) select per tile spilled 300-900 bytes
-    for dtype, factored in [('bfloat16', True), ('bfloat16', False)] + ([('float32', True)] if arch == 90 else []):
+    # --amp's dtype there: float16 on sm_75 (no bfloat16), bfloat16 from sm_80; float32 on one
+    half = 'float16' if arch == 75 else 'bfloat16'
+    for dtype, factored in [(half, True), (half, False)] + ([('float32', True)] if arch == 90 else []):
         resources = attention_kernel_resources(arch, dtype, rpe_on='qkv', mask=True, dropout=True, factored=factored)
         assert len(resources) == 3
         assert all(r['spill_bytes'] <= 32 and 0 < r['registers'] <= 255 for r in resources.values()), resources

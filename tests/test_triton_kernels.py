@@ -5,6 +5,7 @@ reference functions. TRITON_INTERPRET must be set before triton.jit decorates th
 one subprocess that rpe_ops.triton_kernels.check_against_cpu('cpu') starts (also what gpu_check calls);
 TRITON_INTERPRET is never set in this process, so the rest of the suite is unaffected.
 """
+import contextlib
 import sys
 
 import pytest
@@ -66,6 +67,32 @@ def test_bucket_ids_are_not_read_back_while_a_cuda_graph_is_captured(monkeypatch
     monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: False)
     with pytest.raises(pytest.fail.Exception, match='read back'):
         cuda.check_bucket_ids('rpe_index', torch.tensor([[0, 5]], dtype=torch.int32), 3)
+
+
+def test_cuda_ops_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each op makes it its tensors' for the launch (a model on cuda:1
+    in a process whose current device is cuda:0 would otherwise launch on cuda:0 with cuda:1's pointers)."""
+    from rpe_ops import cuda
+    current = []
+
+    @contextlib.contextmanager
+    def device(where):
+        current.append(where)
+        yield
+        current.pop()
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device', device)
+    launched = []
+    monkeypatch.setattr(cuda, '_kernels', lambda op: lambda *args: launched.append((op, list(current))))
+    x, v = torch.randn(1, 2, 2, 3), torch.randn(1, 2, 2, 4)
+    index = torch.tensor([[0, 1, 2, 2], [0, 1, 0, 0]], dtype=torch.int32)
+    cuda.rpe_index(x, index)
+    cuda.rpe_reduce(v, index, 3)
+    cuda.rpe_index_qk(x, index, torch.randn(1, 2, 4, 3), index)
+    cuda.rpe_reduce_qk(v, index, 3, index, 3)
+    assert launched == [(op, [x.device]) for op in ('rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk')]
+    assert current == []
 
 
 def test_public_ops_have_one_cuda_kernel_the_triton_one():
