@@ -23,7 +23,7 @@ def test_output_and_every_gradient_equal_the_explicit_path_in_each_dtype_with_dr
     result = gpu_check.check_triton_attention('cpu', quick=False)
     configs = result['configs']
     # no iRPE; q, k, v per head with 81 buckets; a map smaller than one tile; bias mode; values alone; keys and values;
-    # the product method's factored buckets and any method's ids; head dim 24
+    # the product method's factored buckets and any method's ids; head dim 24; image rows wider than a tile
     expected = {f'{rpe or "plain"} {h}x{w} {dtype}' for rpe, (h, w), _, _ in gpu_check.TRITON_ATTENTION_CONFIGS
                 for dtype in ('float32', 'bfloat16')}
     # with dropout (what the kernels drop, the explicit path drops) and under torch.compile

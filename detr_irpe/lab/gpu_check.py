@@ -492,7 +492,8 @@ def check_triton(device, quick):
 TRITON_ATTENTION_CONFIGS = [('', (5, 7), 64, 4), ('rpe-2.0-product-ctx-0-qkv', (5, 7), 64, 4),
                             ('rpe-1.9-product-ctx-1-k', (3, 4), 64, 4), ('rpe-2.0-euc-bias-0-qk', (5, 7), 64, 4),
                             ('rpe-2.0-euc-ctx-1-v', (5, 7), 64, 4), ('rpe-1.9-quant-ctx-1-kv', (6, 6), 64, 4),
-                            ('rpe-1.9-product-ctx-1-qkv', (2, 9), 48, 2)]
+                            ('rpe-1.9-product-ctx-1-qkv', (2, 9), 48, 2),
+                            ('rpe-2.0-product-ctx-1-qkv', (2, 20), 64, 4)]  # image rows wider than a tile
 TRITON_DROPOUT = 0.3  # with the first iRPE-on-values config: the kernels' dropout against F.dropout with their mask
 
 
