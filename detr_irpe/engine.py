@@ -133,7 +133,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             batch, mask = batch_images([img.to(device, non_blocking=True) for img in images],
                                        getattr(args, 'size_divisibility', 1))
             inputs = {'samples': batch, 'mask': mask}
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with precision.autocast():
             outputs = model(**inputs)
         outputs = {k: _float(v) for k, v in outputs.items()}
@@ -175,6 +175,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     return distributed.all_reduce_mean(averages)
 
 
+def pins_memory(device):
+    """Whether data loaders pin their batches: on a GPU, so that the loops' copies to it are asynchronous (a copy
+    from pageable memory waits for the GPU's queue)."""
+    return str(device).startswith('cuda')
+
+
 def cudagraph_skips():
     """How many graphs torch.compile (--compile reduce-overhead) compiled for CUDA graphs and ran without them (a CPU
     op, a mutated input, ...): inductor only logs why (TORCH_LOGS=cudagraphs), so the run is quietly slower."""
@@ -204,7 +210,7 @@ def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=Non
                                 mininterval=2.0, disable=not distributed.is_main_process()):
         if on_batch is not None:
             on_batch()
-        outputs = model(*batch_images([img.to(device) for img in images], size_divisibility))
+        outputs = model(*batch_images([img.to(device, non_blocking=True) for img in images], size_divisibility))
         sizes = torch.stack([t['orig_size'] for t in targets]).to(device)
         results = postprocessors['bbox'](outputs, sizes)
         evaluator.update({int(t['image_id']): {k: v.cpu() for k, v in r.items()}

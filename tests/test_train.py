@@ -270,6 +270,16 @@ def test_eval_pads_batches_as_the_training_run_did_unless_told(tmp_path):
         assert eval_args.size_divisibility == want
 
 
+def test_loaders_pin_their_batches_for_a_gpu_only():
+    """Pinned batches make the loops' copies to a GPU asynchronous; on a CPU pinning would only cost."""
+    from detr_irpe.cli.train import make_loaders
+    for device, pinned in (('cuda', True), ('cuda:1', True), ('cpu', False)):
+        args = argparse.Namespace(seed=0, backbone_in_workers=False, world_size=1, rank=0, batch_size=2,
+                                  num_workers=0, device=device)
+        _, _, train_loader, val_loader = make_loaders(args, list(range(4)), list(range(4)))
+        assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned
+
+
 # --- end to end with configs/smoke.yaml ----------------------------------------------------------
 
 def _weights(path):

@@ -50,7 +50,7 @@ def run(argv=None):
         model = torch.compile(model, mode=args.compile)
     dataset = datasets.build_dataset('val', args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
-                        num_workers=args.num_workers)
+                        num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device))
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
                               size_divisibility=args.size_divisibility)

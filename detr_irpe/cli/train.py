@@ -51,6 +51,7 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     """backbone, precision: with --backbone_in_workers, the model's frozen backbone and the run's precision,
     which the training loader's workers then run on each batch (datasets.FrozenBackboneCollate)."""
     train_set = engine.SeededDataset(dataset_train, args.seed)
+    pin = engine.pins_memory(args.device)
     collate = datasets.collate_fn
     if args.backbone_in_workers:
         collate = datasets.FrozenBackboneCollate(datasets.collate_fn, backbone, precision, args.size_divisibility)
@@ -59,12 +60,12 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     # A loader generator of its own: creating an iterator must not draw from the global torch RNG, so a
     # resumed run's dropout sees the same random numbers as an uninterrupted one.
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
-                              collate_fn=collate, num_workers=args.num_workers,
+                              collate_fn=collate, num_workers=args.num_workers, pin_memory=pin,
                               generator=torch.Generator().manual_seed(args.seed),
                               worker_init_fn=loader_worker_ignores_sigterm)
     val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
     val_loader = DataLoader(dataset_val, batch_size=args.batch_size, sampler=val_sampler, collate_fn=datasets.collate_fn,
-                            num_workers=args.num_workers, generator=torch.Generator(),
+                            num_workers=args.num_workers, pin_memory=pin, generator=torch.Generator(),
                             worker_init_fn=loader_worker_ignores_sigterm)
     return train_set, sampler, train_loader, val_loader
 
