@@ -272,6 +272,13 @@ def _stepped(n, steps):
     return out
 
 
+def _axis_buckets(offsets, ratio, index_func):
+    """g(x) + beta_int of signed offsets x along one axis: the cross method's buckets, and the product method's
+    row or column factor. The index function is odd, g(-x) = -g(x)."""
+    beta_int = RPEConfig(ratio=ratio, method='euc', mode='bias', shared_head=True).beta_int
+    return torch.sign(offsets) * _stepped(offsets.abs(), index_steps(index_func, ratio, 'offset')) + beta_int
+
+
 @torch.no_grad()
 def offset_bucket_ids(method, height, width, ratio=1.9, index_func='piecewise', device='cpu'):
     """(2 height - 1, 2 width - 1) int64 on device: entry [dr + height - 1, dc + width - 1] is the bucket of the
@@ -280,20 +287,17 @@ def offset_bucket_ids(method, height, width, ratio=1.9, index_func='piecewise', 
     dr = torch.arange(-(height - 1), height, device=device)[:, None]
     dc = torch.arange(-(width - 1), width, device=device)[None, :]
     shape = (2 * height - 1, 2 * width - 1)
-
-    def signed(x):  # the index function is odd: g(-x) = -g(x)
-        return torch.sign(x) * _stepped(x.abs(), index_steps(index_func, ratio, 'offset')) + beta_int
     if method in ('euc', 'quant'):
         # The paper describes quant as a rank mapping; the published code applies g to the squared distance.
         # We follow the code, so published weights keep their meaning.
         steps = index_steps(index_func, ratio, 'distance' if method == 'euc' else 'square')
         return _stepped(dr * dr + dc * dc, steps) + beta_int
     if method == 'cross_rows':
-        return signed(dr).expand(shape)
+        return _axis_buckets(dr, ratio, index_func).expand(shape)
     if method == 'cross_cols':
-        return signed(dc).expand(shape)
+        return _axis_buckets(dc, ratio, index_func).expand(shape)
     if method == 'product':
-        return signed(dr) * (2 * beta_int + 1) + signed(dc)
+        return _axis_buckets(dr, ratio, index_func) * (2 * beta_int + 1) + _axis_buckets(dc, ratio, index_func)
     raise ValueError(f"bucket method {method!r} is not one of 'euc', 'quant', 'product', 'cross_rows', "
                      "'cross_cols'.")
 
@@ -330,10 +334,9 @@ def product_factors(height, width, ratio=1.9, index_func='piecewise', device='cp
     """The product method's bucket ids in factors (Eq. 19): (rows (2 height - 1,), cols (2 width - 1,), side) with
     the bucket of a relative position (dr, dc) = rows[dr + height - 1] * side + cols[dc + width - 1], numbered as
     get_bucket_ids_2d numbers them (no skip tokens); int32 on device, cached per argument set."""
-    table = offset_bucket_ids('product', height, width, ratio, index_func, device)
-    side = 2 * RPEConfig(ratio=ratio, method='product', mode='bias', shared_head=True).beta_int + 1
-    rows, cols = table[:, width - 1] // side, table[height - 1, :] % side
-    return rows.to(torch.int32), cols.to(torch.int32), side
+    rows, cols = (_axis_buckets(torch.arange(-(n - 1), n, device=device), ratio, index_func).to(torch.int32)
+                  for n in (height, width))
+    return rows, cols, 2 * RPEConfig(ratio=ratio, method='product', mode='bias', shared_head=True).beta_int + 1
 
 
 @cached_when_eager

@@ -15,7 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
 FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu',
-               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'triton_attention_matches_explicit', 'flex_recompiles']
+               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'triton_attention_matches_explicit',
+               'flex_recompiles']
 
 
 def run_script(*argv):
