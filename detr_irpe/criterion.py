@@ -46,7 +46,7 @@ class SetCriterion(nn.Module):
         logits = torch.stack([o['pred_logits'] for o in layers])  # (D, B, Q, num_classes + 1)
         boxes = torch.stack([o['pred_boxes'] for o in layers])  # (D, B, Q, 4)
         matched = self.matched(self.matcher.match_layers(logits, boxes, targets), targets, logits.device)
-        num_boxes = self.average_num_boxes(targets)
+        num_boxes = self.average_num_boxes(targets, logits.device)
         tgt_labels = torch.cat([t['labels'] for t in targets])
         per_layer = {}
         if 'labels' in self.losses:
@@ -102,11 +102,15 @@ class SetCriterion(nn.Module):
         return {'loss_bbox': loss_bbox / num_boxes, 'loss_giou': (1 - giou).view(D, -1).sum(1) / num_boxes}
 
     @staticmethod
-    def average_num_boxes(targets) -> float:
-        """Number of target boxes per process, averaged over processes, at least 1."""
-        # Through distributed.all_reduce_mean: its tensor is on the process's device (CUDA under nccl).
+    def average_num_boxes(targets, device) -> float | Tensor:
+        """Number of target boxes per process, averaged over processes, at least 1: a float in one process, else a
+        0-dim tensor on device, reduced on the collective's device and never read back (a read waits for the GPU)."""
         num_boxes = float(sum(len(t['labels']) for t in targets))
-        return max(distributed.all_reduce_mean({'num_boxes': num_boxes})['num_boxes'], 1.0)
+        if not distributed.is_distributed():
+            return max(num_boxes, 1.0)
+        # made by a fill, not copied from the host: a copy from pageable memory would wait for the GPU
+        reduced = distributed.all_reduce_mean_(torch.full((), num_boxes, device=distributed.process_device()))
+        return reduced.clamp(min=1).to(device)
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:

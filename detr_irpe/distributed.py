@@ -9,9 +9,12 @@ import torch.distributed as dist
 
 from detr_irpe import UsageError
 
+_host_group = None  # see host_group()
+
 
 def init_distributed(args):
     """Set args.distributed, args.rank, args.world_size, args.gpu from torchrun's environment."""
+    global _host_group
     if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', 1)) <= 1:
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
         return
@@ -27,6 +30,7 @@ def init_distributed(args):
         dist.init_process_group('nccl' if cuda else 'gloo', init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank, timeout=timeout)
         args.distributed = True
+        _host_group = dist.new_group(backend='gloo', timeout=timeout) if cuda else None
         # Torn down before the interpreter's exit: gloo's threads left to static destruction abort the process
         # now and then ("terminate called without an active exception"), failing a run that had finished.
         atexit.register(_destroy_process_group)
@@ -43,6 +47,8 @@ def init_distributed(args):
 
 
 def _destroy_process_group():
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -72,6 +78,12 @@ def process_device():
     return torch.device('cpu')
 
 
+def host_group():
+    """The process group for flags the host acts on: gloo, over CPU tensors (under nccl a group of its own; None, the
+    default group, under gloo), so that asking never waits for the GPU to finish its queue."""
+    return _host_group
+
+
 def all_reduce_mean(values):
     """Average a dict of floats over processes (for logging). The same keys on every process."""
     if not is_distributed():
@@ -80,6 +92,14 @@ def all_reduce_mean(values):
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=process_device())
     dist.all_reduce(t)
     return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_mean_(tensor):
+    """Average tensor over processes, in place on its device (process_device()); nothing is read back to the host."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+        tensor /= get_world_size()
+    return tensor
 
 
 def gather_to_main(obj):
@@ -94,12 +114,13 @@ def gather_to_main(obj):
 
 
 def any_process(flag):
-    """True on every process if `flag` is true on any (a max all-reduce on process_device())."""
+    """True on every process if `flag` is true on any: a max all-reduce over host_group() (the stop request after
+    every training step reads no GPU tensor)."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=process_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()[0] > 0
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return t.item() > 0
 
 
 def barrier():

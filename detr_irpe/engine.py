@@ -11,6 +11,7 @@ from tqdm import tqdm
 from detr_irpe import UsageError, distributed
 from detr_irpe.detr import batch_images
 from detr_irpe.irpe import rpe_parameters
+from detr_irpe.matcher import NonFiniteCostError
 from detr_irpe.preemption import iterate_loader
 
 
@@ -134,32 +135,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
                                        getattr(args, 'size_divisibility', 1))
             inputs = {'samples': batch, 'mask': mask}
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with precision.autocast():
-            outputs = model(**inputs)
-        outputs = {k: _float(v) for k, v in outputs.items()}
-        # Checked before matching too: the Hungarian matcher cannot take non-finite costs.
-        finite = torch.isfinite(outputs['pred_logits']).all() and torch.isfinite(outputs['pred_boxes']).all()
-        losses = criterion(outputs, targets) if finite else {}
-        weights = criterion.weight_dict
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights) if finite else torch.tensor(float('nan'))
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; the '
-                                     'last good checkpoint was kept. Lower --lr or check the data of this step.')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_max_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)  # skipped when a gradient is inf/nan (float16 only)
-        scaler.update()
-        if scale is not None and scaler.get_scale() < scale:  # the scale drops exactly when the step was skipped
-            stats['skipped'] += 1
-
-        # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
-        logged = {'loss': loss, **{k: v for k, v in losses.items()
-                                   if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
-        logged = dict(zip(logged, torch.stack([v.detach().float() for v in logged.values()]).tolist()))  # one sync
+        try:
+            logged, skipped = train_step(model, criterion, optimizer, scaler, precision, inputs, targets,
+                                         args.clip_max_norm)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f'{e} at epoch {epoch}, step {step}: training stopped; the last good checkpoint '
+                                     'was kept. Lower --lr or check the data of this step.') from None
+        stats['skipped'] += skipped
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
         stats['count'] += 1
@@ -173,6 +155,41 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     if scaler.is_enabled():
         averages['skipped_steps'] = stats['skipped']  # the same on every process: the scaler sees the reduced gradients
     return distributed.all_reduce_mean(averages)
+
+
+def train_step(model, criterion, optimizer, scaler, precision, inputs, targets, clip_max_norm=0.0):
+    """One optimizer step on a batch on the device: model(**inputs) (samples and mask, or features) under
+    precision's autocast, the loss against targets, backward, gradient clipping to clip_max_norm (0: none), the
+    scaler's step. Returns the logged losses as floats (the weighted total 'loss', the final decoder layer's terms,
+    class_error) and whether the scaler skipped the step (float16 with inf/nan gradients). Raises
+    NonFiniteLossError before the backward pass when the predictions or the loss are not finite.
+
+    The host waits for the GPU twice: for the matching costs, and for the logged losses, read before the backward
+    pass so that nothing waits after it (the next batch is launched while the GPU runs this one's backward)."""
+    with precision.autocast():
+        outputs = model(**inputs)
+    outputs = {k: _float(v) for k, v in outputs.items()}
+    try:
+        losses = criterion(outputs, targets)
+    except NonFiniteCostError:
+        raise NonFiniteLossError("loss is not finite (the model's predictions hold nan or inf)") from None
+    weights = criterion.weight_dict
+    loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+    # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
+    logged = {'loss': loss, **{k: v for k, v in losses.items()
+                               if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
+    logged = dict(zip(logged, torch.stack([v.detach().float() for v in logged.values()]).tolist()))  # one read
+    if not math.isfinite(logged['loss']):
+        raise NonFiniteLossError(f"loss is {logged['loss']}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_max_norm > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)  # skipped when a gradient is inf/nan (float16 only)
+    scaler.update()
+    return logged, scale is not None and scaler.get_scale() < scale  # the scale drops exactly when it skipped
 
 
 def pins_memory(device):

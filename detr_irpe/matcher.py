@@ -13,6 +13,10 @@ from torchvision.ops import generalized_box_iou
 from .box_ops import box_cxcywh_to_xyxy
 
 
+class NonFiniteCostError(FloatingPointError):
+    """The matching costs hold nan or inf, so the predictions do: the Hungarian algorithm cannot take them."""
+
+
 class HungarianMatcher(nn.Module):
     def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
         super().__init__()
@@ -28,7 +32,7 @@ class HungarianMatcher(nn.Module):
         """outputs: 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) cxcywh.
         targets: B dicts with 'labels' (N_b,) int64 and 'boxes' (N_b, 4) cxcywh.
         Returns B pairs (query indices, target indices), each int64 of length min(Q, N_b),
-        with query i matched to target j."""
+        with query i matched to target j. Raises NonFiniteCostError for predictions with nan or inf."""
         return self.match_layers(outputs['pred_logits'][None], outputs['pred_boxes'][None], targets)[0]
 
     @torch.no_grad()
@@ -48,6 +52,8 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(D, B, Q, -1).cpu()
+        if not torch.isfinite(cost).all():  # checked on the host's copy: no wait for the GPU of its own
+            raise NonFiniteCostError('the matching costs hold nan or inf: the predicted logits or boxes are not finite')
 
         sizes = [len(t['boxes']) for t in targets]
         return [[tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(c[b]))

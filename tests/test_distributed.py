@@ -85,13 +85,16 @@ class CollectiveChecker:
 
     def _tensor_collective(self, name, real):
         def checked(*args, **kwargs):
+            from detr_irpe.distributed import host_group
             tensors = [x for x in tree_leaves([args, kwargs]) if isinstance(x, torch.Tensor)]
             assert tensors, f'dist.{name} called without a tensor'
+            on_host = kwargs.get('group') is not None and kwargs.get('group') is host_group()  # gloo under nccl too
+            expected = torch.device('cpu') if on_host else self.expected_device()
             for t in tensors:
-                assert t.device == self.expected_device(), (
+                assert t.device == expected, (
                     f'dist.{name} got a tensor on {t.device}; the {"nccl" if self.pose_as_nccl else "gloo"} '
-                    f'process group needs {self.expected_device()}')
-            self.calls.append(name)
+                    f'process group needs {expected}')
+            self.calls.append(f'{name} on the host group' if on_host else name)
             if name == 'all_reduce':
                 self.sent.setdefault(name, []).append(_cpu(args[0]).clone())
             return real(*tree_map(lambda x: x.inner if isinstance(x, FakeCuda) else x, args), **kwargs)
@@ -219,3 +222,14 @@ def test_detections_are_gathered_to_the_main_process_only(two_process_run):
 @pytest.mark.slow
 def test_a_stop_request_on_one_process_reaches_all(two_process_run):
     assert [rank['stop'] for rank in two_process_run] == [(True, False), (True, False)]
+
+
+@pytest.mark.slow
+def test_under_nccl_stop_requests_go_over_the_host_group_and_box_counts_stay_on_the_gpu(runs):
+    # Reading a CUDA tensor after each step would wait for the GPU's queue: the stop request is a CPU tensor on a
+    # gloo group of its own; the box count is reduced on the GPU (the checker saw its device) and never read back.
+    for rank in runs['nccl']:
+        assert rank['calls'].count('all_reduce on the host group') >= 2  # the two stop requests
+        assert 'all_reduce' in rank['calls']
+    for rank in runs['gloo']:
+        assert not any('host group' in call for call in rank['calls'])

@@ -13,11 +13,13 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, build_model, engine
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.backbone import FrozenFeatures
+from detr_irpe.detr import batch_images
 from detr_irpe.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from detr_irpe.preemption import rng_state, set_rng_state
 from detr_irpe.precision import choose_precision
@@ -224,6 +226,57 @@ def test_non_finite_loss_names_epoch_and_step():
     # The bad step did not touch the weights: only the first (finite) step moved them.
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_non_finite_predictions_stop_before_matching_and_name_epoch_and_step():
+    args = get_args_parser().parse_args(TINY)
+    model, criterion, _ = build_model(args)
+    optimizer = engine.build_optimizer(model, args)
+    model.class_embed.bias.data[0] = float('inf')  # logits inf: softmax nan, which the Hungarian algorithm refuses
+    targets = [{'labels': torch.tensor([1]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(engine.NonFiniteLossError, match=r"predictions hold nan or inf\) at epoch 3, step 0"):
+        engine.train_one_epoch(model, criterion, [([torch.rand(3, 64, 64)], targets)], optimizer,
+                               engine.build_lr_scheduler(optimizer, args), 'cpu', 3, args,
+                               choose_precision('cpu', amp=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts item() / bool() / float() of tensors (aten._local_scalar_dense): on a GPU each waits for its queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default and not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_no_scalar_of_a_device_tensor():
+    # The host reads the device twice a step, as whole tensors: the matcher's cost matrix (.cpu(), then its own
+    # work on that host copy) and the logged losses (.tolist()); a finiteness check by bool() would be a third wait.
+    args = get_args_parser().parse_args(TINY)
+    model, criterion, _ = build_model(args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)  # no step counter read back, unlike Adam's on CPU
+    precision = choose_precision('cpu', amp=False)
+    reads, match_layers = ScalarReads(), criterion.matcher.match_layers
+
+    def on_its_host_copy(*a, **kw):
+        reads.paused = True
+        try:
+            return match_layers(*a, **kw)
+        finally:
+            reads.paused = False
+    criterion.matcher.match_layers = on_its_host_copy
+    targets = [{'labels': torch.tensor([1, 2]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.4]])}]
+    inputs = dict(zip(('samples', 'mask'), batch_images([torch.rand(3, 64, 80)])))
+    with reads:
+        logged, skipped = engine.train_step(model, criterion, optimizer, precision.grad_scaler(), precision, inputs,
+                                            targets, clip_max_norm=0.1)
+    assert reads.count == 0
+    assert math.isfinite(logged['loss']) and not skipped and set(logged) >= {'loss', 'loss_ce', 'class_error'}
 
 
 def test_training_and_evaluation_give_the_model_batches_padded_to_size_divisibility():

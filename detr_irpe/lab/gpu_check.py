@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 # the checkout: setup.py builds rpe_ops in place there
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -702,7 +703,7 @@ def covered(spans):
 
 
 def bench_train_steps(device, quick):
-    """DETR-R50 training steps (forward, loss, backward; dropout 0) at C5 and DC5, batch 2 (800x1066 and
+    """DETR-R50 training steps (forward, loss, backward, AdamW; dropout 0) at C5 and DC5, batch 2 (800x1066 and
     736x970), under --amp's precision: plain, iRPE-K through SDPA, flex and Triton, iRPE-QKV through SDPA/explicit
     and Triton (step_table)."""
     cuda = device == 'cuda'
@@ -739,8 +740,9 @@ def step_table(cases, device, quick):
     """Rows ((name, --enc_rpe2d, --attention_impl, --compile mode or None, batch size), stage C5|DC5) of DETR-R50
     training steps under --amp's precision: every model built and warmed (2 steps; the first compiles), then timed
     in turns (5 rounds, the order rotating, so a slow spell of the host hits all rows alike). Per row: median ms, first
-    step s, and on CUDA the peak GiB above the other models' memory, the GPU's busy share of the step (kernel
-    time in one profiled step / the median step), its GPU events (kernels, copies) and the most called ops.
+    step s, and on CUDA the peak GiB above the memory held before the step, weights counted (AdamW's moments, held
+    between steps, not), the GPU's busy share of the step (kernel time in one profiled step / the median step), its
+    GPU events (kernels, copies), how often the host waited for the GPU, and the most called ops.
     An out-of-memory or an error is that row's result (an error fails the benchmark)."""
     from detr_irpe.engine import cudagraph_skips
     from detr_irpe.precision import choose_precision
@@ -775,7 +777,7 @@ def step_table(cases, device, quick):
                 rows[row]['peak_gib'] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
                 events, busy_ms, top_ops = gpu_activity(step)
                 rows[row].update(gpu_busy_share=busy_ms / rows[row]['step_ms'], gpu_events_per_step=events,
-                                 top_ops=top_ops)
+                                 host_syncs_per_step=host_syncs(step), top_ops=top_ops)
             except Exception as e:  # noqa: BLE001
                 rows[row].update(_row_error(e))
         print(json.dumps({row: _rounded({k: v for k, v in rows[row].items() if k != 'traceback'})}), flush=True)
@@ -796,27 +798,41 @@ def _row_error(e):
 
 
 def training_step(flags, compile_mode, data, precision, device):
-    """step(): one training step (padding as the training loop pads, forward under precision's autocast, loss,
-    backward; gradients dropped after) of DETR-R50 with these model flags and random weights (seed 0), compiled in
-    compile_mode (None: eager), on data = (images, targets); step.parameter_bytes."""
+    """step(): one training step as the training loop takes it (padding, then engine.train_step: forward under
+    precision's autocast, loss, backward, clipping to --clip_max_norm, AdamW's step) of DETR-R50 with these model
+    flags and random weights (seed 0), the model compiled in compile_mode (None: eager), on data = (images, targets);
+    gradients dropped after, so that between steps a model holds its weights and AdamW's moments.
+    step.parameter_bytes: the weights and buffers."""
+    from detr_irpe import build_model, engine
+    from detr_irpe.cli.flags import get_args_parser
     from detr_irpe.detr import batch_images
-    from detr_irpe import build_model
-    from detr_irpe.cli.flags import get_model_parser
     torch.manual_seed(0)
-    args = get_model_parser().parse_args(['--backbone_weights', 'none', '--device', device, '--dropout', '0', *flags])
+    args = get_args_parser().parse_args(['--backbone_weights', 'none', '--device', device, '--dropout', '0', *flags])
     model, criterion, _ = build_model(args)
     model, criterion = model.to(device).train(), criterion.to(device).train()
+    optimizer, scaler = engine.build_optimizer(model, args), precision.grad_scaler()
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     images, targets = data
 
     def step():
-        with precision.autocast():
-            outputs = forward(*batch_images(images))
-        losses = criterion(upcast(outputs), targets)
-        sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+        inputs = dict(zip(('samples', 'mask'), batch_images(images)))
+        engine.train_step(forward, criterion, optimizer, scaler, precision, inputs, targets, args.clip_max_norm)
         model.zero_grad(set_to_none=True)
     step.parameter_bytes = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     return step
+
+
+def host_syncs(fn):
+    """How many times fn() made the host wait for the GPU: torch.cuda.set_sync_debug_mode's warnings (item(),
+    tolist(), copies to or from pageable memory, ...)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchronizing' in str(w.message) for w in caught)
 
 
 def bench_op(device, quick):
