@@ -38,7 +38,8 @@ def init_distributed(args):
     except dist.DistError as e:
         raise UsageError(f'process {args.rank} of {args.world_size}: not every process arrived within '
                          f'--dist_timeout {args.dist_timeout} s ({str(e).splitlines()[0]}); a process died or never '
-                         'started: see its log, or raise --dist_timeout.') from None
+                         'started: see its log, or raise --dist_timeout. Across machines, set GLOO_SOCKET_IFNAME (and '
+                         'NCCL_SOCKET_IFNAME) to the network interface they reach each other on.') from None
     if (args.rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0
             and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
         print('warning: torchrun --max-restarts with its shared rendezvous store: a restarted group can read the '
