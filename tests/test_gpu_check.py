@@ -31,6 +31,12 @@ def gpu_check():
     return importlib.import_module('detr_irpe.lab.gpu_check')
 
 
+@pytest.fixture(scope='module')
+def gpu_benchmarks():
+    """The benchmarks (detr_irpe/lab/gpu_benchmarks.py)."""
+    return importlib.import_module('detr_irpe.lab.gpu_benchmarks')
+
+
 def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_the_report(tmp_path):
     out = tmp_path / 'report.json'
     run = run_script('--checks', *FAST_CHECKS, '--benchmarks', 'op_vs_gather', '--output', str(out))
@@ -85,14 +91,14 @@ def test_the_cuda_graph_check_passes_compiled_steps_and_fails_a_replay_of_stale_
     torch._dynamo.reset()
 
 
-def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, monkeypatch, tmp_path):
+def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, gpu_benchmarks, monkeypatch, tmp_path):
     def broken(device, quick):
         raise RuntimeError('the kernel wrote garbage')
 
     def broken_benchmark(device, quick):
         raise ValueError('no timer')
     monkeypatch.setitem(gpu_check.CHECKS, 'gradcheck_float64', broken)
-    monkeypatch.setitem(gpu_check.BENCHMARKS, 'op_vs_gather', broken_benchmark)
+    monkeypatch.setitem(gpu_benchmarks.BENCHMARKS, 'op_vs_gather', broken_benchmark)
     out = tmp_path / 'report.json'
     tool = importlib.import_module('detr_irpe.cli.gpu_check')
     status = tool.run(['--device', 'cpu', '--quick', '--no_build', '--checks', 'gradcheck_float64', 'extension',
@@ -138,11 +144,11 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
 
 
 
-def test_gpu_busy_time_counts_overlapping_kernels_once(gpu_check):
+def test_gpu_busy_time_counts_overlapping_kernels_once(gpu_benchmarks):
     """The union of the kernels' intervals, against a loop over every microsecond (GPU-busy share of a step)."""
     import random
     rng = random.Random(0)
     for _ in range(50):
         spans = [(a, a + rng.randint(0, 30)) for a in (rng.randint(0, 200) for _ in range(rng.randint(0, 12)))]
         ticks = {t for start, stop in spans for t in range(start, stop)}
-        assert gpu_check.covered(spans) == len(ticks)
+        assert gpu_benchmarks.covered(spans) == len(ticks)

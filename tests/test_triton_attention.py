@@ -85,7 +85,7 @@ def test_weights_asked_for_come_from_the_explicit_path():
 def test_the_gpu_benchmark_runs_its_cases_under_the_interpreter():
     """What `make gpu-check` times on a GPU, tried on CPU at a tiny map (the times mean nothing there)."""
     from rpe_ops.triton_kernels import interpreted
-    result = interpreted('from detr_irpe.lab import gpu_check as g', 'g.bench_triton_attention("cpu", True)')
+    result = interpreted('from detr_irpe.lab import gpu_benchmarks as g', 'g.bench_triton_attention("cpu", True)')
     assert set(result['rows']) == {f'{name} 3x5' for name in ('plain', 'irpe_k sdpa', 'irpe_k triton', 'irpe_qkv sdpa',
                                                                'irpe_qkv triton')}
     assert all(row['ms'] > 0 for row in result['rows'].values())

@@ -27,7 +27,8 @@ except ImportError as error:
                      f'machine, run it with the python that has torch: make gpu-check PYTHON=/path/to/python') from None
 
 from detr_irpe.checkpoint import save_json
-from detr_irpe.lab.gpu_check import BENCHMARKS, CHECKS, build_extension, device_name, markdown, run_one
+from detr_irpe.lab.gpu_benchmarks import BENCHMARKS
+from detr_irpe.lab.gpu_check import CHECKS, build_extension, device_name, markdown, run_one
 
 
 def get_parser():
