@@ -27,6 +27,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
+	rm -rf outputs/demo  # the demo from the start each time (train.py refuses a new run in a run's folder)
 	$(PY) tools/train.py --config configs/demo.yaml
 
 test: setup

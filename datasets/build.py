@@ -97,6 +97,12 @@ def check_against_training_set(dataset, args):
             raise UsageError(f'--num_classes {num_classes} is too small for category id {largest} of the training '
                              f'set: pass at least --num_classes {largest + 1} (largest category id + 1), or leave '
                              f'it out to take it from the data')
+    if not get_coco_api_from_dataset(dataset).anns:
+        if getattr(args, 'dataset_file', None) == 'synthetic':
+            raise UsageError(f'--synthetic_objects {" ".join(map(str, args.synthetic_objects))} put no object in the '
+                             f'{len(dataset)} training images: nothing to learn; pass a MAX of 1 or more')
+        raise UsageError(f'the training set {unwrap(dataset).ann_file} has {len(dataset)} images and no annotations: '
+                         "nothing to learn; fill its 'annotations' list (COCO format: image_id, category_id, bbox)")
     world_size = getattr(args, 'world_size', 1) or 1
     if args.batch_size * world_size > len(dataset):
         processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
@@ -104,6 +110,23 @@ def check_against_training_set(dataset, args):
                   else f'in {unwrap(dataset).ann_file}')
         raise UsageError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
                          f'images ({source}): no full batch, so no training step would run; lower --batch_size')
+
+
+def check_categories(dataset, names, num_classes, against):
+    """A UsageError when the categories of `dataset` do not fit the model's: a category the model has no class
+    for (id >= num_classes), or a name that `names` ({id: name} of `against`: the training set, the checkpoint) has
+    under another id. Its detections would be scored under other ids, silently (AP 0 for those classes)."""
+    problems = []
+    by_name = {name: i for i, name in (names or {}).items()}
+    for i, name in category_names(dataset).items():
+        if by_name.get(name, i) != i:
+            problems.append(f'{name!r} is id {i} here and id {by_name[name]} in {against}')
+        elif num_classes is not None and i >= num_classes:
+            problems.append(f'id {i} ({name!r}) has no class in a model of --num_classes {num_classes}')
+    if problems:
+        raise UsageError(f'the categories of {unwrap(dataset).ann_file} do not fit {against}: '
+                         f'{"; ".join(problems[:3])}{" ..." if len(problems) > 3 else ""}. Give every category the '
+                         'id it has in the training data.')
 
 
 def collate_fn(batch):

@@ -208,6 +208,21 @@ def load_model_state(model, state_dict, source='checkpoint', saved_args=None, ar
     model.load_state_dict(state_dict)
 
 
+def check_same_model_flags(checkpoint, args, source):
+    """A UsageError naming the model flags this run sets otherwise than the run of tools/train.py that wrote
+    `checkpoint`: continuing it would train or evaluate another model on its weights, silently where no shape
+    differs (--position_embedding, --enc_rpe2d's index function, --dilation, --pre_norm)."""
+    if not isinstance(checkpoint.get('args'), dict):
+        return  # the published code's Namespace: it spells some values otherwise (DETR's 'v2' for sine)
+    # aux_loss shapes no weight (a recipe choice); None is a flag the data decides later (num_classes)
+    differing = [d for d in _differing_model_flags(checkpoint['args'], args) if d[0] != 'aux_loss' and d[2] is not None]
+    if differing:
+        raise UsageError(f'{source}: the run that wrote it had ' + ', '.join(f'--{k} {a!r} (this run: {b!r})'
+                                                                            for k, a, b in differing)
+                         + '; pass the same flags (its preset) to continue it, or --finetune to start a new run from '
+                         'its weights.')
+
+
 def _differing_model_flags(saved_args, args):
     """[(flag, value in saved_args, value in args)] for the model-shaping flags both name and set differently."""
     if saved_args is None or args is None:

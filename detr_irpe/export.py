@@ -6,6 +6,9 @@ bool, True on padding, with B, H and W dynamic, and returns `pred_logits` (B, Q,
 detr_irpe.postprocess). Bucket ids are computed inside the graph from the feature map's size (see
 irpe.cached_when_eager), so one file serves every image size.
 
+Beside the graph each file keeps, as JSON texts, the category names and the val transform's size flags the model
+was trained with (file_metadata): an ONNX file in its metadata_props, a .pt2 program as torch.export extra files.
+
 The rpe_ops custom ops stay in the .pt2 program (import rpe_ops before torch.export.load, as load_pt2 does);
 in ONNX each becomes standard operators, GatherElements and ScatterElements per bucket id (onnx_translations).
 """
@@ -29,6 +32,9 @@ OUTPUT_NAMES = ('pred_logits', 'pred_boxes')
 MIN_OPSET, MAX_OPSET = 18, 23
 # The smallest height and width the exported graph takes (see dynamic_shapes).
 MIN_SIDE = 33
+# The val transform's flags an exported file keeps, so that a tool running it resizes images as the model was
+# trained to see them: the same model at another size gives other detections.
+SIZE_FLAGS = ('val_size', 'val_max_size')
 # The example batch of the export: its H x W are not those of the images it will see (all dynamic).
 EXAMPLE_SIZE = (2, 224, 288)
 
@@ -149,12 +155,24 @@ def _quiet_shared_storage():
         yield
 
 
-def export_pt2(model, path, example=None):
-    """Write the torch.export program of `model` to `path` (torch.export.save). Returns the program."""
+def file_metadata(category_names=None, size_flags=None):
+    """{key: JSON text} that an exported file keeps beside its graph: 'category_names' ({id: name}) and the
+    SIZE_FLAGS in size_flags ({flag: value}), each only when given."""
+    metadata = {flag: json.dumps(size_flags[flag]) for flag in SIZE_FLAGS if flag in (size_flags or {})}
+    if category_names:
+        metadata['category_names'] = json.dumps({str(k): v for k, v in category_names.items()})
+    return metadata
+
+
+def export_pt2(model, path, example=None, category_names=None, size_flags=None):
+    """Write the torch.export program of `model` to `path` (torch.export.save), with file_metadata(category_names,
+    size_flags) as its extra files: torch.export.load(path, extra_files=files) adds them to `files`, which must not
+    be empty (torch replaces an empty dict with its own). Returns the program."""
     program = export_program(model, example)
+    metadata = file_metadata(category_names, size_flags)
     with _quiet_shared_storage():
         check_output_path(path)
-        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=metadata))
     return program
 
 
@@ -165,10 +183,9 @@ def load_pt2(path):
         return torch.export.load(path)
 
 
-def export_onnx(model, path, opset=MIN_OPSET, example=None, category_names=None):
-    """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators; with
-    category_names ({id: name}), the file's metadata keeps them as JSON under 'category_names'.
-    Returns the torch.onnx.ONNXProgram."""
+def export_onnx(model, path, opset=MIN_OPSET, example=None, category_names=None, size_flags=None):
+    """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators, with
+    file_metadata(category_names, size_flags) in its metadata_props. Returns the torch.onnx.ONNXProgram."""
     check_opset(opset)
     check_output_path(path)
     program = export_program(model, example)
@@ -178,9 +195,7 @@ def export_onnx(model, path, opset=MIN_OPSET, example=None, category_names=None)
     # The program's symbols (s0, s1, ...) as the dimension names of dynamic_shapes(), in the whole graph.
     images = onnx_program.model.graph.inputs[0]
     onnx_program.rename_axes({images.shape[0]: 'batch', images.shape[2]: 'height', images.shape[3]: 'width'})
-    if category_names:
-        onnx_program.model.metadata_props['category_names'] = json.dumps({str(k): v for k, v in
-                                                                          category_names.items()})
+    onnx_program.model.metadata_props.update(file_metadata(category_names, size_flags))
     atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
     return onnx_program
 
@@ -205,9 +220,12 @@ class OnnxDetector:
             raise UsageError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
                                     '--format onnx --output FILE.')
         self.session = onnx_session(path, threads)
-        stored = self.session.get_modelmeta().custom_metadata_map.get('category_names')
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        stored = metadata.get('category_names')
         # {id: name} the exported model was trained with, or None for a file that keeps none
         self.category_names = {int(k): v for k, v in json.loads(stored).items()} if stored else None
+        # {flag: value} of the val transform it was trained with; empty for a file exported before they were kept
+        self.size_flags = {flag: json.loads(metadata[flag]) for flag in SIZE_FLAGS if flag in metadata}
 
     def __call__(self, samples, mask=None):
         from detr_irpe.detr import batch_images

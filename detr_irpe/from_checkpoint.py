@@ -26,9 +26,17 @@ def adopt_flags(args, flags, explicit=(), names=MODEL_FLAGS):
     return taken
 
 
-def adopt_source_flags(args, source, explicit=()):
+def adopt_source_flags(args, source, explicit=(), where='the checkpoint'):
     """The source's model flags, then its data and size flags (the val transform, the dataset; the location only
-    when the command line names no data), into args except those given; one line says which were taken."""
+    when the command line names no data), into args except those given; one line says which were taken. A model
+    flag given otherwise than the source states it is a UsageError: its weights would run as another model."""
+    contradicting = [(k, source.flags[k], getattr(args, k)) for k in MODEL_FLAGS
+                     if k in explicit and k in source.flags and k != 'aux_loss' and getattr(args, k) != source.flags[k]]
+    if contradicting:
+        raise UsageError(f'{where} was trained with ' + ', '.join(f'--{k} {a!r}' for k, a, _ in contradicting)
+                         + '; this command gives ' + ', '.join(f'--{k} {b!r}' for k, _, b in contradicting)
+                         + ", which builds a model its weights were not trained for. Leave these flags out (the "
+                         "checkpoint's values are taken), or train from its weights with tools/train.py --finetune.")
     names = MODEL_FLAGS + tuple(f for f in DATA_FLAGS if f not in DATA_LOCATION or not set(DATA_LOCATION) & set(explicit))
     taken = adopt_flags(args, {**source.data_flags, **source.flags}, explicit, names)
     if taken:
@@ -45,7 +53,7 @@ def build_model_from_checkpoint(args, explicit=()):
     the source, so nothing is downloaded.
     """
     source = read_source(args.resume)
-    adopt_source_flags(args, source, explicit)
+    adopt_source_flags(args, source, explicit, f'--resume {args.resume}')
     for name, value in INFERENCE_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)

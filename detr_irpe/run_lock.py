@@ -39,6 +39,12 @@ class RunLock:
     def _take(self):
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UsageError(f'--output_dir {self.output_dir} is a file; pass a folder (it is made when missing).')
+        above = os.path.dirname(os.path.abspath(self.output_dir))
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise UsageError(f'--output_dir {self.output_dir} lies below {above}, which is a file; pass a folder '
+                             'path (missing folders are made).')
         self.made_folder = not os.path.exists(self.output_dir)
         os.makedirs(self.output_dir, exist_ok=True)
         # No O_TRUNC: the holder's details must survive a failed attempt.

@@ -116,6 +116,26 @@ def test_a_preset_backbone_in_workers_is_undone_on_the_command_line():
     assert not args.backbone_in_workers and args.num_workers == 0
 
 
+def test_a_presets_boolean_model_and_precision_flags_are_undone_on_the_command_line(tmp_path):
+    preset = tmp_path / 'p.yaml'
+    preset.write_text('amp: true\ndilation: true\npre_norm: true\n')
+    args = parse_args_with_config(get_args_parser(), ['--config', str(preset)])
+    assert args.amp and args.dilation and args.pre_norm
+    args = parse_args_with_config(get_args_parser(), ['--config', str(preset), '--no-amp', '--no-dilation',
+                                                      '--no-pre_norm'])
+    assert not (args.amp or args.dilation or args.pre_norm)
+
+
+def test_training_with_flex_on_a_cpu_is_refused_before_anything_is_built(tmp_path):
+    # torch's CPU flex_attention has a forward only: training failed at its first backward, after data and model
+    from detr_irpe.cli import train as train_tool
+    argv = ['--config', os.path.join(ROOT, 'configs', 'smoke.yaml'), '--attention_impl', 'flex', '--device', 'cpu',
+            '--output_dir', str(tmp_path / 'out'), '--synthetic_dir', str(tmp_path / 'syn')]
+    with pytest.raises(UsageError, match='--attention_impl flex trains on a GPU only'):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv))
+    assert not (tmp_path / 'syn').exists()
+
+
 def test_compile_takes_a_mode_and_cuda_graphs_are_refused_without_a_gpu(tmp_path, capsys):
     parse = get_args_parser().parse_args
     assert parse([]).compile is None and parse(['--compile']).compile == 'default'

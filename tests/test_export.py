@@ -8,6 +8,7 @@ import argparse
 import json
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
         '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '64', '--num_queries', '5',
-        '--num_classes', '4', '--dropout', '0', '--device', 'cpu']
+        '--num_classes', '4', '--dropout', '0', '--device', 'cpu',
+        # a val size other than the default 800, as a model trained on small images has
+        '--val_size', '64', '--val_max_size', '96']
 # Batch 2 whose second image is padded, at sizes other than the export's (export.EXAMPLE_SIZE).
 CHECK_SIZES = [(2, 161, 203), (2, 96, 352), (2, 289, 130)]
 SETTINGS = {
@@ -58,13 +61,14 @@ def tiny_checkpoint(folder, rpe, seed=0):
         for table in rpe_parameters(model):
             table.normal_(0.0, 0.5)
     path = os.path.join(folder, 'checkpoint.pth')
-    torch.save({'model': model.state_dict(), 'args': args}, path)
+    torch.save({'model': model.state_dict(), 'args': vars(args)}, path)
     return model, path
 
 
 @pytest.fixture(scope='module')
 def onnx_exports(tmp_path_factory):
-    """setting name -> (PyTorch model, ONNX path, checkpoint path): exported once, when first asked for."""
+    """setting name -> (PyTorch model, ONNX path, checkpoint path): exported once by tools/export.py, when first
+    asked for."""
     done = {}
 
     def get(name):
@@ -72,7 +76,7 @@ def onnx_exports(tmp_path_factory):
             folder = str(tmp_path_factory.mktemp(name))
             model, checkpoint = tiny_checkpoint(folder, SETTINGS[name])
             path = os.path.join(folder, 'detr.onnx')
-            export.export_onnx(model, path)
+            assert tool('export').run(['--resume', checkpoint, '--output', path]) == path
             done[name] = model, path, checkpoint
         return done[name]
     return get
@@ -112,30 +116,77 @@ def test_onnx_file_has_standard_operators_only_and_dynamic_inputs(onnx_exports, 
     assert [o.name for o in model.graph.output] == ['pred_logits', 'pred_boxes']
 
 
+def write_images(folder, sizes):
+    """Random RGB PNGs of these (height, width) as folder/0.png, 1.png, ...; their paths."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = [str(folder / f'{i}.png') for i in range(len(sizes))]
+    for path, (h, w) in zip(paths, sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def same_detections(folder_a, folder_b):
+    """Whether tools/predict.py wrote the same images.json and detections.json (boxes within 0.01 pixel, scores
+    within 1e-4) and the same files into both folders."""
+    for file in ('images.json', 'detections.json'):
+        a_all, b_all = (json.loads((folder / file).read_text()) for folder in (folder_a, folder_b))
+        assert len(a_all) > 0
+        if len(a_all) != len(b_all):
+            return False
+        for a, b in zip(a_all, b_all):
+            if ({k: v for k, v in a.items() if k not in ('bbox', 'score')} !=
+                    {k: v for k, v in b.items() if k not in ('bbox', 'score')}
+                    or not np.allclose(a.get('bbox', 0), b.get('bbox', 0), atol=1e-2)   # pixels
+                    or not np.isclose(a.get('score', 0), b.get('score', 0), atol=1e-4)):
+                return False
+    return sorted(os.listdir(folder_a)) == sorted(os.listdir(folder_b))
+
+
 @pytest.mark.slow
 def test_predict_with_onnx_writes_the_detections_pytorch_writes(onnx_exports, tmp_path):
     _, path, checkpoint = onnx_exports('irpe_k')
-    from PIL import Image
     predict = tool('predict')
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(90, 120), (130, 70)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
-    flags = [str(tmp_path / '0.png'), str(tmp_path / '1.png'), '--val_size', '96', '--val_max_size', '160',
-             '--min_size', '16']
+    flags = write_images(tmp_path, [(90, 120), (130, 70)]) + ['--val_size', '96', '--val_max_size', '160',
+                                                               '--min_size', '16']
     predict.run(flags + ['--resume', checkpoint, '--output_dir', str(tmp_path / 'torch')])
     predict.run(flags + ['--onnx', path, '--output_dir', str(tmp_path / 'onnx')])
-    for file in ('images.json', 'detections.json'):
-        expected = json.loads((tmp_path / 'torch' / file).read_text())
-        got = json.loads((tmp_path / 'onnx' / file).read_text())
-        assert len(got) == len(expected) > 0
-        for a, b in zip(got, expected):
-            assert {k: v for k, v in a.items() if k not in ('bbox', 'score')} == \
-                   {k: v for k, v in b.items() if k not in ('bbox', 'score')}
-            assert np.allclose(a.get('bbox', 0), b.get('bbox', 0), atol=1e-2)   # pixels
-            assert np.isclose(a.get('score', 0), b.get('score', 0), atol=1e-4)
-    assert sorted(os.listdir(tmp_path / 'onnx')) == sorted(os.listdir(tmp_path / 'torch'))
+    assert same_detections(tmp_path / 'onnx', tmp_path / 'torch')
     with pytest.raises(ValueError, match='20x64 pixels.*at least 33 a side'):
         export.OnnxDetector(path)([torch.zeros(3, 20, 64)])
+
+
+@pytest.mark.slow
+def test_predict_with_onnx_resizes_as_the_checkpoint_did_unless_told_otherwise(onnx_exports, tmp_path, capsys):
+    _, path, checkpoint = onnx_exports('irpe_k')
+    predict = tool('predict')
+    # 150 x 200: resized to 64 x 85 as trained (TINY's val size), to 800 x 1066 at the defaults
+    image = write_images(tmp_path, [(150, 200)]) + ['--min_size', '16']
+
+    def run(name, *flags):
+        predict.run(image + list(flags) + ['--output_dir', str(tmp_path / name)])
+        return tmp_path / name
+
+    resume = run('resume', '--resume', checkpoint)
+    assert re.search('from the checkpoint: .*--val_size 64, --val_max_size 96', capsys.readouterr().out)
+    assert same_detections(run('onnx', '--onnx', path), resume)
+    assert 'from the ONNX file: --val_size 64, --val_max_size 96' in capsys.readouterr().out
+    # a flag given wins over the file's, the other one is still taken from it
+    onnx_72 = run('onnx_72', '--onnx', path, '--val_size', '72')
+    assert 'from the ONNX file: --val_max_size 96\n' in capsys.readouterr().out
+    assert same_detections(onnx_72, run('resume_72', '--resume', checkpoint, '--val_size', '72'))
+    assert not same_detections(onnx_72, resume)
+    # a file exported before the size was kept: the defaults, as before
+    old = onnx.load(path)
+    kept = [p for p in old.metadata_props if p.key not in ('val_size', 'val_max_size')]
+    del old.metadata_props[:]
+    old.metadata_props.extend(kept)
+    onnx.save(old, str(tmp_path / 'old.onnx'))
+    onnx_old = run('onnx_old', '--onnx', str(tmp_path / 'old.onnx'))
+    assert 'from the ONNX file' not in capsys.readouterr().out
+    assert same_detections(onnx_old, run('resume_800', '--resume', checkpoint, '--val_size', '800',
+                                         '--val_max_size', '1333'))
+    assert not same_detections(onnx_old, resume)
 
 
 # ---- the ONNX lowering of each rpe op, against loops over its definition ----
@@ -215,6 +266,14 @@ def test_pt2_program_reloads_and_gives_pytorch_outputs(pt2_tool_export):
         torch.testing.assert_close(boxes, expected[1], atol=1e-4, rtol=0)
 
 
+def test_pt2_program_keeps_the_val_size_of_the_checkpoint(pt2_tool_export):
+    import rpe_ops  # noqa: F401  the program calls its ops
+    _, path = pt2_tool_export
+    files = dict.fromkeys(export.SIZE_FLAGS, '')  # filled in by the load (an empty dict would not be: `or {}`)
+    torch.export.load(path, extra_files=files)
+    assert {k: json.loads(files[k]) for k in ('val_size', 'val_max_size')} == {'val_size': 64, 'val_max_size': 96}
+
+
 def test_export_leaves_eager_bucket_id_cache_real(pt2_tool_export):
     # Tracing computes bucket ids on fake tensors: none of them may have entered the eager cache.
     from detr_irpe.irpe import get_bucket_ids_2d
@@ -267,7 +326,7 @@ def test_checkpoint_that_does_not_fit_the_flags_names_the_flag(tmp_path):
 
 
 def test_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
-    def write_half_then_fail(program, path):
+    def write_half_then_fail(program, path, **options):
         with open(path, 'wb') as f:
             f.write(b'half a program')
         raise RuntimeError('disk full')

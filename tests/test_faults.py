@@ -245,6 +245,23 @@ def test_an_output_dir_that_is_a_file_is_a_usage_error_before_anything_is_built(
     assert not os.path.exists(tmp_path / 'syn')
 
 
+def test_an_output_dir_below_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / 'afile').write_text('not a folder')
+    run = _train('--config', SMOKE, '--output_dir', str(tmp_path / 'afile' / 'sub'), '--synthetic_dir',
+                 str(tmp_path / 'syn'))
+    assert run.returncode == 2 and f'lies below {tmp_path / "afile"}, which is a file' in run.stderr, run.stderr[-3000:]
+
+
+def test_a_new_run_in_a_finished_runs_folder_is_refused_and_the_run_kept(tmp_path):
+    out, data = str(tmp_path / 'out'), ['--synthetic_dir', str(tmp_path / 'syn')]
+    first = _train('--config', SMOKE, '--output_dir', out, *data)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {f: (tmp_path / 'out' / f).read_bytes() for f in ('checkpoint.pth', 'log.txt')}
+    again = _train('--config', SMOKE, '--output_dir', out, *data)
+    assert again.returncode == 2 and 'holds a run (checkpoint.pth, log.txt): pass --resume auto' in again.stderr
+    assert {f: (tmp_path / 'out' / f).read_bytes() for f in kept} == kept
+
+
 @pytest.mark.slow
 def test_under_torchrun_every_process_stops_when_the_folder_is_held(tmp_path):
     out = str(tmp_path / 'out')

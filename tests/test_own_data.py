@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError
 from detr_irpe.cli import eval as eval_tool
 from detr_irpe.cli import predict as predict_tool
 from detr_irpe.cli import train as train_tool
@@ -66,6 +67,59 @@ def test_eval_takes_the_checkpoints_data_and_sizes_names_its_classes_and_writes_
     assert (run / 'eval.json').read_bytes() == training_eval  # training's result stays
     assert json.loads((run / 'eval_checkpoint' / 'eval.json').read_text())['checkpoint'] == \
         str(run / 'checkpoint.pth')
+
+
+def test_eval_refuses_a_model_flag_other_than_the_checkpoints_where_no_shape_would_differ(trained):
+    # without the check the weights ran as another model: AP 0.010 instead of 0.321 in the demo, exit status 0
+    _, run, _ = trained
+    for flags, said in ((['--position_embedding', 'none'], "--position_embedding 'sine'"),
+                        (['--dilation'], '--dilation False')):
+        with pytest.raises(UsageError, match=f"was trained with {said}.*Leave these flags out"):
+            eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0', *flags])
+    eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0', '--position_embedding', 'sine',
+                   '--attention_impl', 'sdpa'])  # the checkpoint's value, and an implementation choice
+
+
+def test_resuming_training_with_other_model_flags_is_refused_before_anything_is_built(trained, tmp_path):
+    data, run, _ = trained
+    argv = [*data, *SMALL, '--epochs', '2', '--resume', str(run / 'checkpoint.pth'), '--output_dir', str(tmp_path)]
+    with pytest.raises(UsageError, match=r"the run that wrote it had --pre_norm False \(this run: True\)"):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--pre_norm']))
+
+
+def test_val_categories_under_other_ids_than_the_models_are_refused(trained, tmp_path):
+    data, run, _ = trained
+    val = json.loads(open(data[data.index('--val_json') + 1]).read())
+    moved = {7: 5}  # 'square' under another id, as a hand-edited val file might have it
+    val['categories'] = [dict(c, id=moved.get(c['id'], c['id'])) for c in val['categories']]
+    val['annotations'] = [dict(a, category_id=moved.get(a['category_id'], a['category_id'])) for a in val['annotations']]
+    (tmp_path / 'val.json').write_text(json.dumps(val))
+    with pytest.raises(UsageError, match=r"'square' is id 5 here and id 7 in --resume"):
+        eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0',
+                       '--val_json', str(tmp_path / 'val.json'), '--val_images', data[data.index('--val_images') + 1]])
+    argv = [*data, *SMALL, '--output_dir', str(tmp_path / 'run')]
+    argv[argv.index('--val_json') + 1] = str(tmp_path / 'val.json')
+    with pytest.raises(UsageError, match=r"'square' is id 5 here and id 7 in the training set"):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv))
+
+
+def test_a_training_set_without_annotations_is_refused(tmp_path):
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=1)
+    train_json = data[data.index('--train_json') + 1]
+    content = json.loads(open(train_json).read())
+    content['annotations'] = []
+    open(train_json, 'w').write(json.dumps(content))
+    with pytest.raises(UsageError, match="has 4 images and no annotations: nothing to learn"):
+        train_tool.run(parse_args_with_config(get_args_parser(), [*data, *SMALL]))
+
+
+def test_eval_with_the_training_preset_writes_beside_the_checkpoint(trained, tmp_path):
+    # a preset's output_dir is its training run's folder (configs/smoke.yaml's, as the README's eval example)
+    _, run, _ = trained
+    (tmp_path / 'preset.yaml').write_text(f'output_dir: {run}\n')
+    eval_tool.run(['--config', str(tmp_path / 'preset.yaml'), '--resume', str(run / 'checkpoint.pth'),
+                   '--num_workers', '0'])
+    assert (run / 'eval_checkpoint' / 'eval.json').is_file()
 
 
 def test_eval_into_a_training_runs_folder_is_a_usage_error(trained):

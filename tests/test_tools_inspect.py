@@ -191,6 +191,27 @@ def test_plot_logs_writes_one_png_for_several_runs(tmp_path, capsys):
         tool('plot_logs').run([a, b, '--labels', 'one'])
 
 
+def tool_process(name, *argv):
+    """tools/<name>.py run as a user runs it, in a process of its own: the CompletedProcess."""
+    env = {**os.environ, 'PYTHONPATH': ROOT}
+    env.pop('DETR_IRPE_DEBUG', None)  # it would show the traceback of a usage error
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{name}.py'), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('given, needles', [('nope.png', ['nope.png', 'does not exist', '.png', 'folders']),
+                                            ('some.json', ['some.json', 'as an image', '.jpg'])])
+def test_predict_on_a_missing_file_or_no_image_is_a_one_line_usage_error(tmp_path, given, needles):
+    args = get_args_parser().parse_args(TINY)
+    checkpoint = str(tmp_path / 'checkpoint.pth')
+    torch.save({'model': build_model(args)[0].state_dict(), 'args': vars(args)}, checkpoint)
+    (tmp_path / 'some.json').write_text('{"images": []}')
+    run = tool_process('predict', '--resume', checkpoint, str(tmp_path / given), '--output_dir', str(tmp_path / 'out'))
+    assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and all(n in lines[0] for n in needles), lines
+
+
 @pytest.mark.parametrize('name', ['visualize_buckets', 'visualize_rpe', 'predict', 'plot_logs', 'sweep'])
 def test_every_tool_has_help_with_an_example(name):
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{name}.py'), '--help'], cwd=ROOT,

@@ -19,7 +19,7 @@ import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, engine
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
-from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
+from detr_irpe.cli.presets import command_line_flags, explicit_flags, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
@@ -41,14 +41,17 @@ def get_parser():
 def run(argv=None):
     parser = get_parser()
     args = parse_checkpoint_args(parser, argv, 'the detector to evaluate')
+    if 'output_dir' not in command_line_flags(parser, argv):  # a preset's is its training run's folder
+        args.output_dir = None
     output_dir = eval_output_dir(args)
     args.eval_backend = resolve_backend(args.eval_backend)
-    model, postprocessors, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+    model, postprocessors, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     device = torch.device(args.device)
     model.to(device)
     if args.compile:
         model = torch.compile(model, mode=args.compile)
     dataset = datasets.build_dataset('val', args)
+    datasets.check_categories(dataset, source.category_names, args.num_classes, f'--resume {args.resume}')
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device))
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)

@@ -7,9 +7,11 @@
 Inputs of the exported graph: images (B, 3, H, W) float32, normalised as for evaluation, and mask (B, H, W)
 bool, True on padding; outputs pred_logits (B, Q, num_classes + 1) and pred_boxes (B, Q, 4) normalised
 cxcywh. B, H and W are dynamic (H, W at least 33). The checkpoint is any detector file or folder
-detr_irpe.convert reads; model flags come from it unless given, and its category names go into the ONNX file's
-metadata ('category_names', JSON {id: name}). The export runs on the CPU. After writing, the file is run once on a batch of another size and compared with
-the PyTorch model (the largest difference is printed).
+detr_irpe.convert reads; model flags come from it unless given. Its category names and val transform size
+(--val_size, --val_max_size, from a checkpoint of tools/train.py) go into the file as JSON: the ONNX file's
+metadata_props 'category_names' ({id: name}), 'val_size', 'val_max_size' (tools/predict.py --onnx takes the size
+from there), the .pt2 program's extra files of the same names. The export runs on the CPU. After writing, the
+file is run once on a batch of another size and compared with the PyTorch model (the largest difference is printed).
 """
 import os
 
@@ -52,10 +54,12 @@ def run(argv=None):
     # On the CPU, with SDPA: flex_attention's compiled kernel has no ONNX form (and 'auto' is SDPA there).
     args.device, args.attention_impl = 'cpu', 'sdpa'
     model, _, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+    # of the checkpoint's data flags (empty unless tools/train.py wrote it) the file keeps the val size only
+    kept = {'category_names': source.category_names, 'size_flags': source.data_flags}
     if fmt == 'onnx':
-        export_onnx(model, args.output, opset=args.opset, category_names=source.category_names)
+        export_onnx(model, args.output, opset=args.opset, **kept)
     else:
-        export_pt2(model, args.output)
+        export_pt2(model, args.output, **kept)
     print(f'wrote {args.output}')
     size, difference = max_difference(model, args.output, fmt)
     print(f'checked on a batch of {size[0]} images of {size[1]}x{size[2]} (one padded): largest difference from '

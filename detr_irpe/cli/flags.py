@@ -209,7 +209,8 @@ def add_model_args(p, attention=True):
     attention, --attention_impl (how the encoder computes attention, not what)."""
     g = p.add_argument_group('model')
     g.add_argument('--backbone', default='resnet50', choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'])
-    g.add_argument('--dilation', action='store_true', help='dilated C5 stage (DETR-DC5)')
+    g.add_argument('--dilation', action=argparse.BooleanOptionalAction, default=False,
+                   help='dilated C5 stage (DETR-DC5; --no-dilation undoes a preset\'s)')
     g.add_argument('--position_embedding', default='sine', choices=['sine', 'learned', 'none'],
                    help="absolute position encoding; 'none' keeps only iRPE")
     g.add_argument('--enc_layers', default=6, type=int_range(0, MAX_LAYERS))
@@ -218,7 +219,8 @@ def add_model_args(p, attention=True):
     g.add_argument('--hidden_dim', default=256, type=int_range(1, MAX_WIDTH))
     g.add_argument('--nheads', default=8, type=int_range(1, MAX_WIDTH))
     g.add_argument('--num_queries', default=100, type=int_range(1, MAX_COUNT))
-    g.add_argument('--pre_norm', action='store_true')
+    g.add_argument('--pre_norm', action=argparse.BooleanOptionalAction, default=False,
+                   help='layer norm before attention and feed-forward, not after (--no-pre_norm undoes a preset\'s)')
     g.add_argument('--enc_rpe2d', default='', type=enc_rpe2d_flag,
                    help=f"iRPE in encoder self-attention: {RPE_STRING_FORMAT}, e.g. 'rpe-2.0-product-ctx-1-k'; "
                         "empty for none")
@@ -273,10 +275,11 @@ def add_training_args(p):
     g.add_argument('--checkpoint_every', default=0, type=int_range(0),
                    help='also write the checkpoint every N training steps within an epoch (0: only at epoch end)')
     g.add_argument('--eval_every', default=1, type=int_range(1), help='evaluate on val every N epochs')
-    g.add_argument('--amp', action='store_true',
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='autocast to what the device computes natively (detr_irpe/precision.py): bfloat16 on GPUs '
                         'that have it, float16 with a gradient scaler on older GPUs, bfloat16 on CPUs with '
-                        'AVX512_BF16 or AMX, float32 on other CPUs; the choice is printed at start-up')
+                        'AVX512_BF16 or AMX, float32 on other CPUs; the choice is printed at start-up (--no-amp undoes '
+                        'a preset\'s)')
     g.add_argument('--backbone_in_workers', action=argparse.BooleanOptionalAction, default=False,
                    help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
                         'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '
@@ -378,6 +381,11 @@ def add_data_args(p, train=True):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default, and the tool's docstring as written (its example commands intact)."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help  # a switch's "(default: True)" reads as its own default: --no_aux_loss's was wrong
+        return super()._get_help_string(action)
 
 
 def new_parser(description='DETR with iRPE', add_help=True):

@@ -17,7 +17,8 @@ Model flags, and from a checkpoint of tools/train.py the data and size flags, co
 the checkpoint is any detector file or folder detr_irpe.convert reads; output_dir defaults to <checkpoint
 folder>/predict.
 With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
-pictures and JSON; model flags are not needed, --config still gives the data flags (--val_size, names).
+pictures and JSON; model flags are not needed, --val_size and --val_max_size come from the file unless given (a
+file exported without them: the defaults), --config still gives the data flags (names).
 """
 import os
 
@@ -29,8 +30,8 @@ from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args,
                                  float_range, int_range, new_parser)
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.export import OnnxDetector
-from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.export import SIZE_FLAGS, OnnxDetector
+from detr_irpe.from_checkpoint import adopt_flags, build_model_from_checkpoint
 from detr_irpe.lab.plots import draw_detections, list_images, load_image, predict, save_figure
 from detr_irpe.postprocess import PostProcess, coco_results
 
@@ -67,10 +68,15 @@ def run(argv=None):
         parser.error('give either --resume CHECKPOINT (the .pth file to run) or --onnx FILE (an export of '
                      'tools/export.py), not both or neither')
     paths = list_images(args.inputs)
+    explicit = explicit_flags(get_parser(), argv)
     if args.onnx:
         model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
+        # the size the model was trained at, as --resume takes it from a checkpoint: at another, other detections
+        taken = adopt_flags(args, model.size_flags, explicit, SIZE_FLAGS)
+        if taken:
+            print('from the ONNX file: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
     else:
-        model, postprocessors, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
+        model, postprocessors, source = build_model_from_checkpoint(args, explicit)
         device = torch.device(args.device)
         model.to(device)
     coco = val_annotations(args)

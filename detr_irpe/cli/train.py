@@ -26,9 +26,9 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, distributed, engine
-from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, load_model_state, load_optimizer_state,
-                                  load_resume_checkpoint, remove_stale_temporaries, resume_point, save_checkpoint,
-                                  save_json)
+from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, check_same_model_flags, load_model_state,
+                                  load_optimizer_state, load_resume_checkpoint, remove_stale_temporaries, resume_point,
+                                  save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -97,6 +97,10 @@ def run(args, explicit=()):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.eval_backend = resolve_backend(args.eval_backend)
+    if args.attention_impl == 'flex' and not args.eval and torch.device(args.device).type != 'cuda':
+        raise UsageError(f"--attention_impl flex trains on a GPU only: torch's flex_attention on CPU has no backward; "
+                         f'on --device {args.device} train with --attention_impl auto (or sdpa), and evaluate with '
+                         'flex if you like')
     distributed.init_distributed(args)
     if args.output_dir:  # before anything is built: a second run on the folder stops at once
         lock = RunLock(args.output_dir).acquire()
@@ -111,6 +115,13 @@ def run(args, explicit=()):
     # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start.
     # Read before data and model are built, so that resuming a finished run stops at once.
     resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
+    if resume:
+        check_same_model_flags(checkpoint, args, f'--resume {resume}')
+    elif args.output_dir and not args.eval and args.resume != 'auto':
+        held = [f for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, 'log.txt') if os.path.isfile(os.path.join(args.output_dir, f))]
+        if held:  # a new run there would replace the checkpoint and append a second epoch 0 to log.txt
+            raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}): pass --resume auto to '
+                             'continue it, or another --output_dir to start a new one')
     resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
     if resumes_training and resume_point(checkpoint)[0] >= args.epochs:
         raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; pass a larger '
@@ -122,6 +133,7 @@ def run(args, explicit=()):
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(dataset_train)
     category_names = datasets.category_names(dataset_train)
+    datasets.check_categories(dataset_val, category_names, args.num_classes, 'the training set')
     print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
     source = finetune_source(args, explicit) if args.finetune else None
     model, criterion, postprocessors = build_model(args)

@@ -16,6 +16,7 @@ import torch
 from matplotlib import patches
 from matplotlib.colors import ListedColormap
 
+from detr_irpe import UsageError
 from detr_irpe.irpe import get_bucket_ids_2d, iRPE_Cross
 
 # --------------------------------------------------------------------------------------------- buckets
@@ -192,17 +193,19 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.
 
 def list_images(inputs):
     """Image files of `inputs` (files, or folders whose image files are taken in name order)."""
+    expected = f'expected image files ({", ".join(IMAGE_EXTENSIONS)}) or folders of them'
     paths = []
     for p in inputs:
         if os.path.isdir(p):
             found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
-                raise FileNotFoundError(f'folder {p!r} holds no image files ({", ".join(IMAGE_EXTENSIONS)}).')
+                raise UsageError(f'folder {p!r} holds no image files; {expected}: give the folder that holds them.')
             paths += found
         elif os.path.isfile(p):
             paths.append(p)
         else:
-            raise FileNotFoundError(f'{p!r} is neither an image file nor a folder.')
+            what = 'is neither a file nor a folder' if os.path.exists(p) else 'does not exist'
+            raise UsageError(f'{p!r} {what}; {expected}: check the path.')
     return paths
 
 
@@ -212,8 +215,10 @@ def load_image(path, transform):
     try:
         with Image.open(path) as f:
             image = f.convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f'cannot read image {path!r}: {e}') from None
+    except OSError as e:  # PIL's UnidentifiedImageError among them, whose message repeats the path
+        why = 'in no format PIL reads' if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UsageError(f'cannot read {path!r} as an image ({why}); expected an image file '
+                         f'({", ".join(IMAGE_EXTENSIONS)}): convert it or leave it out.') from None
     return image, transform(image)
 
 
