@@ -126,6 +126,18 @@ def test_a_presets_boolean_model_and_precision_flags_are_undone_on_the_command_l
     assert not (args.amp or args.dilation or args.pre_norm)
 
 
+def test_help_with_a_preset_shows_the_presets_values_and_switches_no_misleading_default(capsys):
+    demo = os.path.join(ROOT, 'configs', 'demo.yaml')
+    with pytest.raises(SystemExit) as exit_:
+        parse_args_with_config(get_args_parser(), ['--config', demo, '--help'])
+    assert exit_.value.code == 0
+    out = ' '.join(capsys.readouterr().out.split())
+    assert '--hidden_dim HIDDEN_DIM default: 128' in out and '--epochs EPOCHS default: 16' in out  # demo.yaml's
+    no_aux_loss = out[out.index('--no_aux_loss turn off'):]
+    assert '(default' not in no_aux_loss[:no_aux_loss.index(' --', 3)]  # a switch: no "(default: True)" beside it
+    assert "--amp, --no-amp autocast" in out and "a preset's) (default: True)" in out  # demo.yaml's amp: true
+
+
 def test_training_with_flex_on_a_cpu_is_refused_before_anything_is_built(tmp_path):
     # torch's CPU flex_attention has a forward only: training failed at its first backward, after data and model
     from detr_irpe.cli import train as train_tool

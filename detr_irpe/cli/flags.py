@@ -1,6 +1,7 @@
 """Command-line flags: DETR's, with DETR's defaults, plus --enc_rpe2d and --backbone_weights; the data flags; the
 flag types. Each tool's parser holds the groups it uses (get_args_parser: all of them, tools/train.py's)."""
 import argparse
+import copy
 import math
 import os
 
@@ -386,6 +387,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return action.help  # a switch's "(default: True)" reads as its own default: --no_aux_loss's was wrong
         return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action = copy.copy(action)  # a flag without help text still shows its default (a preset's, with --config)
+            action.help = 'default: %(default)s'
+        return super()._format_action(action)
 
 
 def new_parser(description='DETR with iRPE', add_help=True):
