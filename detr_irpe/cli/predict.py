@@ -5,7 +5,7 @@ threshold as PNG, and all detections as a COCO results JSON.
         .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict
     python tools/predict.py --resume detr_irpe_r50_150ep.pth --coco_path /data/coco street.jpg park.jpg \\
         --threshold 0.7 --output_dir runs/predict
-    python tools/predict.py --config configs/smoke.yaml --onnx outputs/smoke/detr.onnx \
+    python tools/predict.py --config configs/smoke.yaml --onnx outputs/smoke/detr.onnx \\
         .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict_onnx     # onnxruntime, no checkpoint
 
 Writes output_dir/<image name>.png, detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]

@@ -5,7 +5,7 @@
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 tools/train.py \\
         --config configs/detr_r50_irpe_150ep.yaml --coco_path /data/coco
     python tools/train.py --config configs/smoke.yaml --resume outputs/smoke/checkpoint.pth   # continue
-    python tools/train.py --train_json train.json --train_images images --val_json val.json --val_images images \
+    python tools/train.py --train_json train.json --train_images images --val_json val.json --val_images images \\
         --finetune outputs/smoke/checkpoint.pth --output_dir runs/mine   # your own data, from trained weights
 
 Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps; the one before it is kept as
