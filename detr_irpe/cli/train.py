@@ -118,7 +118,8 @@ def run(args, explicit=()):
     if resume:
         check_same_model_flags(checkpoint, args, f'--resume {resume}')
     elif args.output_dir and not args.eval and args.resume != 'auto':
-        held = [f for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, 'log.txt') if os.path.isfile(os.path.join(args.output_dir, f))]
+        held = [f for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, 'log.txt')
+                if os.path.isfile(os.path.join(args.output_dir, f))]
         if held:  # a new run there would replace the checkpoint and append a second epoch 0 to log.txt
             raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}): pass --resume auto to '
                              'continue it, or another --output_dir to start a new one')
