@@ -105,6 +105,17 @@ def test_finetune_of_a_huggingface_folder_into_irpe_keeps_the_box_path_and_carri
     torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
 
 
+def test_a_stopped_finetuning_run_resumes_with_the_command_line_that_started_it(hf, tmp_path):
+    # its model flags come from --finetune's source, not the command line: resuming compares the run's with them
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=2)
+    argv = [*data, *SMALL, '--finetune', hf[0], '--output_dir', str(tmp_path / 'run'), '--resume', 'auto']
+    first = tool('train.py', *argv, '--epochs', '1')
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = tool('train.py', *argv, '--epochs', '2')
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'resumed from' in again.stdout and torch.load(tmp_path / 'run' / 'checkpoint.pth')['epoch'] == 1
+
+
 def finetune_model(*argv):
     args = get_args_parser().parse_args(['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32',
                                          '--nheads', '4', '--enc_layers', '2', '--dec_layers', '2',

@@ -115,6 +115,8 @@ def run(args, explicit=()):
     # --resume auto: output_dir's checkpoint, or the one before it when that is damaged; none: a fresh start.
     # Read before data and model are built, so that resuming a finished run stops at once.
     resume, checkpoint = load_resume_checkpoint(args.resume, args.output_dir)
+    # --finetune's model flags first: a fine-tuning run resumes with the command line that started it
+    source = finetune_source(args, explicit) if args.finetune else None
     if resume:
         check_same_model_flags(checkpoint, args, f'--resume {resume}')
     elif args.output_dir and not args.eval and args.resume != 'auto':
@@ -136,7 +138,6 @@ def run(args, explicit=()):
     category_names = datasets.category_names(dataset_train)
     datasets.check_categories(dataset_val, category_names, args.num_classes, 'the training set')
     print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
-    source = finetune_source(args, explicit) if args.finetune else None
     model, criterion, postprocessors = build_model(args)
     if source is not None:
         print(load_for_finetuning(model, source, category_names, args.finetune))
