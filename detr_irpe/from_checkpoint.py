@@ -77,6 +77,9 @@ def load_for_finetuning(model, source, category_names, path):
     tensors is refused. Returns the one-line report."""
     target = model.state_dict()
     loaded, reinitialised, new = [], {}, []
+    # rows carry over only between heads of one width (another --hidden_dim reinitialises the head whole)
+    head = [source.state_dict.get(CLASS_HEAD[0]), target.get(CLASS_HEAD[0])]
+    rows_fit = None not in head and head[0].shape[1:] == head[1].shape[1:]
     for name, tensor in target.items():
         value = source.state_dict.get(name)
         if value is None:
@@ -84,7 +87,7 @@ def load_for_finetuning(model, source, category_names, path):
         elif value.shape == tensor.shape:
             tensor.copy_(value)
             loaded.append(name)
-        elif name in CLASS_HEAD:
+        elif name in CLASS_HEAD and rows_fit:
             reinitialised[name] = 'classes differ'
         else:
             reason = 'num_queries differs' if name.startswith('query_embed.') else 'shape differs'
@@ -93,7 +96,7 @@ def load_for_finetuning(model, source, category_names, path):
         raise UsageError(f'--finetune {path}: only {len(loaded)} of the model\'s {len(target)} tensors match the '
                          f'source\'s by name and shape ({source.format}); the model flags given may not fit it, or it '
                          f'is no detector this project reads. Expected {FORMATS_HELP}.')
-    if CLASS_HEAD[0] in reinitialised:
+    if reinitialised.get(CLASS_HEAD[0]) == 'classes differ':
         carried = carry_class_rows(target, source, category_names)
         reinitialised[CLASS_HEAD[0]] = reinitialised[CLASS_HEAD[1]] = (
             f'{source.state_dict[CLASS_HEAD[1]].shape[0] - 1} classes in the source, '

@@ -1,6 +1,8 @@
 """--finetune and load_detector: weights of any source (here a Hugging Face DetrForObjectDetection folder written by
 save_pretrained, random weights) into a new run or an inference model, checked against transformers' own outputs."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -131,6 +133,28 @@ def test_finetune_with_other_num_queries_reinitialises_only_the_query_embeddings
     assert 'query_embed.weight (num_queries differs' in report and '1 re-initialised' in report
     assert torch.equal(model.query_embed.weight, fresh)
     assert torch.equal(model.class_embed.weight, source.state_dict['class_embed.weight'])  # same classes: loaded
+
+
+def test_finetune_with_another_hidden_dim_reinitialises_the_class_head_whole(hf):
+    # its rows are of another width: carrying them over by class name failed with a RuntimeError
+    source = read_source(hf[0])
+    model = finetune_model('--hidden_dim', '64', '--num_queries', '5')
+    fresh = model.class_embed.weight.detach().clone()
+    report = load_for_finetuning(model, source, HF_ID2LABEL, hf[0])
+    assert re.search(r'class_embed.weight[^]]*shape differs: \(\d+, 32\) in the source, \(5, 64\) here', report)
+    assert 'carried over' not in report and torch.equal(model.class_embed.weight, fresh)
+
+
+def test_finetune_from_a_weights_file_alone_says_which_flags_it_took_as_defaults(hf, tmp_path, capsys):
+    from detr_irpe.cli.train import finetune_source
+    weights = next(f for f in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(hf[0], f)))
+    shutil.copy(os.path.join(hf[0], weights), tmp_path / weights)  # without its config.json
+    for source, said in ((str(tmp_path / weights), True), (hf[0], False)):
+        args = get_args_parser().parse_args(['--finetune', source, '--device', 'cpu'])
+        finetune_source(args, {'finetune', 'device'})
+        out = capsys.readouterr().out
+        assert ('does not state --nheads, --dilation, --position_embedding; this run uses --nheads 8, --dilation '
+                "False, --position_embedding sine: pass the source's if they differ" in out) == said, out
 
 
 def test_finetune_source_matching_under_half_of_the_model_is_refused_naming_the_formats(hf):

@@ -2,6 +2,7 @@
 predicts with the four data flags; and each silent trap a new user met is now a usage error or a stated default."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,10 +146,20 @@ def test_predict_draws_the_checkpoints_names_and_writes_only_the_datasets_ids(tr
     assert len(detections) == 5 and {d['category_id'] for d in detections} <= set(NAMES)
 
 
+def test_eval_of_a_run_scores_its_checkpoint_under_its_epoch_and_needs_one(trained, tmp_path):
+    data, run, _ = trained
+    result = tool('train.py', *data, *SMALL, '--output_dir', str(tmp_path / 'out'), '--eval')
+    assert result.returncode == 2 and '--eval evaluates a checkpoint: pass --resume' in result.stderr
+    shutil.copytree(run, tmp_path / 'copy')
+    result = tool('train.py', *data, *SMALL, '--output_dir', str(tmp_path / 'copy'), '--resume', 'auto', '--eval')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'of epoch 0' in result.stdout and json.loads((tmp_path / 'copy' / 'eval.json').read_text())['epoch'] == 0
+
+
 def test_resume_of_a_finished_run_is_a_usage_error_unless_evaluating(trained):
     data, run, _ = trained
     result = tool('train.py', *data, *SMALL, '--output_dir', str(run), '--resume', str(run / 'checkpoint.pth'))
-    assert result.returncode == 2 and 'already trained all --epochs 1' in result.stderr
+    assert result.returncode == 2 and 'has trained 1 epochs and --epochs 1 asks for no more' in result.stderr
     assert 'parameters:' not in result.stdout and 'images' not in result.stdout  # said before data and model are built
 
 

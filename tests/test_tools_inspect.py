@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_irpe import build_model
+from detr_irpe import UsageError, build_model
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.postprocess import coco_results
 from detr_irpe.lab.plots import bucket_map, drawing_scale, irpe_logit_terms, read_log, uniform_reference_positions
@@ -179,6 +179,14 @@ def test_read_log_keeps_the_last_record_of_a_resumed_epoch_and_names_the_stats(t
         read_log(str(tmp_path / 'bad.txt'))
 
 
+def test_plot_logs_of_a_missing_path_or_a_file_of_no_log_is_a_usage_error(tmp_path):
+    (tmp_path / 'table.json').write_text('[{"entry": "none"},\n {"entry": "k"}]')  # a sweep's table, no JSON lines
+    with pytest.raises(UsageError, match=r'table.json:1 is not a JSON line'):
+        tool('plot_logs').run([str(tmp_path / 'table.json')])
+    with pytest.raises(UsageError, match=r'nope: no such file or folder'):
+        tool('plot_logs').run([str(tmp_path / 'nope')])
+
+
 def test_plot_logs_writes_one_png_for_several_runs(tmp_path, capsys):
     a = write_log(tmp_path / 'detr' / 'log.txt', [record(e, 5.0 - e, 0.1 * e) for e in range(4)])
     b = write_log(tmp_path / 'detr_irpe' / 'log.txt', [record(e, 4.5 - e, 0.12 * e) for e in range(4)])
@@ -268,3 +276,5 @@ def test_visualize_rpe_writes_the_grid_of_a_trained_layer(smoke_run, tmp_path):
     assert os.path.basename(path) == f'rpe_{image.stem}_layer0.png'
     w, h = png_size(path)
     assert w > h > 200  # the image beside a 5 x 5 grid of maps
+    with pytest.raises(UsageError, match=r'--layer 5 does not exist: the encoder has 1 layers'):
+        tool('visualize_rpe').run(flags + ['--image', str(image), '--layer', '5', '--output_dir', str(tmp_path)])

@@ -36,6 +36,10 @@ def get_parser():
 
 def run(argv=None):
     args = get_parser().parse_args(argv)
+    missing = [p for p in args.logs if not os.path.exists(p)]
+    if missing:
+        raise UsageError(f'{", ".join(missing)}: no such file or folder; expected log.txt files of tools/train.py, '
+                         "their run folders or a sweep entry's folder")
     # Per argument: its log.txt, or the log.txt of each seed of a sweep entry's folder.
     groups = [(seed_logs(p) or [os.path.join(p, 'log.txt')]) if os.path.isdir(p) else [p] for p in args.logs]
     paths = [os.path.join(p, 'log.txt') if os.path.isdir(p) else p for p in args.logs]

@@ -86,6 +86,11 @@ def finetune_source(args, explicit):
     except UsageError as e:
         raise UsageError(f'--finetune {args.finetune}: {e}') from None
     adopt_flags(args, source.flags, set(explicit) | {'num_classes'})
+    unstated = [k for k in ('nheads', 'dilation', 'position_embedding') if k not in source.flags and k not in explicit]
+    if unstated:  # no tensor shows them (a weights file without its args or config.json)
+        print(f'note: --finetune {args.finetune} does not state ' + ', '.join(f'--{k}' for k in unstated)
+              + '; this run uses ' + ', '.join(f'--{k} {getattr(args, k)}' for k in unstated)
+              + ': pass the source\'s if they differ')
     if 'backbone_weights' not in explicit:
         args.backbone_weights = 'none'
     return source
@@ -127,9 +132,13 @@ def run(args, explicit=()):
                              'continue it, or another --output_dir to start a new one')
     resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
     if resumes_training and resume_point(checkpoint)[0] >= args.epochs:
-        raise UsageError(f'--resume {resume}: that run has already trained all --epochs {args.epochs}; pass a larger '
-                         '--epochs to train on, --eval to evaluate it, or --finetune to start a new run from its '
-                         'weights')
+        trained = resume_point(checkpoint)[0]
+        raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
+                         f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
+                         'start a new run from its weights')
+    if args.eval and not resume:
+        raise UsageError('--eval evaluates a checkpoint: pass --resume FILE, or --resume auto with the run\'s '
+                         "--output_dir (without one it would score untrained weights and replace the run's eval.json)")
 
     dataset_train, dataset_val = datasets.build_dataset('train', args), datasets.build_dataset('val', args)
     datasets.check_against_training_set(dataset_train, args)
@@ -176,7 +185,10 @@ def run(args, explicit=()):
                 set_rng_state(process_rng_state(checkpoint))
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
                 scaler.load_state_dict(checkpoint['scaler'])
-        print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
+        elif args.eval and isinstance(checkpoint.get('epoch'), int):
+            start_epoch = resume_point(checkpoint)[0]  # eval.json names the epoch whose weights it scored
+        print(f'evaluating {resume} of epoch {start_epoch - 1}' if args.eval else
+              f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
 
     if args.eval:
         run_eval(model, postprocessors, val_loader, dataset_val, device, start_epoch - 1, args)

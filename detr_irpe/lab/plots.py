@@ -94,11 +94,11 @@ def encoder_self_attention(model, layer):
     """The RPEMultiheadAttention of encoder layer `layer` (negative counts from the last)."""
     layers = model.transformer.encoder.layers
     if not -len(layers) <= layer < len(layers):
-        raise ValueError(f'--layer {layer} does not exist: the encoder has {len(layers)} layers '
+        raise UsageError(f'--layer {layer} does not exist: the encoder has {len(layers)} layers '
                          f'(0 to {len(layers) - 1}, or -1 for the last).')
     attn = layers[layer].self_attn
     if attn.rpe_q is None and attn.rpe_k is None:
-        raise ValueError('the model has no iRPE on queries or keys in its encoder (--enc_rpe2d is '
+        raise UsageError('the model has no iRPE on queries or keys in its encoder (--enc_rpe2d is '
                          f'{"empty" if attn.rpe_v is None else "on values only"}), so there is no b_ij to show; '
                          "use a checkpoint trained with e.g. --enc_rpe2d rpe-2.0-product-ctx-1-k.")
     return attn
@@ -278,15 +278,15 @@ def read_log(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f'{path}:{n} is not a JSON line ({e}); expected a log.txt written by '
+                raise UsageError(f'{path}:{n} is not a JSON line ({e}); expected a log.txt written by '
                                  'tools/train.py.') from None
             if not isinstance(record, dict) or 'epoch' not in record:
-                raise ValueError(f"{path}:{n} has no 'epoch'; expected a log.txt written by tools/train.py.")
+                raise UsageError(f"{path}:{n} has no 'epoch'; expected a log.txt written by tools/train.py.")
             stats = record.get('test_coco_eval_bbox') or []
             record.update({name: v for name, v in zip(COCO_STATS, stats)})
             by_epoch[record['epoch']] = record
     if not by_epoch:
-        raise ValueError(f'{path} holds no epoch record yet.')
+        raise UsageError(f'{path} holds no epoch record yet.')
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
