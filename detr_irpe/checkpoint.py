@@ -197,7 +197,7 @@ def load_model_state(model, state_dict, source='checkpoint', saved_args=None, ar
                 lines.append(f'  {label}: {", ".join(keys[:6])}' + (f' ... ({len(keys)} in all)' if len(keys) > 6 else ''))
         for k in wrong[:6]:
             lines.append(f'  {k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model')
-        differing = _differing_model_flags(saved_args, args)
+        differing = differing_model_flags(saved_args, args)
         if differing:
             lines.append('The run that wrote it had ' + ', '.join(f'--{k} {a!r} (this run: {b!r})' for k, a, b in differing)
                          + '; pass the same to continue it.')
@@ -213,10 +213,11 @@ def check_same_model_flags(checkpoint, args, source):
     """A UsageError naming the model flags this run sets otherwise than the run of tools/train.py that wrote
     `checkpoint`: continuing it would train or evaluate another model on its weights, silently where no shape
     differs (--position_embedding, --enc_rpe2d's index function, --dilation, --pre_norm)."""
+    from detr_irpe.convert import WEIGHT_FLAGS  # here: convert imports this module
     if not isinstance(checkpoint.get('args'), dict):
         return  # the published code's Namespace: it spells some values otherwise (DETR's 'v2' for sine)
-    # aux_loss shapes no weight (a recipe choice); None is a flag the data decides later (num_classes)
-    differing = [d for d in _differing_model_flags(checkpoint['args'], args) if d[0] != 'aux_loss' and d[2] is not None]
+    # None: a flag the data decides later (num_classes)
+    differing = [d for d in differing_model_flags(checkpoint['args'], args, WEIGHT_FLAGS) if d[2] is not None]
     if differing:
         raise UsageError(f'{source}: the run that wrote it had ' + ', '.join(f'--{k} {a!r} (this run: {b!r})'
                                                                             for k, a, b in differing)
@@ -224,16 +225,17 @@ def check_same_model_flags(checkpoint, args, source):
                          'its weights.')
 
 
-def _differing_model_flags(saved_args, args):
-    """[(flag, value in saved_args, value in args)] for the model-shaping flags both name and set differently."""
+def differing_model_flags(saved_args, args, names=None):
+    """[(flag, value in saved_args, value in args)] for the model-shaping flags (names, default convert.MODEL_FLAGS)
+    both name and set differently; each side a Namespace or a dict."""
     if saved_args is None or args is None:
         return []
-    from detr_irpe.from_checkpoint import MODEL_FLAGS  # here: from_checkpoint imports this module
+    from detr_irpe.convert import MODEL_FLAGS  # here: convert imports this module
     saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
     ours = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(saved, dict):
         return []
-    return [(k, saved[k], ours[k]) for k in MODEL_FLAGS if k in saved and k in ours and saved[k] != ours[k]]
+    return [(k, saved[k], ours[k]) for k in names or MODEL_FLAGS if k in saved and k in ours and saved[k] != ours[k]]
 
 
 def _kind(value):

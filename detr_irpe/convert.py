@@ -30,6 +30,9 @@ HF_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')
 # Flags that shape the model: what a source states and a model built from it adopts unless they are given.
 MODEL_FLAGS = ('backbone', 'dilation', 'position_embedding', 'enc_layers', 'dec_layers', 'dim_feedforward',
                'hidden_dim', 'nheads', 'num_queries', 'pre_norm', 'enc_rpe2d', 'num_classes', 'aux_loss')
+# Those that give the weights their meaning (--aux_loss only adds losses at the intermediate decoder layers): a run
+# or a tool must not set them otherwise than the checkpoint's run did.
+WEIGHT_FLAGS = tuple(f for f in MODEL_FLAGS if f != 'aux_loss')
 # Flags of the data a checkpoint of tools/train.py was trained on, which the inference tools take as defaults.
 DATA_FLAGS = ('dataset_file', 'coco_path', 'val_json', 'val_images', 'val_size', 'val_max_size', 'synthetic_dir',
               'synthetic_train', 'synthetic_val', 'synthetic_image_size', 'synthetic_classes', 'synthetic_objects',

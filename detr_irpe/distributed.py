@@ -90,9 +90,8 @@ def all_reduce_mean(values):
     if not is_distributed():
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=process_device())
-    dist.all_reduce(t)
-    return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+    t = all_reduce_mean_(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=process_device()))
+    return dict(zip(keys, t.tolist()))
 
 
 def all_reduce_mean_(tensor):

@@ -4,8 +4,8 @@ category name)."""
 import torch
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import load_model_state
-from detr_irpe.convert import DATA_FLAGS, FORMATS_HELP, MODEL_FLAGS, read_source
+from detr_irpe.checkpoint import differing_model_flags, load_model_state
+from detr_irpe.convert import DATA_FLAGS, FORMATS_HELP, MODEL_FLAGS, WEIGHT_FLAGS, read_source
 from detr_irpe.detr import build_detector
 
 # What only training reads, for a model built to run: its backbone frozen; dropout and auxiliary outputs as DETR's
@@ -30,8 +30,7 @@ def adopt_source_flags(args, source, explicit=(), where='the checkpoint'):
     """The source's model flags, then its data and size flags (the val transform, the dataset; the location only
     when the command line names no data), into args except those given; one line says which were taken. A model
     flag given otherwise than the source states it is a UsageError: its weights would run as another model."""
-    contradicting = [(k, source.flags[k], getattr(args, k)) for k in MODEL_FLAGS
-                     if k in explicit and k in source.flags and k != 'aux_loss' and getattr(args, k) != source.flags[k]]
+    contradicting = [d for d in differing_model_flags(source.flags, args, WEIGHT_FLAGS) if d[0] in explicit]
     if contradicting:
         raise UsageError(f'{where} was trained with ' + ', '.join(f'--{k} {a!r}' for k, a, _ in contradicting)
                          + '; this command gives ' + ', '.join(f'--{k} {b!r}' for k, _, b in contradicting)

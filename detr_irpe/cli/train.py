@@ -131,8 +131,8 @@ def run(args, explicit=()):
             raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}): pass --resume auto to '
                              'continue it, or another --output_dir to start a new one')
     resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
-    if resumes_training and resume_point(checkpoint)[0] >= args.epochs:
-        trained = resume_point(checkpoint)[0]
+    trained = resume_point(checkpoint)[0] if resumes_training else None
+    if trained is not None and trained >= args.epochs:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
                          'start a new run from its weights')
@@ -148,7 +148,7 @@ def run(args, explicit=()):
     datasets.check_categories(dataset_val, category_names, args.num_classes, 'the training set')
     print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
     model, criterion, postprocessors = build_model(args)
-    if source is not None:
+    if source is not None and not resume:  # resuming: the run's checkpoint replaces these weights below
         print(load_for_finetuning(model, source, category_names, args.finetune))
     model_without_ddp = model
     if args.distributed:
