@@ -115,6 +115,7 @@ def test_killed_worker_restarts_and_sigterm_checkpoints_then_resume_auto_ends_at
                                         '--output_dir', str(tmp_path / 'straight')),
                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.stdout.count('parameters:') == 1  # the first process's start-up lines, not each one's
 
     run = ['--output_dir', str(tmp_path / 'run'), '--resume', 'auto']
     checkpoint = str(tmp_path / 'run' / 'checkpoint.pth')

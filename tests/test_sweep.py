@@ -176,8 +176,14 @@ def test_run_processes_never_runs_two_processes_on_one_slot_at_once(tmp_path, mo
 
 
 
-def test_sweep_refuses_an_unknown_baseline_and_gpus_per_run_on_the_cpu_before_training(tmp_path):
+def test_sweep_refuses_an_unknown_baseline_and_gpus_per_run_on_the_cpu_before_training(tmp_path, capsys):
     flags = ['--config', SMOKE, 'none', 'rpe-2.0-product-ctx-1-k', '--output_dir', str(tmp_path)]
+    # an entry's flag mistake names the entry, in one line: no usage of tools/train.py as if it were the sweep's
+    with pytest.raises(ValueError, match="entry 'rpe-2.0-productt-ctx-1-k': argument --enc_rpe2d: .*'productt'"):
+        tool('sweep').run(['--config', SMOKE, 'none', 'rpe-2.0-productt-ctx-1-k', '--output_dir', str(tmp_path)])
+    with pytest.raises(ValueError, match="entry 'none': argument --epochs: expected an integer >= 0, got 'x'"):
+        tool('sweep').run(flags + ['--epochs', 'x'])
+    assert 'usage' not in capsys.readouterr().err
     with pytest.raises(ValueError, match="--baseline 'rpe-2.0-product-bias-1-k' is none of the entries"):
         tool('sweep').run(flags + ['--baseline', 'rpe-2.0-product-bias-1-k'])
     with pytest.raises(ValueError, match='--gpus_per_run 2 needs runs on GPUs, but they run on cpu'):

@@ -65,6 +65,17 @@ def train_argv(entry, args, extra, seed, folder):
     return head + extra + ['--seed', str(seed), '--output_dir', folder]
 
 
+def parse_train_flags(entry, run_argv):
+    """A run's flags parsed as tools/train.py will: a mistake stops the sweep before any training, in one line
+    naming the entry (not tools/train.py's usage, which would read as the sweep's)."""
+    parser = get_args_parser()
+
+    def error(message):
+        raise UsageError(f'entry {entry!r}: {message} (python tools/train.py --help lists its flags)')
+    parser.error = error
+    return parse_args_with_config(parser, run_argv)
+
+
 def resume_flags(folder, epochs):
     """Flags that continue an unfinished run from its checkpoint: training where it stopped, or only the
     final evaluation when training ended but its eval.json was not written."""
@@ -116,8 +127,7 @@ def run(argv=None):
         for seed in seeds:
             folder = run_dir(args.output_dir, name, seed)
             run_argv = train_argv(entry, args, extra, seed, folder)
-            # The run's own flags, parsed as tools/train.py will: a mistake stops the sweep before any training.
-            parsed = parse_args_with_config(get_args_parser(), run_argv)
+            parsed = parse_train_flags(entry, run_argv)
             described = describe_run(parsed)
             runs.append({'entry': name, 'seed': seed, 'dir': folder, 'argv': run_argv, 'epochs': parsed.epochs,
                          'device': parsed.device, 'flags': json.loads(json.dumps(vars(parsed)))})

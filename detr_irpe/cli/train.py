@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -107,6 +108,8 @@ def run(args, explicit=()):
                          f'on --device {args.device} train with --attention_impl auto (or sdpa), and evaluate with '
                          'flex if you like')
     distributed.init_distributed(args)
+    if not distributed.is_main_process():  # under torchrun the first process speaks; the others would repeat it
+        sys.stdout = open(os.devnull, 'w')
     if args.output_dir:  # before anything is built: a second run on the folder stops at once
         lock = RunLock(args.output_dir).acquire()
         atexit.register(lock.release, failed=True)  # a bad input leaves no empty run folder
