@@ -203,7 +203,11 @@ def interpreted(imports, expression):
     script = f'import json; {imports}; print(json.dumps({expression}))'
     run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, check=False)
     if run.returncode != 0:
-        raise RuntimeError(f'{expression} under the Triton interpreter failed:\n{run.stderr[-4000:]}')
+        hint = ''
+        if 'only 0-dimensional arrays can be converted' in run.stderr:  # Triton 3.6's interpreter, NumPy >= 2.4
+            hint = (f' (Triton {triton.__version__}\'s interpreter calls int() on one-element arrays, which NumPy 2.4 '
+                    'and later refuse: install numpy<2.4 beside it, or a newer Triton: 3.8 has the fix)')
+        raise RuntimeError(f'{expression} under the Triton interpreter failed{hint}:\n{run.stderr[-4000:]}')
     return json.loads(run.stdout.splitlines()[-1])
 
 

@@ -14,6 +14,8 @@ CUDA against CPU are skipped and said so. On one H200 the whole run took 6 min 5
 (docs/gpu_check.md).
 """
 import argparse
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import sys
@@ -26,8 +28,24 @@ except ImportError as error:
     raise SystemExit(f'gpu_check needs PyTorch (2.4 or later) installed for {sys.executable} ({error}). On the GPU '
                      f'machine, run it with the python that has torch: make gpu-check PYTHON=/path/to/python') from None
 
-from detr_irpe.checkpoint import save_json
-from detr_irpe.lab.gpu_benchmarks import BENCHMARKS
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def import_datasets_from_checkout():
+    """A bare machine runs gpu_check from the checkout, nothing installed: datasets/ is then imported under the
+    name setup.py installs it as (detr_irpe_datasets), a package whose modules load from that folder."""
+    try:
+        import detr_irpe_datasets  # noqa: F401  (installed: make setup, pip install)
+    except ModuleNotFoundError:
+        spec = importlib.machinery.ModuleSpec('detr_irpe_datasets', None, is_package=True)
+        spec.submodule_search_locations = [os.path.join(ROOT, 'datasets')]
+        sys.modules['detr_irpe_datasets'] = importlib.util.module_from_spec(spec)
+
+
+import_datasets_from_checkout()
+
+from detr_irpe.checkpoint import save_json  # noqa: E402
+from detr_irpe.lab.gpu_benchmarks import BENCHMARKS  # noqa: E402
 from detr_irpe.lab.gpu_check import CHECKS, build_extension, device_name, markdown, run_one
 
 
