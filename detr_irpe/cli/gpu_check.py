@@ -34,9 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def import_datasets_from_checkout():
     """A bare machine runs gpu_check from the checkout, nothing installed: datasets/ is then imported under the
     name setup.py installs it as (detr_irpe_datasets), a package whose modules load from that folder."""
-    try:
-        import detr_irpe_datasets  # noqa: F401  (installed: make setup, pip install)
-    except ModuleNotFoundError:
+    if importlib.util.find_spec('detr_irpe_datasets') is None:  # not installed (make setup, pip install)
         spec = importlib.machinery.ModuleSpec('detr_irpe_datasets', None, is_package=True)
         spec.submodule_search_locations = [os.path.join(ROOT, 'datasets')]
         sys.modules['detr_irpe_datasets'] = importlib.util.module_from_spec(spec)
