@@ -4,7 +4,6 @@ import json
 import warnings
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

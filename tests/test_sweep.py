@@ -269,7 +269,7 @@ def test_sweep_table_over_seeds_matches_a_direct_computation_from_eval_json(tmp_
     ctx = next(line for line in table if line.startswith(f'| 3 | {ENTRIES[2]} | ') and '±' not in line)
     cells = [c.strip() for c in ctx.strip('|').split('|')]
     assert cells[2] == '1' and '[' not in cells[3]  # one pair: a difference, no interval
-    none = next(line for line in table if line.startswith(f'| 1 | none | ') and '±' not in line)
+    none = next(line for line in table if line.startswith('| 1 | none | ') and '±' not in line)
     d = direct['none', 'AP']
     assert [c.strip() for c in none.strip('|').split('|')][3] == f'{d["diff"]:+.1f} [{d["low"]:+.1f}, {d["high"]:+.1f}]'
 
