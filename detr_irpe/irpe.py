@@ -388,6 +388,9 @@ class iRPE(nn.Module):
         self.head_dim = head_dim
         self.num_heads = 1 if config.shared_head else num_heads
         self.num_buckets = get_bucket_ids_2d(self.method, 1, 1, config.skip, config.ratio, config.index_func)[1]
+        # One tuple: torch 2.11's compile with dynamic=True makes a float attribute (config.ratio) an input of the
+        # graph, which the bucket ids, constants of the graph, cannot take; a float inside a tuple stays constant.
+        self.id_settings = (self.method, config.skip, config.ratio, config.index_func)
         tables = self.num_heads * self.num_buckets * (1 if self.mode == 'bias' else head_dim)
         if tables > MAX_TABLE_ENTRIES:
             raise ValueError(f'iRPE ratio {config.ratio} needs a lookup table of {tables} entries, which '
@@ -403,9 +406,9 @@ class iRPE(nn.Module):
 
     def bucket_ids(self, num_tokens, height=None, width=None, device='cpu'):
         """(num_tokens, num_tokens) int32 bucket ids for a map of that size (cached)."""
-        c = self.config
-        height, width = _map_size(num_tokens, c.skip, height, width)
-        return get_bucket_ids_2d(self.method, height, width, c.skip, c.ratio, c.index_func, torch.device(device))[0]
+        method, skip, ratio, index_func = self.id_settings
+        height, width = _map_size(num_tokens, skip, height, width)
+        return get_bucket_ids_2d(method, height, width, skip, ratio, index_func, torch.device(device))[0]
 
     def forward(self, x, height=None, width=None, transpose_output=False):
         """transpose_output (rpe_q / rpe_k): return the term transposed, (B, H, L, L) with entry [i, j] =
