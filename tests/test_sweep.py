@@ -274,6 +274,25 @@ def test_sweep_table_over_seeds_matches_a_direct_computation_from_eval_json(tmp_
     assert [c.strip() for c in none.strip('|').split('|')][3] == f'{d["diff"]:+.1f} [{d["low"]:+.1f}, {d["high"]:+.1f}]'
 
 
+def test_table_only_refuses_an_entry_without_runs_and_names_the_seeds_it_leaves_out(tmp_path, capsys):
+    for entry in ENTRIES[:2]:
+        for s in (42, 43):
+            write_eval(tmp_path / entry / f'seed{s}', [0.3] * 12, epoch=0)
+    argv = ['--config', SMOKE, '--table_only', '--output_dir', str(tmp_path)]
+    tool('sweep').run(argv + ENTRIES[:2] + ['--seeds', '2'])
+    table = (tmp_path / 'table.md').read_text()
+    # a mistyped entry, or another --output_dir: refused before the table is rewritten with failed rows
+    with pytest.raises(UsageError, match=f"no runs of {ENTRIES[2]} in .*entries there: {ENTRIES[0]}, {ENTRIES[1]}"):
+        tool('sweep').run(argv + [ENTRIES[0], ENTRIES[2], '--seeds', '2'])
+    with pytest.raises(UsageError, match=r'no runs of none, .* \(entries there: none\)'):
+        tool('sweep').run(['--config', SMOKE, '--table_only', '--output_dir', str(tmp_path / 'typo'), *ENTRIES[:2]])
+    assert (tmp_path / 'table.md').read_text() == table and not (tmp_path / 'typo').exists()
+    capsys.readouterr()
+    tool('sweep').run(argv + ENTRIES[:2])  # one seed of two
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'none'} also holds seeds 43, which --seed 42 --seeds 1 leaves out" in out
+
+
 def test_one_seed_keeps_the_table_of_one_ap_per_cell():
     entries = [{'name': 'none', 'abs. pos.': 'sinusoid', 'iRPE': 'none', 'buckets': '-', 'epochs': '150',
                 'results': {42: [0.396, 0.6, 0.4, 0.2, 0.43, -1.0] + [0.0] * 6}},

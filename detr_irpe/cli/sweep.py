@@ -32,7 +32,7 @@ from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.sweep import (check_same_run, describe_run, device_slots, final_result, run_dir,
-                                 run_name, run_processes, summarize, sweep_table, visible_gpus)
+                                 run_name, run_processes, seed_folders, summarize, sweep_table, visible_gpus)
 
 
 def get_parser():
@@ -92,6 +92,22 @@ def resume_flags(folder, epochs):
     return ['--resume', path]
 
 
+def check_table_runs(output_dir, names, seeds):
+    """--table_only: every entry has its folder in output_dir (a mistyped entry or --output_dir would rewrite
+    the table with failed rows), and a note names seed folders the table leaves out (--seeds, --seed)."""
+    missing = [n for n in names if not os.path.isdir(os.path.join(output_dir, n))]
+    if missing:
+        held = sorted(d for d in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, d))) \
+            if os.path.isdir(output_dir) else []
+        raise UsageError(f'--table_only: no runs of {", ".join(missing)} in {output_dir} (entries there: '
+                         f'{", ".join(held) or "none"}); give the entries and --output_dir the sweep ran with.')
+    for name in names:
+        left_out = sorted(set(seed_folders(os.path.join(output_dir, name))) - set(seeds))
+        if left_out:
+            print(f'note: {os.path.join(output_dir, name)} also holds seeds {", ".join(map(str, left_out))}, which '
+                  f'--seed {seeds[0]} --seeds {len(seeds)} leaves out of the table')
+
+
 def gpu_slots(args, runs):
     """Where the runs go: one slot per GPU group, or CPU slots (None) for --parallel."""
     on_gpu = [r for r in runs if r['device'].startswith('cuda')]
@@ -135,7 +151,9 @@ def run(argv=None):
 
     for run in runs:  # all checked before any starts: a mismatch stops the sweep with nothing trained
         check_same_run(run['dir'], run['flags'])
-    if not args.table_only:
+    if args.table_only:
+        check_table_runs(args.output_dir, [e['name'] for e in entries], seeds)
+    else:
         slots = gpu_slots(args, runs)
         todo = [r for r in runs if final_result(r['dir'], r['epochs']) is None]
         for run in runs:

@@ -33,12 +33,17 @@ def run_dir(output_dir, name, seed):
     return os.path.join(output_dir, name, f'seed{seed}')
 
 
+def seed_folders(folder):
+    """{seed: its run folder} of a sweep entry's folder (output_dir/<entry>), in seed order."""
+    seeds = sorted(int(d[4:]) for d in os.listdir(folder) if d.startswith('seed') and d[4:].lstrip('-').isdigit()
+                   and os.path.isdir(os.path.join(folder, d)))
+    return {s: os.path.join(folder, f'seed{s}') for s in seeds}
+
+
 def seed_logs(folder):
     """The log.txt of every seed of a sweep entry's folder (output_dir/<entry>), in seed order; [] for a
     folder that is not a sweep entry's."""
-    seeds = [d for d in os.listdir(folder) if d.startswith('seed') and d[4:].lstrip('-').isdigit()
-             and os.path.isfile(os.path.join(folder, d, 'log.txt'))]
-    return [os.path.join(folder, d, 'log.txt') for d in sorted(seeds, key=lambda d: int(d[4:]))]
+    return [p for p in (os.path.join(d, 'log.txt') for d in seed_folders(folder).values()) if os.path.isfile(p)]
 
 
 def describe_run(args):
