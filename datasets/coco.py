@@ -13,7 +13,8 @@ Each sample is `(image (3, H, W) float normalised, target)` with
   area      float32 (N,) box area in pixels of the transformed image
   iscrowd   int64 (N,) zeros: crowd annotations are dropped, as in DETR, for train and val alike
   orig_size int64 (2,) [h, w] of the image file;  size int64 (2,) [h, w] after the transforms
-Images without objects are kept (N = 0). Grayscale, CMYK and palette images are converted to RGB.
+Images without objects are kept (N = 0). Every image is decoded to 8-bit RGB by to_rgb8: grayscale, CMYK and
+palette images are converted, 16-bit ones scaled to 8 bits; a float image is refused (skipped, as unreadable).
 
 Bad data (the whole policy: datasets/validate.py; evaluation uses the annotations that passed it):
   - missing folder / annotation file: UsageError naming the path and the expected layout.
@@ -31,6 +32,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -42,6 +44,31 @@ from .transforms import boxes_to_normalized_cxcywh
 from .validate import load_coco
 
 MAX_WORKERS = 256
+# PIL modes of 16-bit integer pixels; PIL's convert('RGB') clips them to 255 (white), so they are scaled instead
+SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def to_rgb8(image, path):
+    """An opened PIL image as 8-bit RGB, decoded now (so a truncated file fails here). 16-bit grayscale (the
+    SIXTEEN_BIT_MODES) is scaled from 0..65535 to 0..255; alpha is dropped. UsageError naming `path` for pixels
+    with no fixed range to scale from (float 'F', 32-bit 'I' beyond 0..65535) or a mode PIL cannot convert."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise UsageError(f'{path}: {image.mode!r} pixels from {pixels.min()} to {pixels.max()} are not 16-bit, '
+                             f'expected 0..65535 or 8-bit colours; convert it to an 8-bit or 16-bit PNG or JPEG.')
+        gray = np.rint(pixels / 257).astype(np.uint8)  # 65535 / 255 = 257: 0 -> 0, 65535 -> 255
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
+    why = 'float pixels have no fixed range to scale to 8 bits' if image.mode == 'F' else None
+    if why is None:
+        try:
+            return image.convert('RGB')
+        except ValueError as e:  # a mode PIL has no conversion for (e.g. 'La')
+            why = str(e)
+    raise UsageError(f'{path}: PIL mode {image.mode!r} cannot be read as 8-bit RGB ({why}); expected an 8-bit or '
+                     '16-bit image: convert it to an 8-bit or 16-bit PNG or JPEG.')
+
+
 LAYOUT = ('expected coco_path/{train2017,val2017}/ (or {train2017,val2017}.zip holding {train2017,val2017}/*.jpg) '
           'and coco_path/annotations/instances_{train,val}2017.json')
 
@@ -85,18 +112,18 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             # one handle per process: forked workers must not share a file offset
             if self._zip_pid != os.getpid():
                 self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-            data = self._zip.read(f'{Path(self.root).stem}/{file_name}')
-            image = Image.open(io.BytesIO(data))
-        else:
-            image = Image.open(os.path.join(self.root, file_name))
-        return image.convert('RGB')  # decodes now, so truncated files fail here
+            member = f'{Path(self.root).stem}/{file_name}'
+            return to_rgb8(Image.open(io.BytesIO(self._zip.read(member))), f'{self.root}:{member}')
+        path = os.path.join(self.root, file_name)
+        with Image.open(path) as image:
+            return to_rgb8(image, path)
 
     def __getitem__(self, index):
         for offset in range(len(self.ids)):
             image_id = self.ids[(index + offset) % len(self.ids)]
             try:
                 image = self._load_image(image_id)
-            except (OSError, KeyError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+            except (OSError, KeyError, zipfile.BadZipFile, Image.DecompressionBombError, UsageError) as e:
                 worker = torch.utils.data.get_worker_info()
                 self._skipped[0 if worker is None else 1 + worker.id % MAX_WORKERS] += 1
                 file_name = self.coco.imgs[image_id]['file_name']

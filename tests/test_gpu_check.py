@@ -19,18 +19,19 @@ FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compil
                'flex_recompiles']
 
 
-# As on a bare GPU machine: the checkout with nothing installed (the editable install's finder taken out), run
-# from another folder, so that the script alone finds the checkout's packages, datasets/ under its installed name.
+# As on a bare GPU machine (make gpu-check): `python3 -m detr_irpe.cli.gpu_check` from the checkout with nothing
+# installed (the editable install's finder and path hook taken out), so datasets/ is found under its installed name
+# by the script alone.
 BARE = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
         "getattr(f, '__module__', '').startswith('__editable__')]; "
-        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]; "  # its path hook for namespace packages
-        "sys.argv[0] = {0!r}; runpy.run_path({0!r}, run_name='__main__')")
+        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]; "
+        "runpy.run_module('detr_irpe.cli.gpu_check', run_name='__main__', alter_sys=True)")
 
 
-def run_script(cwd, *argv):
+def run_script(*argv):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([sys.executable, '-c', BARE.format(SCRIPT), '--device', 'cpu', '--quick', '--no_build',
-                           *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-c', BARE, '--device', 'cpu', '--quick', '--no_build', *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')
@@ -47,7 +48,7 @@ def gpu_benchmarks():
 
 def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_the_report(tmp_path):
     out = tmp_path / 'report.json'
-    run = run_script(tmp_path, '--checks', *FAST_CHECKS, '--benchmarks', 'op_vs_gather', '--output', str(out))
+    run = run_script('--checks', *FAST_CHECKS, '--benchmarks', 'op_vs_gather', '--output', str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report['torch'] == torch.__version__ and report['device'].startswith('cpu')
@@ -133,8 +134,8 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
     """What the quick test above leaves out (flex and AMP compile or run slowly on CPU; the benchmark builds
     DETR-R50 five times; host_bound needs CUDA and says so): together the code paths `make gpu-check` takes, on CPU."""
     out = tmp_path / 'report.json'
-    run = run_script(tmp_path, '--checks', 'flex_matches_explicit', 'amp_step', '--benchmarks', 'flex_vs_op',
-                     'train_steps', 'host_bound', '--output', str(out))
+    run = run_script('--checks', 'flex_matches_explicit', 'amp_step', '--benchmarks', 'flex_vs_op', 'train_steps',
+                     'host_bound', '--output', str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report['checks']) | set(FAST_CHECKS) == set(gpu_check.CHECKS)

@@ -9,6 +9,7 @@ import argparse
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import int_range, non_empty
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.flags import check_output_file
 from detr_irpe.lab.benchmark import markdown_table, run as run_benchmark
 
 
@@ -24,7 +25,7 @@ def get_parser():
 
 def run(argv=None):
     args = get_parser().parse_args(argv)
-
+    check_output_file('--json', args.json, 'benchmark.json')  # before minutes of measuring, not after
     result = run_benchmark(quick=args.quick, parts=args.parts, threads=args.threads)
     print(markdown_table(result))
     save_json(result, args.json, indent=2)

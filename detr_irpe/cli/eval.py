@@ -19,7 +19,7 @@ import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, engine
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
-from detr_irpe.cli.presets import command_line_flags, explicit_flags, parse_checkpoint_args
+from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
@@ -41,8 +41,7 @@ def get_parser():
 def run(argv=None):
     parser = get_parser()
     args = parse_checkpoint_args(parser, argv, 'the detector to evaluate')
-    if 'output_dir' not in command_line_flags(parser, argv):  # a preset's is its training run's folder
-        args.output_dir = None
+    output_dir_of_command_line(parser, argv, args)
     output_dir = eval_output_dir(args)
     args.eval_backend = resolve_backend(args.eval_backend)
     model, postprocessors, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from detr_irpe import UsageError
 from detr_irpe.convert import FORMATS_HELP
 from detr_irpe.flex import ATTENTION_IMPLS, attention_impl_problem
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
@@ -105,6 +106,48 @@ def backbone_weights_flag(text):
         return text
     raise argparse.ArgumentTypeError(f"expected 'imagenet', 'none' or the path of a resnet state dict file, got "
                                      f"{text!r} (no such file)")
+
+
+# ---- output paths: checked before any work, so that a long run does not end in an OS error ----
+
+# The figure files lab.plots.save_figure writes (a JPEG without the PNG's palette).
+FIGURE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+def check_output_folder(flag, folder):
+    """Raise UsageError naming `flag` when `folder` (made when missing) cannot hold the tool's files: checked
+    before any work, so that a long run does not end in an OS error."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f'{flag} {folder!r} is a file, not a folder; give a folder (it is made when missing).')
+    _check_writable_below(flag, folder, os.path.abspath(folder))
+
+
+def check_output_file(flag, path, example):
+    """Raise UsageError naming `flag` when the file `path` cannot be written (its folders are made when
+    missing); example: a file name to suggest in place of a folder."""
+    if os.path.isdir(path):
+        raise UsageError(f'{flag} {path!r} is a folder; give a file name, e.g. {os.path.join(path, example)!r}.')
+    _check_writable_below(flag, path, os.path.dirname(os.path.abspath(path)))
+
+
+def _check_writable_below(flag, given, folder):
+    existing = folder
+    while not os.path.exists(existing):  # the folders still to make: the first existing one decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'{flag} {given!r}: {existing!r} is a file, not a folder, so nothing can be written below '
+                         'it; choose another path.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'{flag} {given!r}: the folder {existing!r} is not writable; choose a path in a folder you '
+                         'can write to.')
+
+
+def check_figure_name(flag, name):
+    """Raise UsageError naming `flag` unless `name` ends in an extension save_figure writes."""
+    stem, extension = os.path.splitext(name)
+    if extension.lower() not in FIGURE_EXTENSIONS:
+        raise UsageError(f'{flag} {name!r}: expected a file name ending in {", ".join(FIGURE_EXTENSIONS)} (the '
+                         f'formats written), e.g. {os.path.basename(stem) or "figure"}.png.')
 
 
 def check_flag_combinations(args):

@@ -3,7 +3,7 @@ checks, benchmark, print a table and write JSON.
 
     make gpu-check                                           # the same as the next line
     python3 -m detr_irpe.cli.gpu_check --output outputs/gpu_check.json   # from the checkout, nothing installed
-    python3 tools/gpu_check.py --device cpu --quick          # the same checks on CPU at small sizes (tests run it)
+    python3 -m detr_irpe.cli.gpu_check --device cpu --quick  # the same checks on CPU at small sizes (tests run it)
 
 Written for a bare machine with one GPU: Python, PyTorch 2.4+ with its Triton, torchvision, scipy, a C++ compiler
 and ninja; no virtual environment, no nvcc, nothing to download. The CPU op is built in place against the

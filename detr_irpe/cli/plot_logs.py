@@ -6,19 +6,23 @@
 
 Each line is labelled with its run folder's name unless --labels is given. The folder of a sweep entry
 (tools/sweep.py --seeds N: output_dir/<entry> with seed<s>/log.txt) is drawn as the mean over its seeds
-with a band: their min to max (--band minmax, the default) or the mean ± their std (--band std).
-AP is in [0, 1] as pycocotools gives it. Writes output_dir/<--name> (default logs.png); output_dir defaults
-to the first log's folder.
+with a band: their min to max (--band minmax, the default) or the mean ± their std (--band std); seed
+folders without a log.txt are named in a warning. A last line cut off (a run killed while writing it) is
+skipped with a warning. A sweep's own folder is refused with its entry folders named.
+AP is in [0, 1] as pycocotools gives it. Writes output_dir/<--name> (default logs.png; .png, .jpg or .jpeg);
+output_dir defaults to the first log's folder.
 """
 import argparse
 import os
 
-
 from detr_irpe import UsageError
 from detr_irpe.cli.flags import int_range, non_empty
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.flags import check_figure_name, check_output_file, check_output_folder
 from detr_irpe.lab.plots import plot_logs, read_log, run_label, save_figure
-from detr_irpe.lab.sweep import seed_logs
+from detr_irpe.lab.sweep import seed_folders, seed_logs
+
+EXPECTED = "expected log.txt files of tools/train.py, their run folders or a sweep entry's folder (seed*/log.txt)"
 
 
 def get_parser():
@@ -26,7 +30,7 @@ def get_parser():
     p.add_argument('logs', nargs='+', help='log.txt files written by tools/train.py (or their run folders, or '
                                            "a sweep entry's folder: its seeds)")
     p.add_argument('--labels', nargs='+', default=None, help='one label per log (default: the run folder names)')
-    p.add_argument('--name', default='logs.png', type=non_empty, help='file name of the PNG')
+    p.add_argument('--name', default='logs.png', type=non_empty, help='file name of the picture (.png, .jpg, .jpeg)')
     p.add_argument('--dpi', type=int_range(10, 1200), default=90)
     p.add_argument('--band', default='minmax', choices=['minmax', 'std'],
                    help="the band around a sweep entry's mean: min to max over seeds, or mean ± std")
@@ -38,19 +42,20 @@ def run(argv=None):
     args = get_parser().parse_args(argv)
     missing = [p for p in args.logs if not os.path.exists(p)]
     if missing:
-        raise UsageError(f'{", ".join(missing)}: no such file or folder; expected log.txt files of tools/train.py, '
-                         "their run folders or a sweep entry's folder")
-    # Per argument: its log.txt, or the log.txt of each seed of a sweep entry's folder.
-    groups = [(seed_logs(p) or [os.path.join(p, 'log.txt')]) if os.path.isdir(p) else [p] for p in args.logs]
+        raise UsageError(f'{", ".join(missing)}: no such file or folder; {EXPECTED}')
+    groups = [logs_of(p) for p in args.logs]
     paths = [os.path.join(p, 'log.txt') if os.path.isdir(p) else p for p in args.logs]
     labels = args.labels or [run_label(p) for p in paths]
     if len(labels) != len(paths):
         raise UsageError(f'--labels gives {len(labels)} labels for {len(paths)} logs; give one per log.')
     if len(set(labels)) != len(labels):
         raise UsageError(f'two logs would share a label ({", ".join(labels)}); name them with --labels.')
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(paths[0]))
+    check_output_folder('--output_dir', output_dir)
+    check_figure_name('--name', args.name)
+    check_output_file('--name', os.path.join(output_dir, args.name), 'logs.png')
     runs = {label: [read_log(p) for p in group] if len(group) > 1 else read_log(group[0])
             for label, group in zip(labels, groups)}
-    output_dir = args.output_dir or os.path.dirname(os.path.abspath(paths[0]))
     path = save_figure(plot_logs(runs, band=args.band), os.path.join(output_dir, args.name), args.dpi)
     for (label, records), group in zip(runs.items(), groups):
         for log, seed_records in zip(group, records if len(group) > 1 else [records]):
@@ -60,6 +65,29 @@ def run(argv=None):
             print(f'{name}: {len(seed_records)} epochs, last loss {last.get("train_loss", float("nan")):.3f}{ap}')
     print(f'wrote {path}')
     return path
+
+
+def logs_of(given):
+    """The log.txt files one argument stands for: a file itself; a run folder's log.txt; the log.txt of each seed
+    of a sweep entry's folder (warning of seed folders without one). Any other folder is a UsageError that names,
+    for a sweep's own folder, the entry folders to pass."""
+    if not os.path.isdir(given):
+        return [given]
+    logs = seed_logs(given)
+    if logs:
+        without = [os.path.basename(d) for d in seed_folders(given).values() if os.path.join(d, 'log.txt') not in logs]
+        if without:
+            drawn = ', '.join(os.path.basename(os.path.dirname(log)) for log in logs)
+            print(f'warning: {given}: {", ".join(without)} hold(s) no log.txt; drawing {drawn} only.', flush=True)
+        return logs
+    if os.path.isfile(os.path.join(given, 'log.txt')):
+        return [os.path.join(given, 'log.txt')]
+    entries = sorted(os.path.join(given, d) for d in os.listdir(given) if os.path.isdir(os.path.join(given, d))
+                     and seed_logs(os.path.join(given, d)))
+    if entries:
+        raise UsageError(f"{given} is a sweep's folder; pass its entry folders, each drawn as the mean of its seeds: "
+                         f'{" ".join(entries)}')
+    raise UsageError(f'{given} holds no log.txt; {EXPECTED}.')
 
 
 def main(argv=None):

@@ -8,27 +8,32 @@ threshold as PNG, and all detections as a COCO results JSON.
     python tools/predict.py --config configs/smoke.yaml --onnx outputs/smoke/detr.onnx \\
         .cache/synthetic_smoke/val2017 --output_dir outputs/smoke/predict_onnx     # onnxruntime, no checkpoint
 
-Writes output_dir/<image name>.png, detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
+Writes output_dir/<image name>.png (<image name>_2.png, _3, ... for a later image of a name already taken:
+dirA/x.jpg and dirB/x.jpg, x.jpg and x.png), detections.json (COCO results: image_id, category_id, bbox [x, y, w, h]
 in pixels of the image file, score; every query's detection, whatever its score, so it can be scored with
 pycocotools) and images.json (id, file_name, width, height of each image: the image_id of detections.json).
-Images found in the dataset's val annotation file keep their id there; others are numbered from 1.
+An image that is a file of the dataset's val split (that very file, not one of the same name) keeps its id
+there; the others are numbered on from the largest val id (from 1 without val annotations), so no two images
+share an id and none is scored against another image's boxes. A file given twice is predicted once.
 Category names are those stored with the model (checkpoint or ONNX file), else the val annotation file's.
 Model flags, and from a checkpoint of tools/train.py the data and size flags, come from the checkpoint unless given;
 the checkpoint is any detector file or folder detr_irpe.convert reads; output_dir defaults to <checkpoint
-folder>/predict.
+folder>/predict (a --config preset's output_dir is its training run's folder, so only the command line's counts).
 With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
 pictures and JSON; model flags are not needed, --val_size and --val_max_size come from the file unless given (a
 file exported without them: the defaults), --config still gives the data flags (names).
 """
 import os
+from collections import defaultdict
 
 import torch
 
 import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
                                  float_range, int_range, new_parser)
-from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.export import SIZE_FLAGS, OnnxDetector
 from detr_irpe.from_checkpoint import adopt_flags, build_model_from_checkpoint
@@ -50,15 +55,64 @@ def get_parser():
     return parser
 
 
-def val_annotations(args):
-    """The pycocotools COCO object of the val split, or None when it cannot be read (no --coco_path)."""
+def val_dataset(args):
+    """The val split (a CocoDetection: its annotations and image folder), or None when it cannot be read (no
+    --coco_path)."""
     if args.dataset_file == 'coco' and not (args.coco_path or args.val_json):
         return None
     try:
-        return datasets.get_coco_api_from_dataset(datasets.build_dataset('val', args))
+        return datasets.unwrap(datasets.build_dataset('val', args))
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f'no category names ({e}); labels are category ids')
         return None
+
+
+def image_ids(paths, dataset):
+    """The image_id of each path: a val image's where the path is that very file, so that its detections are scored
+    against its boxes; else ids above every val id, in input order, so that they are scored against none."""
+    by_name = defaultdict(list)  # file name -> (id, path) of the val files of that name; a zip's members are no files
+    if dataset is not None and os.path.isdir(dataset.root):
+        for img in dataset.coco.dataset['images']:
+            val_file = os.path.join(dataset.root, img['file_name'])
+            by_name[os.path.basename(val_file)].append((img['id'], val_file))
+    next_id = max(dataset.coco.imgs, default=0) + 1 if dataset is not None else 1
+    ids = []
+    for path in paths:
+        candidates = by_name[os.path.basename(path)]
+        match = next((c for c in candidates if os.path.isfile(c[1]) and os.path.samefile(path, c[1])), None)
+        if match:
+            candidates.remove(match)  # a second link to the same val file gets an id of its own
+            ids.append(match[0])
+        else:
+            ids.append(next_id)
+            next_id += 1
+    return ids
+
+
+def picture_names(paths):
+    """<stem>.png per path; <stem>_2.png, _3, ... for a later one whose name is taken, compared without case as
+    some file systems compare names."""
+    taken, names = set(), []
+    for path in paths:
+        stem = name = os.path.splitext(os.path.basename(path))[0]
+        k = 1
+        while name.lower() in taken:
+            k += 1
+            name = f'{stem}_{k}'
+        taken.add(name.lower())
+        names.append(name + '.png')
+    return names
+
+
+def onnx_detector(path, threads):
+    """OnnxDetector of `path`, or a UsageError when onnxruntime cannot load it as a model (a checkpoint, text)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
+    try:
+        return OnnxDetector(path, threads)
+    except (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail) as e:
+        why = str(e).splitlines()[0].rpartition(' failed:')[2]  # onnxruntime's reason, without its error code
+        raise UsageError(f'--onnx {path} is not an ONNX model ({why}); expected a file written by tools/export.py '
+                         '--format onnx --output FILE (a .pth checkpoint goes to --resume).') from None
 
 
 def run(argv=None):
@@ -67,10 +121,11 @@ def run(argv=None):
     if bool(args.resume) == bool(args.onnx):
         parser.error('give either --resume CHECKPOINT (the .pth file to run) or --onnx FILE (an export of '
                      'tools/export.py), not both or neither')
+    output_dir_of_command_line(parser, argv, args)
     paths = list_images(args.inputs)
     explicit = explicit_flags(get_parser(), argv)
     if args.onnx:
-        model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
+        model, postprocessors, device = onnx_detector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
         # the size the model was trained at, as --resume takes it from a checkpoint: at another, other detections
         taken = adopt_flags(args, model.size_flags, explicit, SIZE_FLAGS)
         if taken:
@@ -79,26 +134,24 @@ def run(argv=None):
         model, postprocessors, source = build_model_from_checkpoint(args, explicit)
         device = torch.device(args.device)
         model.to(device)
-    coco = val_annotations(args)
+    dataset = val_dataset(args)
+    coco = dataset.coco if dataset is not None else None
     # the names the model was trained with (the checkpoint's, the ONNX file's), else the val annotations'
     names = (model.category_names if args.onnx else source.category_names) or (
         {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {})
     if names:  # detections of the model's categories only: not of an id that no class of its data has
         postprocessors = {**postprocessors, 'bbox': PostProcess(names)}
-    known_ids = {os.path.basename(img['file_name']): img['id'] for img in coco.dataset['images']} if coco else {}
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume or args.onnx)), 'predict')
     results, images = [], []
-    for n, path in enumerate(paths, 1):
+    for path, image_id, picture in zip(paths, image_ids(paths, dataset), picture_names(paths)):
         image, tensor = load_image(path, transform)
         detections = predict(model, postprocessors, [(image, tensor)], device)[0]
-        image_id = known_ids.get(os.path.basename(path), n)
         images.append({'id': image_id, 'file_name': os.path.abspath(path), 'width': image.width,
                        'height': image.height})
         results += coco_results(image_id, detections)
         fig = draw_detections(image, detections, args.threshold, names, args.min_size)
-        out = save_figure(fig, os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + '.png'),
-                          palette=False, tight=False)
+        out = save_figure(fig, os.path.join(output_dir, picture), palette=False, tight=False)
         shown = int((detections['scores'] >= args.threshold).sum())
         print(f'{path}: {shown} detections of score >= {args.threshold} -> {out}')
     for name, data in (('detections.json', results), ('images.json', images)):

@@ -102,6 +102,13 @@ def command_line_flags(parser, argv=None):
             if any(a == opt or a.startswith(opt + '=') for a in argv)}
 
 
+def output_dir_of_command_line(parser, argv, args):
+    """args.output_dir as the command line gives it, else None: a tool that reads a checkpoint (eval, predict,
+    visualize_rpe) writes beside it, since a preset's output_dir is its training run's folder."""
+    if 'output_dir' not in command_line_flags(parser, argv):
+        args.output_dir = None
+
+
 def explicit_flags(parser, argv=None):
     """Destinations of the flags set on the command line or in the --config file (not left at defaults)."""
     argv = sys.argv[1:] if argv is None else argv

@@ -1,7 +1,11 @@
 """Pre-train a small ResNet-18 backbone on the built-in synthetic shapes, the way COCO DETR starts from
 ImageNet weights, and save it as a state dict that `--backbone resnet18 --backbone_weights PATH` loads.
 
-    .venv/bin/python tools/pretrain_backbone.py            # writes configs/weights/synthetic_resnet18.pth
+    .venv/bin/python tools/pretrain_backbone.py            # writes outputs/synthetic_resnet18.pth
+    .venv/bin/python tools/pretrain_backbone.py --output configs/weights/synthetic_resnet18.pth  # the shipped file
+
+By default it writes under outputs/ (relative to the current folder), so that a try never replaces the weights
+configs/demo.yaml (`make demo`) loads; regenerating those takes the explicit --output above.
 
 What is trained: the ResNet-18 stem, layer1, layer2, layer3 and the stride-2 projection shortcut of layer4
 (`layer4.0.downsample`), so the output keeps ResNet-18's 512 channels and stride 32. The 3x3 residual
@@ -21,7 +25,6 @@ demo's 128 px (--scales can mix input sizes). Batch norm trains here and is save
 FrozenBatchNorm2d reads. Everything is seeded. 500 steps of 16 images: about 10 minutes on 2 idle CPU cores,
 about 40 on a loaded one.
 """
-import argparse
 import io
 import math
 import os
@@ -35,10 +38,12 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from detr_irpe import UsageError
 from detr_irpe.checkpoint import save_checkpoint
-from detr_irpe.cli.flags import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, float_range, int_range,
-                                 non_empty)
+from detr_irpe.cli.flags import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, HelpFormatter, float_range,
+                                 int_range, non_empty)
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.flags import check_output_file
 from detr_irpe_datasets.synthetic import SHAPES, make_image
 from detr_irpe_datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,8 +51,10 @@ PRETRAIN_SPLIT = 7  # datasets.synthetic uses split index 0 (train) and 1 (val);
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--output', default='configs/weights/synthetic_resnet18.pth', type=non_empty)
+    p = ArgumentParser(description='\n\n'.join(__doc__.split('\n\n')[:3]), formatter_class=HelpFormatter)
+    p.add_argument('--output', default='outputs/synthetic_resnet18.pth', type=non_empty,
+                   help='where to write the weights (relative to the current folder); the shipped file, '
+                        'configs/weights/synthetic_resnet18.pth, is replaced only when named here')
     p.add_argument('--images', type=int_range(1, MAX_COUNT), default=6000,
                    help='distinct pre-training images (kept in memory)')
     p.add_argument('--image_size', type=int_range(32, MAX_IMAGE_SIDE), default=128)
@@ -157,8 +164,20 @@ def export_state_dict(net):
     return sd
 
 
+def check_args(args):
+    """Raise UsageError for flags that pass their own checks but cannot train together, before any work."""
+    if args.batch_size > args.images:
+        raise UsageError(f'--batch_size {args.batch_size} is larger than --images {args.images}: a batch draws '
+                         f'distinct images; give --batch_size {args.images} or less, or more --images.')
+    if args.objects[1] == 0:
+        raise UsageError('--objects 0 0 draws images without objects: nothing to learn; give a MAX of 1 or more '
+                         '(e.g. --objects 1 4).')
+    check_output_file('--output', args.output, 'synthetic_resnet18.pth')
+
+
 def run(argv=None):
     args = get_parser().parse_args(argv)
+    check_args(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -173,7 +192,7 @@ def run(argv=None):
     no_decay = [p for n, p in net.named_parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                              {'params': no_decay, 'weight_decay': 0.0}], lr=args.lr)
-    warmup = min(200, args.steps // 10)
+    warmup = max(1, min(200, args.steps // 10))  # at least 1: under 10 steps, steps // 10 is 0 (a division by 0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     net.train()
@@ -196,7 +215,8 @@ def run(argv=None):
         heat, reg, mask = targets_for(objs, h, w, args.classes)
         loss_heat = focal_loss(out[:, :args.classes], heat)
         pred_reg = out[:, args.classes:].permute(0, 2, 3, 1)[mask]
-        loss_reg = F.l1_loss(pred_reg, reg.permute(0, 2, 3, 1)[mask])
+        # mean over the centres' values; 0 for a batch without objects (--objects 0 MAX), whose mean is nan
+        loss_reg = F.l1_loss(pred_reg, reg.permute(0, 2, 3, 1)[mask], reduction='sum') / max(1, pred_reg.numel())
         loss = loss_heat + loss_reg
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -5,14 +5,14 @@ map seen from (0,0) and from the centre (7,7); one colour per bucket, the refere
     python tools/visualize_buckets.py --output_dir docs/images
     python tools/visualize_buckets.py --ratio 3.5 --size 20 --reference 0 0 --reference 10 10 --output_dir runs/buckets
 
-Writes output_dir/buckets_<size>x<size>_ratio<ratio>.png (or --name).
+Writes output_dir/buckets_<size>x<size>_ratio<ratio>.png (or --name: .png, .jpg or .jpeg).
 """
 import argparse
 import os
 
-
 from detr_irpe import UsageError
-from detr_irpe.cli.flags import float_range, int_range, non_empty
+from detr_irpe.cli.flags import (FIGURE_EXTENSIONS, check_figure_name, check_output_file, check_output_folder,
+                                  float_range, int_range, non_empty)
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.plots import plot_bucket_maps, save_figure
 
@@ -28,7 +28,9 @@ def get_parser():
     p.add_argument('--index_func', nargs='+', default=['piecewise', 'clip'], choices=['piecewise', 'clip'])
     p.add_argument('--no_numbers', action='store_true', help='colours only, no bucket ids in the cells')
     p.add_argument('--dpi', type=int_range(10, 1200), default=90)
-    p.add_argument('--name', default=None, type=non_empty, help='file name of the PNG')
+    p.add_argument('--name', default=None, type=non_empty,
+                   help=f'file name of the picture, ending in {" ".join(FIGURE_EXTENSIONS)} (default: '
+                        'buckets_<height>x<width>_ratio<ratio>.png)')
     p.add_argument('--output_dir', default='outputs')
     return p
 
@@ -39,8 +41,17 @@ def run(argv=None):
         raise UsageError(f'--size takes one or two numbers (height [width]), got {args.size}.')
     height, width = args.size[0], args.size[-1]
     references = [tuple(r) for r in args.reference] if args.reference else [(0, 0), (height // 2, width // 2)]
+    for row, col in references:
+        if row >= height or col >= width:
+            raise UsageError(f'--reference {row} {col} is outside the {height}x{width} map (--size '
+                             f'{" ".join(map(str, args.size))}); give a row in 0..{height - 1} and a column in '
+                             f'0..{width - 1}, or a larger --size.')
+    default_name = f'buckets_{height}x{width}_ratio{args.ratio:g}.png'
+    check_output_folder('--output_dir', args.output_dir)
+    check_figure_name('--name', args.name or default_name)
+    path = os.path.join(args.output_dir, args.name or default_name)
+    check_output_file('--name', path, default_name)
     fig = plot_bucket_maps(references, height, width, args.ratio, tuple(args.index_func), not args.no_numbers)
-    path = os.path.join(args.output_dir, args.name or f'buckets_{height}x{width}_ratio{args.ratio:g}.png')
     save_figure(fig, path, args.dpi)
     print(f'wrote {path}')
     return path

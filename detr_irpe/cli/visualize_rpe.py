@@ -10,7 +10,8 @@ b_ij = rpe_k(q_i)_j (+ rpe_q(k_j)_i) in the logits of softmax(q k^T / sqrt(d) + 
 unless --head is given; one colour scale for all 25 maps. Model flags come from the checkpoint unless given;
 without --resume the model is built from the flags (its iRPE tables untrained: Xavier noise, or 0 with --rpe_init zero).
 A larger --val_size gives a larger feature map (the backbone's stride is 32). Writes
-output_dir/rpe_<image>_layer<k>.png; output_dir defaults to the checkpoint's folder.
+output_dir/rpe_<image>_layer<k>.png; output_dir defaults to the checkpoint's folder (outputs/ without one); a
+--config preset's output_dir is its training run's folder, so only the command line's counts.
 """
 import os
 
@@ -20,7 +21,7 @@ import torch
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, build_model
 from detr_irpe.cli.flags import MAX_LAYERS, MAX_WIDTH, get_args_parser, int_range, non_empty
-from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
@@ -43,6 +44,8 @@ def get_parser():
 def run(argv=None):
     parser = get_parser()
     args = parse_args_with_config(parser, argv)
+    output_dir_of_command_line(parser, argv, args)
+    image = load_image(args.image)[0]  # a file that is no image stops here, before the model is built
     if args.resume:
         model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
         source = os.path.basename(args.resume)
@@ -55,7 +58,7 @@ def run(argv=None):
               'zero with --rpe_init zero), so b_ij shows nothing learned.')
     model.to(torch.device(args.device))
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
-    image, tensor = load_image(args.image, transform)
+    tensor = transform(image)
     terms, height, width = irpe_logit_terms(model, [tensor.to(args.device)], args.layer)
     terms = terms[0]
     if args.head is not None:

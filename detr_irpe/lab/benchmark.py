@@ -215,7 +215,8 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
     result = {'machine': machine(), 'quick': quick,
               'sizes': {'images': cfg['images'], 'attention_map': cfg['attention_map'], 'attention_batch': 2,
                         'heads': 8, 'hidden_dim': 256, 'dc5_image': cfg['dc5_image'], 'irpe_k': IRPE_K,
-                        'irpe_qkv': IRPE_QKV, 'repeats': cfg['repeats']}}
+                        'irpe_qkv': IRPE_QKV, 'repeats': cfg['repeats'], 'attention_repeats': cfg['attention_repeats'],
+                        'op_repeats': cfg['op_repeats'], 'dc5_steps': cfg['dc5_steps'], 'dc5_rounds': cfg['dc5_rounds']}}
     ratios = {}
     if 'models' in parts:
         steps, samples = model_steps(cfg['images'], cfg['repeats'])
@@ -270,18 +271,41 @@ TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qk
            ('dc5', 'step irpe_qkv / plain', 1.15, True), ('dc5', 'peak memory irpe_qkv / plain', 1.10, True)]
 
 
+def describe_sizes(result):
+    """One line: the sizes and repeats of the parts that ran (each part has its own repeats)."""
+    s = result['sizes']
+    # results saved before the per-part repeats were recorded give only 'repeats'
+    repeats = {k: s.get(k, s['repeats']) for k in ('attention_repeats', 'op_repeats')}
+    parts = []
+    if 'model_seconds' in result:
+        parts.append(f"DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}, "
+                     f"medians of {s['repeats']} interleaved repeats (training step = forward + loss + backward)")
+    if 'attention_seconds' in result:
+        parts.append(f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, "
+                     f"d_model 256, medians of {repeats['attention_repeats']} interleaved repeats")
+    if any('rpe_index_vs_gather' + suffix in result for _, suffix, _ in OP_CASES):
+        parts.append(f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids), medians "
+                     f"of {repeats['op_repeats']} repeats")
+    if 'dc5' in result:
+        steps = f", medians of {s['dc5_steps']} steps in each of {s['dc5_rounds']} fresh processes per model" \
+            if 'dc5_steps' in s else ''
+        parts.append(f"DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}{steps}")
+    line = 'Sizes: ' + ('; '.join(parts) or 'no part ran') + '.'
+    if 'model_seconds' in result or 'attention_seconds' in result:
+        line += (f" iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Model and attention ratios: medians of the "
+                 "ratios within each repeat.")
+    elif 'dc5' in result:
+        line += f" iRPE-QKV = {s['irpe_qkv']}."
+    return line
+
+
 def markdown_table(result):
     """The ratios with their targets, then the medians they come from, as Markdown."""
-    m, s = result['machine'], result['sizes']
+    m = result['machine']
     lines = [rpe_ops.benchmark.describe_host(m['host']) + '.',
              f"Machine: {'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}; load average "
              f"{m['load_average_1min_start']:.1f} at start, {m['load_average_1min_end']:.1f} at end; malloc: {m['malloc']}.",
-             f"Sizes: DETR-R50 batch of {len(s['images'])} images {' and '.join(f'{h}x{w}' for h, w in s['images'])}; "
-             f"attention layer L = {s['attention_map'][0]}x{s['attention_map'][1]}, batch 2, 8 heads, d_model 256; "
-             f"rpe_index B=2 H=8 L=950 K=81 (the bucket ids of iRPE-K on 25x38, and random ids); DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}. "
-             f"iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Times: medians of {s['repeats']} interleaved repeats "
-             f"(training step = forward + loss + backward); model and attention ratios: medians of the ratios "
-             f"within each repeat.", '',
+             describe_sizes(result), '',
              '| measurement | ratio | target | met |', '|---|---|---|---|']
     for section, name, target, at_most in TARGETS:
         value = result['ratios'].get(section, {}).get(name)

@@ -71,21 +71,24 @@ def plot_bucket_maps(references=((0, 0), (7, 7)), height=14, width=14, ratio=1.9
 
 
 def save_figure(fig, path, dpi=100, palette=True, tight=True):
-    """Save a figure as PNG and close it. palette: store it with at most 256 colours, which keeps flat
-    drawings (maps, plots) a few times smaller; leave it off for photographs. tight: crop the empty margin
-    (off: the PNG has exactly the figure's size in pixels)."""
+    """Save a figure as PNG (or JPEG, by path's extension: .jpg, .jpeg) and close it. palette: store a PNG with
+    at most 256 colours, which keeps flat drawings (maps, plots) a few times smaller; leave it off for
+    photographs. tight: crop the empty margin (off: the file has exactly the figure's size in pixels).
+    Written atomically: a kill leaves the previous file or the new one."""
     import io
     from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    from detr_irpe.checkpoint import atomic_write
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format='png', bbox_inches='tight' if tight else None, pad_inches=0.1)
     plt.close(fig)
     buffer.seek(0)
     image = Image.open(buffer).convert('RGB')
+    if os.path.splitext(path)[1].lower() in ('.jpg', '.jpeg'):
+        # JPEG holds no palette image
+        return atomic_write(path, lambda tmp: image.save(tmp, quality=95, optimize=True))
     if palette:
         image = image.quantize(256, method=Image.Quantize.MEDIANCUT)
-    image.save(path, optimize=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, optimize=True))  # the format of the extension
 
 
 # ----------------------------------------------------------------------------------- iRPE term b_ij
@@ -192,7 +195,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.
 
 
 def list_images(inputs):
-    """Image files of `inputs` (files, or folders whose image files are taken in name order)."""
+    """Image files of `inputs` (files, or folders whose image files are taken in name order), a file given twice
+    taken once. Each is decoded here (load_image), so a file that is no image stops a run before any work."""
     expected = f'expected image files ({", ".join(IMAGE_EXTENSIONS)}) or folders of them'
     paths = []
     for p in inputs:
@@ -206,20 +210,28 @@ def list_images(inputs):
         else:
             what = 'is neither a file nor a folder' if os.path.exists(p) else 'does not exist'
             raise UsageError(f'{p!r} {what}; {expected}: check the path.')
-    return paths
+    unique = {}
+    for p in paths:
+        unique.setdefault(os.path.realpath(p), p)
+    for p in unique.values():
+        load_image(p)
+    return list(unique.values())
 
 
-def load_image(path, transform):
-    """(PIL RGB image, transformed (3, H, W) tensor)."""
+def load_image(path, transform=None):
+    """(PIL 8-bit RGB image, transformed (3, H, W) tensor, or None without a transform); decoded as the datasets
+    decode (detr_irpe_datasets.coco.to_rgb8)."""
     from PIL import Image, UnidentifiedImageError
+
+    from detr_irpe_datasets.coco import to_rgb8
     try:
         with Image.open(path) as f:
-            image = f.convert('RGB')
+            image = to_rgb8(f, path)
     except OSError as e:  # PIL's UnidentifiedImageError among them, whose message repeats the path
         why = 'in no format PIL reads' if isinstance(e, UnidentifiedImageError) else str(e)
         raise UsageError(f'cannot read {path!r} as an image ({why}); expected an image file '
                          f'({", ".join(IMAGE_EXTENSIONS)}): convert it or leave it out.') from None
-    return image, transform(image)
+    return image, transform(image) if transform is not None else None
 
 
 @torch.no_grad()
@@ -269,22 +281,31 @@ LOG_PANELS = (('train_loss', 'loss'), ('train_loss_ce', 'classification loss'), 
 def read_log(path):
     """The records of a tools/train.py log.txt (JSON lines), one per epoch: a resumed run that logged an
     epoch twice keeps its last record. The COCO stats are also given by name (AP, AP50, ... from
-    test_coco_eval_bbox)."""
+    test_coco_eval_bbox). A last line cut off (no newline: a run killed while writing it) is skipped with a
+    warning; a broken line elsewhere is an error."""
     by_epoch = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise UsageError(f'{path} is not a text file; expected a log.txt of tools/train.py or the run folder '
+                         'holding it.') from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not line.endswith('\n'):
+                print(f'warning: {path}:{n} is cut off (a run stopped while writing it?); skipped it.', flush=True)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f'{path}:{n} is not a JSON line ({e}); expected a log.txt written by '
-                                 'tools/train.py.') from None
-            if not isinstance(record, dict) or 'epoch' not in record:
-                raise UsageError(f"{path}:{n} has no 'epoch'; expected a log.txt written by tools/train.py.")
-            stats = record.get('test_coco_eval_bbox') or []
-            record.update({name: v for name, v in zip(COCO_STATS, stats)})
-            by_epoch[record['epoch']] = record
+            raise UsageError(f'{path}:{n} is not a JSON line ({e}); expected a log.txt written by '
+                             'tools/train.py.') from None
+        if not isinstance(record, dict) or 'epoch' not in record:
+            raise UsageError(f"{path}:{n} has no 'epoch'; expected a log.txt written by tools/train.py.")
+        stats = record.get('test_coco_eval_bbox') or []
+        record.update({name: v for name, v in zip(COCO_STATS, stats)})
+        by_epoch[record['epoch']] = record
     if not by_epoch:
         raise UsageError(f'{path} holds no epoch record yet.')
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -317,6 +338,7 @@ def plot_logs(runs, panels=LOG_PANELS, band='minmax'):
     """Figure of training curves: one panel per (field, title), one line per run. runs: {label: records},
     or {label: [records, records, ...]} for the seeds of one sweep entry, drawn as their mean with a band
     (seed_band)."""
+    from matplotlib.ticker import MaxNLocator
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -331,6 +353,7 @@ def plot_logs(runs, panels=LOG_PANELS, band='minmax'):
                     ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
                 elif len(seeds) > 1:  # one evaluated epoch: a band has no width, so an error bar
                     ax.errorbar(epochs, mean, yerr=[mean - low, high - mean], color=line.get_color(), capsize=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=7)
