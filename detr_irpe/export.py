@@ -219,7 +219,13 @@ class OnnxDetector:
         if not os.path.isfile(path):
             raise UsageError(f'ONNX file {path!r} does not exist: write one with tools/export.py '
                                     '--format onnx --output FILE.')
-        self.session = onnx_session(path, threads)
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
+        try:
+            self.session = onnx_session(path, threads)
+        except (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail) as e:  # a checkpoint, a text file
+            why = str(e).splitlines()[0].rpartition(' failed:')[2]  # onnxruntime's reason, without its error code
+            raise UsageError(f'ONNX file {path!r} is not an ONNX model ({why}): write one with tools/export.py '
+                             '--format onnx --output FILE (a .pth checkpoint is run with --resume).') from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         stored = metadata.get('category_names')
         # {id: name} the exported model was trained with, or None for a file that keeps none

@@ -29,7 +29,6 @@ from collections import defaultdict
 import torch
 
 import detr_irpe_datasets.build as datasets
-from detr_irpe import UsageError
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
                                  float_range, int_range, new_parser)
@@ -104,17 +103,6 @@ def picture_names(paths):
     return names
 
 
-def onnx_detector(path, threads):
-    """OnnxDetector of `path`, or a UsageError when onnxruntime cannot load it as a model (a checkpoint, text)."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
-    try:
-        return OnnxDetector(path, threads)
-    except (InvalidProtobuf, InvalidGraph, InvalidArgument, Fail) as e:
-        why = str(e).splitlines()[0].rpartition(' failed:')[2]  # onnxruntime's reason, without its error code
-        raise UsageError(f'--onnx {path} is not an ONNX model ({why}); expected a file written by tools/export.py '
-                         '--format onnx --output FILE (a .pth checkpoint goes to --resume).') from None
-
-
 def run(argv=None):
     parser = get_parser()
     args = parse_args_with_config(parser, argv)
@@ -125,7 +113,7 @@ def run(argv=None):
     paths = list_images(args.inputs)
     explicit = explicit_flags(get_parser(), argv)
     if args.onnx:
-        model, postprocessors, device = onnx_detector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
+        model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
         # the size the model was trained at, as --resume takes it from a checkpoint: at another, other detections
         taken = adopt_flags(args, model.size_flags, explicit, SIZE_FLAGS)
         if taken:
