@@ -47,9 +47,10 @@ def run(argv=None):
                              f'{" ".join(map(str, args.size))}); give a row in 0..{height - 1} and a column in '
                              f'0..{width - 1}, or a larger --size.')
     default_name = f'buckets_{height}x{width}_ratio{args.ratio:g}.png'
+    name = args.name or default_name
     check_output_folder('--output_dir', args.output_dir)
-    check_figure_name('--name', args.name or default_name)
-    path = os.path.join(args.output_dir, args.name or default_name)
+    check_figure_name('--name', name)
+    path = os.path.join(args.output_dir, name)
     check_output_file('--name', path, default_name)
     fig = plot_bucket_maps(references, height, width, args.ratio, tuple(args.index_func), not args.no_numbers)
     save_figure(fig, path, args.dpi)
