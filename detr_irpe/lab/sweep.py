@@ -35,9 +35,9 @@ def run_dir(output_dir, name, seed):
 
 def seed_folders(folder):
     """{seed: its run folder} of a sweep entry's folder (output_dir/<entry>), in seed order."""
-    seeds = sorted(int(d[4:]) for d in os.listdir(folder) if d.startswith('seed') and d[4:].lstrip('-').isdigit()
-                   and os.path.isdir(os.path.join(folder, d)))
-    return {s: os.path.join(folder, f'seed{s}') for s in seeds}
+    names = [d for d in os.listdir(folder) if d.startswith('seed') and d[4:].lstrip('-').isdigit()
+             and os.path.isdir(os.path.join(folder, d))]
+    return {int(d[4:]): os.path.join(folder, d) for d in sorted(names, key=lambda d: int(d[4:]))}  # the names as found
 
 
 def seed_logs(folder):
