@@ -278,3 +278,26 @@ def test_visualize_rpe_writes_the_grid_of_a_trained_layer(smoke_run, tmp_path):
     assert w > h > 200  # the image beside a 5 x 5 grid of maps
     with pytest.raises(UsageError, match=r'--layer 5 does not exist: the encoder has 1 layers'):
         tool('visualize_rpe').run(flags + ['--image', str(image), '--layer', '5', '--output_dir', str(tmp_path)])
+
+
+def test_visualize_rpe_takes_only_the_flags_it_uses_and_seeds_its_untrained_model(tmp_path):
+    """Training's flags (--lr, --epochs, --amp, ...) would do nothing here: they are no flags of the tool. Without
+    --resume the iRPE tables are drawn with --seed (one picture per seed); with --resume the flags of the untrained
+    model are refused, as the checkpoint has its weights."""
+    parser = tool('visualize_rpe').get_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    assert not flags & {'--lr', '--epochs', '--amp', '--batch_size', '--compile', '--world_size', '--train_json'}
+    assert {'--enc_rpe2d', '--val_size', '--rpe_init', '--backbone_weights', '--seed'} <= flags
+    image = tmp_path / 'picture.jpg'
+    Image.new('RGB', (96, 64), (120, 60, 30)).save(image)
+    tiny = [flag for flag in TINY if flag not in ('--dropout', '0')]
+    untrained = tiny + ['--enc_rpe2d', 'rpe-2.0-product-ctx-1-k', '--image', str(image), '--val_size', '128',
+                        '--val_max_size', '192', '--dpi', '20']
+    pictures = []
+    for seed in (1, 1, 2):
+        path = tool('visualize_rpe').run(untrained + ['--seed', str(seed), '--output_dir', str(tmp_path / str(len(pictures)))])
+        pictures.append(open(path, 'rb').read())
+    assert pictures[0] == pictures[1] and pictures[0] != pictures[2]
+    for given in (['--rpe_init', 'zero'], ['--seed', '3']):
+        with pytest.raises(UsageError, match=f'{given[0]} shape the untrained model built without --resume'):
+            tool('visualize_rpe').run(untrained + given + ['--resume', str(image)])

@@ -280,6 +280,17 @@ def add_model_args(p, attention=True):
     return p
 
 
+def add_initialisation_args(g):
+    """How a new model starts: training's, and visualize_rpe's untrained model."""
+    g.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
+                   help="iRPE tables start xavier-initialised like every transformer matrix (the published "
+                        "code) or at zero (the paper's appendix)")
+    g.add_argument('--backbone_weights', default='imagenet', type=backbone_weights_flag,
+                   help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
+                        "or a path to a state dict")
+    g.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
+
+
 def add_training_args(p):
     """The recipe: optimizer, schedule, what only training builds (backbone weights, dropout, losses), resuming,
     checkpoints, precision, distributed processes."""
@@ -290,9 +301,7 @@ def add_training_args(p):
     g.add_argument('--rpe_weight_decay', default=None, type=float_range(0),
                    help="weight decay of the iRPE tables (default: --weight_decay, as the published code; "
                         "0 as the paper's appendix)")
-    g.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
-                   help="iRPE tables start xavier-initialised like every transformer matrix (the published "
-                        "code) or at zero (the paper's appendix)")
+    add_initialisation_args(g)
     g.add_argument('--epochs', default=300, type=int_range(0))
     g.add_argument('--lr_drop', default=200, type=int_range(1), help='epoch at which the learning rate drops 10x')
     g.add_argument('--lr_warmup', default=0, type=int_range(0), help='steps of linear learning-rate warm-up (0: none, as DETR)')
@@ -300,9 +309,6 @@ def add_training_args(p):
     g.add_argument('--finetune', default=None, type=non_empty, metavar='PATH',
                    help='start a new run (epoch 0, fresh optimizer and schedule) from the weights of PATH: '
                         f'{FORMATS_HELP}; its model flags unless given, the class head matched by category name')
-    g.add_argument('--backbone_weights', default='imagenet', type=backbone_weights_flag,
-                   help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
-                        "or a path to a state dict")
     g.add_argument('--dropout', default=0.1, type=float_range(0, 1, high_open=True))
     g.add_argument('--no_aux_loss', dest='aux_loss', action='store_false',
                    help='turn off the auxiliary decoding losses, which are on by default (a loss at every decoder '
@@ -313,7 +319,6 @@ def add_training_args(p):
     g.add_argument('--bbox_loss_coef', default=5, type=float_range(0, MAX_COEF))
     g.add_argument('--giou_loss_coef', default=2, type=float_range(0, MAX_COEF))
     g.add_argument('--eos_coef', default=0.1, type=float_range(0, MAX_COEF), help='weight of the no-object class')
-    g.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
     g.add_argument('--start_epoch', default=0, type=int_range(0))
     g.add_argument('--eval', action='store_true', help='only evaluate')
     g.add_argument('--checkpoint_every', default=0, type=int_range(0),

@@ -8,7 +8,8 @@ reference positions i spread uniformly over the feature map of an image, the map
 
 b_ij = rpe_k(q_i)_j (+ rpe_q(k_j)_i) in the logits of softmax(q k^T / sqrt(d) + b), averaged over heads
 unless --head is given; one colour scale for all 25 maps. Model flags come from the checkpoint unless given;
-without --resume the model is built from the flags (its iRPE tables untrained: Xavier noise, or 0 with --rpe_init zero).
+without --resume the model is built from the flags: its iRPE tables untrained (Xavier noise drawn with --seed, or 0 with
+--rpe_init zero), its backbone from --backbone_weights.
 A larger --val_size gives a larger feature map (the backbone's stride is 32). Writes
 output_dir/rpe_<image>_layer<k>.png; output_dir defaults to the checkpoint's folder (outputs/ without one); a
 --config preset's output_dir is its training run's folder, so only the command line's counts.
@@ -19,18 +20,26 @@ import os
 import torch
 
 import detr_irpe_datasets.build as datasets
-from detr_irpe import UsageError, build_model
-from detr_irpe.cli.flags import MAX_LAYERS, MAX_WIDTH, get_args_parser, int_range, non_empty
-from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config
+from detr_irpe import UsageError
+from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_LAYERS, MAX_WIDTH, add_data_args, add_initialisation_args,
+                                 add_model_args, add_run_args, int_range, new_parser, non_empty)
+from detr_irpe.cli.presets import (command_line_flags, explicit_flags, output_dir_of_command_line,
+                                   parse_args_with_config)
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.detr import build_detector
+from detr_irpe.from_checkpoint import INFERENCE_DEFAULTS, build_model_from_checkpoint
 from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
                                uniform_reference_positions)
 
+UNTRAINED_FLAGS = ('rpe_init', 'backbone_weights', 'seed')
+
 
 def get_parser():
-    parser = get_args_parser()
-    parser.description = __doc__
+    parser = new_parser(description=__doc__)
+    add_model_args(parser)
+    add_run_args(parser, loader=False, resume_help=CHECKPOINT_HELP + ' (without it: an untrained model of the flags)')
+    add_data_args(parser, train=False)  # the val transform; without --resume, the number of classes
+    add_initialisation_args(parser.add_argument_group('the untrained model (without --resume)'))
     parser.add_argument('--image', required=True, type=non_empty, help='the image whose feature map is shown')
     parser.add_argument('--layer', type=int_range(-MAX_LAYERS, MAX_LAYERS - 1), default=0,
                         help='encoder layer (0 is the first, -1 the last)')
@@ -47,12 +56,19 @@ def run(argv=None):
     output_dir_of_command_line(parser, argv, args)
     image = load_image(args.image)[0]  # a file that is no image stops here, before the model is built
     if args.resume:
+        ignored = sorted(command_line_flags(parser, argv) & set(UNTRAINED_FLAGS))
+        if ignored:
+            raise UsageError(f"{', '.join('--' + f for f in ignored)} shape the untrained model built without --resume; "
+                             f'--resume {args.resume} has its weights: leave them out, or leave out --resume')
         model, _, _ = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
         source = os.path.basename(args.resume)
     else:
         if args.num_classes is None:
             args.num_classes = datasets.num_classes_for(args)
-        model = build_model(args)[0].eval()
+        for name, value in INFERENCE_DEFAULTS.items():
+            setattr(args, name, value)
+        torch.manual_seed(args.seed)
+        model = build_detector(args)[0].eval()
         source = 'untrained model'
         print('no --resume: the model is built from the flags; its iRPE tables are untrained (Xavier noise, or '
               'zero with --rpe_init zero), so b_ij shows nothing learned.')
