@@ -20,11 +20,13 @@ FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compil
 
 
 # As on a bare GPU machine (make gpu-check): `python3 -m detr_irpe.cli.gpu_check` from the checkout with nothing
-# installed (the editable install's finder and path hook taken out), so datasets/ is found under its installed name
-# by the script alone.
+# installed (the editable install's finder and path hook taken out) and without what those machines lack:
+# datasets/ (installed as detr_irpe_datasets), pycocotools, faster_coco_eval.
+ABSENT_ON_GPU_MACHINES = ('detr_irpe_datasets', 'pycocotools', 'faster_coco_eval')
 BARE = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
         "getattr(f, '__module__', '').startswith('__editable__')]; "
         "sys.path[:] = [p for p in sys.path if '__editable__' not in p]; "
+        f"sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINES})); "  # None there: importing them fails
         "runpy.run_module('detr_irpe.cli.gpu_check', run_name='__main__', alter_sys=True)")
 
 

@@ -7,15 +7,13 @@ checks, benchmark, print a table and write JSON.
 
 Written for a bare machine with one GPU: Python, PyTorch 2.4+ with its Triton, torchvision, scipy, a C++ compiler
 and ninja; no virtual environment, no nvcc, nothing to download. The CPU op is built in place against the
-installed torch (`python setup.py build_ext --inplace`); on CUDA the ops run Triton kernels. pycocotools is not
-needed by any check. Each check is independent: one that fails is reported and the others still run; the exit
+installed torch (`python setup.py build_ext --inplace`); on CUDA the ops run Triton kernels. Neither datasets/
+nor pycocotools is needed (the GPU machines have neither). Each check is independent: one that fails is reported and the others still run; the exit
 status is 1 when a check failed (or a benchmark part raised), 0 otherwise. With --device cpu the comparisons of
 CUDA against CPU are skipped and said so. On one H200 the whole run took 6 min 52 s, build included
 (docs/gpu_check.md).
 """
 import argparse
-import importlib.machinery
-import importlib.util
 import os
 import platform
 import sys
@@ -28,22 +26,8 @@ except ImportError as error:
     raise SystemExit(f'gpu_check needs PyTorch (2.4 or later) installed for {sys.executable} ({error}). On the GPU '
                      f'machine, run it with the python that has torch: make gpu-check PYTHON=/path/to/python') from None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def import_datasets_from_checkout():
-    """A bare machine runs gpu_check from the checkout, nothing installed: datasets/ is then imported under the
-    name setup.py installs it as (detr_irpe_datasets), a package whose modules load from that folder."""
-    if importlib.util.find_spec('detr_irpe_datasets') is None:  # not installed (make setup, pip install)
-        spec = importlib.machinery.ModuleSpec('detr_irpe_datasets', None, is_package=True)
-        spec.submodule_search_locations = [os.path.join(ROOT, 'datasets')]
-        sys.modules['detr_irpe_datasets'] = importlib.util.module_from_spec(spec)
-
-
-import_datasets_from_checkout()
-
-from detr_irpe.checkpoint import save_json  # noqa: E402
-from detr_irpe.lab.gpu_benchmarks import BENCHMARKS  # noqa: E402
+from detr_irpe.checkpoint import save_json
+from detr_irpe.lab.gpu_benchmarks import BENCHMARKS
 from detr_irpe.lab.gpu_check import CHECKS, build_extension, device_name, markdown, run_one
 
 

@@ -149,10 +149,10 @@ def training_step(flags, compile_mode, data, precision, device):
     gradients dropped after, so that between steps a model holds its weights and AdamW's moments.
     step.parameter_bytes: the weights and buffers."""
     from detr_irpe import build_model, engine
-    from detr_irpe.cli.flags import get_args_parser
+    from detr_irpe.cli.flags import get_model_parser
     from detr_irpe.detr import batch_images
     torch.manual_seed(0)
-    args = get_args_parser().parse_args(['--backbone_weights', 'none', '--device', device, '--dropout', '0', *flags])
+    args = get_model_parser().parse_args(['--backbone_weights', 'none', '--device', device, '--dropout', '0', *flags])
     model, criterion, _ = build_model(args)
     model, criterion = model.to(device).train(), criterion.to(device).train()
     optimizer, scaler = engine.build_optimizer(model, args), precision.grad_scaler()
