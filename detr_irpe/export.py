@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import atomic_write
+from detr_irpe.checkpoint import atomic_write, check_output_file
 
 FORMATS = ('onnx', 'pt2')
 INPUT_NAMES = ('images', 'mask')
@@ -125,21 +125,6 @@ def onnx_translations():
     return _onnx_translations()
 
 
-# ---- files ----
-
-def check_output_path(path):
-    """Raise UsageError saying what to do when `path` cannot be written (missing or read-only folder, a folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f'--output {path!r} is a folder; give a file name, e.g. {os.path.join(path, "detr.onnx")!r}.')
-    if not os.path.isdir(folder):
-        raise UsageError(f'--output {path!r}: the folder {folder!r} does not exist; create it first or choose '
-                         'another path.')
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f'--output {path!r}: the folder {folder!r} is not writable; choose a path in a folder '
-                         'you can write to.')
-
-
 def check_opset(opset):
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f'ONNX opset {opset!r} is not supported: the exporter writes opsets {MIN_OPSET} to '
@@ -171,7 +156,7 @@ def export_pt2(model, path, example=None, category_names=None, size_flags=None):
     program = export_program(model, example)
     metadata = file_metadata(category_names, size_flags)
     with _quiet_shared_storage():
-        check_output_path(path)
+        check_output_file('--output', path, 'detr.pt2')
         atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=metadata))
     return program
 
@@ -187,7 +172,7 @@ def export_onnx(model, path, opset=MIN_OPSET, example=None, category_names=None,
     """Write `model` as one ONNX file (weights inside) at `path`, rpe ops lowered to standard operators, with
     file_metadata(category_names, size_flags) in its metadata_props. Returns the torch.onnx.ONNXProgram."""
     check_opset(opset)
-    check_output_path(path)
+    check_output_file('--output', path, 'detr.onnx')
     program = export_program(model, example)
     onnx_program = torch.onnx.export(program, (), opset_version=opset, dynamo=True, input_names=list(INPUT_NAMES),
                                      output_names=list(OUTPUT_NAMES), custom_translation_table=onnx_translations(),

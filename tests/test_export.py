@@ -243,10 +243,11 @@ def test_onnx_lowering_of_rpe_ops_matches_their_loop_definitions(tmp_path):
 
 @pytest.fixture(scope='module')
 def pt2_tool_export(tmp_path_factory):
-    """A .pt2 written by tools/export.py from a checkpoint of iRPE-QKV (every rpe op), and the model."""
+    """A .pt2 written by tools/export.py from a checkpoint of iRPE-QKV (every rpe op), and the model; the folder
+    of --output is made, as every tool makes its output's."""
     folder = str(tmp_path_factory.mktemp('pt2'))
     model, checkpoint = tiny_checkpoint(folder, SETTINGS['irpe_qkv'], seed=1)
-    path = os.path.join(folder, 'detr.pt2')
+    path = os.path.join(folder, 'exports', 'detr.pt2')
     assert tool('export').run(['--resume', checkpoint, '--output', path]) == path
     return model, path
 
@@ -304,12 +305,13 @@ def test_unsupported_opset_is_refused_before_loading_anything(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize('where', ['missing folder', 'a folder'])
-def test_output_that_cannot_be_written_is_refused_with_advice(tmp_path, where):
-    output = str(tmp_path / 'no' / 'such' / 'm.onnx') if where == 'missing folder' else str(tmp_path / 'dir.onnx')
+@pytest.mark.parametrize('output, message', [('dir.onnx', r"is a folder; give a file name, e.g. .*dir.onnx/detr.onnx'"),
+                                             ('file.txt/m.onnx', "file.txt' is a file, not a folder")])
+def test_output_that_cannot_be_written_is_refused_with_advice(tmp_path, output, message):
     os.makedirs(tmp_path / 'dir.onnx')
-    with pytest.raises(ValueError, match='does not exist; create it|is a folder; give a file name'):
-        tool('export').run(['--resume', str(tmp_path / 'missing.pth'), '--output', output])
+    (tmp_path / 'file.txt').write_text('')
+    with pytest.raises(ValueError, match=message):
+        tool('export').run(['--resume', str(tmp_path / 'missing.pth'), '--output', str(tmp_path / output)])
 
 
 def test_output_extension_or_format_is_required(tmp_path, capsys):

@@ -6,8 +6,8 @@
 """
 import argparse
 
-from detr_irpe.checkpoint import save_json
-from detr_irpe.cli.flags import check_output_file, int_range, non_empty
+from detr_irpe.checkpoint import check_output_file, save_json
+from detr_irpe.cli.flags import int_range, non_empty
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.benchmark import markdown_table, run as run_benchmark
 

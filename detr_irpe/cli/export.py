@@ -17,11 +17,11 @@ import os
 
 import torch
 
+from detr_irpe.checkpoint import check_output_file
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_model_args, add_run_args, int_range, new_parser
 from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.export import (FORMATS, MAX_OPSET, MIN_OPSET, check_output_path, export_onnx, export_pt2,
-                              max_difference)
+from detr_irpe.export import FORMATS, MAX_OPSET, MIN_OPSET, export_onnx, export_pt2, max_difference
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe.lab.benchmark import time_against_pytorch
 
@@ -50,7 +50,7 @@ def run(argv=None):
     if fmt not in FORMATS:
         parser.error(f'--output {args.output!r} ends in neither .onnx nor .pt2: pass --format onnx or --format pt2.')
     # Checked before the slow part, so that a typo costs no export (--opset is checked at parse).
-    check_output_path(args.output)
+    check_output_file('--output', args.output, f'detr.{fmt}')
     # On the CPU, with SDPA: flex_attention's compiled kernel has no ONNX form (and 'auto' is SDPA there).
     args.device, args.attention_impl = 'cpu', 'sdpa'
     model, _, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))

@@ -114,34 +114,6 @@ def backbone_weights_flag(text):
 FIGURE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
-def check_output_folder(flag, folder):
-    """Raise UsageError naming `flag` when `folder` (made when missing) cannot hold the tool's files: checked
-    before any work, so that a long run does not end in an OS error."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f'{flag} {folder!r} is a file, not a folder; give a folder (it is made when missing).')
-    _check_writable_below(flag, folder, os.path.abspath(folder))
-
-
-def check_output_file(flag, path, example):
-    """Raise UsageError naming `flag` when the file `path` cannot be written (its folders are made when
-    missing); example: a file name to suggest in place of a folder."""
-    if os.path.isdir(path):
-        raise UsageError(f'{flag} {path!r} is a folder; give a file name, e.g. {os.path.join(path, example)!r}.')
-    _check_writable_below(flag, path, os.path.dirname(os.path.abspath(path)))
-
-
-def _check_writable_below(flag, given, folder):
-    existing = folder
-    while not os.path.exists(existing):  # the folders still to make: the first existing one decides
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f'{flag} {given!r}: {existing!r} is a file, not a folder, so nothing can be written below '
-                         'it; choose another path.')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f'{flag} {given!r}: the folder {existing!r} is not writable; choose a path in a folder you '
-                         'can write to.')
-
-
 def check_figure_name(flag, name):
     """Raise UsageError naming `flag` unless `name` ends in an extension save_figure writes."""
     stem, extension = os.path.splitext(name)

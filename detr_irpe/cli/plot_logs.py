@@ -16,7 +16,8 @@ import argparse
 import os
 
 from detr_irpe import UsageError
-from detr_irpe.cli.flags import check_figure_name, check_output_file, check_output_folder, int_range, non_empty
+from detr_irpe.checkpoint import check_output_file, check_output_folder
+from detr_irpe.cli.flags import check_figure_name, int_range, non_empty
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.plots import plot_logs, read_log, run_label, save_figure
 from detr_irpe.lab.sweep import seed_folders, seed_logs

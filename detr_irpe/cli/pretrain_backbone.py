@@ -39,9 +39,9 @@ from PIL import Image
 from torch import nn
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import save_checkpoint
+from detr_irpe.checkpoint import check_output_file, save_checkpoint
 from detr_irpe.cli.flags import (MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, HelpFormatter,
-                                 check_output_file, float_range, int_range, non_empty)
+                                 float_range, int_range, non_empty)
 from detr_irpe.cli.runner import run_tool
 from detr_irpe_datasets.synthetic import SHAPES, make_image
 from detr_irpe_datasets.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -11,8 +11,8 @@ import argparse
 import os
 
 from detr_irpe import UsageError
-from detr_irpe.cli.flags import (FIGURE_EXTENSIONS, check_figure_name, check_output_file, check_output_folder,
-                                  float_range, int_range, non_empty)
+from detr_irpe.checkpoint import check_output_file, check_output_folder
+from detr_irpe.cli.flags import FIGURE_EXTENSIONS, check_figure_name, float_range, int_range, non_empty
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.lab.plots import plot_bucket_maps, save_figure
 
