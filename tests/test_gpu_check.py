@@ -122,6 +122,17 @@ def test_a_failing_check_is_reported_and_the_rest_still_run(gpu_check, gpu_bench
     assert report['benchmark']['op_vs_gather']['error'] == 'ValueError: no timer'
 
 
+def test_an_installed_package_runs_its_op_as_installed(gpu_check, monkeypatch, tmp_path, capsys):
+    """detr-irpe-gpu-check from a pip install: no setup.py beside the package, so no build (it failed there)."""
+    monkeypatch.setattr(gpu_check, 'ROOT', str(tmp_path))
+    out = tmp_path / 'report.json'
+    tool = importlib.import_module('detr_irpe.cli.gpu_check')
+    status = tool.run(['--device', 'cpu', '--quick', '--checks', 'extension', '--benchmarks', '--output', str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0 and report['build'] is None and report['checks']['extension']['passed'] is True
+    assert 'rpe_ops as installed' in capsys.readouterr().out
+
+
 def test_cuda_without_a_gpu_is_a_usage_error_that_says_what_to_do():
     if torch.cuda.is_available():
         pytest.skip('this machine has a GPU')

@@ -36,7 +36,8 @@ def get_parser():
     parser.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     parser.add_argument('--quick', action='store_true', help='small sizes and few repeats (a run of the script itself)')
     parser.add_argument('--output', default=os.path.join('outputs', 'gpu_check.json'), help='where to write the JSON')
-    parser.add_argument('--no_build', action='store_true', help='use the rpe_ops extension as it is (no build step)')
+    parser.add_argument('--no_build', action='store_true',
+                        help='use the rpe_ops extension as it is (no build step; what an installed package does)')
     parser.add_argument('--checks', nargs='+', choices=list(CHECKS), default=list(CHECKS), help='which checks to run')
     parser.add_argument('--benchmarks', nargs='*', choices=list(BENCHMARKS), default=list(BENCHMARKS),
                         help='which benchmark parts to run (none: give the flag alone)')
@@ -54,9 +55,11 @@ def run(argv=None):
               'python': platform.python_version(), 'quick': args.quick, 'build': None, 'checks': {}, 'benchmark': {}}
     if not args.no_build:
         print('building rpe_ops in place (python setup.py build_ext --inplace) ...', flush=True)
-        report['build'] = build_extension(args.device)
-        build = report['build']
-        print(f"build {'done' if build['passed'] else 'FAILED'} in {build['seconds']} s", flush=True)
+        report['build'] = build = build_extension(args.device)
+        if build is None:
+            print('no setup.py here (an installed package): rpe_ops as installed', flush=True)
+        else:
+            print(f"build {'done' if build['passed'] else 'FAILED'} in {build['seconds']} s", flush=True)
     for name in args.checks:
         print(f'check {name} ...', flush=True)
         report['checks'][name] = run_one(CHECKS[name], args.device, args.quick)
