@@ -302,3 +302,7 @@ def make_writer(args):
 
 def main(argv=None):
     run_tool(lambda: run(parse_args_with_config(get_parser(), argv), explicit_flags(get_parser(), argv)))
+
+
+if __name__ == '__main__':  # `python -m detr_irpe.cli.train`: what tools/sweep.py launches
+    main()

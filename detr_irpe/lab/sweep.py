@@ -18,8 +18,8 @@ from detr_irpe.lab.plots import COCO_STATS
 
 # ------------------------------------------------------------------------------------------- runs
 
-# The folder holding tools/ (detr_irpe/lab/ is two below it).
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# tools/train.py as a module: found in a checkout's install and in a pip-installed package alike (which has no tools/)
+TRAIN = ('-m', 'detr_irpe.cli.train')
 
 
 def run_name(spec):
@@ -122,15 +122,14 @@ def device_slots(gpus, gpus_per_run=1, runs_per_gpu=1):
 def launch_command(train_argv, slot, port):
     """(command, environment updates) of one run of tools/train.py: on the CPU (slot None) or on the
     GPUs of `slot`, through torchrun when there are several (one process per GPU, its own rendezvous port)."""
-    train = os.path.join(CHECKOUT, 'tools', 'train.py')
     if slot is None:
-        return [sys.executable, train, *train_argv], {}
+        return [sys.executable, *TRAIN, *train_argv], {}
     env = {'CUDA_VISIBLE_DEVICES': ','.join(slot)}
     if len(slot) == 1:
-        return [sys.executable, train, *train_argv], env
+        return [sys.executable, *TRAIN, *train_argv], env
     env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE'] = '1'  # restarted workers can hang on a shared store otherwise
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(len(slot)),
-            '--master_port', str(port), train, *train_argv], env
+            '--master_port', str(port), *TRAIN, *train_argv], env
 
 
 def run_processes(runs, slots, env=None, base_port=29500):
