@@ -238,3 +238,13 @@ def test_backbone_weights_offline_imagenet_or_bad_path_is_explained(tmp_path):
     run = tool('train.py', '--config', 'configs/smoke.yaml', '--backbone_weights', str(tmp_path / 'r18.pth'),
                '--synthetic_dir', str(tmp_path / 's'), '--output_dir', str(tmp_path / 'o'))
     _assert_clean_failure(run, 'r18.pth')
+
+
+def test_a_presets_relative_file_from_another_folder_names_the_folder_it_was_looked_for_in(tmp_path):
+    """configs/demo.yaml names its backbone relative to the checkout; run from elsewhere, the error says where it
+    looked."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'train.py'), '--config',
+                          os.path.join(ROOT, 'configs', 'demo.yaml')], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    _assert_clean_failure(run, "'configs/weights/synthetic_resnet18.pth'",
+                          f'(no such file below the current folder {tmp_path})')

@@ -104,11 +104,12 @@ def backbone_weights_flag(text):
     """argparse type for --backbone_weights: 'imagenet', 'none' or the path of an existing file."""
     if text in ('imagenet', 'none') or (isinstance(text, str) and os.path.isfile(text)):
         return text
+    where = '' if os.path.isabs(text) else f' below the current folder {os.getcwd()}'
     raise argparse.ArgumentTypeError(f"expected 'imagenet', 'none' or the path of a resnet state dict file, got "
-                                     f"{text!r} (no such file)")
+                                     f"{text!r} (no such file{where})")
 
 
-# ---- output paths: checked before any work, so that a long run does not end in an OS error ----
+# ---- figure files ----
 
 # The figure files lab.plots.save_figure writes (a JPEG without the PNG's palette).
 FIGURE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
