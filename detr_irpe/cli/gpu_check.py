@@ -7,10 +7,11 @@ checks, benchmark, print a table and write JSON.
 
 Written for a bare machine with one GPU: Python, PyTorch 2.4+ with its Triton, torchvision, scipy, a C++ compiler
 and ninja; no virtual environment, no nvcc, nothing to download. The CPU op is built in place against the
-installed torch (`python setup.py build_ext --inplace`); on CUDA the ops run Triton kernels. Neither datasets/
-nor pycocotools is needed (the GPU machines have neither). Each check is independent: one that fails is reported and the others still run; the exit
-status is 1 when a check failed (or a benchmark part raised), 0 otherwise. With --device cpu the comparisons of
-CUDA against CPU are skipped and said so. On one H200 the whole run took 6 min 52 s, build included
+installed torch (`python setup.py build_ext --inplace`; an installed package uses its op as installed); on CUDA
+the ops run Triton kernels. Neither datasets/ nor pycocotools is needed (the GPU machines have neither). Each
+check is independent: one that fails is reported and the others still run; the exit status is 1 when a check
+failed (or a benchmark part raised), 0 otherwise. With --device cpu the comparisons of CUDA against CPU are
+skipped and said so. On one H200 the whole run took 6 min 52 s, build included
 (docs/gpu_check.md).
 """
 import argparse
