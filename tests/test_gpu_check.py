@@ -15,8 +15,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
 FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu',
-               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'triton_attention_matches_explicit',
-               'flex_recompiles']
+               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'flex_recompiles']
+# run by its test at full sizes (tests/test_triton_attention.py), which hold the quick run's configs: not again here
+TESTED_DIRECTLY = ['triton_attention_matches_explicit']
 
 
 # As on a bare GPU machine (make gpu-check): `python3 -m detr_irpe.cli.gpu_check` from the checkout with nothing
@@ -63,8 +64,6 @@ def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_th
     assert len(report['checks']['compile_sees_op']['ops_in_graph']) == 4
     assert report['checks']['op_matches_reference']['compared'] == 3 * 4 * (3 + 2 + 1 + 2)
     assert report['checks']['triton_kernels_match_cpu_op']['cases'] >= 50   # interpreted Triton against the CPU op
-    # 3 iRPE settings x 2 dtypes, with dropout, compiled
-    assert len(report['checks']['triton_attention_matches_explicit']['configs']) == 8
     compiles = report['checks']['flex_recompiles']['compiles_after_each_call']
     assert len(compiles) == 6 and compiles[1] == compiles[-1] > 0
     assert report['benchmark']['op_vs_gather']['gather / rpe_index']['forward_backward']['gather'] > 0
@@ -151,7 +150,7 @@ def test_the_other_checks_and_benchmark_parts_pass_at_quick_sizes(gpu_check, tmp
                      'host_bound', '--output', str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report['checks']) | set(FAST_CHECKS) == set(gpu_check.CHECKS)
+    assert set(report['checks']) | set(FAST_CHECKS) | set(TESTED_DIRECTLY) == set(gpu_check.CHECKS)
     if torch.backends.cpu.get_cpu_capability() != 'AVX512':   # flex on CPU is refused there, and said so
         assert 'needs AVX-512' in report['checks'].pop('flex_matches_explicit')['skipped']
         assert 'needs AVX-512' in report['benchmark'].pop('flex_vs_op')['skipped']
