@@ -254,7 +254,7 @@ def add_model_args(p, attention=True):
 
 
 def add_initialisation_args(g):
-    """How a new model starts: training's, and visualize_rpe's untrained model."""
+    """How a new model starts: training's, and visualize_rpe's untrained model. Returns g."""
     g.add_argument('--rpe_init', default='xavier', choices=RPE_INITS,
                    help="iRPE tables start xavier-initialised like every transformer matrix (the published "
                         "code) or at zero (the paper's appendix)")
@@ -262,6 +262,7 @@ def add_initialisation_args(g):
                    help="'imagenet' (torchvision's ImageNet weights, downloaded once), 'none' (random), "
                         "or a path to a state dict")
     g.add_argument('--seed', default=42, type=int_range(0, MAX_SEED))
+    return g
 
 
 def add_training_args(p):

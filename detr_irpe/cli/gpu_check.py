@@ -55,7 +55,6 @@ def run(argv=None):
     report = {'device': device_name(args.device), 'torch': torch.__version__, 'cuda': torch.version.cuda,
               'python': platform.python_version(), 'quick': args.quick, 'build': None, 'checks': {}, 'benchmark': {}}
     if not args.no_build:
-        print('building rpe_ops in place (python setup.py build_ext --inplace) ...', flush=True)
         report['build'] = build = build_extension(args.device)
         if build is None:
             print('no setup.py here (an installed package): rpe_ops as installed', flush=True)

@@ -31,9 +31,6 @@ from detr_irpe.from_checkpoint import INFERENCE_DEFAULTS, build_model_from_check
 from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
                                uniform_reference_positions)
 
-UNTRAINED_FLAGS = ('rpe_init', 'backbone_weights', 'seed')
-
-
 def get_parser():
     parser = new_parser(description=__doc__)
     add_model_args(parser)
@@ -56,7 +53,7 @@ def run(argv=None):
     output_dir_of_command_line(parser, argv, args)
     image = load_image(args.image)[0]  # a file that is no image stops here, before the model is built
     if args.resume:
-        ignored = sorted(command_line_flags(parser, argv) & set(UNTRAINED_FLAGS))
+        ignored = sorted(command_line_flags(add_initialisation_args(new_parser(add_help=False)), argv))
         if ignored:
             raise UsageError(f"{', '.join('--' + f for f in ignored)} shape the untrained model built without --resume; "
                              f'--resume {args.resume} has its weights: leave them out, or leave out --resume')

@@ -49,6 +49,7 @@ def build_extension(device):
     setup.py beside it: its op was built at install)."""
     if not os.path.isfile(os.path.join(ROOT, 'setup.py')):
         return None
+    print('building rpe_ops in place (python setup.py build_ext --inplace) ...', flush=True)
     env = dict(os.environ)
     env.setdefault('MAX_JOBS', str(os.cpu_count() or 4))
     start = time.time()
