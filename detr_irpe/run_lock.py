@@ -69,7 +69,8 @@ class RunLock:
             return
         os.close(self.fd)
         self.fd = None
-        if failed and self.made_folder and os.listdir(self.output_dir) == [LOCK_NAME]:
+        left = os.listdir(self.output_dir) if os.path.isdir(self.output_dir) else None
+        if failed and self.made_folder and left == [LOCK_NAME]:
             os.remove(self.path)
             os.rmdir(self.output_dir)
 

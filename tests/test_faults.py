@@ -238,6 +238,25 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_a_run_called_from_python_gives_its_folder_back_when_it_raises(tmp_path):
+    # A notebook's next call (here: the --resume auto the error asks for) must not find its own process holding it.
+    from detr_irpe.cli import train as train_tool
+    from detr_irpe.cli.presets import parse_args_with_config
+    from detr_irpe.run_lock import RunLock
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'log.txt').write_text('')
+    args = parse_args_with_config(get_args_parser(), ['--config', SMOKE, '--output_dir', str(out)])
+    with pytest.raises(UsageError, match='holds a run'):
+        train_tool.run(args)
+    RunLock(str(out)).acquire().release()
+    gone = tmp_path / 'gone'  # a folder the run made, left empty by its bad input, is removed
+    args = parse_args_with_config(get_args_parser(), ['--config', SMOKE, '--output_dir', str(gone), '--eval'])
+    with pytest.raises(UsageError, match='--eval evaluates a checkpoint'):
+        train_tool.run(args)
+    assert not gone.exists()
+
+
 def test_an_output_dir_that_is_a_file_is_a_usage_error_before_anything_is_built(tmp_path):
     (tmp_path / 'out').write_text('not a folder')
     run = _train('--config', SMOKE, '--output_dir', str(tmp_path / 'out'), '--synthetic_dir', str(tmp_path / 'syn'))

@@ -13,7 +13,7 @@ checkpoint.prev.pth), log.txt (JSON lines) and eval.json (the 12 COCO bbox stats
 run at a time owns output_dir (detr_irpe.run_lock); a resumed run, wherever it stopped, ends at the weights and log
 of an uninterrupted one.
 """
-import atexit
+import contextlib
 import datetime
 import json
 import os
@@ -110,12 +110,17 @@ def run(args, explicit=()):
     distributed.init_distributed(args)
     if not distributed.is_main_process():  # under torchrun the first process speaks; the others would repeat it
         sys.stdout = open(os.devnull, 'w')
-    if args.output_dir:  # before anything is built: a second run on the folder stops at once
-        lock = RunLock(args.output_dir).acquire()
-        atexit.register(lock.release, failed=True)  # a bad input leaves no empty run folder
-        if distributed.is_main_process():
-            for path in remove_stale_temporaries(args.output_dir):
-                print(f'removed {path}, left by a write that was killed')
+    # Taken before anything is built, so a second run on the folder stops at once; given back when the run returns
+    # or raises, so a caller in Python can start the next (a folder it made and a bad input left empty is removed).
+    with RunLock(args.output_dir) if args.output_dir else contextlib.nullcontext():
+        train(args, explicit)
+
+
+def train(args, explicit):
+    """The rest of `run`, holding the output folder."""
+    if args.output_dir and distributed.is_main_process():
+        for path in remove_stale_temporaries(args.output_dir):
+            print(f'removed {path}, left by a write that was killed')
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
