@@ -35,11 +35,18 @@ PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
 class Preemption:
     """SIGTERM (SLURM preempting or cancelling a job, torchrun stopping its workers) becomes a request: the
     training loop writes a checkpoint at the current step and exits with PREEMPTED_EXIT_STATUS. The handler
-    only sets a flag, so a checkpoint being written when the signal comes is finished, not cut."""
+    only sets a flag, so a checkpoint being written when the signal comes is finished, not cut. A context: on leaving
+    it the handler before is back (a Python session that ran training still ends on SIGTERM)."""
 
     def __init__(self):
-        self.signalled = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signalled, self.previous = False, None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)  # None: set in C
 
     def _on_sigterm(self, signum, frame):
         self.signalled = True

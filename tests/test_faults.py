@@ -257,6 +257,21 @@ def test_a_run_called_from_python_gives_its_folder_back_when_it_raises(tmp_path)
     assert not gone.exists()
 
 
+def test_a_run_called_from_python_gives_back_the_lock_and_the_sigterm_handler_when_it_returns(tmp_path):
+    from detr_irpe.cli import train as train_tool
+    from detr_irpe.cli.presets import parse_args_with_config
+    from detr_irpe.run_lock import RunLock
+    out = tmp_path / 'out'
+    args = parse_args_with_config(get_args_parser(), ['--config', SMOKE, '--output_dir', str(out), '--synthetic_dir',
+                                                      str(tmp_path / 'syn'), '--synthetic_train', '4',
+                                                      '--synthetic_val', '2'])
+    before = signal.getsignal(signal.SIGTERM)
+    train_tool.run(args)
+    assert (out / 'checkpoint.pth').is_file()
+    assert signal.getsignal(signal.SIGTERM) is before  # the session still ends on SIGTERM
+    RunLock(str(out)).acquire().release()
+
+
 def test_an_output_dir_that_is_a_file_is_a_usage_error_before_anything_is_built(tmp_path):
     (tmp_path / 'out').write_text('not a folder')
     run = _train('--config', SMOKE, '--output_dir', str(tmp_path / 'out'), '--synthetic_dir', str(tmp_path / 'syn'))

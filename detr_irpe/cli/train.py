@@ -110,14 +110,16 @@ def run(args, explicit=()):
     distributed.init_distributed(args)
     if not distributed.is_main_process():  # under torchrun the first process speaks; the others would repeat it
         sys.stdout = open(os.devnull, 'w')
-    # Taken before anything is built, so a second run on the folder stops at once; given back when the run returns
-    # or raises, so a caller in Python can start the next (a folder it made and a bad input left empty is removed).
-    with RunLock(args.output_dir) if args.output_dir else contextlib.nullcontext():
-        train(args, explicit)
+    # The folder's lock is taken before anything is built, so a second run on it stops at once. What the run holds
+    # (the lock, the SIGTERM handler) is given back when it returns or raises: a caller in Python goes on as before.
+    with contextlib.ExitStack() as resources:
+        if args.output_dir:
+            resources.enter_context(RunLock(args.output_dir))
+        train(args, explicit, resources)
 
 
-def train(args, explicit):
-    """The rest of `run`, holding the output folder."""
+def train(args, explicit, resources):
+    """The rest of `run`, holding the output folder; `resources` gives back what the run takes when it ends."""
     if args.output_dir and distributed.is_main_process():
         for path in remove_stale_temporaries(args.output_dir):
             print(f'removed {path}, left by a write that was killed')
@@ -205,7 +207,7 @@ def train(args, explicit):
     writer = None  # made with the first log line: its folder must not outlive a run that fails before that
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT) if args.output_dir else None
 
-    preemption = Preemption()
+    preemption = resources.enter_context(Preemption())
 
     def save(epoch, step, stats, epoch_log=None):
         """The checkpoint with the generator states the next step draws from, and the epoch's running loss sums
