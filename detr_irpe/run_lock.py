@@ -69,8 +69,9 @@ class RunLock:
             return
         os.close(self.fd)
         self.fd = None
-        left = os.listdir(self.output_dir) if os.path.isdir(self.output_dir) else None
-        if failed and self.made_folder and left == [LOCK_NAME]:
+        if not (failed and self.made_folder and os.path.isdir(self.output_dir)):
+            return
+        if os.listdir(self.output_dir) == [LOCK_NAME]:
             os.remove(self.path)
             os.rmdir(self.output_dir)
 
