@@ -22,9 +22,12 @@ from PIL import Image
 from detr_irpe import UsageError, build_model
 from detr_irpe.checkpoint import (PREVIOUS_CHECKPOINT, load_checkpoint, load_model_state, load_resume_checkpoint,
                                   save_checkpoint, save_json)
+from detr_irpe.cli import train as train_tool
 from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.lab.gpu_check import gradient_cosine
 from detr_irpe.preemption import PREEMPTED_EXIT_STATUS
+from detr_irpe.run_lock import RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -225,7 +228,6 @@ def test_a_second_run_on_a_held_output_dir_says_who_holds_it_before_building_any
 
 
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
-    from detr_irpe.run_lock import RunLock
     out = str(tmp_path / 'out')
     holder = _hold(out)
     with pytest.raises(UsageError, match=f'pid {holder.pid}'):
@@ -240,9 +242,6 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 def test_a_run_called_from_python_gives_its_folder_back_when_it_raises(tmp_path):
     # A notebook's next call (here: the --resume auto the error asks for) must not find its own process holding it.
-    from detr_irpe.cli import train as train_tool
-    from detr_irpe.cli.presets import parse_args_with_config
-    from detr_irpe.run_lock import RunLock
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'log.txt').write_text('')
@@ -258,9 +257,6 @@ def test_a_run_called_from_python_gives_its_folder_back_when_it_raises(tmp_path)
 
 
 def test_a_run_called_from_python_gives_back_the_lock_and_the_sigterm_handler_when_it_returns(tmp_path):
-    from detr_irpe.cli import train as train_tool
-    from detr_irpe.cli.presets import parse_args_with_config
-    from detr_irpe.run_lock import RunLock
     out = tmp_path / 'out'
     args = parse_args_with_config(get_args_parser(), ['--config', SMOKE, '--output_dir', str(out), '--synthetic_dir',
                                                       str(tmp_path / 'syn'), '--synthetic_train', '4',
