@@ -22,12 +22,13 @@ def test_output_and_every_gradient_equal_the_explicit_path_in_each_dtype_with_dr
     from detr_irpe.lab import gpu_check
     result = gpu_check.check_triton_attention('cpu', quick=False)
     configs = result['configs']
-    # no iRPE; q, k, v per head with 81 buckets; a map smaller than one tile; bias mode; values alone; keys and values;
-    # the product method's factored buckets and any method's ids; head dim 24; image rows wider than a tile
+    # no iRPE; q, k, v with head dim 24, two tiles a row; a map smaller than one tile; bias mode; values alone; keys and
+    # values; q, k, v per head with 81 buckets; image rows wider than a tile (the product method's factored buckets,
+    # the others' ids)
     expected = {f'{rpe or "plain"} {h}x{w} {dtype}' for rpe, (h, w), _, _ in gpu_check.TRITON_ATTENTION_CONFIGS
                 for dtype in ('float32', 'bfloat16')}
     # with dropout (what the kernels drop, the explicit path drops) and under torch.compile
-    expected |= {'rpe-2.0-product-ctx-0-qkv 5x7 float32 dropout 0.3', 'rpe-2.0-product-ctx-0-qkv 5x7 float32 compiled'}
+    expected |= {'rpe-1.9-product-ctx-1-qkv 2x9 float32 dropout 0.3', 'rpe-1.9-product-ctx-1-qkv 2x9 float32 compiled'}
     assert set(configs) == expected
     share, (kept, sigma) = result['dropout_kept_share'], result['dropout_kept_share_expected']
     assert kept == 0.7 and abs(share - kept) <= 5 * sigma

@@ -243,7 +243,8 @@ def bench_triton_attention(device, quick):
     at C5 (25x42) and DC5 (50x84): --attention_impl triton against SDPA/explicit for iRPE-QKV and iRPE-K (flex
     too), beside plain SDPA; ms and peak MiB per case, then Triton's iRPE-QKV at DC5 over the block sizes of
     TRITON_ATTENTION_BLOCKS and with the product method's ids unfactored. CUDA only; on CPU under the Triton
-    interpreter (TRITON_INTERPRET=1 from the start), quick, without flex and memory, only to try the code."""
+    interpreter (TRITON_INTERPRET=1 from the start), quick, once each, without flex and memory, only to try the
+    code."""
     from detr_irpe import triton_attention
     cuda = device == 'cuda'
     if not cuda and not triton_attention.INTERPRETING:
@@ -255,6 +256,8 @@ def bench_triton_attention(device, quick):
              ('irpe_qkv triton', IRPE_QKV, 'triton')]
     cases = cases if cuda else [c for c in cases if c[2] != 'flex']  # no flex backward on CPU
     maps = ([(6, 8)] if cuda else [(3, 5)]) if quick else [(25, 42), (50, 84)]
+    # timed runs of each case and of each variant, after a call that compiles; interpreted times mean nothing
+    repeats, variant_repeats, warmup = (20, 10, 1) if not quick else (3, 3, 1) if cuda else (1, 1, 0)
     out = {'rows': {}}
 
     def layer_step(rpe, impl, h, w):
@@ -284,7 +287,7 @@ def bench_triton_attention(device, quick):
         steps = {name: layer_step(rpe, impl, h, w) for name, rpe, impl in cases}
         for step in steps.values():
             step()  # compiles
-        seconds = interleaved(steps, device, repeats=3 if quick else 20, warmup=1)
+        seconds = interleaved(steps, device, repeats, warmup)
         for name, step in steps.items():
             out['rows'][f'{name} {h}x{w}'] = {'ms': 1e3 * seconds[name], 'peak_mib': peak_mib(step)}
         free_memory(device)
@@ -302,7 +305,7 @@ def bench_triton_attention(device, quick):
                 setattr(triton_attention, k, v)
             step = layer_step(IRPE_QKV, 'triton', h, w)
             step()  # compiles
-            timings[name] = 1e3 * interleaved({name: step}, device, 3 if quick else 10, 1)[name]
+            timings[name] = 1e3 * interleaved({name: step}, device, variant_repeats, warmup)[name]
         finally:
             for k, v in saved.items():
                 setattr(triton_attention, k, v)
