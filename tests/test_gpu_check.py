@@ -15,9 +15,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tools', 'gpu_check.py')
 FAST_CHECKS = ['extension', 'op_matches_reference', 'gradcheck_float64', 'compile_sees_op', 'detr_step_cuda_vs_cpu',
-               'cuda_graph_step_matches_float64', 'triton_kernels_match_cpu_op', 'flex_recompiles']
-# run by its test at full sizes (tests/test_triton_attention.py), which hold the quick run's configs: not again here
-TESTED_DIRECTLY = ['triton_attention_matches_explicit']
+               'cuda_graph_step_matches_float64', 'flex_recompiles']
+# run by their own tests (tests/test_triton_attention.py at full sizes, which hold the quick run's configs;
+# tests/test_triton_kernels.py), each an interpreter subprocess of 15-60 s: not again here
+TESTED_DIRECTLY = ['triton_attention_matches_explicit', 'triton_kernels_match_cpu_op']
 
 
 # As on a bare GPU machine (make gpu-check): `python3 -m detr_irpe.cli.gpu_check` from the checkout with nothing
@@ -63,7 +64,6 @@ def test_quick_cpu_run_passes_its_checks_skips_the_cuda_comparison_and_writes_th
     # the compiled graph holds all four ops; every op was compared in every dtype
     assert len(report['checks']['compile_sees_op']['ops_in_graph']) == 4
     assert report['checks']['op_matches_reference']['compared'] == 3 * 4 * (3 + 2 + 1 + 2)
-    assert report['checks']['triton_kernels_match_cpu_op']['cases'] >= 50   # interpreted Triton against the CPU op
     compiles = report['checks']['flex_recompiles']['compiles_after_each_call']
     assert len(compiles) == 6 and compiles[1] == compiles[-1] > 0
     assert report['benchmark']['op_vs_gather']['gather / rpe_index']['forward_backward']['gather'] > 0

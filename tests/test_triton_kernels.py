@@ -2,7 +2,7 @@
 
 The kernels run on CPU tensors under the Triton interpreter against the compiled CPU op and the float64
 reference functions. TRITON_INTERPRET must be set before triton.jit decorates the kernels, so they run in
-one subprocess that rpe_ops.triton_kernels.check_against_cpu('cpu') starts (also what gpu_check calls);
+one subprocess that gpu_check's triton_kernels_match_cpu_op starts (rpe_ops.triton_kernels.check_against_cpu);
 TRITON_INTERPRET is never set in this process, so the rest of the suite is unaffected.
 """
 import contextlib
@@ -19,10 +19,15 @@ OPS = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk']
 
 @pytest.fixture(scope='module')
 def interpreted():
-    """{case 'op/ids/dtype/layout': {'max_error', 'bound_ratio'}}, from one interpreter subprocess (~20 s)."""
+    """{case 'op/ids/dtype/layout': {'max_error', 'bound_ratio'}}, from gpu_check's check as `make gpu-check` runs it
+    (one interpreter subprocess, ~15 s; the suite's gpu_check runs leave it to this test)."""
+    from detr_irpe.lab import gpu_check
     from rpe_ops import triton_kernels
     assert not triton_kernels.INTERPRETING  # this process: plain triton.jit, nothing run
-    return triton_kernels.check_against_cpu('cpu')
+    result = gpu_check.CHECKS['triton_kernels_match_cpu_op']('cpu', quick=True)
+    worst = max(r['bound_ratio'] for r in result['cases'].values())
+    assert len(result['cases']) >= 50 and result['passed'] == (worst <= 1) and result['worst_error_over_bound'] == worst
+    return result['cases']
 
 
 @compiled

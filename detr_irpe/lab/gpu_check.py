@@ -487,8 +487,8 @@ def check_triton(device, quick):
     from rpe_ops import triton_kernels
     cases = triton_kernels.check_against_cpu(device)
     worst = max(r['bound_ratio'] for r in cases.values())
-    return {'passed': worst <= 1, 'worst_error_over_bound': worst, 'cases': len(cases),
-            'failing': {case: r for case, r in cases.items() if not r['bound_ratio'] <= 1}}
+    return {'passed': worst <= 1, 'worst_error_over_bound': worst,
+            'failing': {case: r for case, r in cases.items() if not r['bound_ratio'] <= 1}, 'cases': cases}
 
 
 # (--enc_rpe2d, map, embed dim, heads) of the triton_attention check: no iRPE; every term per head with 81 buckets
