@@ -19,6 +19,10 @@ palette images are converted, 16-bit ones scaled to 8 bits; a float image is ref
 Bad data (the whole policy: datasets/validate.py; evaluation uses the annotations that passed it):
   - missing folder / annotation file: UsageError naming the path and the expected layout.
   - invalid JSON, a malformed entry: what stops the run and what is skipped (warned, counted) is in validate.py.
+  - an image whose pixels are not the `width` x `height` its entry gives (where it gives both): its boxes would
+    land in the wrong place (images resized after annotating; a phone photo stored sideways with an EXIF
+    orientation that the annotation tool applied and training, as COCO and DETR, does not): one warning per
+    image id (per process) saying which and what to do; the image is read as stored, as before.
   - unreadable, truncated or missing image: a warning naming the file, the `skipped` counter goes up, and
     the next readable image in index order is returned instead (so a DataLoader worker never dies on one bad
     file and batches keep their size). `skipped` counts failed reads, in every epoch, summed over
@@ -69,6 +73,26 @@ def to_rgb8(image, path):
                      '16-bit image: convert it to an 8-bit or 16-bit PNG or JPEG.')
 
 
+EXIF_ORIENTATION = 0x0112  # the tag that tells a viewer how to turn the stored pixels; 5-8 swap width and height
+
+
+def size_problem(image, entry, path):
+    """None, or what is wrong when the annotation file's `width` and `height` for this opened image (where it
+    gives both as numbers) are not the size of its stored pixels, with the likely cause and what to do."""
+    given = entry.get('width'), entry.get('height')
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given) or given == image.size:
+        return None
+    (w, h), (gw, gh) = image.size, given
+    if given == (h, w) and image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+        why = (f'its EXIF orientation turns the stored {w}x{h} pixels to {h}x{w} on screen: the boxes were drawn on '
+               'the turned image, which training reads as stored (as COCO and DETR do). Store the images turned '
+               '(e.g. PIL: ImageOps.exif_transpose(im).save(path); or exiftran -ai *.jpg), keeping the annotations')
+    else:
+        why = ('its boxes may land in the wrong place (were the images resized after annotating?): train on the '
+               'images that were annotated, or correct the entry\'s width and height if only they are wrong')
+    return f'{path} is {w}x{h} but its annotation entry says {gw:g}x{gh:g}; {why}'
+
+
 LAYOUT = ('expected coco_path/{train2017,val2017}/ (or {train2017,val2017}.zip holding {train2017,val2017}/*.jpg) '
           'and coco_path/annotations/instances_{train,val}2017.json')
 
@@ -107,15 +131,21 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         return {**self.__dict__, '_zip': None, '_zip_pid': None}
 
     def _load_image(self, id):
-        file_name = self.coco.loadImgs(id)[0]['file_name']
+        entry = self.coco.loadImgs(id)[0]
         if str(self.root).endswith('.zip'):
             # one handle per process: forked workers must not share a file offset
             if self._zip_pid != os.getpid():
                 self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-            member = f'{Path(self.root).stem}/{file_name}'
-            return to_rgb8(Image.open(io.BytesIO(self._zip.read(member))), f'{self.root}:{member}')
-        path = os.path.join(self.root, file_name)
-        with Image.open(path) as image:
+            member = f'{Path(self.root).stem}/{entry["file_name"]}'
+            opened, path = Image.open(io.BytesIO(self._zip.read(member))), f'{self.root}:{member}'
+        else:
+            path = os.path.join(self.root, entry['file_name'])
+            opened = Image.open(path)
+        with opened as image:
+            problem = size_problem(image, entry, path)
+            if problem and ('image', id) not in self._warned:
+                self._warned.add(('image', id))
+                warnings.warn(f'image id {id}: {problem}')
             return to_rgb8(image, path)
 
     def __getitem__(self, index):

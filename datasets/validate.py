@@ -14,12 +14,13 @@ of all skipped entries at the end (the first MAX_NAMED problems are named one by
     finite numbers [x, y, w, h], whose 'iscrowd' is not 0 or 1, or whose 'area' is not a finite number;
   - an annotation of an image that is not in 'images', or of a category that is not in 'categories'.
 A missing 'iscrowd' is 0; a missing 'area' is w * h of the box (pycocotools' evaluation reads it for its
-small / medium / large ranges). Other fields ('width', 'height', 'segmentation', ...) are passed on unread.
+small / medium / large ranges). Other fields ('segmentation', ...) are passed on unread.
 
 Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
 dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
-naming the annotation id; an image file that exists but cannot be read is skipped with a warning naming the file
-and counted.
+naming the annotation id; an image whose 'width' and 'height' (where given) are not its pixels' size gets one
+warning naming the likely cause (an EXIF orientation the annotation tool applied, a resize) and is read as
+stored; an image file that exists but cannot be read is skipped with a warning naming the file and counted.
 """
 import contextlib
 import io

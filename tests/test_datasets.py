@@ -33,18 +33,25 @@ EXPECTED = {7: ([[4, 6, 24, 16], [30, 20, 64, 48]], [5, 17]), 42: ([[0, 0, 10, 1
             1000: ([[0, 10, 15, 40]], [5]), 3: ([], [])}
 
 
-def write_coco(root, split='val', zipped=False):
-    """A COCO-layout folder with the images above (broken.jpg truncated) and their annotations."""
+def write_coco(root, split='val', zipped=False, images=IMAGES, annotations=ANNOTATIONS, given=None, turned=()):
+    """A COCO-layout folder with the images above (broken.jpg truncated) and their annotations; `given`: image id
+    -> (width, height) the annotation file says instead of the truth; `turned`: ids stored with EXIF orientation
+    6 (shown turned 90 degrees)."""
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
     folder = root / f'{split}2017'
     folder.mkdir()
-    for image_id, (name, mode, w, h) in IMAGES.items():
+    for image_id, (name, mode, w, h) in images.items():
         colour = {'RGB': (200, 30, 60), 'L': 90, 'CMYK': (0, 255, 0, 0)}[mode]
-        Image.new(mode, (w, h), colour).save(folder / name, quality=100)
-    data = (folder / 'broken.jpg').read_bytes()
-    (folder / 'broken.jpg').write_bytes(data[:len(data) // 3])
-    anns = [{'area': a['bbox'][2] * a['bbox'][3], 'iscrowd': 0, **a} for a in ANNOTATIONS]
-    images = [{'id': i, 'file_name': n, 'width': w, 'height': h} for i, (n, _, w, h) in IMAGES.items()]
+        exif = Image.Exif()
+        if image_id in turned:
+            exif[coco.EXIF_ORIENTATION] = 6
+        Image.new(mode, (w, h), colour).save(folder / name, quality=100, exif=exif.tobytes())
+    if (folder / 'broken.jpg').exists():
+        data = (folder / 'broken.jpg').read_bytes()
+        (folder / 'broken.jpg').write_bytes(data[:len(data) // 3])
+    anns = [{'area': a['bbox'][2] * a['bbox'][3], 'iscrowd': 0, **a} for a in annotations]
+    images = [{'id': i, 'file_name': n, **dict(zip(('width', 'height'), (given or {}).get(i, (w, h))))}
+              for i, (n, _, w, h) in images.items()]
     (root / 'annotations' / f'instances_{split}2017.json').write_text(
         json.dumps({'images': images, 'annotations': anns, 'categories': CATEGORIES}))
     if zipped:
@@ -96,6 +103,29 @@ def test_targets_match_the_annotations_computed_by_hand(tmp_path, zipped):
         torch.testing.assert_close(target['boxes'], expected, atol=1e-2, rtol=0)  # resize rounds the long side
         expected_area = torch.tensor([(x2 - x1) * (y2 - y1) * scale ** 2 for x1, y1, x2, y2 in boxes])
         torch.testing.assert_close(target['area'], expected_area.float(), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize('zipped', [False, True], ids=['folder', 'zip'])
+def test_an_entry_whose_size_is_not_its_images_is_warned_once_with_the_likely_cause(tmp_path, zipped):
+    """A phone photo stored 40x24 with EXIF orientation 6 and annotated as shown (24x40); a picture resized after
+    annotating (the file says 80x48.0); both are read as stored, as COCO and DETR read images."""
+    images = {1: ('phone.jpg', 'RGB', 40, 24), 2: ('resized.jpg', 'RGB', 40, 24), 3: ('turned.jpg', 'RGB', 40, 24),
+              4: ('no_size.jpg', 'RGB', 40, 24), 5: ('square.jpg', 'RGB', 30, 30)}
+    given = {1: (24, 40), 2: (80, 48.0), 4: (None, None), 5: (30, 30)}  # 3: its true size; 4: none given
+    root = write_coco(tmp_path, zipped=zipped, images=images, annotations=[], given=given, turned=(1, 3, 5))
+    dataset, _ = load(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        reads = [dataset[i] for _ in range(2) for i in range(5)]
+    sizes = {int(t['image_id']): t['orig_size'].tolist() for _, t in reads}
+    assert sizes == {i: [24, 40] for i in (1, 2, 3, 4)} | {5: [30, 30]}
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2, messages   # once per image id over two reads; none where the size is right or absent
+    assert messages[0].startswith('image id 1: ') and 'phone.jpg is 40x24 but its annotation entry says 24x40; its ' \
+        'EXIF orientation turns the stored 40x24 pixels to 24x40 on screen' in messages[0]
+    assert 'exif_transpose' in messages[0]
+    assert messages[1].startswith('image id 2: ') and 'resized.jpg is 40x24 but its annotation entry says 80x48; ' \
+        'its boxes may land in the wrong place' in messages[1]
 
 
 def test_grayscale_and_cmyk_images_become_rgb(tmp_path):
