@@ -84,9 +84,10 @@ def size_problem(image, entry, path):
         return None
     (w, h), (gw, gh) = image.size, given
     if given == (h, w) and image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-        why = (f'its EXIF orientation turns the stored {w}x{h} pixels to {h}x{w} on screen: the boxes were drawn on '
-               'the turned image, which training reads as stored (as COCO and DETR do). Store the images turned '
-               '(e.g. PIL: ImageOps.exif_transpose(im).save(path); or exiftran -ai *.jpg), keeping the annotations')
+        why = (f'its EXIF orientation turns the stored {w}x{h} pixels to {h}x{w} on screen: the boxes were likely '
+               'drawn on the turned image, which training reads as stored (as COCO and DETR do). Store the images '
+               'turned (e.g. PIL: ImageOps.exif_transpose(im).save(path); or exiftran -ai *.jpg), keeping the '
+               'annotations')
     else:
         why = ('its boxes may land in the wrong place (were the images resized after annotating?): train on the '
                'images that were annotated, or correct the entry\'s width and height if only they are wrong')
