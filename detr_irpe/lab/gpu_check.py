@@ -491,15 +491,16 @@ def check_triton(device, quick):
             'failing': {case: r for case, r in cases.items() if not r['bound_ratio'] <= 1}, 'cases': cases}
 
 
-# (--enc_rpe2d, map, embed dim, heads) of the triton_attention check: no iRPE; every term per head with 81 buckets
-# (the product method's factored buckets); shared-head keys on a map smaller than a tile; bias mode on queries and
-# keys, values alone, keys and values (any method's ids); head dim 24 (not a power of two) on a wide map
+# (--enc_rpe2d, map, embed dim, heads) of the triton_attention check: no iRPE; every term with head dim 24 (not a
+# power of two), two tiles a row; shared-head keys on a map smaller than a tile; bias mode on queries and keys, values
+# alone, keys and values (any method's ids); every term per head with 81 buckets (the product method's factored
+# buckets); rows wider than a tile
 TRITON_ATTENTION_CONFIGS = [('', (5, 7), 64, 4), ('rpe-1.9-product-ctx-1-qkv', (2, 9), 48, 2),
                             ('rpe-1.9-product-ctx-1-k', (3, 4), 64, 4), ('rpe-2.0-euc-bias-0-qk', (5, 7), 64, 4),
                             ('rpe-2.0-euc-ctx-1-v', (5, 7), 64, 4), ('rpe-1.9-quant-ctx-1-kv', (6, 6), 64, 4),
                             ('rpe-2.0-product-ctx-0-qkv', (5, 7), 64, 4),
                             ('rpe-2.0-product-ctx-1-qkv', (2, 20), 64, 4)]  # image rows wider than a tile
-# with the first iRPE-on-values config (the cheapest under the interpreter): the kernels' dropout against F.dropout
+# with the first iRPE-on-values config, the cheapest under the interpreter: the kernels' dropout against F.dropout
 # with their mask
 TRITON_DROPOUT = 0.3
 
