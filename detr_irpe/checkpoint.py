@@ -24,6 +24,7 @@ from detr_irpe import UsageError
 
 CHECKPOINT = 'checkpoint.pth'
 PREVIOUS_CHECKPOINT = 'checkpoint.prev.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
 
 
 def check_output_folder(flag, folder):
@@ -96,7 +97,7 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def remove_stale_temporaries(folder, names=(CHECKPOINT, PREVIOUS_CHECKPOINT, 'eval.json')):
+def remove_stale_temporaries(folder, names=(CHECKPOINT, PREVIOUS_CHECKPOINT, BEST_CHECKPOINT, 'eval.json')):
     """Delete the temporary files that writes of `names` killed midway left in `folder` (atomic_write's
     '.NAME.*'). Only for the run that owns the folder (detr_irpe.run_lock): another run's write would go too.
     Returns the paths removed."""

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, build_model, engine
 from detr_irpe.cli.flags import get_args_parser
+from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.backbone import FrozenFeatures
 from detr_irpe.detr import batch_images
 from detr_irpe.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -361,6 +362,41 @@ def test_train_checkpoint_eval_round_trip(tmp_path):
     detections = json.load(open(tmp_path / 'eval' / 'detections.json'))
     assert detections and all(set(d) == {'image_id', 'category_id', 'bbox', 'score'} and len(d['bbox']) == 4
                               for d in detections)
+    best = load_checkpoint(str(out / 'checkpoint_best.pth'))  # one evaluation: the best is the last epoch's
+    assert best['epoch'] == checkpoint['epoch'] and best['eval']['bbox'] == stats
+    for k, v in checkpoint['model'].items():
+        assert torch.equal(best['model'][k], v), k
+
+
+def test_the_best_checkpoint_holds_the_weights_of_the_highest_ap_across_a_resume(tmp_path, monkeypatch, capsys):
+    from detr_irpe.cli import train as train_tool
+    aps, scored = {0: 0.2, 1: 0.5, 2: 0.3, 3: 0.4}, {}
+
+    def evaluate(model, postprocessors, val_loader, dataset_val, device, epoch, args, on_batch=None):
+        scored[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {'bbox': [aps[epoch]] + [0.0] * 11}
+    monkeypatch.setattr(train_tool, 'run_eval', evaluate)
+    argv = smoke_args(tmp_path, '--synthetic_train', '4', '--synthetic_val', '2', '--batch_size', '2',
+                      '--eval_every', '1', '--resume', 'auto', '--lr', '1e-3')
+    best = tmp_path / 'out' / 'checkpoint_best.pth'
+
+    def run(epochs):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--epochs', str(epochs)]))
+        return load_checkpoint(str(best))
+    assert run(3)['epoch'] == 1
+    assert run(4)['epoch'] == 1  # epoch 3's 0.4 beats epoch 2's 0.3, not epoch 1's 0.5 in the resumed run's log
+    written = [line for line in capsys.readouterr().out.splitlines() if 'the best so far' in line]
+    assert [line.split(' at epoch ')[1][0] for line in written] == ['0', '1']
+    weights = load_checkpoint(str(best))['model']
+    assert not torch.equal(scored[1]['class_embed.weight'], scored[2]['class_embed.weight'])
+    for k, v in scored[1].items():
+        assert torch.equal(weights[k], v), k
+    # It holds no optimizer: training from it with --resume would start at epoch 0 over the run's files.
+    log = (tmp_path / 'out' / 'log.txt').read_text()
+    with pytest.raises(UsageError, match=f'--resume {best} holds weights without .* pass --finetune {best}'):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--epochs', '5', '--resume', str(best)]))
+    assert (tmp_path / 'out' / 'log.txt').read_text() == log
+    assert load_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))['epoch'] == 3
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@
         --finetune outputs/smoke/checkpoint.pth --output_dir runs/mine   # your own data, from trained weights
 
 Writes output_dir/checkpoint.pth (every epoch, and every --checkpoint_every steps; the one before it is kept as
-checkpoint.prev.pth), log.txt (JSON lines) and eval.json (the 12 COCO bbox stats of the latest evaluation). One
+checkpoint.prev.pth), log.txt (JSON lines), eval.json (the 12 COCO bbox stats of the latest evaluation) and
+checkpoint_best.pth (the weights of the evaluation with the highest AP so far, for eval, predict, export). One
 run at a time owns output_dir (detr_irpe.run_lock); a resumed run, wherever it stopped, ends at the weights and log
 of an uninterrupted one.
 """
@@ -27,9 +28,9 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, distributed, engine
-from detr_irpe.checkpoint import (CHECKPOINT, PREVIOUS_CHECKPOINT, check_same_model_flags, load_model_state,
-                                  load_optimizer_state, load_resume_checkpoint, remove_stale_temporaries, resume_point,
-                                  save_checkpoint, save_json)
+from detr_irpe.checkpoint import (BEST_CHECKPOINT, CHECKPOINT, PREVIOUS_CHECKPOINT, check_same_model_flags,
+                                  load_model_state, load_optimizer_state, load_resume_checkpoint,
+                                  remove_stale_temporaries, resume_point, save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -141,6 +142,9 @@ def train(args, explicit, resources):
             raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}): pass --resume auto to '
                              'continue it, or another --output_dir to start a new one')
     resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
+    if resume and not args.eval and not resumes_training:  # else epoch 0 again, over the folder's checkpoint and log
+        raise UsageError(f'--resume {resume} holds weights without the optimizer and schedule that continue a run; '
+                         f'pass --finetune {resume} to start a new run from its weights, or --eval to evaluate it')
     trained = resume_point(checkpoint)[0] if resumes_training else None
     if trained is not None and trained >= args.epochs:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
@@ -226,6 +230,16 @@ def train(args, explicit, resources):
                              'epoch_log': epoch_log, 'scaler': scaler.state_dict()},
                             checkpoint_path, previous=os.path.join(args.output_dir, PREVIOUS_CHECKPOINT))
 
+    def save_if_best(epoch, summary):
+        """checkpoint_best.pth when this evaluation's AP beats every one in log.txt (which outlives a resume)."""
+        best = best_logged_ap(args.output_dir)
+        if not args.output_dir or (best is not None and summary['bbox'][0] <= best):
+            return
+        path = os.path.join(args.output_dir, BEST_CHECKPOINT)
+        save_checkpoint({'model': model_without_ddp.state_dict(), 'epoch': epoch, 'step': None, 'args': vars(args),
+                         'category_names': category_names, 'eval': summary}, path)
+        print(f'AP {summary["bbox"][0]:.4f} at epoch {epoch}, the best so far: wrote {path}')
+
     def on_eval_batch(epoch):
         if preemption.requested():  # the checkpoint is written: stop now, evaluate again on resume
             preemption.exit(f'the end of epoch {epoch} (its evaluation runs again on resume)', checkpoint_path)
@@ -238,6 +252,7 @@ def train(args, explicit, resources):
             summary = run_eval(model, postprocessors, val_loader, dataset_val, device, epoch, args,
                                on_batch=lambda: on_eval_batch(epoch))
             if summary is not None:
+                save_if_best(epoch, summary)
                 log['test_coco_eval_bbox'] = summary['bbox']
         if distributed.is_main_process():
             writer = writer or make_writer(args)
@@ -287,13 +302,23 @@ def train(args, explicit, resources):
     print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
 
 
-def logged_epochs(output_dir):
-    """The epochs log.txt has a line of (empty without --output_dir or log.txt)."""
+def logged(output_dir):
+    """log.txt's lines as dicts (none without --output_dir or log.txt)."""
     path = os.path.join(output_dir, 'log.txt') if output_dir else ''
     if not os.path.isfile(path):
-        return set()
+        return []
     with open(path) as f:
-        return {json.loads(line)['epoch'] for line in f if line.strip()}
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_epochs(output_dir):
+    return {line['epoch'] for line in logged(output_dir)}
+
+
+def best_logged_ap(output_dir):
+    """The highest AP of the evaluations in log.txt, None before the first."""
+    return max((line['test_coco_eval_bbox'][0] for line in logged(output_dir) if 'test_coco_eval_bbox' in line),
+               default=None)
 
 
 def make_writer(args):
