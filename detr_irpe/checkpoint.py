@@ -158,8 +158,9 @@ def load_checkpoint(path):
     A file whose unpickling would run anything else is refused, and nothing of it runs."""
     if os.path.isdir(path):
         raise UsageError(f'checkpoint {path!r} is a folder; pass --resume the path of a .pth file in it (a run of '
-                         f'tools/train.py writes {CHECKPOINT}), or --resume auto with --output_dir {path}; to train '
-                         'from the weights of a Hugging Face folder, pass it to --finetune.')
+                         f'tools/train.py writes {CHECKPOINT} and {BEST_CHECKPOINT}), or --resume auto with '
+                         f'--output_dir {path}; to train from the weights of a Hugging Face folder, pass it to '
+                         '--finetune.')
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist: pass --resume the path of a .pth file '
                          'written by tools/train.py or downloaded from the model zoo.')

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import load_checkpoint
+from detr_irpe.checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
 
 FORMATS = ('detr-irpe', 'published', 'huggingface')
 FORMATS_HELP = ("a checkpoint of tools/train.py; a DETR-with-iRPE model-zoo or facebookresearch/detr .pth file "
@@ -207,6 +207,10 @@ def from_detr(state_dict, declared, fmt, category_names=None):
 
 def read_huggingface_folder(folder, weights=None):
     config_path = os.path.join(folder, 'config.json')
+    held = {BEST_CHECKPOINT: 'the weights of its best evaluation', CHECKPOINT: 'its last'}
+    held = [f'{os.path.join(folder, f)} ({what})' for f, what in held.items() if os.path.isfile(os.path.join(folder, f))]
+    if held and not os.path.isfile(config_path):
+        raise UsageError(f"{folder!r} is a training run's folder; pass a checkpoint in it: {' or '.join(held)}")
     if not os.path.isfile(config_path):
         raise UsageError(f'folder {folder!r} has no config.json; expected {FORMATS_HELP}.')
     with open(config_path) as f:

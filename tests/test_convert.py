@@ -264,3 +264,13 @@ def test_file_of_no_known_format_is_refused_naming_the_formats(content, tmp_path
 def test_folder_without_config_is_refused_naming_the_formats(tmp_path):
     with pytest.raises(ValueError, match='DetrForObjectDetection'):
         read_source(str(tmp_path))
+
+
+def test_a_training_runs_folder_is_refused_naming_its_checkpoints(tmp_path):
+    torch.save({'epoch': 0}, tmp_path / 'checkpoint.pth')
+    with pytest.raises(ValueError, match=f"training run's folder; pass a checkpoint in it: {tmp_path}/checkpoint.pth "
+                                         r'\(its last\)$'):
+        read_source(str(tmp_path))
+    torch.save({'epoch': 0}, tmp_path / 'checkpoint_best.pth')
+    with pytest.raises(ValueError, match=f'{tmp_path}/checkpoint_best.pth .*best evaluation.* or {tmp_path}/checkpoint'):
+        read_source(str(tmp_path))
