@@ -207,11 +207,12 @@ def from_detr(state_dict, declared, fmt, category_names=None):
 
 def read_huggingface_folder(folder, weights=None):
     config_path = os.path.join(folder, 'config.json')
-    held = {BEST_CHECKPOINT: 'the weights of its best evaluation', CHECKPOINT: 'its last'}
-    held = [f'{os.path.join(folder, f)} ({what})' for f, what in held.items() if os.path.isfile(os.path.join(folder, f))]
-    if held and not os.path.isfile(config_path):
-        raise UsageError(f"{folder!r} is a training run's folder; pass a checkpoint in it: {' or '.join(held)}")
     if not os.path.isfile(config_path):
+        kept = [f'{os.path.join(folder, name)} ({what})' for name, what in
+                ((BEST_CHECKPOINT, 'the weights of its best evaluation'), (CHECKPOINT, 'its last'))
+                if os.path.isfile(os.path.join(folder, name))]
+        if kept:
+            raise UsageError(f"{folder!r} is a training run's folder; pass a checkpoint in it: {' or '.join(kept)}")
         raise UsageError(f'folder {folder!r} has no config.json; expected {FORMATS_HELP}.')
     with open(config_path) as f:
         config = json.load(f)
