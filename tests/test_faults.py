@@ -315,7 +315,8 @@ def test_under_torchrun_every_process_stops_when_the_folder_is_held(tmp_path):
 def test_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
-    stale = [out / '.checkpoint.pth.k1ll3d_1.pth', out / '.eval.json.x2y3z4w5.json']
+    stale = [out / '.checkpoint.pth.k1ll3d_1.pth', out / '.checkpoint_best.pth.k1ll3d_2.pth',
+             out / '.eval.json.x2y3z4w5.json']
     for path in stale:
         path.write_bytes(b'part of a write that was killed')
     (out / '.keep').write_text('not ours')
