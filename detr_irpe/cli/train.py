@@ -232,13 +232,15 @@ def train(args, explicit, resources):
 
     def save_if_best(epoch, summary):
         """checkpoint_best.pth when this evaluation's AP beats every one in log.txt (which outlives a resume)."""
-        best = best_logged_ap(args.output_dir)
-        if not args.output_dir or (best is not None and summary['bbox'][0] <= best):
+        if not args.output_dir:
+            return
+        ap, best = summary['bbox'][0], best_logged_ap(args.output_dir)
+        if best is not None and ap <= best:
             return
         path = os.path.join(args.output_dir, BEST_CHECKPOINT)
         save_checkpoint({'model': model_without_ddp.state_dict(), 'epoch': epoch, 'step': None, 'args': vars(args),
                          'category_names': category_names, 'eval': summary}, path)
-        print(f'AP {summary["bbox"][0]:.4f} at epoch {epoch}, the best so far: wrote {path}')
+        print(f'AP {ap:.4f} at epoch {epoch}, the best so far: wrote {path}')
 
     def on_eval_batch(epoch):
         if preemption.requested():  # the checkpoint is written: stop now, evaluate again on resume
