@@ -323,6 +323,7 @@ def test_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
     run = _train('--config', SMOKE, '--output_dir', str(out), '--synthetic_dir', str(tmp_path / 'syn'),
                  '--epochs', '0')
     assert run.returncode == 0, run.stderr[-3000:]
+    assert '--epochs 0: data read and checked, model built; nothing trained' in run.stdout
     assert not any(p.exists() for p in stale) and (out / '.keep').exists()
 
 

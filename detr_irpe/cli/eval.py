@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, engine
-from detr_irpe.checkpoint import save_json
+from detr_irpe.checkpoint import CHECKPOINT, save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
@@ -69,7 +69,7 @@ def eval_output_dir(args):
     checkpoint = os.path.abspath(args.resume).rstrip(os.sep)
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     output_dir = args.output_dir or os.path.join(os.path.dirname(checkpoint), f'eval_{stem}')
-    run_files = [f for f in ('checkpoint.pth', 'log.txt') if os.path.isfile(os.path.join(output_dir, f))]
+    run_files = [f for f in (CHECKPOINT, 'log.txt') if os.path.isfile(os.path.join(output_dir, f))]
     if run_files:
         raise UsageError(f"--output_dir {output_dir} is a training run's folder (it holds {', '.join(run_files)}): its "
                          f"eval.json is training's; pass another --output_dir, or leave it out for eval_{stem}/ "

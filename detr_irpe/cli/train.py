@@ -272,6 +272,9 @@ def train(args, explicit, resources):
             distributed.is_main_process() and unfinished_log['epoch'] not in logged_epochs(args.output_dir)):
         finish_epoch(dict(unfinished_log))  # stopped after the epoch's checkpoint, before its log line
 
+    if args.epochs == 0:  # a check of the data and flags before a long run
+        print('--epochs 0: data read and checked, model built; nothing trained (pass --epochs N to train)')
+        return
     steps_per_epoch = len(sampler) // args.batch_size
     started = time.time()
     for epoch in range(start_epoch, args.epochs):

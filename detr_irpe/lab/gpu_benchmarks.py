@@ -186,7 +186,7 @@ def bench_op(device, quick):
     import rpe_ops.benchmark
     from detr_irpe.lab.benchmark import irpe_k_bucket_ids
     maps = [(8, 10)] if quick else [(25, 42)] + ([(50, 84)] if device == 'cuda' else [])
-    out = {'target': 3.0}
+    out = {'target': 2.0 if device == 'cuda' else 3.0}  # fwd+bwd: #24's on CUDA, docs/performance.md's on CPU
     for h, w in maps:
         ids, K = irpe_k_bucket_ids(h, w)
         result = rpe_ops.benchmark.benchmark(batch=2, heads=8, length=h * w, buckets=K, device=device,
