@@ -69,21 +69,22 @@ CLASS_HEAD = ('class_embed.weight', 'class_embed.bias')
 def load_for_finetuning(model, source, category_names, path):
     """Copy `source`'s tensors into `model` (built from these flags, freshly initialised) where name and shape match.
 
-    The class head of another number of classes keeps its fresh initialisation except the rows of classes whose
-    name both sides have, and the no-object row (the last); any other tensor of another shape (the query embeddings
-    of another --num_queries) keeps its own, as do tensors the source lacks (iRPE tables added to a plain DETR start
-    from --rpe_init). category_names: {id: name} of the training data. A source matching under half of the model's
+    A class head of another number of classes, or naming another class at some id, keeps its fresh initialisation
+    except the rows of classes whose name both sides have, and the no-object row (the last); any other tensor of
+    another shape (the query embeddings of another --num_queries) keeps its own, as do tensors the source lacks (iRPE
+    tables added to a plain DETR start from --rpe_init). category_names: {id: name} of the training data. A source matching under half of the model's
     tensors is refused. Returns the one-line report."""
     target = model.state_dict()
     loaded, reinitialised, new = [], {}, []
     # rows carry over only between heads of one width (another --hidden_dim reinitialises the head whole)
     head = [source.state_dict.get(CLASS_HEAD[0]), target.get(CLASS_HEAD[0])]
     rows_fit = None not in head and head[0].shape[1:] == head[1].shape[1:]
+    renamed = renamed_ids(source.category_names, category_names)  # a head of one shape, another class at an id
     for name, tensor in target.items():
         value = source.state_dict.get(name)
         if value is None:
             new.append(name)
-        elif value.shape == tensor.shape:
+        elif value.shape == tensor.shape and not (name in CLASS_HEAD and renamed):
             tensor.copy_(value)
             loaded.append(name)
         elif name in CLASS_HEAD and rows_fit:
@@ -97,10 +98,12 @@ def load_for_finetuning(model, source, category_names, path):
                          f'is no detector this project reads. Expected {FORMATS_HELP}.')
     if reinitialised.get(CLASS_HEAD[0]) == 'classes differ':
         carried = carry_class_rows(target, source, category_names)
+        counts = [source.state_dict[CLASS_HEAD[1]].shape[0] - 1, target[CLASS_HEAD[1]].shape[0] - 1]
+        differ = (f'{counts[0]} classes in the source, {counts[1]} here' if counts[0] != counts[1] else
+                  f'other classes at ids {summarise([str(i) for i in renamed])}')
         reinitialised[CLASS_HEAD[0]] = reinitialised[CLASS_HEAD[1]] = (
-            f'{source.state_dict[CLASS_HEAD[1]].shape[0] - 1} classes in the source, '
-            f'{target[CLASS_HEAD[1]].shape[0] - 1} here; carried over: the no-object row and the rows of '
-            f'{len(carried)} classes named on both sides{f" ({summarise(carried)})" if carried else ""}')
+            f'{differ}; carried over: the no-object row and the rows of {len(carried)} classes named on both sides'
+            f'{f" ({summarise(carried)})" if carried else ""}')
     unused = sorted(source.state_dict.keys() - target.keys()) + source.unused
     by_reason = {}
     for name, reason in reinitialised.items():
@@ -109,6 +112,13 @@ def load_for_finetuning(model, source, category_names, path):
     return (f'--finetune {path} ({source.format}): {len(loaded)} tensors loaded, {len(reinitialised)} re-initialised'
             f'{f" [{why}]" if why else ""}, {len(new)} new{f" ({summarise(new)})" if new else ""}, {len(unused)} '
             f'unused in the source{f" ({summarise(unused)})" if unused else ""}')
+
+
+def renamed_ids(source_names, names):
+    """The ids at which the source names another class than the training data (none when either names none)."""
+    if not source_names or not names:
+        return []
+    return [i for i, name in sorted(names.items()) if source_names.get(i) != name]
 
 
 def carry_class_rows(target, source, category_names):

@@ -129,10 +129,25 @@ def test_finetune_with_other_num_queries_reinitialises_only_the_query_embeddings
     source = read_source(hf[0])
     model = finetune_model('--num_queries', '7')
     fresh = model.query_embed.weight.detach().clone()
-    report = load_for_finetuning(model, source, HF_ID2LABEL, hf[0])
+    report = load_for_finetuning(model, source, source.category_names, hf[0])  # the same classes
     assert 'query_embed.weight (num_queries differs' in report and '1 re-initialised' in report
     assert torch.equal(model.query_embed.weight, fresh)
     assert torch.equal(model.class_embed.weight, source.state_dict['class_embed.weight'])  # same classes: loaded
+
+
+def test_a_class_head_of_the_same_size_naming_other_classes_carries_rows_by_name_not_by_id(hf):
+    # copied by id, as any tensor of the same shape, the source's circle row would predict square here
+    source = read_source(hf[0])
+    model = finetune_model()
+    fresh = model.class_embed.weight.detach().clone()
+    names = {0: 'square', 1: 'circle', 3: 'kite'}  # the source's 0 and 1 swapped; 2 named by neither
+    report = load_for_finetuning(model, source, names, hf[0])
+    assert model.class_embed.weight.shape == source.state_dict['class_embed.weight'].shape
+    assert 'other classes at ids 0, 1; carried over: the no-object row and the rows of 3 classes' in report
+    for ours, theirs in ((0, 1), (1, 0), (3, 3), (-1, -1)):
+        assert torch.equal(model.class_embed.weight[ours], source.state_dict['class_embed.weight'][theirs])
+        assert torch.equal(model.class_embed.bias[ours], source.state_dict['class_embed.bias'][theirs])
+    assert torch.equal(model.class_embed.weight[2], fresh[2])
 
 
 def test_finetune_with_another_hidden_dim_reinitialises_the_class_head_whole(hf):
@@ -140,7 +155,7 @@ def test_finetune_with_another_hidden_dim_reinitialises_the_class_head_whole(hf)
     source = read_source(hf[0])
     model = finetune_model('--hidden_dim', '64', '--num_queries', '5')
     fresh = model.class_embed.weight.detach().clone()
-    report = load_for_finetuning(model, source, HF_ID2LABEL, hf[0])
+    report = load_for_finetuning(model, source, source.category_names, hf[0])
     assert re.search(r'class_embed.weight[^]]*shape differs: \(\d+, 32\) in the source, \(5, 64\) here', report)
     assert 'carried over' not in report and torch.equal(model.class_embed.weight, fresh)
 
