@@ -126,7 +126,7 @@ def check_categories(dataset, names, num_classes, against):
     if problems:
         raise UsageError(f'the categories of {unwrap(dataset).ann_file} do not fit {against}: '
                          f'{"; ".join(problems[:3])}{" ..." if len(problems) > 3 else ""}. Give every category the '
-                         'id it has in the training data.')
+                         f'id it has in {against}.')
 
 
 def collate_fn(batch):

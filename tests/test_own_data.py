@@ -104,6 +104,27 @@ def test_val_categories_under_other_ids_than_the_models_are_refused(trained, tmp
         train_tool.run(parse_args_with_config(get_args_parser(), argv))
 
 
+def test_resuming_on_a_training_set_whose_categories_moved_is_refused(trained, tmp_path):
+    # the run's 'square' row would go on training as whatever now has id 7
+    data, run, _ = trained
+    for split in ('train', 'val'):
+        d = json.loads(open(data[data.index(f'--{split}_json') + 1]).read())
+        moved = {7: 5, 3: 7}
+        d['categories'] = [dict(c, id=moved.get(c['id'], c['id'])) for c in d['categories']]
+        d['annotations'] = [dict(a, category_id=moved.get(a['category_id'], a['category_id']))
+                            for a in d['annotations']]
+        (tmp_path / f'{split}.json').write_text(json.dumps(d))
+    argv = [*data, *SMALL, '--epochs', '2', '--resume', str(run / 'checkpoint.pth'),
+            '--output_dir', str(tmp_path / 'r')]
+    for split in ('train', 'val'):
+        argv[argv.index(f'--{split}_json') + 1] = str(tmp_path / f'{split}.json')
+    expected = (r"categories of .*train.json do not fit --resume .*'circle' is id 7 here and id 3 in --resume .*"
+                r"'square' is id 5 here and id 7 .* the id it has in --resume")
+    with pytest.raises(UsageError, match=expected):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv))
+    assert not (tmp_path / 'r').exists()
+
+
 def test_a_training_set_without_annotations_is_refused(tmp_path):
     data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=1)
     train_json = data[data.index('--train_json') + 1]
