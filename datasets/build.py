@@ -20,8 +20,8 @@ from . import coco, synthetic
 from .coco_eval import CocoEvaluator
 from .transforms import make_transforms
 
-__all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'collate_fn',
-           'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for', 'CocoEvaluator',
+__all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'check_annotated',
+           'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for', 'CocoEvaluator',
            'FrozenBackboneCollate', 'make_transforms']
 
 
@@ -97,12 +97,7 @@ def check_against_training_set(dataset, args):
             raise UsageError(f'--num_classes {num_classes} is too small for category id {largest} of the training '
                              f'set: pass at least --num_classes {largest + 1} (largest category id + 1), or leave '
                              f'it out to take it from the data')
-    if not get_coco_api_from_dataset(dataset).anns:
-        if getattr(args, 'dataset_file', None) == 'synthetic':
-            raise UsageError(f'--synthetic_objects {" ".join(map(str, args.synthetic_objects))} put no object in the '
-                             f'{len(dataset)} training images: nothing to learn; pass a MAX of 1 or more')
-        raise UsageError(f'the training set {unwrap(dataset).ann_file} has {len(dataset)} images and no annotations: '
-                         "nothing to learn; fill its 'annotations' list (COCO format: image_id, category_id, bbox)")
+    check_annotated(dataset, args, 'train')
     world_size = getattr(args, 'world_size', 1) or 1
     if args.batch_size * world_size > len(dataset):
         processes = f' x {world_size} processes (--world_size)' if world_size > 1 else ''
@@ -110,6 +105,20 @@ def check_against_training_set(dataset, args):
                   else f'in {unwrap(dataset).ann_file}')
         raise UsageError(f'--batch_size {args.batch_size}{processes} is more than the {len(dataset)} training '
                          f'images ({source}): no full batch, so no training step would run; lower --batch_size')
+
+
+def check_annotated(dataset, args, split):
+    """A UsageError when a split has no annotations: nothing to learn from, or to score (COCO's AP is -1)."""
+    if get_coco_api_from_dataset(dataset).anns:
+        return
+    role, nothing = {'train': ('training', 'nothing to learn'),
+                     'val': ('val', "nothing to score (COCO's AP would be -1 at every evaluation)")}[split]
+    if getattr(args, 'dataset_file', None) == 'synthetic':
+        raise UsageError(f'--synthetic_objects {" ".join(map(str, args.synthetic_objects))} put no object in the '
+                         f'{len(dataset)} {role} images: {nothing}; pass a MAX of 1 or more')
+    unlabelled = '' if split == 'train' else ', or run tools/predict.py for the detections on images without boxes'
+    raise UsageError(f'the {role} set {unwrap(dataset).ann_file} has {len(dataset)} images and no annotations: '
+                     f"{nothing}; fill its 'annotations' list (COCO format: image_id, category_id, bbox){unlabelled}")
 
 
 def check_categories(dataset, names, num_classes, against):

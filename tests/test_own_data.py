@@ -125,14 +125,22 @@ def test_resuming_on_a_training_set_whose_categories_moved_is_refused(trained, t
     assert not (tmp_path / 'r').exists()
 
 
-def test_a_training_set_without_annotations_is_refused(tmp_path):
-    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=1)
-    train_json = data[data.index('--train_json') + 1]
-    content = json.loads(open(train_json).read())
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_a_split_without_annotations_is_refused(trained, tmp_path, split):
+    # an empty val set trained a whole run evaluating to AP -1, "the best so far", exit status 0
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=4, num_val=3)
+    ann_file = data[data.index(f'--{split}_json') + 1]
+    content = json.loads(open(ann_file).read())
     content['annotations'] = []
-    open(train_json, 'w').write(json.dumps(content))
-    with pytest.raises(UsageError, match="has 4 images and no annotations: nothing to learn"):
-        train_tool.run(parse_args_with_config(get_args_parser(), [*data, *SMALL]))
+    open(ann_file, 'w').write(json.dumps(content))
+    expected = {'train': 'training set .* has 4 images and no annotations: nothing to learn',
+                'val': "val set .* has 3 images and no annotations: nothing to score .* or run tools/predict.py"}[split]
+    with pytest.raises(UsageError, match=expected):
+        train_tool.run(parse_args_with_config(get_args_parser(), [*data, *SMALL, '--output_dir', str(tmp_path / 'r')]))
+    assert not (tmp_path / 'r').exists()
+    if split == 'val':
+        with pytest.raises(UsageError, match=expected):
+            eval_tool.run(['--resume', str(trained[1] / 'checkpoint.pth'), '--num_workers', '0', *data[data.index('--val_json'):]])
 
 
 def test_eval_with_the_training_preset_writes_beside_the_checkpoint(trained, tmp_path):

@@ -50,6 +50,7 @@ def run(argv=None):
     if args.compile:
         model = torch.compile(model, mode=args.compile)
     dataset = datasets.build_dataset('val', args)
+    datasets.check_annotated(dataset, args, 'val')
     datasets.check_categories(dataset, source.category_names, args.num_classes, f'--resume {args.resume}')
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device))

@@ -162,6 +162,7 @@ def train(args, explicit, resources):
     if resume:  # categories renumbered since would train or score the run's class rows as other classes
         datasets.check_categories(dataset_train, checkpoint.get('category_names'), args.num_classes,
                                   f'--resume {resume}')
+    datasets.check_annotated(dataset_val, args, 'val')
     datasets.check_categories(dataset_val, category_names, args.num_classes, 'the training set')
     print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
     model, criterion, postprocessors = build_model(args)
