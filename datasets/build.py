@@ -7,6 +7,7 @@ The folder datasets/ is installed as the package detr_irpe_datasets (setup.py); 
     loader = DataLoader(dataset, collate_fn=collate_fn, ...)
     evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset))
 """
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from .coco_eval import CocoEvaluator
 from .transforms import make_transforms
 
 __all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'check_annotated',
-           'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for', 'CocoEvaluator',
-           'FrozenBackboneCollate', 'make_transforms']
+           'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for',
+           'warn_objects_beyond_queries', 'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
 
 
 def ensure_synthetic(args):
@@ -84,6 +85,24 @@ def describe(args, splits, num_classes):
     names = category_names(next(iter(splits.values())))
     shown = ', '.join(f'{i} {n}' for i, n in list(names.items())[:10]) + (', ...' if len(names) > 10 else '')
     return f"data: {args.dataset_file}; {'; '.join(parts)}; {len(names)} categories ({shown}); num_classes {num_classes}"
+
+
+def warn_objects_beyond_queries(splits, num_queries):
+    """One warning when images hold more objects than queries: DETR predicts at most num_queries boxes an image, so
+    in training the objects beyond go unmatched (no loss) and in evaluation undetected. splits: {name: dataset}."""
+    parts, most = [], 0
+    for name, dataset in splits.items():
+        coco_api = get_coco_api_from_dataset(dataset)
+        counts = [sum(not a.get('iscrowd', 0) for a in anns) for anns in coco_api.imgToAnns.values()]  # DETR's targets
+        over = [c for c in counts if c > num_queries]
+        if over:
+            parts.append(f'{len(over)} of the {len(coco_api.imgs)} {name} images')
+            most = max(most, *over)
+    if parts:
+        boxes = f'{num_queries} box{"es" if num_queries > 1 else ""}'
+        warnings.warn(f'{" and ".join(parts)} hold more objects than --num_queries {num_queries} (up to {most}): DETR '
+                      f'predicts at most {boxes} an image, so the objects beyond go unmatched in training and undetected '
+                      f'in evaluation; pass --num_queries {most} or more')
 
 
 def check_against_training_set(dataset, args):

@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -140,7 +142,34 @@ def test_a_split_without_annotations_is_refused(trained, tmp_path, split):
     assert not (tmp_path / 'r').exists()
     if split == 'val':
         with pytest.raises(UsageError, match=expected):
-            eval_tool.run(['--resume', str(trained[1] / 'checkpoint.pth'), '--num_workers', '0', *data[data.index('--val_json'):]])
+            eval_tool.run(['--resume', str(trained[1] / 'checkpoint.pth'), '--num_workers', '0',
+                           *data[data.index('--val_json'):]])
+
+
+def test_images_of_more_objects_than_queries_are_warned_once_counting_as_detr_does(tmp_path):
+    # DETR's matcher leaves the objects beyond --num_queries out of the loss: a crowded dataset trained silently
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=6, num_val=4, seed=3)  # 2 objects in some of each
+    files = {split: data[data.index(f'--{split}_json') + 1] for split in ('train', 'val')}
+    content = json.loads(open(files['train']).read())
+    per_image = Counter(a['image_id'] for a in content['annotations'])
+    alone = next(i for i, n in per_image.items() if n == 1)
+    content['annotations'].append(dict(content['annotations'][0], id=999, image_id=alone, iscrowd=1))  # not a target
+    open(files['train'], 'w').write(json.dumps(content))
+    over = {}
+    for split, path in files.items():
+        per_image = Counter(a['image_id'] for a in json.loads(open(path).read())['annotations'] if not a['iscrowd'])
+        over[split] = sum(n > 1 for n in per_image.values())
+    assert over['train'] and over['val'] and max(per_image.values()) == 2
+    argv = [*data, *SMALL, '--epochs', '0', '--output_dir', str(tmp_path / 'run')]
+    for queries, expected in (('1', [f"{over['train']} of the 6 training images and {over['val']} of the 4 val images "
+                                     'hold more objects than --num_queries 1 (up to 2): DETR predicts at most 1 box '
+                                     'an image, so the objects beyond go unmatched in training and undetected in '
+                                     'evaluation; pass --num_queries 2 or more']), ('2', [])):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter('always')
+            train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--num_queries', queries]))
+        assert [str(w.message) for w in record if 'num_queries' in str(w.message)] == expected
+        shutil.rmtree(tmp_path / 'run')
 
 
 def test_eval_with_the_training_preset_writes_beside_the_checkpoint(trained, tmp_path):

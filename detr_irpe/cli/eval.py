@@ -51,6 +51,7 @@ def run(argv=None):
         model = torch.compile(model, mode=args.compile)
     dataset = datasets.build_dataset('val', args)
     datasets.check_annotated(dataset, args, 'val')
+    datasets.warn_objects_beyond_queries({'val': dataset}, args.num_queries)
     datasets.check_categories(dataset, source.category_names, args.num_classes, f'--resume {args.resume}')
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device))
