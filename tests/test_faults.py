@@ -286,10 +286,20 @@ def test_a_new_run_in_a_finished_runs_folder_is_refused_and_the_run_kept(tmp_pat
     out, data = str(tmp_path / 'out'), ['--synthetic_dir', str(tmp_path / 'syn')]
     first = _train('--config', SMOKE, '--output_dir', out, *data)
     assert first.returncode == 0, first.stderr[-3000:]
-    kept = {f: (tmp_path / 'out' / f).read_bytes() for f in ('checkpoint.pth', 'log.txt')}
+    kept = {f: (tmp_path / 'out' / f).read_bytes() for f in ('checkpoint.pth', 'checkpoint_best.pth', 'log.txt')}
     again = _train('--config', SMOKE, '--output_dir', out, *data)
-    assert again.returncode == 2 and 'holds a run (checkpoint.pth, log.txt): pass --resume auto' in again.stderr
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert 'holds a run (checkpoint.pth, checkpoint_best.pth, log.txt): pass --resume auto' in again.stderr
     assert {f: (tmp_path / 'out' / f).read_bytes() for f in kept} == kept
+    # checkpoint.pth deleted to save space: --resume auto started afresh over the best checkpoint and log.txt
+    os.remove(tmp_path / 'out' / 'checkpoint.pth')
+    del kept['checkpoint.pth']
+    again = _train('--config', SMOKE, '--output_dir', out, *data, '--resume', 'auto')
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert ('holds a run (checkpoint_best.pth, log.txt) without the checkpoint that --resume auto continues '
+            '(checkpoint.pth)') in again.stderr
+    assert {f: (tmp_path / 'out' / f).read_bytes() for f in kept} == kept
+    assert not (tmp_path / 'out' / 'checkpoint.pth').exists()
 
 
 @pytest.mark.slow

@@ -135,10 +135,16 @@ def train(args, explicit, resources):
     source = finetune_source(args, explicit) if args.finetune else None
     if resume:
         check_same_model_flags(checkpoint, args, f'--resume {resume}')
-    elif args.output_dir and not args.eval and args.resume != 'auto':
-        held = [f for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, 'log.txt')
+    elif args.output_dir and not args.eval:
+        held = [f for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, BEST_CHECKPOINT, 'log.txt')
                 if os.path.isfile(os.path.join(args.output_dir, f))]
-        if held:  # a new run there would replace the checkpoint and append a second epoch 0 to log.txt
+        # a new run there would replace the checkpoints and append a second epoch 0 to log.txt
+        if held and args.resume == 'auto':  # no checkpoint.pth to continue from: deleted since
+            raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}) without the checkpoint '
+                             f'that --resume auto continues ({CHECKPOINT}): pass another --output_dir to start a new '
+                             'run (with --finetune and a checkpoint of this one to start from its weights), or move '
+                             'those files away')
+        if held:
             raise UsageError(f'--output_dir {args.output_dir} holds a run ({", ".join(held)}): pass --resume auto to '
                              'continue it, or another --output_dir to start a new one')
     resumes_training = resume and not args.eval and 'optimizer' in checkpoint and 'lr_scheduler' in checkpoint
