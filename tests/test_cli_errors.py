@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from detr_irpe import UsageError
+from detr_irpe import UsageError, build_model
 from detr_irpe.cli.flags import check_flag_combinations, get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -96,6 +96,33 @@ def test_hidden_dim_and_nheads_are_accepted_exactly_when_the_model_runs(position
                 accepted = False
             runs = encoder_and_decoder_run(without_checks_across_flags(parser, argv))
             assert accepted == runs, (hidden_dim, nheads, position_embedding, accepted)
+
+
+@pytest.mark.parametrize('dilation, multiple, largest', [(False, 1, 1600), (True, 1, 800), (False, 128, 1536)])
+def test_a_learned_position_embedding_is_accepted_exactly_for_the_image_sizes_it_covers(dilation, multiple, largest,
+                                                                                         capsys):
+    # above them the forward failed mid-run with IndexError: index out of range in self
+    model = None
+    for side in (largest, largest + 1):
+        argv = ['--position_embedding', 'learned', '--backbone', 'resnet50' if dilation else 'resnet18',  # DC5's
+                '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2', '--enc_layers', '1',
+                '--dec_layers', '1', '--dim_feedforward', '32', '--num_queries', '3', '--device', 'cpu',
+                '--val_size', '32', '--train_scales', '32', '--train_max_size', str(side), '--val_max_size', str(side),
+                '--size_divisibility', str(multiple), *(['--dilation'] if dilation else [])]
+        try:
+            args, problem = get_args_parser().parse_args(argv), None
+        except SystemExit:  # the parser's check of flag combinations
+            problem = capsys.readouterr().err
+        model = model or build_model(args)[0].eval()  # the first side's flags are accepted
+        padded = -(-side // multiple) * multiple  # the widest batch these flags let through
+        try:
+            with torch.no_grad():
+                model(samples=torch.zeros(1, 3, 32, padded), mask=torch.zeros(1, 32, padded, dtype=torch.bool))
+            runs = True
+        except IndexError:
+            runs = False
+        assert runs == (side == largest) and (problem is None) == runs, (side, problem)
+    assert f'--train_max_size {largest + 1}' in problem and 'up to 50 x 50' in problem
 
 
 def test_backbone_in_workers_is_refused_on_a_gpu_and_accepted_when_frozen_on_the_cpu():
