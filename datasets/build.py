@@ -23,7 +23,8 @@ from .transforms import make_transforms
 
 __all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'check_annotated',
            'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for',
-           'warn_objects_beyond_queries', 'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
+           'warn_objects_beyond_queries', 'warn_val_size_outside_training_scales',
+           'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
 
 
 def ensure_synthetic(args):
@@ -101,8 +102,18 @@ def warn_objects_beyond_queries(splits, num_queries):
     if parts:
         boxes = f'{num_queries} box{"es" if num_queries > 1 else ""}'
         warnings.warn(f'{" and ".join(parts)} hold more objects than --num_queries {num_queries} (up to {most}): DETR '
-                      f'predicts at most {boxes} an image, so the objects beyond go unmatched in training and undetected '
-                      f'in evaluation; pass --num_queries {most} or more')
+                      f'predicts at most {boxes} an image, so the objects beyond go unmatched in training and '
+                      f'undetected in evaluation; pass --num_queries {most} or more')
+
+
+def warn_val_size_outside_training_scales(args):
+    """A warning when evaluation resizes to a shorter side training never drew (DETR: 800, its largest)."""
+    scales = args.train_scales
+    if not min(scales) <= args.val_size <= max(scales):
+        trained = f'{min(scales)}-{max(scales)}' if len(scales) > 1 else f'{scales[0]}'
+        warnings.warn(f'--val_size {args.val_size} lies outside the training scales (--train_scales {trained}): '
+                      f'evaluation resizes images to a size the model never trained at; pass a --val_size (and '
+                      f'--val_max_size) within them, as DETR evaluates at its largest')
 
 
 def check_against_training_set(dataset, args):

@@ -172,6 +172,20 @@ def test_images_of_more_objects_than_queries_are_warned_once_counting_as_detr_do
         shutil.rmtree(tmp_path / 'run')
 
 
+def test_a_val_size_outside_the_training_scales_is_warned(tmp_path):
+    # --train_scales given for small images, --val_size left at DETR's 800: evaluated at 12x the training scale
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=2, num_val=1)
+    for sizes, warned in ((['--train_scales', '56', '64'], False),
+                          (['--val_size', '800', '--val_max_size', '1333'], True),
+                          (['--train_scales', '72', '80', '--train_max_size', '120'], True)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter('always')
+            train_tool.run(parse_args_with_config(get_args_parser(), [*data, *SMALL, '--epochs', '0', *sizes]))
+        said = [str(w.message) for w in record if 'training scales' in str(w.message)]
+        assert len(said) == warned, (sizes, said)
+    assert said[0].startswith('--val_size 64 lies outside the training scales (--train_scales 72-80)')
+
+
 def test_eval_with_the_training_preset_writes_beside_the_checkpoint(trained, tmp_path):
     # a preset's output_dir is its training run's folder (configs/smoke.yaml's, as the README's eval example)
     _, run, _ = trained
