@@ -72,8 +72,8 @@ def load_for_finetuning(model, source, category_names, path):
     A class head of another number of classes, or naming another class at some id, keeps its fresh initialisation
     except the rows of classes whose name both sides have, and the no-object row (the last); any other tensor of
     another shape (the query embeddings of another --num_queries) keeps its own, as do tensors the source lacks (iRPE
-    tables added to a plain DETR start from --rpe_init). category_names: {id: name} of the training data. A source matching under half of the model's
-    tensors is refused. Returns the one-line report."""
+    tables added to a plain DETR start from --rpe_init). category_names: {id: name} of the training data. A source
+    matching under half of the model's tensors is refused. Returns the one-line report."""
     target = model.state_dict()
     loaded, reinitialised, new = [], {}, []
     # rows carry over only between heads of one width (another --hidden_dim reinitialises the head whole)
