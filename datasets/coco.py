@@ -105,7 +105,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         # torchvision's __init__ would read the file with pycocotools, which checks nothing: ours validates it.
         torchvision.datasets.VisionDataset.__init__(self, root)
         self.ann_file = str(ann_file)
-        self.coco, self.skipped_entries = load_coco(self.ann_file, self._image_finder())
+        self.coco, self.skipped_entries = load_coco(self.ann_file, self._image_finder(), f'the image folder {root}')
         self.ids = sorted(self.coco.imgs)
         self._transforms = transforms
         # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the

@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import warnings
 
 from pycocotools.coco import COCO
@@ -103,10 +104,11 @@ def entry_name(kind, entry, position):
     return f'{kind} entry #{position} (no usable id)'
 
 
-def validate_annotations(data, path, image_found=None):
+def validate_annotations(data, path, image_found=None, image_folder='the image folder'):
     """(a COCO dict holding only the valid entries, number of entries skipped) for the parsed file `data`.
     Raises UsageError where the policy above stops the run; warns for each skipped entry. image_found: file_name ->
-    whether the image file exists; an entry whose file does not is skipped with its annotations."""
+    whether the image file exists in image_folder (named in messages); an entry whose file does not is skipped with
+    its annotations."""
     if not isinstance(data, dict):
         raise UsageError(f'annotation file {path} holds a JSON {type(data).__name__}; expected an object with '
                          f"'images', 'annotations' and 'categories' lists (the COCO format)")
@@ -126,12 +128,15 @@ def validate_annotations(data, path, image_found=None):
         category_ids.add(cat['id'])
 
     skipped = []  # one line per skipped entry
-    images, image_ids = [], set()
+    images, image_ids, first_problem = [], set(), None
     for position, image in enumerate(data['images']):
         problem = image_problem(image)
         if problem is None and image_found is not None and not image_found(image['file_name']):
-            problem = f"file {image['file_name']!r} is not in the image folder"
+            problem = f"file {image['file_name']!r} is not in {image_folder}"
+            if '\\' in image['file_name'] and os.sep == '/':
+                problem += " (its '\\' separates folders on Windows only: write '/')"
         if problem:
+            first_problem = first_problem or f'{entry_name("image", image, position)} {problem}'
             skipped.append(f'{entry_name("image", image, position)} {problem}; skipped with its annotations')
             continue
         if image['id'] in image_ids:
@@ -141,8 +146,9 @@ def validate_annotations(data, path, image_found=None):
         image_ids.add(image['id'])
         images.append(image)
     if not images:
-        raise UsageError(f"annotation file {path}: no usable image entry (of {len(data['images'])}); every image needs "
-                         f"an integer 'id' and a 'file_name' found in the image folder")
+        first = f', e.g. {first_problem}' if first_problem else ''
+        raise UsageError(f"annotation file {path}: no usable image entry (of {len(data['images'])}){first}; every "
+                         f"image needs an integer 'id' and a 'file_name' found in {image_folder}")
 
     annotations, annotation_ids = [], set()
     for position, ann in enumerate(data['annotations']):
@@ -168,10 +174,10 @@ def validate_annotations(data, path, image_found=None):
     return {**data, 'images': images, 'annotations': annotations}, len(skipped)
 
 
-def load_coco(path, image_found=None):
+def load_coco(path, image_found=None, image_folder='the image folder'):
     """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped);
-    image_found as for validate_annotations."""
-    data, skipped = validate_annotations(read_json(path), path, image_found)
+    image_found and image_folder as for validate_annotations."""
+    data, skipped = validate_annotations(read_json(path), path, image_found, image_folder)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

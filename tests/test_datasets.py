@@ -187,6 +187,24 @@ def test_missing_paths_raise_errors_that_name_them(tmp_path):
         coco.build('train', tmp_path, None)
 
 
+@pytest.mark.parametrize('prefix', ['images/', 'images\\'], ids=['wrong folder', 'windows separators'])
+def test_a_file_where_no_image_is_found_names_one_and_the_folder(tmp_path, prefix):
+    # the run stopped saying only "no usable image entry (of 5)": no file, no folder
+    root = write_coco(tmp_path)
+    path = root / 'annotations' / 'instances_val2017.json'
+    data = json.loads(path.read_text())
+    for image in data['images']:
+        image['file_name'] = prefix + image['file_name']
+    path.write_text(json.dumps(data))
+    first = data['images'][0]
+    expected = (f"no usable image entry (of 5), e.g. image id {first['id']} file {first['file_name']!r} is not in the "
+                f"image folder {root / 'val2017'}")
+    with pytest.raises(UsageError) as error:
+        coco.build('val', root, None)
+    assert expected in str(error.value)
+    assert ("its '\\' separates folders on Windows only: write '/'" in str(error.value)) == ('\\' in prefix)
+
+
 def parser_args(argv):
     return add_data_args(argparse.ArgumentParser()).parse_args(argv)
 
