@@ -8,6 +8,7 @@ The folder datasets/ is installed as the package detr_irpe_datasets (setup.py); 
     evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset))
 """
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .transforms import make_transforms
 
 __all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'check_annotated',
            'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for',
-           'warn_objects_beyond_queries', 'warn_val_size_outside_training_scales',
+           'warn_objects_beyond_queries', 'warn_val_classes_never_trained', 'warn_val_size_outside_training_scales',
            'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
 
 
@@ -104,6 +105,23 @@ def warn_objects_beyond_queries(splits, num_queries):
         warnings.warn(f'{" and ".join(parts)} hold more objects than --num_queries {num_queries} (up to {most}): DETR '
                       f'predicts at most {boxes} an image, so the objects beyond go unmatched in training and '
                       f'undetected in evaluation; pass --num_queries {most} or more')
+
+
+def warn_val_classes_never_trained(dataset_train, dataset_val):
+    """A warning naming the categories that val annotates and training does not: the model cannot learn them, and
+    their AP (about 0) counts in the mean over categories."""
+    def counts(dataset):  # DETR's targets: crowd annotations left out
+        return Counter(a['category_id'] for a in get_coco_api_from_dataset(dataset).anns.values()
+                       if not a.get('iscrowd', 0))
+    in_val = counts(dataset_val)
+    missing = sorted(set(in_val) - set(counts(dataset_train)))
+    if missing:
+        names = category_names(dataset_val)
+        listed = ', '.join(f'{i} {names[i]!r} ({in_val[i]} in val)' for i in missing[:5])
+        more = ' ...' if len(missing) > 5 else ''
+        warnings.warn(f'{len(missing)} of the {len(in_val)} categories annotated in {unwrap(dataset_val).ann_file} '
+                      f'have no annotation in the training set: {listed}{more}; the model cannot learn them, and their '
+                      f'AP (about 0) counts in the mean AP: move some of their images into the training set')
 
 
 def warn_val_size_outside_training_scales(args):

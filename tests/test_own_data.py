@@ -172,6 +172,30 @@ def test_images_of_more_objects_than_queries_are_warned_once_counting_as_detr_do
         shutil.rmtree(tmp_path / 'run')
 
 
+def test_val_categories_without_training_annotations_are_warned_with_their_counts(tmp_path):
+    # a rare class whose few images all went to val: its AP of 0 lowered the mean, silently
+    data = make_flat_dataset(str(tmp_path / 'data'), num_train=6, num_val=4, seed=4)  # each split has every class
+    files = {split: data[data.index(f'--{split}_json') + 1] for split in ('train', 'val')}
+    argv = [*data, *SMALL, '--epochs', '0', '--output_dir', str(tmp_path / 'run')]
+    train = json.loads(open(files['train']).read())
+    val = json.loads(open(files['val']).read())
+    gone = min({a['category_id'] for a in val['annotations']} & {a['category_id'] for a in train['annotations']})
+    in_val = sum(a['category_id'] == gone for a in val['annotations'])
+    classes = len({a['category_id'] for a in val['annotations']})
+    expected = (f"1 of the {classes} categories annotated in {files['val']} have no annotation in the training set: "
+                f"{gone} {NAMES[gone]!r} ({in_val} in val); the model cannot learn them")
+    for dropped in (False, True):
+        if dropped:
+            train['annotations'] = [a for a in train['annotations'] if a['category_id'] != gone]
+            open(files['train'], 'w').write(json.dumps(train))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter('always')
+            train_tool.run(parse_args_with_config(get_args_parser(), argv))
+        said = [str(w.message) for w in record if 'no annotation in the training set' in str(w.message)]
+        assert len(said) == dropped and all(m.startswith(expected) for m in said), said
+        shutil.rmtree(tmp_path / 'run')
+
+
 def test_a_val_size_outside_the_training_scales_is_warned(tmp_path):
     # --train_scales given for small images, --val_size left at DETR's 800: evaluated at 12x the training scale
     data = make_flat_dataset(str(tmp_path / 'data'), num_train=2, num_val=1)
