@@ -202,6 +202,25 @@ def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
     assert get_args_parser().parse_args(['--device', 'cpu']).device == 'cpu'
 
 
+def test_the_runner_prints_the_projects_warnings_in_one_line_and_others_as_python_does():
+    # each data warning was two lines: 'path/build.py:132: UserWarning: ...' and the warn call's source line
+    code = '''if True:
+        import argparse, warnings
+        import detr_irpe_datasets.build as datasets
+        from detr_irpe.cli.runner import run_tool
+        python_format = warnings.formatwarning
+        def main():
+            datasets.warn_val_size_outside_training_scales(argparse.Namespace(train_scales=[64], val_size=800))
+            warnings.warn('from elsewhere')
+        run_tool(main)
+        print(warnings.formatwarning is python_format)'''
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout == 'True\n', run.stderr  # Python's format is back after the tool
+    lines = run.stderr.splitlines()
+    assert lines[0].startswith('warning: --val_size 800 lies outside the training scales (--train_scales 64): ')
+    assert lines[1] == '<string>:8: UserWarning: from elsewhere' and len(lines) == 2, lines
+
+
 def test_a_path_that_cannot_be_written_ends_in_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.delenv('DETR_IRPE_DEBUG', raising=False)
     blocker = tmp_path / 'a_file'
