@@ -98,8 +98,8 @@ class CocoEvaluator:
             per_category_ap[self.coco_gt.cats[cat_id]['name']] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
         width = max([len(n) for n in per_category_ap] + [8])
         print(f'{"category":<{width}}  AP@[.5:.95]')
-        for name, ap in per_category_ap.items():
-            print(f'{name:<{width}}  {ap:.3f}')
+        for name, ap in per_category_ap.items():  # -1 (COCO's undefined) stays in the returned stats
+            print(f'{name:<{width}}  ' + (f'{ap:.3f}' if ap > -1 else '-      (no annotation in the images evaluated)'))
         return {'bbox': stats, 'per_category_ap': per_category_ap}
 
     def _pycocotools(self, img_ids):

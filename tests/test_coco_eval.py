@@ -76,7 +76,7 @@ def test_never_updated_evaluator_still_summarizes():
     assert len(stats['bbox']) == 12 and all(math.isfinite(s) for s in stats['bbox'])
 
 
-def test_ap_over_iou_thresholds_by_hand():
+def test_ap_over_iou_thresholds_by_hand(capsys):
     """One ground truth, one detection at IoU 0.62: a hit at thresholds 0.50, 0.55, 0.60 of the ten
     0.50:0.05:0.95, so AP = 3/10, AP50 = 1, AP75 = 0."""
     gt = [0, 0, 40, 80]  # image 25, area 3200
@@ -88,6 +88,9 @@ def test_ap_over_iou_thresholds_by_hand():
     assert [ap, ap50, ap75] == pytest.approx([0.3, 1.0, 0.0])
     assert stats['per_category_ap']['cat'] == pytest.approx(0.3)
     assert stats['per_category_ap']['dog'] == -1.0  # only image 25 was evaluated, and it has no dog
+    table = capsys.readouterr().out.splitlines()[-3:]
+    assert table == ['category  AP@[.5:.95]', 'cat       0.300',
+                     'dog       -      (no annotation in the images evaluated)']
 
 
 def test_results_are_coco_dicts_with_xywh_boxes():
