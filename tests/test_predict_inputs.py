@@ -15,7 +15,7 @@ from PIL import Image
 from detr_irpe import UsageError, build_model
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import parse_args_with_config
-from detr_irpe.lab.plots import load_image
+from detr_irpe.lab.plots import list_images, load_image
 from detr_irpe_datasets.build import ensure_synthetic
 from detr_irpe_datasets.coco import CocoDetection
 
@@ -210,6 +210,20 @@ def test_images_of_one_name_get_pictures_of_their_own(smoke, tmp_path):
     # each input drawn once, at its own size: the pictures hold every input, none written over
     drawn = sorted(Image.open(out / p).size for p in pictures)
     assert drawn == sorted((w, h) for h, w in sizes.values())
+
+
+def test_a_folder_gives_its_image_files_and_says_what_it_left_out(tmp_path, capsys):
+    # notes and subfolders were left out silently: a folder of dated subfolders predicted on its top level only
+    for name in ('a.png', 'B.JPG', 'sub/c.png'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new('RGB', (8, 8)).save(tmp_path / name, format='PNG' if name.endswith('png') else 'JPEG')
+    (tmp_path / 'notes.txt').write_text('not an image')
+    (tmp_path / '.DS_Store').write_bytes(b'\0\1')
+    assert list_images([str(tmp_path)]) == [str(tmp_path / 'B.JPG'), str(tmp_path / 'a.png')]
+    assert capsys.readouterr().out == (f'{tmp_path}: 2 images; left out 2 entries, not image files by their names or '
+                                       f'subfolders (not searched): notes.txt, sub{os.sep}\n')
+    list_images([str(tmp_path / 'sub')])
+    assert capsys.readouterr().out == ''  # nothing left out, nothing said
 
 
 def test_a_bad_file_stops_predict_before_any_work(smoke, tmp_path):

@@ -195,15 +195,22 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.
 
 
 def list_images(inputs):
-    """Image files of `inputs` (files, or folders whose image files are taken in name order), a file given twice
-    taken once. Each is decoded here (load_image), so a file that is no image stops a run before any work."""
+    """Image files of `inputs` (files, or folders whose image files are taken in name order, subfolders not
+    searched; what a folder's listing left out is said), a file given twice taken once. Each is decoded here
+    (load_image), so a file that is no image stops a run before any work."""
     expected = f'expected image files ({", ".join(IMAGE_EXTENSIONS)}) or folders of them'
     paths = []
     for p in inputs:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted(f for f in os.listdir(p) if not f.startswith('.'))  # hidden files: .DS_Store and the like
+            found = [os.path.join(p, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
             if not found:
                 raise UsageError(f'folder {p!r} holds no image files; {expected}: give the folder that holds them.')
+            left = [f + (os.sep if os.path.isdir(os.path.join(p, f)) else '') for f in names
+                    if os.path.join(p, f) not in found]
+            if left:
+                print(f'{p}: {len(found)} images; left out {len(left)} entries, not image files by their names or '
+                      f'subfolders (not searched): {", ".join(left[:3])}{", ..." if len(left) > 3 else ""}')
             paths += found
         elif os.path.isfile(p):
             paths.append(p)
