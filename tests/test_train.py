@@ -486,7 +486,8 @@ def test_two_process_ddp_step_equals_one_process_with_the_same_global_batch(tmp_
     # +-lr differences, and its scale invariance hides gradient-scale faults; the logged losses catch those.
     same = ['--epochs', '1', '--synthetic_train', '4', '--synthetic_objects', '1', '1',
             '--synthetic_image_size', '64', '--train_scales', '64', '--crop_scales', '64', '--crop_size', '64', '64',
-            '--dropout', '0', '--eval_every', '100', '--lr', '1e-3', '--lr_backbone', '0']
+            '--dropout', '0', '--eval_every', '100', '--lr', '1e-3', '--lr_backbone', '0',
+            '--val_size', '60']  # outside the training scales: a warning at start, said by one process of two
     one = tool('train.py', *smoke_args(tmp_path / 'one', *same, '--batch_size', '2'))
     assert one.returncode == 0, one.stderr[-3000:]
     shutil.copytree(tmp_path / 'one' / 'synthetic', tmp_path / 'two' / 'synthetic')
@@ -496,6 +497,7 @@ def test_two_process_ddp_step_equals_one_process_with_the_same_global_batch(tmp_
                           *smoke_args(tmp_path / 'two', *same, '--batch_size', '1')],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count('warning: --val_size 60 lies outside the training scales') == 1, two.stderr[-3000:]
     one_ckpt, two_ckpt = (load_checkpoint(str(tmp_path / run / 'out' / 'checkpoint.pth')) for run in ('one', 'two'))
     # Adam's moments are sums of the gradients (exp_avg) and of their squares: the same up to float32 rounding
     # of sums taken in another order, a few hundred ulps (5e-5) of a tensor's norm, or of the whole gradient's for

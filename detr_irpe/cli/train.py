@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -111,6 +112,7 @@ def run(args, explicit=()):
     distributed.init_distributed(args)
     if not distributed.is_main_process():  # under torchrun the first process speaks; the others would repeat it
         sys.stdout = open(os.devnull, 'w')
+        warnings.filterwarnings('ignore', module=r'detr_irpe_datasets\.(build|validate)$')  # the data's, at start
     # The folder's lock is taken before anything is built, so a second run on it stops at once. What the run holds
     # (the lock, the SIGTERM handler) is given back when it returns or raises: a caller in Python goes on as before.
     with contextlib.ExitStack() as resources:
