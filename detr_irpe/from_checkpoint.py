@@ -114,21 +114,27 @@ def load_for_finetuning(model, source, category_names, path):
             f'unused in the source{f" ({summarise(unused)})" if unused else ""}')
 
 
+def class_key(name):
+    """A class name as compared between a source and the training data: 'Traffic_Light' is 'traffic light'."""
+    return ' '.join(name.lower().replace('_', ' ').replace('-', ' ').split())
+
+
 def renamed_ids(source_names, names):
     """The ids at which the source names another class than the training data (none when either names none)."""
     if not source_names or not names:
         return []
-    return [i for i, name in sorted(names.items()) if source_names.get(i) != name]
+    return [i for i, name in sorted(names.items()) if i not in source_names or
+            class_key(source_names[i]) != class_key(name)]
 
 
 def carry_class_rows(target, source, category_names):
-    """Copy the source's class-head rows into `target`'s for the classes both name alike, and the no-object row.
-    Returns the names carried over."""
-    by_name = {name: i for i, name in (source.category_names or {}).items()}
+    """Copy the source's class-head rows into `target`'s for the classes both name alike (class_key), and the
+    no-object row. Returns the names carried over."""
+    by_name = {class_key(name): i for i, name in (source.category_names or {}).items()}
     weight, bias = (source.state_dict[k] for k in CLASS_HEAD)
     carried = []
     for i, name in (category_names or {}).items():
-        j = by_name.get(name)
+        j = by_name.get(class_key(name))
         if j is not None and j < weight.shape[0] - 1 and i < target[CLASS_HEAD[0]].shape[0] - 1:
             target[CLASS_HEAD[0]][i] = weight[j]
             target[CLASS_HEAD[1]][i] = bias[j]

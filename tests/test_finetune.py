@@ -140,7 +140,7 @@ def test_a_class_head_of_the_same_size_naming_other_classes_carries_rows_by_name
     source = read_source(hf[0])
     model = finetune_model()
     fresh = model.class_embed.weight.detach().clone()
-    names = {0: 'square', 1: 'circle', 3: 'kite'}  # the source's 0 and 1 swapped; 2 named by neither
+    names = {0: 'square', 1: 'circle', 3: 'Kite'}  # the source's 0 and 1 swapped; 2 named by neither; 3 alike
     report = load_for_finetuning(model, source, names, hf[0])
     assert model.class_embed.weight.shape == source.state_dict['class_embed.weight'].shape
     assert 'other classes at ids 0, 1; carried over: the no-object row and the rows of 3 classes' in report
