@@ -27,7 +27,7 @@ import json
 import os
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import load_checkpoint, save_json
+from detr_irpe.checkpoint import CHECKPOINT, load_checkpoint, save_json
 from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
@@ -79,7 +79,7 @@ def parse_train_flags(entry, run_argv):
 def resume_flags(folder, epochs):
     """Flags that continue an unfinished run from its checkpoint: training where it stopped, or only the
     final evaluation when training ended but its eval.json was not written."""
-    path = os.path.join(folder, 'checkpoint.pth')
+    path = os.path.join(folder, CHECKPOINT)
     if not os.path.exists(path):
         return []
     checkpoint = load_checkpoint(path)
