@@ -14,7 +14,9 @@ of all skipped entries at the end (the first MAX_NAMED problems are named one by
     finite numbers [x, y, w, h], whose 'iscrowd' is not 0 or 1, or whose 'area' is not a finite number;
   - an annotation of an image that is not in 'images', or of a category that is not in 'categories'.
 A missing 'iscrowd' is 0; a missing 'area' is w * h of the box (pycocotools' evaluation reads it for its
-small / medium / large ranges). Other fields ('segmentation', ...) are passed on unread.
+small / medium / large ranges). Other fields ('segmentation', ...) are passed on unread. When a quarter or more of
+the boxes reach past their image's 'width' or 'height' by over a pixel, one warning says they look like
+[x1, y1, x2, y2] corners (such boxes do so about half the time or more; COCO's own, almost never).
 
 Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
 dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
@@ -164,6 +166,7 @@ def validate_annotations(data, path, image_found=None, image_folder='the image f
             ann = {'iscrowd': 0, 'area': ann['bbox'][2] * ann['bbox'][3], **ann}
         annotations.append(ann)
 
+    warn_if_corner_boxes(images, annotations, path)
     for line in skipped[:MAX_NAMED]:
         warnings.warn(f'{path}: {line}')
     if skipped:
@@ -172,6 +175,23 @@ def validate_annotations(data, path, image_found=None, image_folder='the image f
                       f"and {len(annotations)} of {len(data['annotations'])} annotations are used; see "
                       f'datasets/validate.py for what each entry needs')
     return {**data, 'images': images, 'annotations': annotations}, len(skipped)
+
+
+def warn_if_corner_boxes(images, annotations, path):
+    """One warning when a quarter or more of the boxes reach past their image's width or height (as the file gives
+    them) by over a pixel: the mark of boxes written [x1, y1, x2, y2] where COCO's bbox is [x, y, width, height]."""
+    sizes = {image['id']: (image['width'], image['height']) for image in images
+             if is_number(image.get('width')) and is_number(image.get('height'))}
+    sized = [ann for ann in annotations if ann['image_id'] in sizes]
+    past = [ann for ann in sized if ann['bbox'][0] + ann['bbox'][2] > sizes[ann['image_id']][0] + 1
+            or ann['bbox'][1] + ann['bbox'][3] > sizes[ann['image_id']][1] + 1]
+    if past and len(past) >= len(sized) / 4:
+        first = past[0]
+        width, height = sizes[first['image_id']]
+        warnings.warn(f"{path}: {len(past)} of {len(sized)} boxes reach past their image's width or height (e.g. "
+                      f"annotation id {first['id']}: bbox {first['bbox']} in image id {first['image_id']}, "
+                      f'{width}x{height}); COCO\'s bbox is [x, y, width, height], and boxes written as corners '
+                      '[x1, y1, x2, y2] look like this: if yours are, convert them (width = x2 - x1, height = y2 - y1)')
 
 
 def load_coco(path, image_found=None, image_folder='the image folder'):

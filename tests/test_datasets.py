@@ -205,6 +205,25 @@ def test_a_file_where_no_image_is_found_names_one_and_the_folder(tmp_path, prefi
     assert ("its '\\' separates folders on Windows only: write '/'" in str(error.value)) == ('\\' in prefix)
 
 
+def test_boxes_written_as_corners_get_one_warning_at_load(tmp_path):
+    # [x1, y1, x2, y2] boxes read as [x, y, w, h] trained on boxes too large, with one clipping warning per box
+    boxes = [(2, 2, 10, 8), (30, 4, 20, 12), (10, 25, 30, 15), (40, 30, 20, 10)]
+    annotations = [{'id': 200 + i, 'image_id': 7, 'category_id': 5, 'bbox': list(box)} for i, box in enumerate(boxes)]
+    corners = [dict(a, bbox=[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]])
+               for a in annotations]
+    width, height = IMAGES[7][2:]
+    past = [a['id'] for a in corners
+            if a['bbox'][0] + a['bbox'][2] > width + 1 or a['bbox'][1] + a['bbox'][3] > height + 1]
+    assert len(past) == 3  # of 4: the first box lies in the top-left quarter, whose corners fit either way
+    for boxes, warned in ((annotations, False), (corners, True)):
+        root = write_coco(tmp_path / str(warned), annotations=boxes)
+        _, caught = load(root)
+        said = [str(w.message) for w in caught if 'reach past' in str(w.message)]
+        assert len(said) == warned, said
+    assert f"3 of 4 boxes reach past their image's width or height (e.g. annotation id {past[0]}: " in said[0]
+    assert 'convert them (width = x2 - x1, height = y2 - y1)' in said[0]
+
+
 def parser_args(argv):
     return add_data_args(argparse.ArgumentParser()).parse_args(argv)
 
