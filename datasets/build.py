@@ -89,16 +89,19 @@ def describe(args, splits, num_classes):
     return f"data: {args.dataset_file}; {'; '.join(parts)}; {len(names)} categories ({shown}); num_classes {num_classes}"
 
 
+def target_annotations(dataset):
+    """The annotations DETR trains on and is scored by: crowd ones left out, as CocoDetection.prepare_target does."""
+    return [a for a in get_coco_api_from_dataset(dataset).anns.values() if not a.get('iscrowd', 0)]
+
+
 def warn_objects_beyond_queries(splits, num_queries):
     """One warning when images hold more objects than queries: DETR predicts at most num_queries boxes an image, so
     in training the objects beyond go unmatched (no loss) and in evaluation undetected. splits: {name: dataset}."""
     parts, most = [], 0
     for name, dataset in splits.items():
-        coco_api = get_coco_api_from_dataset(dataset)
-        counts = [sum(not a.get('iscrowd', 0) for a in anns) for anns in coco_api.imgToAnns.values()]  # DETR's targets
-        over = [c for c in counts if c > num_queries]
+        over = [c for c in Counter(a['image_id'] for a in target_annotations(dataset)).values() if c > num_queries]
         if over:
-            parts.append(f'{len(over)} of the {len(coco_api.imgs)} {name} images')
+            parts.append(f'{len(over)} of the {len(get_coco_api_from_dataset(dataset).imgs)} {name} images')
             most = max(most, *over)
     if parts:
         boxes = f'{num_queries} box{"es" if num_queries > 1 else ""}'
@@ -110,11 +113,8 @@ def warn_objects_beyond_queries(splits, num_queries):
 def warn_val_classes_never_trained(dataset_train, dataset_val):
     """A warning naming the categories that val annotates and training does not: the model cannot learn them, and
     their AP (about 0) counts in the mean over categories."""
-    def counts(dataset):  # DETR's targets: crowd annotations left out
-        return Counter(a['category_id'] for a in get_coco_api_from_dataset(dataset).anns.values()
-                       if not a.get('iscrowd', 0))
-    in_val = counts(dataset_val)
-    missing = sorted(set(in_val) - set(counts(dataset_train)))
+    in_val = Counter(a['category_id'] for a in target_annotations(dataset_val))
+    missing = sorted(set(in_val) - {a['category_id'] for a in target_annotations(dataset_train)})
     if missing:
         names = category_names(dataset_val)
         listed = ', '.join(f'{i} {names[i]!r} ({in_val[i]} in val)' for i in missing[:5])

@@ -180,9 +180,9 @@ def check_flag_combinations(args):
         # PositionEmbeddingLearned has 50 rows and 50 columns of the feature map (stride 32, 16 with --dilation)
         # of images padded to multiples of --size_divisibility.
         stride, multiple = (16 if get('dilation') else 32), get('size_divisibility') or 1
-        for flag in ('train_max_size', 'val_max_size'):
-            padded = None if get(flag) is None else -(-get(flag) // multiple) * multiple
-            if padded is not None and -(-padded // stride) > 50:
+        for flag in (f for f in ('train_max_size', 'val_max_size') if get(f) is not None):
+            padded = -(-get(flag) // multiple) * multiple
+            if -(-padded // stride) > 50:
                 pads = f', padded to {padded} by --size_divisibility {multiple},' if padded != get(flag) else ''
                 return (f'--position_embedding learned covers feature maps up to 50 x 50, i.e. images up to '
                         f'{50 * stride} px (stride {stride}); --{flag} {get(flag)}{pads} is larger')

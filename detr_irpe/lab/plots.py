@@ -207,7 +207,7 @@ def list_images(inputs):
             if not found:
                 raise UsageError(f'folder {p!r} holds no image files; {expected}: give the folder that holds them.')
             left = [f + (os.sep if os.path.isdir(os.path.join(p, f)) else '') for f in names
-                    if os.path.join(p, f) not in found]
+                    if not f.lower().endswith(IMAGE_EXTENSIONS)]
             if left:
                 print(f'{p}: {len(found)} images; left out {len(left)} entries, not image files by their names or '
                       f'subfolders (not searched): {", ".join(left[:3])}{", ..." if len(left) > 3 else ""}')
