@@ -1,6 +1,8 @@
 """A model from detector weights of any source detr_irpe.convert reads: for inference (its model-shaping and data
 flags adopted, its weights loaded exactly) or to fine-tune (tensors matched by name and shape, the class head by
 category name)."""
+import os
+
 import torch
 
 from detr_irpe import UsageError
@@ -26,10 +28,11 @@ def adopt_flags(args, flags, explicit=(), names=MODEL_FLAGS):
     return taken
 
 
-def adopt_source_flags(args, source, explicit=(), where='the checkpoint'):
+def adopt_source_flags(args, source, path, explicit=()):
     """The source's model flags, then its data and size flags (the val transform, the dataset; the location only
     when the command line names no data), into args except those given; one line says which were taken. A model
     flag given otherwise than the source states it is a UsageError: its weights would run as another model."""
+    where = f'--resume {path}'
     contradicting = [d for d in differing_model_flags(source.flags, args, WEIGHT_FLAGS) if d[0] in explicit]
     if contradicting:
         raise UsageError(f'{where} was trained with ' + ', '.join(f'--{k} {a!r}' for k, a, _ in contradicting)
@@ -40,7 +43,26 @@ def adopt_source_flags(args, source, explicit=(), where='the checkpoint'):
     taken = adopt_flags(args, {**source.data_flags, **source.flags}, explicit, names)
     if taken:
         print('from the checkpoint: ' + ', '.join(f'--{k} {getattr(args, k)}' for k in taken))
+    note_unstated_flags(args, source, path, explicit, where)
     return taken
+
+
+# Model flags no tensor shows, so a file without its run's args or config.json does not state them.
+UNSTATED = ('nheads', 'dilation', 'position_embedding')
+
+
+def note_unstated_flags(args, source, path, explicit, where):
+    """Say which of UNSTATED neither the source states nor the command line gives, and what the run takes. DC5 only
+    changes strides: a file named so (DETR's detr-r50-dc5-*.pth) runs dilated, as any other would run as C5."""
+    unstated = [k for k in UNSTATED if k not in source.flags and k not in explicit and hasattr(args, k)]
+    if 'dilation' in unstated and 'dc5' in os.path.basename(os.path.normpath(path)).lower():
+        args.dilation = True
+        unstated.remove('dilation')
+        print(f'{where}: --dilation True, from the file\'s name (DC5); the file does not state it: pass --no-dilation '
+              'if it is not a DC5 model')
+    if unstated:
+        print(f'note: {where} does not state ' + ', '.join(f'--{k}' for k in unstated) + '; this run uses '
+              + ', '.join(f'--{k} {getattr(args, k)}' for k in unstated) + ": pass the source's if they differ")
 
 
 def build_model_from_checkpoint(args, explicit=()):
@@ -52,7 +74,7 @@ def build_model_from_checkpoint(args, explicit=()):
     the source, so nothing is downloaded.
     """
     source = read_source(args.resume)
-    adopt_source_flags(args, source, explicit, f'--resume {args.resume}')
+    adopt_source_flags(args, source, args.resume, explicit)
     for name, value in INFERENCE_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)

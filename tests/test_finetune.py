@@ -74,6 +74,33 @@ def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp
     assert torch.equal(got['pred_boxes'], expected['pred_boxes'])
 
 
+def test_a_published_file_without_args_runs_dilated_when_named_dc5_and_says_what_it_assumed(tmp_path, capsys):
+    """DETR's model-zoo files keep no args, and DC5 changes strides, not shapes: detr-r50-dc5-*.pth ran as C5."""
+    flags = ['--backbone', 'resnet50', '--backbone_weights', 'none', '--hidden_dim', '32', '--nheads', '2',
+             '--enc_layers', '1', '--dec_layers', '1', '--dim_feedforward', '32', '--num_queries', '5', '--device',
+             'cpu']
+    models = {dc5: build_model(get_args_parser().parse_args(flags + ['--dilation'] * dc5))[0].eval()
+              for dc5 in (True, False)}
+    randomise(models[True], seed=6)
+    models[False].load_state_dict(models[True].state_dict())  # one set of weights, two strides
+    images = [image[:, :64, :80] for image in padded_pair()[0]]
+    with torch.no_grad():
+        expected = {dc5: model(images)['pred_boxes'] for dc5, model in models.items()}
+    assert not torch.allclose(expected[True], expected[False], atol=1e-3)  # the check below can tell them apart
+    for name, dc5 in (('detr-r50-dc5-f0fb7ef5.pth', True), ('detr-r50-e632da11.pth', False)):
+        torch.save({'model': models[True].state_dict()}, tmp_path / name)
+        loaded, _ = load_detector(str(tmp_path / name), nheads=2)
+        with torch.no_grad():
+            assert torch.equal(loaded(images)['pred_boxes'], expected[dc5]), name
+        out = capsys.readouterr().out
+        assert ("--dilation True, from the file's name (DC5); the file does not state it" in out) == dc5, out
+        unstated = '--position_embedding' if dc5 else '--dilation, --position_embedding'
+        assert f'note: --resume {tmp_path / name} does not state {unstated}; this run uses ' in out, out
+    loaded, _ = load_detector(str(tmp_path / 'detr-r50-dc5-f0fb7ef5.pth'), nheads=2, dilation=False)  # told: obeyed
+    with torch.no_grad():
+        assert torch.equal(loaded(images)['pred_boxes'], expected[False])
+
+
 def test_load_detector_refuses_a_flag_it_does_not_know(hf):
     with pytest.raises(TypeError, match='no_such_flag'):
         load_detector(hf[0], no_such_flag=1)

@@ -320,7 +320,7 @@ def test_eval_pads_batches_as_the_training_run_did_unless_told(tmp_path):
     save_checkpoint({'model': build_model(args)[0].state_dict(), 'args': vars(args)}, path)
     for argv, want in (([], 64), (['--size_divisibility', '8'], 8)):
         eval_args = eval_tool.get_parser().parse_args(['--resume', path, *argv])
-        adopt_source_flags(eval_args, read_source(path), {'size_divisibility'} if argv else ())
+        adopt_source_flags(eval_args, read_source(path), path, {'size_divisibility'} if argv else ())
         assert eval_args.size_divisibility == want
 
 

@@ -37,7 +37,7 @@ from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.convert import read_source
 from detr_irpe.detr import build_model
-from detr_irpe.from_checkpoint import adopt_flags, load_for_finetuning
+from detr_irpe.from_checkpoint import adopt_flags, load_for_finetuning, note_unstated_flags
 from detr_irpe.precision import choose_precision
 from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_entry, process_rng_state,
                                   rng_state, set_rng_state)
@@ -89,11 +89,7 @@ def finetune_source(args, explicit):
     except UsageError as e:
         raise UsageError(f'--finetune {args.finetune}: {e}') from None
     adopt_flags(args, source.flags, set(explicit) | {'num_classes'})
-    unstated = [k for k in ('nheads', 'dilation', 'position_embedding') if k not in source.flags and k not in explicit]
-    if unstated:  # no tensor shows them (a weights file without its args or config.json)
-        print(f'note: --finetune {args.finetune} does not state ' + ', '.join(f'--{k}' for k in unstated)
-              + '; this run uses ' + ', '.join(f'--{k} {getattr(args, k)}' for k in unstated)
-              + ': pass the source\'s if they differ')
+    note_unstated_flags(args, source, args.finetune, explicit, f'--finetune {args.finetune}')
     if 'backbone_weights' not in explicit:
         args.backbone_weights = 'none'
     return source
