@@ -46,6 +46,22 @@ def build_lr_scheduler(optimizer, args):
     return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
 
+def take_recipe_flags(optimizer, lr_scheduler, recipe, lr_drop):
+    """After a run's optimizer and schedule states are loaded to resume it: where they hold other learning rates,
+    weight decays or another --lr_drop than this command's (`recipe`: each group's (lr, weight_decay) as
+    build_optimizer gave them), set this command's, as if the run had started with them (the states would keep the
+    run's, whatever the flags say). Returns whether any differed; otherwise nothing is touched, so that the resumed
+    run stays the one never stopped, to the bit."""
+    if [(g['initial_lr'], g['weight_decay']) for g in optimizer.param_groups] == recipe and \
+            lr_scheduler.step_size == lr_drop:
+        return False
+    lr_scheduler.step_size, lr_scheduler.base_lrs = lr_drop, [lr for lr, _ in recipe]
+    for g, (lr, decay) in zip(optimizer.param_groups, recipe):
+        g.update(initial_lr=lr, lr=lr * lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_drop), weight_decay=decay)
+    lr_scheduler._last_lr = [g['lr'] for g in optimizer.param_groups]  # what get_last_lr() gives the next epoch
+    return True
+
+
 def warmup_factor(global_step, warmup_steps):
     return 1.0 if warmup_steps <= 0 else min(1.0, (global_step + 1) / warmup_steps)
 
@@ -152,6 +168,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
     for g, lr in zip(optimizer.param_groups, base_lrs):
         g['lr'] = lr
     averages = {k: v / max(stats['count'], 1) for k, v in sums.items()}
+    averages['lr'] = base_lrs[0]  # the transformer's, as DETR's log.txt has it
     if scaler.is_enabled():
         averages['skipped_steps'] = stats['skipped']  # the same on every process: the scaler sees the reduced gradients
     return distributed.all_reduce_mean(averages)

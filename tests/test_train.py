@@ -368,6 +368,29 @@ def test_train_checkpoint_eval_round_trip(tmp_path):
         assert torch.equal(best['model'][k], v), k
 
 
+def test_a_resume_that_changes_the_learning_rates_or_lr_drop_goes_on_as_a_run_started_with_them(tmp_path, capsys):
+    """The optimizer's and the schedule's states hold the run's learning rates, weight decay and --lr_drop: a resume
+    giving others (a schedule extended) kept the run's without a word, as DETR's main.py does."""
+    from detr_irpe.cli import train as train_tool
+    argv = smoke_args(tmp_path, '--synthetic_train', '4', '--synthetic_val', '2', '--batch_size', '2', '--resume',
+                      'auto', '--eval_every', '100')
+
+    def run(*extra):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + list(extra)))
+    run('--epochs', '2', '--lr', '1e-3', '--lr_backbone', '1e-4', '--lr_drop', '1')
+    run('--epochs', '4', '--lr', '2e-3', '--lr_backbone', '1e-4', '--lr_drop', '2', '--weight_decay', '1e-2')
+    out = capsys.readouterr().out
+    assert '--lr 0.001 -> 0.002, --weight_decay 0.0001 -> 0.01, --lr_drop 1 -> 2 than the run had' in out, out
+    log = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()]
+    # epochs 0 and 1 as the first command gave them; 2 and 3 as a run started with 2e-3, dropping 10x every 2 epochs
+    assert [e['train_lr'] for e in log] == pytest.approx([1e-3, 1e-4, 2e-3 * 0.1, 2e-3 * 0.1], rel=1e-12)
+    groups = load_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))['optimizer']['param_groups']
+    assert [g['lr'] for g in groups] == pytest.approx([2e-3 * 0.1 ** 2, 1e-4 * 0.1 ** 2], rel=1e-12)
+    assert [g['weight_decay'] for g in groups] == [1e-2, 1e-2]
+    run('--epochs', '5', '--lr', '2e-3', '--lr_backbone', '1e-4', '--lr_drop', '2', '--weight_decay', '1e-2')
+    assert 'than the run had' not in capsys.readouterr().out  # the same flags: the states as they were
+
+
 def test_the_best_checkpoint_holds_the_weights_of_the_highest_ap_across_a_resume(tmp_path, monkeypatch, capsys):
     from detr_irpe.cli import train as train_tool
     aps, scored = {0: 0.2, 1: 0.5, 2: 0.3, 3: 0.4}, {}

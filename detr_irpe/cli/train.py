@@ -14,6 +14,7 @@ checkpoint_best.pth (the weights of the evaluation with the highest AP so far, f
 run at a time owns output_dir (detr_irpe.run_lock); a resumed run, wherever it stopped, ends at the weights and log
 of an uninterrupted one.
 """
+import argparse
 import contextlib
 import datetime
 import json
@@ -192,6 +193,7 @@ def train(args, explicit, resources):
     print(f'CPU memory: {block_cache.describe()}')  # run_tool installed it
     optimizer = engine.build_optimizer(model_without_ddp, args)
     lr_scheduler = engine.build_lr_scheduler(optimizer, args)
+    recipe = [(g['lr'], g['weight_decay']) for g in optimizer.param_groups]
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,
                                                                 model_without_ddp.backbone[0], precision)
 
@@ -202,6 +204,8 @@ def train(args, explicit, resources):
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             start_epoch, start_step = resume_point(checkpoint)
+            if engine.take_recipe_flags(optimizer, lr_scheduler, recipe, args.lr_drop):
+                print(describe_recipe_change(checkpoint.get('args'), args, resume, start_epoch, optimizer))
             if checkpoint.get('step') is not None:
                 start_stats = process_entry(checkpoint, 'epoch_stats')
             else:
@@ -316,6 +320,19 @@ def train(args, explicit, resources):
             preemption.exit(f'the end of epoch {epoch} (its evaluation and log line follow on resume)', checkpoint_path)
         finish_epoch(log)
     print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
+
+
+RECIPE_FLAGS = ('lr', 'lr_backbone', 'weight_decay', 'rpe_weight_decay', 'lr_drop')
+
+
+def describe_recipe_change(run_args, args, resume, epoch, optimizer):
+    """The line saying which of the run's recipe flags this command changes, and the learning rates it goes on with."""
+    run_args = vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args or {}
+    changed = [f'--{k} {run_args[k]} -> {getattr(args, k)}' for k in RECIPE_FLAGS
+               if k in run_args and run_args[k] != getattr(args, k)]
+    rates = ', '.join(f'{group["lr"]:g}' for group in optimizer.param_groups)
+    return (f'--resume {resume}: {", ".join(changed) or "other learning rates or weight decays"} than the run had: '
+            f'it goes on as if it had started with them (learning rates from epoch {epoch}: {rates})')
 
 
 def logged(output_dir):
