@@ -85,6 +85,14 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def step_after_resize(step, before, after):
+    """The step of a mid-epoch checkpoint's epoch at which a run of another (--batch_size, process count) goes on:
+    the run had taken the first step x batch x processes indices of the epoch's order (its processes take them in
+    turns); this one starts after the whole batches of its own that those fill, so fewer than one of its global
+    batches is seen twice, and nothing is skipped."""
+    return step * before[0] * before[1] // (after[0] * after[1])
+
+
 class ResumableSampler(Sampler):
     """Shuffled (or ordered) indices for one process, a new order each epoch from (seed, epoch), that can
     start at any batch of the epoch. Splits the data between processes as DistributedSampler does."""

@@ -136,6 +136,30 @@ def test_sampler_splits_between_processes_and_resumes_mid_epoch():
     assert list(full) != order
 
 
+@pytest.mark.parametrize('before, after', [((2, 1), (4, 1)), ((4, 1), (3, 1)), ((2, 4), (2, 2)), ((2, 3), (4, 2)),
+                                           ((3, 2), (2, 5))])
+def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_skips_nothing(before, after):
+    """The checkpoint's step counts batches of the run's size: taken as this run's own, a resume on fewer GPUs or
+    with a larger --batch_size skipped the samples between (or repeated them with a smaller one)."""
+    size, epoch = 61, 2
+
+    def replicas(processes, start=0):
+        samplers = [engine.ResumableSampler(size, shuffle=True, seed=7, num_replicas=processes, rank=r)
+                    for r in range(processes)]
+        for s in samplers:
+            s.set_epoch(epoch, start=start)
+        return samplers
+    for step in range(size // (before[0] * before[1]) + 1):
+        done = [i for s in replicas(before[1]) for i in list(s)[:step * before[0]]]
+        moved = engine.step_after_resize(step, before, after)
+        rest = [list(s) for s in replicas(after[1], start=moved * after[0])]
+        assert len({len(r) // after[0] for r in rest}) == 1  # every process: the same number of steps
+        seen = done + [i for r in rest for i in r[:len(r) // after[0] * after[0]]]
+        dropped = set(range(size)) - set(seen)  # beyond the epoch's last whole global batch, as without a resume
+        assert len(dropped) < after[0] * after[1], (step, sorted(dropped))
+        assert len(done) - moved * after[0] * after[1] < after[0] * after[1]  # seen twice: under one global batch
+
+
 def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index():
     class Noise(torch.utils.data.Dataset):
         def __len__(self):
@@ -389,6 +413,38 @@ def test_a_resume_that_changes_the_learning_rates_or_lr_drop_goes_on_as_a_run_st
     assert [g['weight_decay'] for g in groups] == [1e-2, 1e-2]
     run('--epochs', '5', '--lr', '2e-3', '--lr_backbone', '1e-4', '--lr_drop', '2', '--weight_decay', '1e-2')
     assert 'than the run had' not in capsys.readouterr().out  # the same flags: the states as they were
+
+
+def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_next_sample(tmp_path, monkeypatch,
+                                                                                              capsys):
+    from detr_irpe.cli import train as train_tool
+    argv = smoke_args(tmp_path, '--synthetic_train', '12', '--synthetic_val', '2', '--resume', 'auto', '--eval_every',
+                      '100', '--checkpoint_every', '1', '--epochs', '1')
+    real_step, steps = engine.train_step, []
+
+    def stops_at_the_fourth(*a, **k):
+        if len(steps) == 3:
+            raise KeyboardInterrupt('stopped mid-epoch')
+        steps.append(1)
+        return real_step(*a, **k)
+    monkeypatch.setattr(engine, 'train_step', stops_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--batch_size', '2']))
+    assert load_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))['step'] == 3  # 6 images of the epoch done
+    monkeypatch.setattr(engine, 'train_step', real_step)
+    taken, real_iter = [], engine.ResumableSampler.__iter__
+
+    def recorded(sampler):
+        if sampler.shuffle:  # the training set's
+            taken.append((sampler._indices(), list(real_iter(sampler))))
+        return real_iter(sampler)
+    monkeypatch.setattr(engine.ResumableSampler, '__iter__', recorded)
+    capsys.readouterr()
+    train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--batch_size', '3']))
+    assert 'the run stopped at step 3 of epoch 0 with --batch_size 2 on 1 process(es); this run (--batch_size 3 on ' \
+        '1) goes on at its step 2: the same samples done, 0 of them again' in capsys.readouterr().out
+    order, rest = taken[0]
+    assert rest == order[6:]  # read as 3 batches of 3, the resume skipped 3 images: rest began at order[9]
 
 
 def test_the_best_checkpoint_holds_the_weights_of_the_highest_ap_across_a_resume(tmp_path, monkeypatch, capsys):

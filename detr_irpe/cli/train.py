@@ -204,8 +204,10 @@ def train(args, explicit, resources):
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             start_epoch, start_step = resume_point(checkpoint)
+            run_args = checkpoint_args(checkpoint)
+            start_step = step_in_this_run(start_step, start_epoch, run_args, args, resume)
             if engine.take_recipe_flags(optimizer, lr_scheduler, recipe, args.lr_drop):
-                print(describe_recipe_change(checkpoint.get('args'), args, resume, start_epoch, optimizer))
+                print(describe_recipe_change(run_args, args, resume, start_epoch, optimizer))
             if checkpoint.get('step') is not None:
                 start_stats = process_entry(checkpoint, 'epoch_stats')
             else:
@@ -325,9 +327,28 @@ def train(args, explicit, resources):
 RECIPE_FLAGS = ('lr', 'lr_backbone', 'weight_decay', 'rpe_weight_decay', 'lr_drop')
 
 
+def checkpoint_args(checkpoint):
+    """The flags of the run that wrote a checkpoint as a dict (the published code's keep a Namespace; none: empty)."""
+    run_args = checkpoint.get('args')
+    return vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args or {}
+
+
+def step_in_this_run(step, epoch, run_args, args, resume):
+    """The step at which this run goes on in a checkpoint's epoch: the checkpoint's, in batches of the run's size; in
+    this run's own where its --batch_size or process count differs (a preempted job back on fewer GPUs), said."""
+    before, after = (run_args.get('batch_size', args.batch_size), run_args.get('world_size', 1)), \
+        (args.batch_size, args.world_size)
+    if not step or before == after:
+        return step
+    moved = engine.step_after_resize(step, before, after)
+    print(f'--resume {resume}: the run stopped at step {step} of epoch {epoch} with --batch_size {before[0]} on '
+          f'{before[1]} process(es); this run (--batch_size {after[0]} on {after[1]}) goes on at its step {moved}: '
+          f'the same samples done, {step * before[0] * before[1] - moved * after[0] * after[1]} of them again')
+    return moved
+
+
 def describe_recipe_change(run_args, args, resume, epoch, optimizer):
     """The line saying which of the run's recipe flags this command changes, and the learning rates it goes on with."""
-    run_args = vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args or {}
     changed = [f'--{k} {run_args[k]} -> {getattr(args, k)}' for k in RECIPE_FLAGS
                if k in run_args and run_args[k] != getattr(args, k)]
     rates = ', '.join(f'{group["lr"]:g}' for group in optimizer.param_groups)
