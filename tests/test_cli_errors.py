@@ -191,6 +191,25 @@ def test_compile_takes_a_mode_and_cuda_graphs_are_refused_without_a_gpu(tmp_path
     assert check_flag_combinations(argparse.Namespace(compile='default', device='cpu')) is None
 
 
+def test_world_size_must_be_what_torchrun_launched(monkeypatch, capsys):
+    """--world_size was read from torchrun's environment alone: `train.py --world_size 4` trained one process."""
+    from detr_irpe import distributed
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('RANK', raising=False)
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(['--world_size', '4'])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --world_size 4: the processes are the ones torchrun starts (without torchrun this is one); launch "
+        "`torchrun --nproc_per_node 4 tools/train.py ...` and leave --world_size out")
+    args = get_args_parser().parse_args(['--world_size', '1'])  # what it is
+    distributed.init_distributed(args)
+    assert args.world_size == 1 and not args.distributed
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert check_flag_combinations(argparse.Namespace(world_size=2)) is None
+    assert 'torchrun started 2' in check_flag_combinations(argparse.Namespace(world_size=4))
+    assert get_args_parser().parse_args([]).world_size is None  # left out: torchrun's, set by init_distributed
+
+
 def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
     # cuda:<count> exists nowhere: on a machine without CUDA, 'cuda' itself is missing too
     missing = [f'cuda:{torch.cuda.device_count()}', 'tpu'] + ([] if torch.cuda.is_available() else ['cuda'])

@@ -154,7 +154,7 @@ def check_flag_combinations(args):
     if get('compile') == 'reduce-overhead' and device is not None and not str(device).startswith('cuda'):
         return (f'--compile reduce-overhead records CUDA graphs; --device {device} has no GPU: use --compile '
                 '(default mode) there, or --device cuda')
-    problem = data_location_problem(args)
+    problem = data_location_problem(args) or world_size_problem(get('world_size'))
     if problem:
         return problem
     costs = [get(k) for k in ('set_cost_class', 'set_cost_bbox', 'set_cost_giou')]
@@ -187,6 +187,17 @@ def check_flag_combinations(args):
                 return (f'--position_embedding learned covers feature maps up to 50 x 50, i.e. images up to '
                         f'{50 * stride} px (stride {stride}); --{flag} {get(flag)}{pads} is larger')
     return None
+
+
+def world_size_problem(world_size):
+    """--world_size given otherwise than torchrun launched (it was read from torchrun alone: a run without torchrun
+    ran one process whatever the flag said)."""
+    launched = int(os.environ.get('WORLD_SIZE', 1))
+    if world_size is None or world_size == launched:
+        return None
+    how = f'torchrun started {launched}' if 'WORLD_SIZE' in os.environ else 'without torchrun this is one'
+    return (f'--world_size {world_size}: the processes are the ones torchrun starts ({how}); launch `torchrun '
+            f'--nproc_per_node {world_size} tools/train.py ...` and leave --world_size out')
 
 
 def data_location_problem(args):
@@ -310,7 +321,9 @@ def add_training_args(p):
                    help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
                         'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '
                         '--num_workers 1 or more; --no-backbone_in_workers undoes a preset\'s)')
-    g.add_argument('--world_size', default=1, type=int_range(1), help='number of distributed processes')
+    g.add_argument('--world_size', default=None, type=int_range(1),
+                   help='number of distributed processes: torchrun sets it (--nproc_per_node x --nnodes); given, it '
+                        'must match')
     g.add_argument('--dist_url', default='env://', type=non_empty, help='url used to set up distributed training')
     # 10 minutes: longer than a healthy run's longest wait (the main process's COCO evaluation and checkpoint
     # write, a few minutes on COCO), short enough that a group waiting for a lost peer ends and torchrun or the
