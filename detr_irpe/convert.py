@@ -5,8 +5,8 @@ Three formats are read:
 - 'published': a file of the DETR-with-iRPE model zoo or of facebookresearch/detr (detr-r50-e632da11.pth),
   {'model': state_dict} with, in some, 'args' as an argparse.Namespace; their names are already ours;
 - 'huggingface': a transformers DetrForObjectDetection folder as save_pretrained writes it and the hub serves it
-  (config.json + model.safetensors or pytorch_model.bin), or that weights file alone; timm ResNet backbones
-  (use_timm_backbone, the hub's default) or transformers' own ResNet.
+  (config.json + model.safetensors or pytorch_model.bin), that weights file alone, or a hub id whose snapshot the
+  Hugging Face cache holds; timm ResNet backbones (use_timm_backbone, the hub's default) or transformers' own ResNet.
 
     from detr_irpe.convert import read_source
     source = read_source('detr-resnet-50/')   # source.state_dict in our names, source.flags for get_args_parser
@@ -24,7 +24,8 @@ from detr_irpe.checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
 FORMATS = ('detr-irpe', 'published', 'huggingface')
 FORMATS_HELP = ("a checkpoint of tools/train.py; a DETR-with-iRPE model-zoo or facebookresearch/detr .pth file "
                 "({'model': state_dict}); a Hugging Face DetrForObjectDetection folder (config.json with "
-                "model.safetensors or pytorch_model.bin, as save_pretrained writes it) or its weights file alone")
+                "model.safetensors or pytorch_model.bin, as save_pretrained writes it), its weights file alone, or "
+                "its hub id (facebook/detr-resnet-50) when the Hugging Face cache holds it")
 HF_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')
 
 # Flags that shape the model: what a source states and a model built from it adopts unless they are given.
@@ -128,6 +129,8 @@ def read_source(path) -> Source:
 
 
 def read_any(path):
+    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+        path = hub_snapshot(path)
     if os.path.isdir(path):
         return read_huggingface_folder(path)
     if not os.path.isfile(path):
@@ -153,6 +156,38 @@ def read_any(path):
     if is_state_dict(obj) and any(k.startswith(('transformer.', 'detr.transformer.')) for k in obj):
         return from_detr(obj, {}, 'published')
     raise not_a_source(path, f'it holds a {type(obj).__name__} of neither layout')
+
+
+HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')  # owner/name, e.g. facebook/detr-resnet-50
+
+
+def hub_cache():
+    """The folder of Hugging Face's hub cache, as huggingface_hub finds it."""
+    home = os.environ.get('HF_HOME') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser(os.path.join('~', '.cache')), 'huggingface')
+    return os.environ.get('HF_HUB_CACHE') or os.environ.get('HUGGINGFACE_HUB_CACHE') or os.path.join(home, 'hub')
+
+
+def hub_snapshot(model_id):
+    """The folder of `model_id`'s snapshot in the hub cache (its main revision, else its only one), which
+    transformers' from_pretrained or `huggingface-cli download` left there; nothing is downloaded."""
+    repo = os.path.join(hub_cache(), 'models--' + model_id.replace('/', '--'))
+    snapshots = os.path.join(repo, 'snapshots')
+    main = os.path.join(repo, 'refs', 'main')
+    if os.path.isfile(main):
+        with open(main) as f:
+            found = [f.read().strip()]
+    else:
+        found = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+    if len(found) > 1:
+        raise UsageError(f'the Hugging Face cache holds {len(found)} revisions of {model_id!r} and none marked main; '
+                         f'pass the folder of one: {os.path.join(snapshots, found[-1])}')
+    if not found or not os.path.isdir(os.path.join(snapshots, found[0])):
+        raise UsageError(f'{model_id!r} is no file or folder here, nor a model in the Hugging Face cache '
+                         f'{hub_cache()} (nothing is downloaded); fetch it once where there is a network '
+                         f'(`huggingface-cli download {model_id}`, or transformers\' from_pretrained) and pass the '
+                         f'id again, or pass its folder; expected {FORMATS_HELP}.')
+    return os.path.join(snapshots, found[0])
 
 
 def not_a_source(path, why):

@@ -12,7 +12,7 @@ import transformers  # a test dependency (the Makefile's pins), never the packag
 
 from detr_irpe import UsageError, build_model, load_detector
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.convert import read_source
+from detr_irpe.convert import hub_cache, hub_snapshot, read_source
 from detr_irpe.from_checkpoint import load_for_finetuning
 from own_data import NAMES, make_flat_dataset
 from test_convert import hf_config, padded_pair, randomise
@@ -99,6 +99,51 @@ def test_a_published_file_without_args_runs_dilated_when_named_dc5_and_says_what
     loaded, _ = load_detector(str(tmp_path / 'detr-r50-dc5-f0fb7ef5.pth'), nheads=2, dilation=False)  # told: obeyed
     with torch.no_grad():
         assert torch.equal(loaded(images)['pred_boxes'], expected[False])
+
+
+def test_a_hub_id_reads_the_snapshot_the_hugging_face_cache_holds_and_downloads_nothing(hf, tmp_path, monkeypatch):
+    """Engineers who ran transformers have facebook/detr-resnet-50 in ~/.cache/huggingface/hub: its id is enough."""
+    folder, hf_model = hf
+    cache = tmp_path / 'hub'
+    repo, revision = cache / 'models--someone--detr-tiny', 'a' * 40
+    (repo / 'blobs').mkdir(parents=True)
+    (repo / 'snapshots' / revision).mkdir(parents=True)
+    for name in os.listdir(folder):  # as huggingface_hub lays it out: blobs, and a snapshot of links to them
+        shutil.copy(os.path.join(folder, name), repo / 'blobs' / name)
+        os.symlink(os.path.join('..', '..', 'blobs', name), repo / 'snapshots' / revision / name)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(revision)
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.chdir(tmp_path)
+    from huggingface_hub import try_to_load_from_cache  # transformers' own: the layout above is the hub's
+    assert try_to_load_from_cache('someone/detr-tiny', 'config.json', cache_dir=str(cache)) == \
+        os.path.join(hub_snapshot('someone/detr-tiny'), 'config.json')
+    model, _ = load_detector('someone/detr-tiny')
+    got, expected = predictions(model, hf_model)
+    torch.testing.assert_close(got['pred_logits'], expected.logits, rtol=0, atol=1e-4)
+    assert read_source('someone/detr-tiny').category_names == read_source(folder).category_names
+    with pytest.raises(UsageError, match=r"'someone/other' is no file or folder here, nor a model in the Hugging Face "
+                                         rf"cache {re.escape(str(cache))} \(nothing is downloaded\); fetch it once"):
+        read_source('someone/other')
+    (tmp_path / 'someone' / 'detr-tiny').mkdir(parents=True)  # a folder of that name here wins, as in transformers
+    with pytest.raises(UsageError, match="folder 'someone/detr-tiny' has no config.json"):
+        read_source('someone/detr-tiny')
+
+
+@pytest.mark.parametrize('env', [{}, {'HF_HOME': '/h'}, {'XDG_CACHE_HOME': '/x'}, {'HF_HUB_CACHE': '/c', 'HF_HOME': '/h'},
+                                 {'HUGGINGFACE_HUB_CACHE': '/legacy', 'XDG_CACHE_HOME': '/x'}])
+def test_the_hub_cache_is_the_folder_huggingface_hub_uses(env, monkeypatch):
+    import importlib
+    import huggingface_hub.constants as constants
+    for name in ('HF_HOME', 'XDG_CACHE_HOME', 'HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert hub_cache() == importlib.reload(constants).HF_HUB_CACHE
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)
 
 
 def test_load_detector_refuses_a_flag_it_does_not_know(hf):
