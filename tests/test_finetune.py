@@ -130,7 +130,8 @@ def test_a_hub_id_reads_the_snapshot_the_hugging_face_cache_holds_and_downloads_
         read_source('someone/detr-tiny')
 
 
-@pytest.mark.parametrize('env', [{}, {'HF_HOME': '/h'}, {'XDG_CACHE_HOME': '/x'}, {'HF_HUB_CACHE': '/c', 'HF_HOME': '/h'},
+@pytest.mark.parametrize('env', [{}, {'HF_HOME': '/h'}, {'XDG_CACHE_HOME': '/x'},
+                                 {'HF_HUB_CACHE': '/c', 'HF_HOME': '/h'},
                                  {'HUGGINGFACE_HUB_CACHE': '/legacy', 'XDG_CACHE_HOME': '/x'}])
 def test_the_hub_cache_is_the_folder_huggingface_hub_uses(env, monkeypatch):
     import importlib
