@@ -7,6 +7,7 @@ The folder datasets/ is installed as the package detr_irpe_datasets (setup.py); 
     loader = DataLoader(dataset, collate_fn=collate_fn, ...)
     evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset))
 """
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -122,6 +123,20 @@ def warn_val_classes_never_trained(dataset_train, dataset_val):
         warnings.warn(f'{len(missing)} of the {len(in_val)} categories annotated in {unwrap(dataset_val).ann_file} '
                       f'have no annotation in the training set: {listed}{more}; the model cannot learn them, and their '
                       f'AP (about 0) counts in the mean AP: move some of their images into the training set')
+
+
+def warn_val_images_in_training(dataset_train, dataset_val):
+    """A warning when val lists image files that training lists too (a split by hand, one file given for both): the
+    val AP would count images the model trained on."""
+    def files(dataset):
+        base = unwrap(dataset)
+        root = os.path.abspath(str(base.root))
+        return {os.path.normpath(os.path.join(root, entry['file_name'])) for entry in base.coco.imgs.values()}
+    val = files(dataset_val)
+    shared = sorted(val & files(dataset_train))
+    if shared:
+        warnings.warn(f'{len(shared)} of the {len(val)} val images are training images too (the same file, e.g. '
+                      f'{shared[0]}): the val AP counts images the model trains on; give each image to one split')
 
 
 def warn_val_size_outside_training_scales(args):

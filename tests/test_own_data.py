@@ -196,6 +196,31 @@ def test_val_categories_without_training_annotations_are_warned_with_their_count
         shutil.rmtree(tmp_path / 'run')
 
 
+def test_val_images_that_training_lists_too_are_warned(tmp_path):
+    # a split made by hand, or one file given to both flags: the val AP counted images the model had trained on
+    data = make_flat_dataset(str(tmp_path / 'data'))
+    files = {split: data[data.index(f'--{split}_json') + 1] for split in ('train', 'val')}
+    train, val = (json.loads(open(files[split]).read()) for split in ('train', 'val'))
+    folder = data[data.index('--val_images') + 1]
+    argv = [*data, *SMALL, '--epochs', '0', '--output_dir', str(tmp_path / 'run')]
+    for shared in (0, 2):
+        if shared:
+            names = {entry['file_name'] for entry in val['images']}
+            taken = [entry for entry in train['images'] if entry['file_name'] not in names][:shared]
+            top = max(entry['id'] for entry in val['images'])
+            val['images'] += [{**entry, 'id': top + 1 + i} for i, entry in enumerate(taken)]
+            open(files['val'], 'w').write(json.dumps(val))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter('always')
+            train_tool.run(parse_args_with_config(get_args_parser(), argv))
+        said = [str(w.message) for w in record if 'training images too' in str(w.message)]
+        example = os.path.join(os.path.abspath(folder), min(entry['file_name'] for entry in taken)) if shared else ''
+        assert said == ([f'{shared} of the {len(val["images"])} val images are training images too (the same file, '
+                         f'e.g. {example}): the val AP counts images the model trains on; give each image to one '
+                         'split'] if shared else []), said
+        shutil.rmtree(tmp_path / 'run')
+
+
 def test_a_val_size_outside_the_training_scales_is_warned(tmp_path):
     # --train_scales given for small images, --val_size left at DETR's 800: evaluated at 12x the training scale
     data = make_flat_dataset(str(tmp_path / 'data'), num_train=2, num_val=1)

@@ -172,6 +172,7 @@ def train(args, explicit, resources):
     print(datasets.describe(args, {'train': dataset_train, 'val': dataset_val}, args.num_classes))
     datasets.warn_objects_beyond_queries({'training': dataset_train, 'val': dataset_val}, args.num_queries)
     datasets.warn_val_classes_never_trained(dataset_train, dataset_val)
+    datasets.warn_val_images_in_training(dataset_train, dataset_val)
     datasets.warn_val_size_outside_training_scales(args)
     model, criterion, postprocessors = build_model(args)
     if source is not None and not resume:  # resuming: the run's checkpoint replaces these weights below
