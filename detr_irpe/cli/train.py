@@ -353,8 +353,8 @@ def describe_recipe_change(run_args, args, resume, epoch, optimizer):
     changed = [f'--{k} {run_args[k]} -> {getattr(args, k)}' for k in RECIPE_FLAGS
                if k in run_args and run_args[k] != getattr(args, k)]
     rates = ', '.join(f'{group["lr"]:g}' for group in optimizer.param_groups)
-    return (f'--resume {resume}: {", ".join(changed) or "other learning rates or weight decays"} than the run had: '
-            f'it goes on as if it had started with them (learning rates from epoch {epoch}: {rates})')
+    return (f'--resume {resume}: changed from the run\'s: {", ".join(changed) or "learning rates or weight decays"}; '
+            f'it goes on as if it had started so (learning rates from epoch {epoch}: {rates})')
 
 
 def logged(output_dir):
