@@ -186,7 +186,7 @@ def hub_snapshot(model_id):
         raise UsageError(f'{model_id!r} is no file or folder here, nor a model in the Hugging Face cache '
                          f'{hub_cache()} (nothing is downloaded); fetch it once where there is a network '
                          f'(`huggingface-cli download {model_id}`, or transformers\' from_pretrained) and pass the '
-                         f'id again, or pass its folder; expected {FORMATS_HELP}.')
+                         'id again, or pass its folder.')
     return os.path.join(snapshots, found[0])
 
 
