@@ -175,6 +175,19 @@ def test_training_with_flex_on_a_cpu_is_refused_before_anything_is_built(tmp_pat
     assert not (tmp_path / 'syn').exists()
 
 
+def test_training_without_an_output_dir_is_refused_before_anything_is_built(tmp_path):
+    # DETR's default output_dir '': a whole run trained and kept nothing, exit status 0
+    from detr_irpe.cli import train as train_tool
+    argv = ['--config', os.path.join(ROOT, 'configs', 'smoke.yaml'), '--output_dir', '', '--synthetic_dir',
+            str(tmp_path / 'syn')]
+    with pytest.raises(UsageError, match=r'^no --output_dir: this training run would keep no checkpoint, log or '
+                                         r'evaluation; pass --output_dir DIR'):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv))
+    assert not (tmp_path / 'syn').exists()
+    train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--epochs', '0']))  # a check keeps nothing
+    assert (tmp_path / 'syn').exists()
+
+
 def test_compile_takes_a_mode_and_cuda_graphs_are_refused_without_a_gpu(tmp_path, capsys):
     parse = get_args_parser().parse_args
     assert parse([]).compile is None and parse(['--compile']).compile == 'default'
@@ -272,12 +285,13 @@ def _assert_clean_failure(run, *needles):
 
 def test_missing_coco_path_names_it_and_the_layout(tmp_path):
     run = tool('train.py', '--dataset_file', 'coco', '--coco_path', str(tmp_path / 'nowhere'), '--device', 'cpu',
-               '--backbone_weights', 'none')
+               '--backbone_weights', 'none', '--output_dir', str(tmp_path / 'out'))
     _assert_clean_failure(run, 'nowhere', 'annotations')
 
 
-def test_coco_path_not_given_says_what_to_pass():
-    run = tool('train.py', '--dataset_file', 'coco', '--device', 'cpu', '--backbone_weights', 'none')
+def test_coco_path_not_given_says_what_to_pass(tmp_path):
+    run = tool('train.py', '--dataset_file', 'coco', '--device', 'cpu', '--backbone_weights', 'none', '--output_dir',
+               str(tmp_path / 'out'))
     _assert_clean_failure(run, '--coco_path')
 
 

@@ -106,6 +106,9 @@ def run(args, explicit=()):
         raise UsageError(f"--attention_impl flex trains on a GPU only: torch's flex_attention on CPU has no backward; "
                          f'on --device {args.device} train with --attention_impl auto (or sdpa), and evaluate with '
                          'flex if you like')
+    if not args.output_dir and not args.eval and args.epochs > args.start_epoch:
+        raise UsageError('no --output_dir: this training run would keep no checkpoint, log or '
+                         'evaluation; pass --output_dir DIR (--epochs 0 checks data and model without one)')
     distributed.init_distributed(args)
     if not distributed.is_main_process():  # under torchrun the first process speaks; the others would repeat it
         sys.stdout = open(os.devnull, 'w')
