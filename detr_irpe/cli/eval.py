@@ -58,7 +58,8 @@ def run(argv=None):
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
                               size_divisibility=args.size_divisibility)
-    save_json({**summary, 'checkpoint': os.path.abspath(args.resume)}, os.path.join(output_dir, 'eval.json'))
+    where = os.path.abspath(args.resume) if os.path.exists(args.resume) else args.resume  # else a hub id
+    save_json({**summary, 'checkpoint': where}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:
         save_json(evaluator.results(), args.results_json, indent=None)
