@@ -416,8 +416,8 @@ def test_a_resume_that_changes_the_learning_rates_or_lr_drop_goes_on_as_a_run_st
     assert 'changed from the run' not in capsys.readouterr().out  # the same flags: the states as they were
 
 
-def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_next_sample(tmp_path, monkeypatch,
-                                                                                              capsys):
+def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_next_sample_of_its_order(
+        tmp_path, monkeypatch, capsys):
     from detr_irpe.cli import train as train_tool
     argv = smoke_args(tmp_path, '--synthetic_train', '12', '--synthetic_val', '2', '--resume', 'auto', '--eval_every',
                       '100', '--checkpoint_every', '1', '--epochs', '1')
@@ -430,7 +430,7 @@ def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_
         return real_step(*a, **k)
     monkeypatch.setattr(engine, 'train_step', stops_at_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--batch_size', '2']))
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--batch_size', '2', '--seed', '5']))
     assert load_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))['step'] == 3  # 6 images of the epoch done
     monkeypatch.setattr(engine, 'train_step', real_step)
     taken, real_iter = [], engine.ResumableSampler.__iter__
@@ -444,8 +444,13 @@ def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_
     train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--batch_size', '3']))
     assert 'the run stopped at step 3 of epoch 0 with --batch_size 2 on 1 process(es); this run (--batch_size 3 on ' \
         '1) goes on at its step 2: the same samples done, 0 of them again' in capsys.readouterr().out
+    run_order = engine.ResumableSampler(12, shuffle=True, seed=5)._indices()  # epoch 0's under the run's --seed
     order, rest = taken[0]
+    assert order == run_order  # --seed left out: the run's (under the default 42 the rest came from another order)
     assert rest == order[6:]  # read as 3 batches of 3, the resume skipped 3 images: rest began at order[9]
+    with pytest.raises(UsageError, match='the run was seeded with --seed 5, this command gives --seed 7; a resumed run '
+                                         'keeps its seed'):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--seed', '7']), {'seed'})
 
 
 def test_the_best_checkpoint_holds_the_weights_of_the_highest_ap_across_a_resume(tmp_path, monkeypatch, capsys):

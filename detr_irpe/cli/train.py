@@ -153,6 +153,8 @@ def train(args, explicit, resources):
     if resume and not args.eval and not resumes_training:  # else epoch 0 again, over the folder's checkpoint and log
         raise UsageError(f'--resume {resume} holds weights without the optimizer and schedule that continue a run; '
                          f'pass --finetune {resume} to start a new run from its weights, or --eval to evaluate it')
+    if resumes_training:
+        keep_run_seed(args, checkpoint_args(checkpoint).get('seed'), explicit, resume)
     trained = resume_point(checkpoint)[0] if resumes_training else None
     if trained is not None and trained >= args.epochs:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
@@ -335,6 +337,18 @@ def checkpoint_args(checkpoint):
     """The flags of the run that wrote a checkpoint as a dict (the published code's keep a Namespace; none: empty)."""
     run_args = checkpoint.get('args')
     return vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args or {}
+
+
+def keep_run_seed(args, seed, explicit, resume):
+    """A resumed run draws its data order and augmentation from its own --seed: taken when left out (a restart that
+    forgot a sweep's seed mixed two orders within the epoch it resumed), refused when given otherwise."""
+    if seed is None or seed == args.seed:
+        return
+    if 'seed' in explicit:
+        raise UsageError(f'--resume {resume}: the run was seeded with --seed {seed}, this command gives --seed '
+                         f'{args.seed}; a resumed run keeps its seed (its data order and augmentation come from it): '
+                         f'leave --seed out, or start a new run with --finetune {resume}')
+    args.seed = seed
 
 
 def step_in_this_run(step, epoch, run_args, args, resume):
