@@ -214,7 +214,7 @@ def build(image_set, coco_path, transforms):
         raise UsageError(f'--coco_path {root} is not a folder; {LAYOUT}')
     ann_file = root / 'annotations' / f'instances_{image_set}2017.json'
     if not ann_file.is_file():
-        raise UsageError(f'annotation file {ann_file} not found; {LAYOUT}')
+        raise UsageError(f'annotation file {ann_file} not found; {LAYOUT}{layout_hint(root)}')
     img_folder = root / f'{image_set}2017'
     if not img_folder.is_dir():
         img_folder = root / f'{image_set}2017.zip'
@@ -222,6 +222,30 @@ def build(image_set, coco_path, transforms):
             raise UsageError(f'neither image folder {root / f"{image_set}2017"} nor {img_folder} found; '
                                     f'{LAYOUT}')
     return CocoDetection(img_folder, ann_file, transforms)
+
+
+# Roboflow's COCO export: a folder per split holding its images and _annotations.coco.json.
+EXPORT_SPLITS = {'train': ('train',), 'val': ('valid', 'val', 'validation')}
+
+
+def layout_hint(root):
+    """For a --coco_path folder in another layout: the four data flags of a Roboflow export, else the JSON files
+    found in it and one level down (CVAT's annotations/instances_default.json, Label Studio's result.json, ...)."""
+    splits = {}
+    for split, names in EXPORT_SPLITS.items():
+        found = [root / name for name in names if (root / name / '_annotations.coco.json').is_file()]
+        if found:
+            splits[split] = found[0]
+    if len(splits) == 2:
+        flags = ' '.join(f'--{split}_json {folder / "_annotations.coco.json"} --{split}_images {folder}'
+                         for split, folder in splits.items())
+        return f'. {root} holds a split per folder (a Roboflow export); pass instead of --coco_path: {flags}'
+    found = sorted(str(p) for p in [*root.glob('*.json'), *root.glob('*/*.json')])
+    if found:
+        shown = ', '.join(found[:5]) + (f', ... ({len(found)} in all)' if len(found) > 5 else '')
+        return (f'. JSON files in {root}: {shown}; for annotation files in another layout pass --train_json FILE '
+                '--train_images FOLDER --val_json FILE --val_images FOLDER instead of --coco_path')
+    return ''
 
 
 def build_from_files(image_set, ann_file, images, transforms):

@@ -2,6 +2,7 @@
 predicts with the four data flags; and each silent trap a new user met is now a usage error or a stated default."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,31 @@ def test_val_categories_without_training_annotations_are_warned_with_their_count
         said = [str(w.message) for w in record if 'no annotation in the training set' in str(w.message)]
         assert len(said) == dropped and all(m.startswith(expected) for m in said), said
         shutil.rmtree(tmp_path / 'run')
+
+
+def test_a_roboflow_export_given_as_coco_path_gets_the_four_flags_that_read_it(tmp_path):
+    # {train,valid}/_annotations.coco.json beside the images: --coco_path said only what COCO's layout is
+    data = make_flat_dataset(str(tmp_path / 'flat'))
+    export = tmp_path / 'export'
+    for split, folder in (('train', 'train'), ('val', 'valid')):
+        (export / folder).mkdir(parents=True)
+        entries = json.loads(open(data[data.index(f'--{split}_json') + 1]).read())
+        for image in entries['images']:
+            shutil.copy(os.path.join(data[data.index(f'--{split}_images') + 1], image['file_name']), export / folder)
+        (export / folder / '_annotations.coco.json').write_text(json.dumps(entries))
+    argv = [*SMALL, '--epochs', '0', '--output_dir', str(tmp_path / 'run')]
+    with pytest.raises(UsageError) as error:
+        train_tool.run(parse_args_with_config(get_args_parser(), ['--coco_path', str(export), *argv]))
+    said = str(error.value)
+    assert said.startswith(f'annotation file {export}/annotations/instances_train2017.json not found;'), said
+    flags = said.split('pass instead of --coco_path: ')[1].split()
+    assert flags == ['--train_json', f'{export}/train/_annotations.coco.json', '--train_images', f'{export}/train',
+                     '--val_json', f'{export}/valid/_annotations.coco.json', '--val_images', f'{export}/valid']
+    train_tool.run(parse_args_with_config(get_args_parser(), [*flags, *argv]))  # they read it
+    shutil.rmtree(export / 'valid')  # no split pair: the annotation files found are named
+    with pytest.raises(UsageError, match=re.escape(f'. JSON files in {export}: {export}/train/_annotations.coco.json; '
+                                                   'for annotation files in another layout pass --train_json FILE')):
+        train_tool.run(parse_args_with_config(get_args_parser(), ['--coco_path', str(export), *argv]))
 
 
 def test_val_images_that_training_lists_too_are_warned(tmp_path):
