@@ -160,6 +160,16 @@ def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_skips_nothi
         assert len(done) - moved * after[0] * after[1] < after[0] * after[1]  # seen twice: under one global batch
 
 
+def test_a_run_whose_lr_drop_is_past_its_epochs_is_told_its_learning_rate_never_drops():
+    from detr_irpe.cli.train import lr_never_drops
+    parse = get_args_parser().parse_args
+    assert lr_never_drops(parse(['--epochs', '30'])).startswith(  # DETR's --lr_drop 200 under a fine-tuning run
+        'note: --lr_drop 200 is not below --epochs 30: the learning rate stays 0.0001 the whole run')
+    assert lr_never_drops(parse(['--epochs', '30', '--lr_drop', '30'])) is not None  # drops after the last epoch
+    assert lr_never_drops(parse(['--epochs', '150', '--lr_drop', '100'])) is None
+    assert lr_never_drops(parse(['--epochs', '1', '--lr_drop', '1'])) is None  # a one-epoch check: nothing to say
+
+
 def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index():
     class Noise(torch.utils.data.Dataset):
         def __len__(self):

@@ -187,6 +187,9 @@ def train(args, explicit, resources):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     if args.compile:
         model = torch.compile(model, mode=args.compile)  # checkpoints keep model_without_ddp's keys, no _orig_mod.
+    note = None if resume else lr_never_drops(args)
+    if note:
+        print(note)
     if args.compile == 'reduce-overhead' and args.size_divisibility < 32:
         print(f'note: --compile reduce-overhead records CUDA graphs for every batch shape, and --size_divisibility '
               f'{args.size_divisibility} leaves DETR\'s resized batches in many shapes; --size_divisibility 128 '
@@ -337,6 +340,15 @@ def checkpoint_args(checkpoint):
     """The flags of the run that wrote a checkpoint as a dict (the published code's keep a Namespace; none: empty)."""
     run_args = checkpoint.get('args')
     return vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args or {}
+
+
+def lr_never_drops(args):
+    """The note for a run whose --lr_drop is not below --epochs (DETR's 200 under a shorter fine-tuning run), or None."""
+    if 1 < args.epochs <= args.lr_drop:
+        return (f'note: --lr_drop {args.lr_drop} is not below --epochs {args.epochs}: the learning rate stays '
+                f'{args.lr:g} the whole run (DETR drops it 10x for its last third); pass --lr_drop N to drop it at '
+                'epoch N')
+    return None
 
 
 def keep_run_seed(args, seed, explicit, resume):
