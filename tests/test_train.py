@@ -461,6 +461,9 @@ def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_
     with pytest.raises(UsageError, match='the run was seeded with --seed 5, this command gives --seed 7; a resumed run '
                                          'keeps its seed'):
         train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--seed', '7']), {'seed'})
+    with pytest.raises(UsageError, match=r'--start_epoch 3 with --resume .*: a resumed run goes on where its '
+                                         r'checkpoint stopped \(epoch 1\); leave --start_epoch out'):
+        train_tool.run(parse_args_with_config(get_args_parser(), argv + ['--start_epoch', '3', '--epochs', '5']))
 
 
 def test_the_best_checkpoint_holds_the_weights_of_the_highest_ap_across_a_resume(tmp_path, monkeypatch, capsys):

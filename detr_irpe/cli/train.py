@@ -156,6 +156,9 @@ def train(args, explicit, resources):
     if resumes_training:
         keep_run_seed(args, checkpoint_args(checkpoint).get('seed'), explicit, resume)
     trained = resume_point(checkpoint)[0] if resumes_training else None
+    if trained is not None and args.start_epoch:  # the checkpoint's position wins: the flag went unread
+        raise UsageError(f'--start_epoch {args.start_epoch} with --resume {resume}: a resumed run goes on where its '
+                         f'checkpoint stopped (epoch {trained}); leave --start_epoch out')
     if trained is not None and trained >= args.epochs:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
