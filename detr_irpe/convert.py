@@ -161,6 +161,14 @@ def read_any(path):
 HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')  # owner/name, e.g. facebook/detr-resnet-50
 
 
+def folder_beside(path):
+    """Where the inference tools write by default: the folder of the checkpoint at `path`; for a hub id read from the
+    cache, outputs/<owner>--<name> (neither the cache nor a folder named after the owner)."""
+    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+        return os.path.join('outputs', path.replace('/', '--'))
+    return os.path.dirname(os.path.abspath(path).rstrip(os.sep))
+
+
 def hub_cache():
     """The folder of Hugging Face's hub cache, as huggingface_hub finds it."""
     home = os.environ.get('HF_HOME') or os.path.join(

@@ -1,5 +1,6 @@
 """--finetune and load_detector: weights of any source (here a Hugging Face DetrForObjectDetection folder written by
 save_pretrained, random weights) into a new run or an inference model, checked against transformers' own outputs."""
+import argparse
 import os
 import re
 import shutil
@@ -125,7 +126,11 @@ def test_a_hub_id_reads_the_snapshot_the_hugging_face_cache_holds_and_downloads_
     with pytest.raises(UsageError, match=r"'someone/other' is no file or folder here, nor a model in the Hugging Face "
                                          rf"cache {re.escape(str(cache))} \(nothing is downloaded\); fetch it once"):
         read_source('someone/other')
+    from detr_irpe.cli.eval import eval_output_dir
+    args = argparse.Namespace(resume='someone/detr-tiny', output_dir=None)  # not into the cache, nor ./someone/
+    assert eval_output_dir(args) == os.path.join('outputs', 'someone--detr-tiny', 'eval_detr-tiny')
     (tmp_path / 'someone' / 'detr-tiny').mkdir(parents=True)  # a folder of that name here wins, as in transformers
+    assert eval_output_dir(args) == str(tmp_path / 'someone' / 'eval_detr-tiny')
     with pytest.raises(UsageError, match="folder 'someone/detr-tiny' has no config.json"):
         read_source('someone/detr-tiny')
 

@@ -21,6 +21,7 @@ from detr_irpe.checkpoint import CHECKPOINT, save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.convert import folder_beside
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
 
@@ -69,9 +70,8 @@ def run(argv=None):
 def eval_output_dir(args):
     """--output_dir, or eval_<checkpoint's name>/ beside the checkpoint; a training run's folder (it holds a
     checkpoint.pth or log.txt) is refused, so training's eval.json is never replaced."""
-    checkpoint = os.path.abspath(args.resume).rstrip(os.sep)
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    output_dir = args.output_dir or os.path.join(os.path.dirname(checkpoint), f'eval_{stem}')
+    stem = os.path.splitext(os.path.basename(os.path.abspath(args.resume)))[0]
+    output_dir = args.output_dir or os.path.join(folder_beside(args.resume), f'eval_{stem}')
     run_files = [f for f in (CHECKPOINT, 'log.txt') if os.path.isfile(os.path.join(output_dir, f))]
     if run_files:
         raise UsageError(f"--output_dir {output_dir} is a training run's folder (it holds {', '.join(run_files)}): its "

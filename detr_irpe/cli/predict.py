@@ -34,6 +34,7 @@ from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args,
                                  float_range, int_range, new_parser)
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.convert import folder_beside
 from detr_irpe.export import SIZE_FLAGS, OnnxDetector
 from detr_irpe.from_checkpoint import adopt_flags, build_model_from_checkpoint
 from detr_irpe.lab.plots import draw_detections, list_images, load_image, predict, save_figure
@@ -130,7 +131,7 @@ def run(argv=None):
     if names:  # detections of the model's categories only: not of an id that no class of its data has
         postprocessors = {**postprocessors, 'bbox': PostProcess(names)}
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume or args.onnx)), 'predict')
+    output_dir = args.output_dir or os.path.join(folder_beside(args.resume or args.onnx), 'predict')
     results, images = [], []
     for path, image_id, picture in zip(paths, image_ids(paths, dataset), picture_names(paths)):
         image, tensor = load_image(path, transform)

@@ -26,6 +26,7 @@ from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_LAYERS, MAX_WIDTH, add_dat
 from detr_irpe.cli.presets import (command_line_flags, explicit_flags, output_dir_of_command_line,
                                    parse_args_with_config)
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.convert import folder_beside
 from detr_irpe.detr import build_detector
 from detr_irpe.from_checkpoint import INFERENCE_DEFAULTS, build_model_from_checkpoint
 from detr_irpe.lab.plots import (describe_rpe, irpe_logit_terms, load_image, plot_irpe_terms, save_figure,
@@ -84,7 +85,7 @@ def run(argv=None):
     title = (f'iRPE term b_ij, encoder layer {args.layer}, {which} ({describe_rpe(model, args.layer)}); '
              f'{source}, {os.path.basename(args.image)}')
     fig = plot_irpe_terms(image, terms, height, width, references, title)
-    output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else 'outputs')
+    output_dir = args.output_dir or (folder_beside(args.resume) if args.resume else 'outputs')
     stem = os.path.splitext(os.path.basename(args.image))[0]
     path = save_figure(fig, os.path.join(output_dir, f'rpe_{stem}_layer{args.layer}.png'), args.dpi)
     print(f'wrote {path}')
