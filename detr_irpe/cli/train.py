@@ -362,7 +362,7 @@ def keep_run_seed(args, seed, explicit, resume):
     if 'seed' in explicit:
         raise UsageError(f'--resume {resume}: the run was seeded with --seed {seed}, this command gives --seed '
                          f'{args.seed}; a resumed run keeps its seed (its data order and augmentation come from it): '
-                         f'leave --seed out, or start a new run with --finetune {resume}')
+                         f'pass --seed {seed} or leave it out, or start a new run with --finetune {resume}')
     args.seed = seed
 
 
