@@ -158,7 +158,8 @@ def read_any(path):
     raise not_a_source(path, f'it holds a {type(obj).__name__} of neither layout')
 
 
-HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')  # owner/name, e.g. facebook/detr-resnet-50
+# owner/name, e.g. facebook/detr-resnet-50; not a file's name (runs/best.pth mistyped is a missing file)
+HUB_ID = re.compile(r'[\w.-]+/[\w.-]+(?<!\.pth)(?<!\.pt)(?<!\.bin)(?<!\.safetensors)(?<!\.ckpt)')
 
 
 def folder_beside(path):

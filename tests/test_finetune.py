@@ -126,6 +126,8 @@ def test_a_hub_id_reads_the_snapshot_the_hugging_face_cache_holds_and_downloads_
     with pytest.raises(UsageError, match=r"'someone/other' is no file or folder here, nor a model in the Hugging Face "
                                          rf"cache {re.escape(str(cache))} \(nothing is downloaded\); fetch it once"):
         read_source('someone/other')
+    with pytest.raises(UsageError, match=r"^'runs/best.pth' does not exist"):  # a mistyped file, no hub advice
+        read_source('runs/best.pth')
     from detr_irpe.cli.eval import eval_output_dir
     args = argparse.Namespace(resume='someone/detr-tiny', output_dir=None)  # not into the cache, nor ./someone/
     assert eval_output_dir(args) == os.path.join('outputs', 'someone--detr-tiny', 'eval_detr-tiny')
