@@ -233,9 +233,9 @@ def layout_hint(root):
     found in it and one level down (CVAT's annotations/instances_default.json, Label Studio's result.json, ...)."""
     splits = {}
     for split, names in EXPORT_SPLITS.items():
-        found = [root / name for name in names if (root / name / '_annotations.coco.json').is_file()]
-        if found:
-            splits[split] = found[0]
+        folders = [root / name for name in names if (root / name / '_annotations.coco.json').is_file()]
+        if folders:
+            splits[split] = folders[0]
     if len(splits) == 2:
         flags = ' '.join(f'--{split}_json {folder / "_annotations.coco.json"} --{split}_images {folder}'
                          for split, folder in splits.items())

@@ -129,7 +129,7 @@ def read_source(path) -> Source:
 
 
 def read_any(path):
-    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+    if is_hub_id(path):
         path = hub_snapshot(path)
     if os.path.isdir(path):
         return read_huggingface_folder(path)
@@ -162,10 +162,16 @@ def read_any(path):
 HUB_ID = re.compile(r'[\w.-]+/[\w.-]+(?<!\.pth)(?<!\.pt)(?<!\.bin)(?<!\.safetensors)(?<!\.ckpt)')
 
 
+def is_hub_id(path):
+    """Whether `path` names a Hugging Face hub model to read from the cache: owner/name, and nothing of that name here
+    (a folder of that name wins, as in transformers)."""
+    return not os.path.exists(path) and bool(HUB_ID.fullmatch(path))
+
+
 def folder_beside(path):
     """Where the inference tools write by default: the folder of the checkpoint at `path`; for a hub id read from the
     cache, outputs/<owner>--<name> (neither the cache nor a folder named after the owner)."""
-    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+    if is_hub_id(path):
         return os.path.join('outputs', path.replace('/', '--'))
     return os.path.dirname(os.path.abspath(path).rstrip(os.sep))
 

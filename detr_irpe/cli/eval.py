@@ -21,7 +21,7 @@ from detr_irpe.checkpoint import CHECKPOINT, save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.convert import folder_beside
+from detr_irpe.convert import folder_beside, is_hub_id
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
 
@@ -59,7 +59,7 @@ def run(argv=None):
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
                               size_divisibility=args.size_divisibility)
-    where = os.path.abspath(args.resume) if os.path.exists(args.resume) else args.resume  # else a hub id
+    where = args.resume if is_hub_id(args.resume) else os.path.abspath(args.resume)
     save_json({**summary, 'checkpoint': where}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:

@@ -153,8 +153,9 @@ def train(args, explicit, resources):
     if resume and not args.eval and not resumes_training:  # else epoch 0 again, over the folder's checkpoint and log
         raise UsageError(f'--resume {resume} holds weights without the optimizer and schedule that continue a run; '
                          f'pass --finetune {resume} to start a new run from its weights, or --eval to evaluate it')
+    run_args = checkpoint_args(checkpoint) if resumes_training else {}
     if resumes_training:
-        keep_run_seed(args, checkpoint_args(checkpoint).get('seed'), explicit, resume)
+        keep_run_seed(args, run_args.get('seed'), explicit, resume)
     trained = resume_point(checkpoint)[0] if resumes_training else None
     if trained is not None and args.start_epoch:  # the checkpoint's position wins: the flag went unread
         raise UsageError(f'--start_epoch {args.start_epoch} with --resume {resume}: a resumed run goes on where its '
@@ -216,7 +217,6 @@ def train(args, explicit, resources):
             load_optimizer_state(optimizer, checkpoint['optimizer'], f'--resume {resume}')
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             start_epoch, start_step = resume_point(checkpoint)
-            run_args = checkpoint_args(checkpoint)
             start_step = step_in_this_run(start_step, start_epoch, run_args, args, resume)
             if engine.take_recipe_flags(optimizer, lr_scheduler, recipe, args.lr_drop):
                 print(describe_recipe_change(run_args, args, resume, start_epoch, optimizer))
