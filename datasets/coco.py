@@ -22,14 +22,17 @@ Bad data (the whole policy: datasets/validate.py; evaluation uses the annotation
   - an image whose pixels are not the `width` x `height` its entry gives (where it gives both): its boxes would
     land in the wrong place (images resized after annotating; a phone photo stored sideways with an EXIF
     orientation that the annotation tool applied and training, as COCO and DETR, does not): one warning per
-    image id (per process) saying which and what to do; the image is read as stored, as before.
+    image id saying which and what to do; the image is read as stored, as before.
   - unreadable, truncated or missing image: a warning naming the file, the `skipped` counter goes up, and
     the next readable image in index order is returned instead (so a DataLoader worker never dies on one bad
     file and batches keep their size). `skipped` counts failed reads, in every epoch, summed over
     DataLoader workers (it lives in shared memory). If no image at all can be read: RuntimeError.
   - box with width or height <= 0: dropped. Box reaching outside the image: clipped to it, and dropped if
-    nothing is left. One warning per annotation id (per process) naming the annotation file and the id.
+    nothing is left. One warning per annotation id naming the annotation file and the id; none for a box that
+    reaches out by a pixel or less (float noise of annotation tools), which is clipped alone.
+Each warning of a read is given once per dataset: over DataLoader workers and epochs (flags in shared memory).
 """
+import bisect
 import io
 import os
 import warnings
@@ -45,7 +48,7 @@ from torchvision import tv_tensors
 from detr_irpe import UsageError
 
 from .transforms import boxes_to_normalized_cxcywh
-from .validate import load_coco
+from .validate import OUTSIDE_TOLERANCE, load_coco
 
 MAX_WORKERS = 256
 # PIL modes of 16-bit integer pixels; PIL's convert('RGB') clips them to 255 (white), so they are scaled instead
@@ -73,6 +76,7 @@ def to_rgb8(image, path):
                      '16-bit image: convert it to an 8-bit or 16-bit PNG or JPEG.')
 
 
+SIZE, BOXES = 0, 1  # the warnings given once per image (CocoDetection._warned)
 EXIF_ORIENTATION = 0x0112  # the tag that tells a viewer how to turn the stored pixels; 5-8 swap width and height
 
 
@@ -111,7 +115,9 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the
         # count survives workers under fork and spawn alike and needs no lock
         self._skipped = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
-        self._warned = set()
+        # per image (index in self.ids), whether its size and its boxes were warned of: shared like _skipped, so
+        # workers forked anew each epoch do not warn again
+        self._warned = torch.zeros(len(self.ids), 2, dtype=torch.bool).share_memory_()
         self._zip, self._zip_pid = None, None
 
     @property
@@ -144,8 +150,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             opened = Image.open(path)
         with opened as image:
             problem = size_problem(image, entry, path)
-            if problem and ('image', id) not in self._warned:
-                self._warned.add(('image', id))
+            if problem and self._first_warning(id, SIZE):
                 warnings.warn(f'image id {id}: {problem}')
             return to_rgb8(image, path)
 
@@ -171,9 +176,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             return image, target
         raise UsageError(f'none of the {len(self.ids)} images under {self.root} could be read')
 
+    def _first_warning(self, image_id, kind):
+        """Whether the warning `kind` (SIZE, BOXES) of this image is due: not yet given by any process."""
+        flag = self._warned[bisect.bisect_left(self.ids, image_id), kind]
+        due = not flag
+        flag.fill_(True)
+        return due
+
     def prepare_target(self, image_id, width, height):
         """Annotations of one image -> target with XYXY pixel `BoundingBoxes`, before any transform."""
-        boxes, labels = [], []
+        boxes, labels, problems = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             if ann['iscrowd']:
                 continue
@@ -185,15 +197,17 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                 problem = f'has zero or negative size (bbox {ann["bbox"]}); dropped'
             elif x2 <= x1 or y2 <= y1:
                 problem = f'lies outside the {width}x{height} image (bbox {ann["bbox"]}); dropped'
-            elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            elif max(-x, -y, x + w - width, y + h - height) > OUTSIDE_TOLERANCE:
                 problem = f'reaches outside the {width}x{height} image (bbox {ann["bbox"]}); clipped'
-            if problem and ann['id'] not in self._warned:
-                self._warned.add(ann['id'])
-                warnings.warn(f'{self.ann_file}: annotation id {ann["id"]} {problem}')
+            if problem:
+                problems.append(f'{self.ann_file}: annotation id {ann["id"]} {problem}')
             if w <= 0 or h <= 0 or x2 <= x1 or y2 <= y1:
                 continue
             boxes.append([x1, y1, x2, y2])
             labels.append(ann['category_id'])
+        if problems and self._first_warning(image_id, BOXES):
+            for problem in problems:
+                warnings.warn(problem)
         return {
             'boxes': tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                                               format='XYXY', canvas_size=(height, width)),

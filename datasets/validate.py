@@ -20,9 +20,10 @@ the boxes reach past their image's 'width' or 'height' by over a pixel, one warn
 
 Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
 dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
-naming the annotation id; an image whose 'width' and 'height' (where given) are not its pixels' size gets one
-warning naming the likely cause (an EXIF orientation the annotation tool applied, a resize) and is read as
-stored; an image file that exists but cannot be read is skipped with a warning naming the file and counted.
+naming the annotation id (none where it reaches out by OUTSIDE_TOLERANCE or less); an image whose 'width' and
+'height' (where given) are not its pixels' size gets one warning naming the likely cause (an EXIF orientation the
+annotation tool applied, a resize) and is read as stored; an image file that exists but cannot be read is skipped
+with a warning naming the file and counted.
 """
 import contextlib
 import io
@@ -36,6 +37,7 @@ from pycocotools.coco import COCO
 from detr_irpe import UsageError
 
 MAX_NAMED = 10  # problems named one by one; the rest are only counted
+OUTSIDE_TOLERANCE = 1  # pixels a box may reach past its image unremarked: annotation tools' float noise
 
 
 def is_int(value):
@@ -183,8 +185,8 @@ def warn_if_corner_boxes(images, annotations, path):
     sizes = {image['id']: (image['width'], image['height']) for image in images
              if is_number(image.get('width')) and is_number(image.get('height'))}
     sized = [ann for ann in annotations if ann['image_id'] in sizes]
-    past = [ann for ann in sized if ann['bbox'][0] + ann['bbox'][2] > sizes[ann['image_id']][0] + 1
-            or ann['bbox'][1] + ann['bbox'][3] > sizes[ann['image_id']][1] + 1]
+    past = [ann for ann in sized if ann['bbox'][0] + ann['bbox'][2] > sizes[ann['image_id']][0] + OUTSIDE_TOLERANCE
+            or ann['bbox'][1] + ann['bbox'][3] > sizes[ann['image_id']][1] + OUTSIDE_TOLERANCE]
     if past and len(past) >= len(sized) / 4:
         first = past[0]
         width, height = sizes[first['image_id']]

@@ -170,7 +170,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, lr_scheduler, devi
             sums[k] = sums.get(k, 0.0) + v
         stats['count'] += 1
         images_seen += len(images)
-        bar.set_postfix(loss=f'{logged["loss"]:.3f}', img_s=f'{images_seen / (time.time() - t0):.1f}')
+        # shown at the bar's next refresh (every 2 s): a refresh here wrote a line a step with a stale count
+        bar.set_postfix(loss=f'{logged["loss"]:.3f}', img_s=f'{images_seen / (time.time() - t0):.1f}', refresh=False)
         if on_step is not None:
             on_step(step + 1)
     for g, lr in zip(optimizer.param_groups, base_lrs):

@@ -175,6 +175,35 @@ def test_bad_boxes_and_unknown_categories_warn_naming_file_and_annotation_id(tmp
     assert all('instances_val2017.json' in m for m in messages)
 
 
+def test_read_warnings_are_given_once_over_loader_workers_and_epochs(tmp_path, monkeypatch):
+    """Workers are forked anew each epoch: a flag each copied from the main process warned again every epoch (a
+    dataset of many clipped boxes repeated them all). A box out by a pixel or less is clipped without a word."""
+    annotations = ANNOTATIONS + [{'id': 109, 'image_id': 7, 'category_id': 5, 'bbox': [40.5, 0, 24, 48.75]}]
+    root = write_coco(tmp_path, annotations=annotations, given={3: (16, 16)})  # 3: an entry of another size
+    dataset, _ = load(root)
+    said = tmp_path / 'warnings.txt'
+
+    class Warnings:  # a forked worker's warnings, in a file: pytest records them in each process's own memory
+        @staticmethod
+        def warn(message):
+            with open(said, 'a') as f:
+                f.write(message.replace('\n', ' ') + '\n')
+
+    monkeypatch.setattr(coco, 'warnings', Warnings)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=datasets.collate_fn,
+                                         multiprocessing_context='fork')
+    epochs = [{int(t['image_id']): t for _, (t,) in loader} for _ in range(2)]
+    lines = said.read_text().splitlines()
+    for needle in ('annotation id 105 reaches outside', 'annotation id 106 has zero', 'image id 3: '):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert not any('annotation id 109' in line for line in lines), lines
+    assert sum('broken.jpg' in line for line in lines) == 2  # an unreadable image is met, and said, each epoch
+    w, h = IMAGES[7][2:]
+    for targets in epochs:  # 109 clipped to the image's right edge: [40.5, 0, 64, 48] in pixels
+        box = targets[7]['boxes'][-1] * torch.tensor([w, h, w, h])
+        torch.testing.assert_close(box, torch.tensor([(40.5 + 64) / 2, 24, 64 - 40.5, 48]), rtol=0, atol=1e-4)
+
+
 def test_missing_paths_raise_errors_that_name_them(tmp_path):
     with pytest.raises(UsageError, match='--coco_path'):
         coco.build('val', None, None)

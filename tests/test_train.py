@@ -263,6 +263,21 @@ def test_non_finite_loss_names_epoch_and_step():
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
+def test_the_progress_bar_writes_the_step_count_with_each_loss(capsys):
+    # set_postfix refreshed the bar at every step with the count of its last 2 s refresh: a log file got a line
+    # per step, `0/6` beside the losses of steps 1 to 5
+    args = get_args_parser().parse_args(TINY)
+    model, criterion, _ = build_model(args)
+    optimizer = engine.build_optimizer(model, args)
+    targets = [{'labels': torch.tensor([1]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    loader = [([torch.rand(3, 64, 64)], targets)] * 6
+    engine.train_one_epoch(model, criterion, loader, optimizer, engine.build_lr_scheduler(optimizer, args), 'cpu', 0,
+                           args, choose_precision('cpu', amp=False))
+    states = [s for s in capsys.readouterr().err.replace('\n', '\r').split('\r') if 'loss=' in s]
+    assert states and all(' 0/6 ' not in s for s in states), states
+    assert ' 6/6 ' in states[-1]
+
+
 def test_non_finite_predictions_stop_before_matching_and_name_epoch_and_step():
     args = get_args_parser().parse_args(TINY)
     model, criterion, _ = build_model(args)
