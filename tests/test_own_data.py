@@ -31,20 +31,22 @@ SMALL = ['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim',
          '--epochs', '1', '--lr_drop', '1']
 
 
-def tool(name, *argv):
+def tool(name, *argv, cwd=ROOT):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]),
            'OMP_NUM_THREADS': '1'}
     env.pop('DETR_IRPE_DEBUG', None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', name), *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', name), *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """(data flags, run folder) of one epoch of tools/train.py on the flat dataset."""
+    """(data flags, run folder) of one epoch of tools/train.py on the flat dataset, given to it as paths relative
+    to the folder it ran in (the flags returned are absolute)."""
     folder = tmp_path_factory.mktemp('own')
     data = make_flat_dataset(str(folder / 'data'))
-    result = tool('train.py', *data, *SMALL, '--output_dir', str(folder / 'run'))
+    relative = [os.path.relpath(value, folder) if value.startswith(str(folder)) else value for value in data]
+    result = tool('train.py', *relative, *SMALL, '--output_dir', str(folder / 'run'), cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return data, folder / 'run', result.stdout
 
@@ -62,9 +64,10 @@ def test_flat_dataset_trains_with_the_four_flags_and_says_what_it_uses(trained):
 def test_eval_takes_the_checkpoints_data_and_sizes_names_its_classes_and_writes_beside_it(trained, capsys):
     data, run, _ = trained
     training_eval = (run / 'eval.json').read_bytes()
-    eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0'])
+    eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0'])  # from another folder
     out = capsys.readouterr().out
     taken = next(line for line in out.splitlines() if line.startswith('from the checkpoint:'))
+    # training was given data/val.json: the checkpoint keeps where that was, not the relative path
     assert '--val_size 64' in taken and '--val_max_size 96' in taken and f'--val_json {data[5]}' in taken
     table = out[out.index('category  AP'):].splitlines()[1:4]
     assert [row.split()[0] for row in table] == list(NAMES.values())

@@ -253,7 +253,7 @@ def train(args, explicit, resources):
             states = [p['rng'] for p in per_process]
             save_checkpoint({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                              'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'step': step,
-                             'args': vars(args), 'category_names': category_names, 'rng': states[0],
+                             'args': recorded_args(args), 'category_names': category_names, 'rng': states[0],
                              'rng_per_process': states,
                              'epoch_stats_per_process': [p['epoch_stats'] for p in per_process],
                              'epoch_log': epoch_log, 'scaler': scaler.state_dict()},
@@ -267,8 +267,8 @@ def train(args, explicit, resources):
         if best is not None and ap <= best:
             return
         path = os.path.join(args.output_dir, BEST_CHECKPOINT)
-        save_checkpoint({'model': model_without_ddp.state_dict(), 'epoch': epoch, 'step': None, 'args': vars(args),
-                         'category_names': category_names, 'eval': summary}, path)
+        save_checkpoint({'model': model_without_ddp.state_dict(), 'epoch': epoch, 'step': None,
+                         'args': recorded_args(args), 'category_names': category_names, 'eval': summary}, path)
         print(f'AP {ap:.4f} at epoch {epoch}, the best so far: wrote {path}')
 
     def on_eval_batch(epoch):
@@ -337,6 +337,13 @@ def train(args, explicit, resources):
 
 
 RECIPE_FLAGS = ('lr', 'lr_backbone', 'weight_decay', 'rpe_weight_decay', 'lr_drop')
+
+
+def recorded_args(args):
+    """The flags a checkpoint keeps, the data's paths absolute: eval, predict and export read them from wherever they
+    run (a relative --val_json was looked for below their own working folder)."""
+    return {**vars(args), **{flag: os.path.abspath(path) for flag in datasets.DATA_LOCATION_FLAGS
+                             if (path := vars(args).get(flag))}}
 
 
 def checkpoint_args(checkpoint):
