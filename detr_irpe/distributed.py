@@ -34,7 +34,7 @@ def init_distributed(args):
         # Torn down before the interpreter's exit: gloo's threads left to static destruction abort the process
         # now and then ("terminate called without an active exception"), failing a run that had finished.
         atexit.register(_destroy_process_group)
-        dist.barrier()
+        barrier()
     except dist.DistError as e:
         raise UsageError(f'process {args.rank} of {args.world_size}: not every process arrived within '
                          f'--dist_timeout {args.dist_timeout} s ({str(e).splitlines()[0]}); a process died or never '
@@ -125,4 +125,5 @@ def any_process(flag):
 
 def barrier():
     if is_distributed():
-        dist.barrier()
+        # nccl's on this process's GPU: without device_ids it guesses one (rank modulo the GPUs seen, by torch version)
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == 'nccl' else None)

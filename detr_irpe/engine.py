@@ -81,7 +81,8 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f'{self.seed}/{self.epoch}/{index}'.encode()))
+            # the CPU generator alone: torch.manual_seed would reseed the GPUs' too, which fork_rng does not restore
+            torch.default_generator.manual_seed(zlib.crc32(f'{self.seed}/{self.epoch}/{index}'.encode()))
             return self.dataset[index]
 
 

@@ -12,9 +12,13 @@ from detr_irpe import distributed
 
 def process_rng_state(checkpoint):
     """This process's generator states from a checkpoint: its own where every process's were kept by a run
-    of the same size, else the main process's (older checkpoints, another number of processes)."""
+    of the same size, else the main process's for the main process (older checkpoints, another number of
+    processes) and None for the others, which keep the states seeded by their rank (given the main's, every
+    process drew the same dropout)."""
     own = process_entry(checkpoint, 'rng')
-    return own if own is not None else checkpoint['rng']
+    if own is not None:
+        return own
+    return checkpoint['rng'] if distributed.get_rank() == 0 else None
 
 
 def process_entry(checkpoint, name):
@@ -90,8 +94,8 @@ def rng_state():
     state = {'python': _to_lists(random.getstate()),
              'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
              'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # a CPU run on a GPU machine leaves CUDA alone
+        state['cuda_device'] = torch.cuda.get_rng_state()  # this process's GPU's: a resume may see fewer GPUs
     return state
 
 
@@ -100,8 +104,12 @@ def set_rng_state(state):
     name, keys, pos, has_gauss, gauss = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if not torch.cuda.is_available():
+        return
+    if 'cuda_device' in state:
+        torch.cuda.set_rng_state(state['cuda_device'])
+    elif len(state.get('cuda', ())) > torch.cuda.current_device():  # older checkpoints: every visible GPU's
+        torch.cuda.set_rng_state(state['cuda'][torch.cuda.current_device()])
 
 
 def _to_lists(x):

@@ -73,6 +73,9 @@ def problem(q, rpe_q, rpe_k, rpe_v):
     if not q.is_cuda and not INTERPRETING:
         return (f'--attention_impl triton runs on CUDA, but the encoder runs on {q.device.type}: use --attention_impl '
                 'auto or sdpa there (the suite runs the kernels on CPU under TRITON_INTERPRET=1).')
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # float64 compiles for no GPU (interpreted, runs)
+        return (f'--attention_impl triton computes in float32, bfloat16 or float16, not {q.dtype}: use '
+                '--attention_impl sdpa for this precision.')
     return None
 
 

@@ -79,6 +79,16 @@ class CollectiveChecker:
             monkeypatch.setattr(dist, 'get_backend', lambda group=None: 'nccl')
             monkeypatch.setattr(torch.cuda, 'set_device', lambda device: setattr(self, 'cuda_device', int(device)))
             monkeypatch.setattr(torch.cuda, 'current_device', lambda: self.cuda_device)
+            barrier = dist.barrier
+            monkeypatch.setattr(dist, 'barrier', self._nccl_barrier(barrier))
+
+    def _nccl_barrier(self, real):
+        def checked(group=None, async_op=False, device_ids=None):
+            # without device_ids nccl guesses the GPU (rank modulo the GPUs it sees), not this process's
+            assert device_ids == [int(os.environ['LOCAL_RANK'])], f'dist.barrier under nccl, device_ids={device_ids}'
+            self.calls.append('barrier')
+            return real(group=group, async_op=async_op)
+        return checked
 
     def expected_device(self):
         return torch.device('cuda', int(os.environ['LOCAL_RANK'])) if self.pose_as_nccl else torch.device('cpu')
@@ -231,5 +241,6 @@ def test_under_nccl_stop_requests_go_over_the_host_group_and_box_counts_stay_on_
     for rank in runs['nccl']:
         assert rank['calls'].count('all_reduce on the host group') >= 2  # the two stop requests
         assert 'all_reduce' in rank['calls']
+        assert 'barrier' in rank['calls']
     for rank in runs['gloo']:
         assert not any('host group' in call for call in rank['calls'])

@@ -47,9 +47,12 @@ def test_each_process_gets_its_own_random_state_back(monkeypatch):
     for rank in range(3):
         monkeypatch.setattr(distributed, 'get_rank', lambda rank=rank: rank)
         assert process_rng_state(checkpoint) is states[rank]
-    assert process_rng_state({'rng': states[0]}) is states[0]  # a checkpoint of an older run
-    monkeypatch.setattr(distributed, 'get_world_size', lambda: 2)  # another number of processes
+    assert process_rng_state({'rng': states[0]}) is None  # a checkpoint of an older run: the main's alone
+    monkeypatch.setattr(distributed, 'get_world_size', lambda: 2)  # another number of processes: the main process
+    monkeypatch.setattr(distributed, 'get_rank', lambda: 0)         # takes the main's, the others keep their seeds
     assert process_rng_state(checkpoint) is states[0]
+    monkeypatch.setattr(distributed, 'get_rank', lambda: 1)
+    assert process_rng_state(checkpoint) is None  # given the main's, every process drew the same dropout
 
 
 def test_an_optimizer_of_another_recipe_names_the_flag(tmp_path):

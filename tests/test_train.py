@@ -184,6 +184,37 @@ def test_seeded_dataset_gives_the_same_augmentation_for_the_same_epoch_and_index
     assert torch.equal(a, b) and not torch.equal(a, ds[2])
 
 
+def test_seeded_dataset_leaves_the_gpu_generators_alone(monkeypatch):
+    # with --num_workers 0 the samples are drawn in the training process: torch.manual_seed reseeded every GPU's
+    # generator per sample, so a step's dropout on the GPU followed the batch's last sample
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', reseeded.append)
+    monkeypatch.setattr(torch.cuda, 'manual_seed', reseeded.append)
+    before = torch.get_rng_state()
+    engine.SeededDataset([torch.zeros(1)] * 3, seed=1)[2]
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_gpu_generator_state_is_this_processs_device_and_restores_where_fewer_gpus_are(monkeypatch):
+    # get_rng_state_all() kept every visible GPU's; set_rng_state_all() of 8 states where a resume sees 1 GPU
+    # raised IndexError (a torchrun run resumed under SLURM with one GPU per task)
+    states = {0: torch.tensor([1], dtype=torch.uint8), 1: torch.tensor([2], dtype=torch.uint8)}
+    current, restored = [1], []
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: current[0])
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': states[current[0]])
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append((current[0], state)))
+    state = rng_state()
+    assert torch.equal(state['cuda_device'], states[1]) and 'cuda' not in state
+    current[0] = 0  # resumed by a process on another GPU index
+    set_rng_state(state)
+    set_rng_state({**rng_state(), 'cuda': [states[0], states[1]] * 4})  # an older checkpoint: 8 GPUs' states
+    del state['cuda_device']
+    set_rng_state(state)  # an older checkpoint of a CPU run: no GPU state to restore
+    assert restored == [(0, states[1]), (0, states[0])]
+
+
 class _Images(torch.utils.data.Dataset):
     """Images of different sizes (so batches are padded) with the targets DETR's loss takes."""
 

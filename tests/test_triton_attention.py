@@ -50,7 +50,7 @@ def test_kernels_compile_for_each_gpu_architecture_without_spilling_more_than_a_
         assert all(r['spill_bytes'] <= 32 and 0 < r['registers'] <= 255 for r in resources.values()), resources
 
 
-def test_what_the_kernels_cannot_do_is_refused_with_what_to_use():
+def test_what_the_kernels_cannot_do_is_refused_with_what_to_use(monkeypatch):
     with pytest.raises(ValueError, match='no cross method.*--attention_impl auto'):
         RPEMultiheadAttention(16, 2, rpe_config=rpe_config_from_string('rpe-2.0-cross-ctx-1-k'),
                               attention_impl='triton')
@@ -60,6 +60,12 @@ def test_what_the_kernels_cannot_do_is_refused_with_what_to_use():
     if not triton_attention.INTERPRETING and triton_attention.triton is not None:
         with pytest.raises(ValueError, match='runs on CUDA, but the encoder runs on cpu'):
             layer(x, x, x, height=3, width=4)
+    if triton_attention.triton is not None:  # float64 (model.double()) ran interpreted, and compiles for no GPU
+        monkeypatch.setattr(triton_attention, 'INTERPRETING', True)  # the device check passes on CPU tensors
+        assert triton_attention.problem(torch.zeros(1, 2, 12, 8, dtype=torch.float64), None, layer.rpe_k, None) == (
+            '--attention_impl triton computes in float32, bfloat16 or float16, not torch.float64: use '
+            '--attention_impl sdpa for this precision.')
+        assert triton_attention.problem(torch.zeros(1, 2, 12, 8), None, layer.rpe_k, None) is None
     problem = check_flag_combinations(argparse.Namespace(attention_impl='triton', enc_rpe2d='rpe-2.0-cross-ctx-1-k',
                                                          device='cuda'))
     assert problem.startswith('--attention_impl triton has no cross method')  # on the command line too

@@ -224,8 +224,8 @@ def train(args, explicit, resources):
                 start_stats = process_entry(checkpoint, 'epoch_stats')
             else:
                 unfinished_log = checkpoint.get('epoch_log')  # written unless the run stopped before its log line
-            if 'rng' in checkpoint:
-                set_rng_state(process_rng_state(checkpoint))
+            if 'rng' in checkpoint and (state := process_rng_state(checkpoint)) is not None:
+                set_rng_state(state)
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
                 scaler.load_state_dict(checkpoint['scaler'])
         elif args.eval and isinstance(checkpoint.get('epoch'), int):
