@@ -14,13 +14,18 @@ rpe_reduce: out[bh, p, t] = sum_r values[bh, p, r] [index[p, r] == t] is, for on
     When K is so large that re-reading values once per BLOCK_K buckets costs more than atomics (the
     flattened key-major layout of iRPE on queries alone, K = L * buckets), a scatter with float32
     atomics runs instead; there the ids of a row are spread, so the atomics rarely collide. float64
-    (gradcheck) takes the scatter too, with float64 atomics: tl.dot's float64 support varies by GPU.
+    (gradcheck) takes the scatter too, with float64 atomics: tl.dot's float64 support varies by GPU. The
+    atomics' order varies, so under torch.use_deterministic_algorithms(True) the scatter is an error (a
+    warning with warn_only), as torch's own such ops. In the one-hot product an inf or nan value makes its
+    whole row of buckets nan (0 x inf), where the CPU op keeps it in its bucket: a float16 step that
+    overflows is skipped by the GradScaler either way.
 Shapes and bucket ids are checked on the host (rpe_ops/cuda.py) before these run: no device asserts.
 """
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 import triton
@@ -149,6 +154,8 @@ def _reduce(values, index, num_buckets):
     B, H, P, R = values.shape
     BH, dtype = B * H, values.dtype
     if num_buckets > ONE_HOT_MAX_BUCKETS or dtype == torch.float64:  # float64 (gradcheck): see the docstring
+        _alert_not_deterministic(f'rpe_ops.rpe_reduce on CUDA over {num_buckets} buckets in {dtype} (above '
+                                 f'{ONE_HOT_MAX_BUCKETS} buckets, as iRPE on queries alone, or float64)')
         acc = torch.zeros(B, H, P, num_buckets, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                           device=values.device)
         if acc.numel() == 0 or R == 0:
@@ -174,6 +181,19 @@ def _reduce(values, index, num_buckets):
                          *out.stride(), DOT=dot, PRECISION='tf32x3' if dtype == torch.float32 else 'ieee',
                          BLOCK_BH=BLOCK_BH, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4, num_stages=stages)
     return out
+
+
+def _alert_not_deterministic(what):
+    """As torch's own ops do under torch.use_deterministic_algorithms(True): an error, or a warning with warn_only."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f'{what} sums with atomics, in an order that varies from run to run, but '
+               'torch.use_deterministic_algorithms(True) is set: call torch.use_deterministic_algorithms(True, '
+               'warn_only=True) to accept it')
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message)
+    else:
+        raise RuntimeError(message)
 
 
 def check_against_cpu(device='cpu'):

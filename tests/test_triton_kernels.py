@@ -6,6 +6,7 @@ one subprocess that gpu_check's triton_kernels_match_cpu_op starts (rpe_ops.trit
 TRITON_INTERPRET is never set in this process, so the rest of the suite is unaffected.
 """
 import contextlib
+import os
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import rpe_ops
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 compiled = pytest.mark.skipif(not rpe_ops.build_info()['cpu'], reason='rpe_ops._C is not built')
 OPS = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk']
 
@@ -98,6 +100,38 @@ def test_cuda_ops_launch_on_their_tensors_device(monkeypatch):
     cuda.rpe_reduce_qk(v, index, 3, index, 3)
     assert launched == [(op, [x.device]) for op in ('rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk')]
     assert current == []
+
+
+SCATTERED = """
+import warnings, torch, rpe_ops.triton_kernels as t
+values, index = torch.randn(1, 2, 3, 4), torch.randint(0, 600, (3, 4), dtype=torch.int32)
+torch.use_deterministic_algorithms(True)
+try:
+    t.rpe_reduce(values, index, 600)
+except RuntimeError as e:
+    print('error:', e)
+torch.use_deterministic_algorithms(True, warn_only=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    out = t.rpe_reduce(values, index, 600)
+print('warned:', len(caught), float((out.sum((-1, -2)) - values.sum((-1, -2))).abs().max()))
+torch.use_deterministic_algorithms(False)
+print('one-hot:', t.rpe_reduce(values, index % 500, 500).shape)
+"""
+
+
+def test_the_atomic_scatter_is_refused_under_deterministic_algorithms_as_torchs_own_ops():
+    # above 512 buckets (iRPE on queries alone) the reduction scatters with atomics: its sums' order varies on a GPU
+    import subprocess
+    env = {**os.environ, 'TRITON_INTERPRET': '1', 'PYTHONPATH': ROOT}
+    run = subprocess.run([sys.executable, '-c', SCATTERED], env=env, capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and len(lines) == 3, run.stderr[-3000:]
+    assert lines[0].startswith('error: rpe_ops.rpe_reduce on CUDA over 600 buckets in torch.float32 (above 512 ')
+    assert 'torch.use_deterministic_algorithms(True, warn_only=True) to accept it' in lines[0]
+    warned, error = lines[1].split()[1:]
+    assert warned == '1' and float(error) < 1e-5  # with warn_only it runs, and sums what it was given
+    assert lines[2] == 'one-hot: torch.Size([1, 2, 3, 500])'  # no atomics: nothing said
 
 
 def test_public_ops_have_one_cuda_kernel_the_triton_one():
