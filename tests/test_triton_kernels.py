@@ -134,6 +134,22 @@ def test_the_atomic_scatter_is_refused_under_deterministic_algorithms_as_torchs_
     assert lines[2] == 'one-hot: torch.Size([1, 2, 3, 500])'  # no atomics: nothing said
 
 
+@pytest.mark.parametrize('arch', [75, 86, 90])
+def test_op_kernels_compile_as_launched_within_each_gpus_shared_memory(arch):
+    # compiled by Triton's ptxas with the specialisation a launch of batch 16, 8 heads takes (no GPU needed): the
+    # float32 query-side reduce fills a T4's 64 KiB exactly and 98% of an sm_86's 99 KiB; a block over it would not
+    # launch there. Spills are for the docs (docs/gpu_check.md), not for this test.
+    from detr_irpe.lab.kernel_resources import SHARED_MEMORY_LIMIT, op_kernel_resources
+    for dtype in ('float32', 'float16' if arch == 75 else 'bfloat16'):
+        found = op_kernel_resources(arch, dtype)
+        assert [(call, name) for call, name, _ in found] == [
+            ('rpe_index_qk', '_index_kernel'), ('rpe_reduce query side', '_reduce_kernel'),
+            ('rpe_reduce key side', '_reduce_kernel')]
+        for call, _, resources in found:
+            assert resources['shared'] <= SHARED_MEMORY_LIMIT[arch] and resources['registers'] <= 255, \
+                (arch, dtype, call, resources)
+
+
 def test_public_ops_have_one_cuda_kernel_the_triton_one():
     for op in OPS:
         dump = torch._C._dispatch_dump(f'rpe_ops::{op}')
