@@ -54,7 +54,39 @@ def resize(size, max_size=None):
     if max_size is not None and max_size <= size:
         raise ValueError(f'the maximum size {max_size} must be larger than the resize scale {size}; '
                          f'raise the maximum size or lower the scales')
-    return v2.Resize(size, max_size=max_size)
+    return Resize(size, max_size)
+
+
+class Resize(v2.Transform):
+    """The image and its boxes to resized_size: the published code's sizes. torchvision's Resize(size, max_size)
+    rounds a capped image otherwise (640x360 at 800 / 1333: 1333x749 there, 1333x750 here and in DETR)."""
+
+    def __init__(self, size, max_size=None):
+        super().__init__()
+        self.size, self.max_size = size, max_size
+
+    def make_params(self, flat_inputs):
+        return dict(size=list(resized_size(*query_size(flat_inputs), self.size, self.max_size)))
+
+    def transform(self, inpt, params):
+        return self._call_kernel(F.resize, inpt, size=params['size'])
+
+
+def resized_size(height, width, size, max_size=None):
+    """(height, width) with the shorter side `size` and the longer in proportion, rounded down; where the longer
+    would pass max_size, the shorter becomes round(max_size * shorter / longer) first (Python's round, half to
+    even), so the longer may end a pixel below max_size. An image whose shorter side is `size` keeps its size.
+    Beyond 2:1, where that rounding went up, the published code's longer side passes max_size by a pixel or more:
+    here it stops at max_size, as the flags promise (a learned position encoding has no row for more)."""
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    longer = int(size * long / short)
+    if max_size is not None:
+        longer = min(longer, max_size)
+    return (longer, size) if width < height else (size, longer)
 
 
 def normalize():

@@ -92,6 +92,31 @@ def test_val_resize_sets_shorter_side_and_caps_longer_side(size, max_size, expec
     torch.testing.assert_close(out['boxes'].as_subclass(torch.Tensor), expected)
 
 
+# (width, height) -> (height, width) at DETR's 800 / 1333, as the published code sizes them; where torchvision's
+# Resize(800, max_size=1333) gives another size, that size last
+PUBLISHED_SIZES = [
+    ((640, 427), (800, 1199), None),          # 800 * 640 / 427 = 1199.06: not capped
+    ((640, 360), (750, 1333), (749, 1333)),   # capped: round(1333 * 360 / 640) = round(749.81) = 750 short side
+    ((640, 320), (666, 1332), (666, 1333)),   # round(666.5) = 666 (half to even), long int(666 * 2) = 1332
+    ((333, 640), (1333, 694), (1333, 693)),   # round(693.58) = 694, long int(694 * 640 / 333) = int(1333.8)
+    ((1000, 300), (400, 1333), None),         # round(399.9) = 400, long int(1333.33) = 1333
+    ((400, 101), (337, 1333), None),          # round(336.58) = 337, long int(1334.65): the published code's 1334
+                                              # passes max_size; kept at it here
+]
+
+
+@pytest.mark.parametrize('wh, published, torchvisions', PUBLISHED_SIZES)
+def test_val_resize_gives_the_published_codes_sizes_where_torchvision_rounds_otherwise(wh, published, torchvisions):
+    image, target = sample(*wh, boxes=((10, 20, 300, 200),))
+    out_image, out = make_transforms('val')(image, target)  # DETR's val_size 800, val_max_size 1333
+    h, w = published
+    assert tuple(out_image.shape) == (3, h, w) and out['boxes'].canvas_size == (h, w)
+    scale = torch.tensor([w / wh[0], h / wh[1]] * 2)
+    torch.testing.assert_close(out['boxes'].as_subclass(torch.Tensor), torch.tensor([[10, 20, 300, 200]]) * scale)
+    if torchvisions is not None:  # what v2.Resize alone made of it
+        assert v2.Resize(800, max_size=1333)(image).size[::-1] == torchvisions
+
+
 def test_resize_rejects_max_size_not_above_the_scales():
     with pytest.raises(ValueError, match='maximum size 100'):
         make_transforms('val', val_size=100, val_max_size=100)
