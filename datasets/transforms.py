@@ -94,8 +94,15 @@ def normalize():
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def labels_and_iscrowd(inputs):
-    return inputs[1]['labels'], inputs[1]['iscrowd']
+def drop_empty_boxes(image, target):
+    """The boxes a crop left without width or height go, with their labels and iscrowd: the published code's rule.
+    (torchvision's SanitizeBoundingBoxes also drops those under a pixel, which DETR trains on.)"""
+    boxes = target['boxes']
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if bool(keep.all()):
+        return image, target
+    return image, {**target, 'boxes': tv_tensors.wrap(boxes[keep], like=boxes), 'labels': target['labels'][keep],
+                   'iscrowd': target['iscrowd'][keep]}
 
 
 def make_transforms(image_set, train_scales=tuple(range(480, 801, 32)), train_max_size=1333,
@@ -111,8 +118,7 @@ def make_transforms(image_set, train_scales=tuple(range(480, 801, 32)), train_ma
                     random_resize(train_scales, train_max_size),
                 ]),
             ]),
-            # Boxes under one pixel after the crop go, with their labels and iscrowd.
-            v2.SanitizeBoundingBoxes(labels_getter=labels_and_iscrowd),
+            drop_empty_boxes,
             normalize(),
         ])
     if image_set == 'val':

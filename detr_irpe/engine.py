@@ -202,9 +202,14 @@ def train_step(model, criterion, optimizer, scaler, precision, inputs, targets, 
         raise NonFiniteLossError("loss is not finite (the model's predictions hold nan or inf)") from None
     weights = criterion.weight_dict
     loss = sum(losses[k] * weights[k] for k in losses if k in weights)
-    # The last decoder layer's losses and class_error; the auxiliary layers' (suffix _0, _1, ...) are not logged.
-    logged = {'loss': loss, **{k: v for k, v in losses.items()
-                               if (k in weights or k == 'class_error') and not re.search(r'_\d+$', k)}}
+    # The last decoder layer's terms under DETR's log keys: weighted as in the loss (loss_bbox is 5x the L1 distance),
+    # as they are `_unscaled`; class_error. The auxiliary layers' (suffix _0, _1, ...) are not logged.
+    logged = {'loss': loss}
+    for k, v in losses.items():
+        if not re.search(r'_\d+$', k):
+            if k in weights:
+                logged[k] = v * weights[k]
+            logged[k if k == 'class_error' else f'{k}_unscaled'] = v
     logged = dict(zip(logged, torch.stack([v.detach().float() for v in logged.values()]).tolist()))  # one read
     if not math.isfinite(logged['loss']):
         raise NonFiniteLossError(f"loss is {logged['loss']}")

@@ -163,7 +163,8 @@ def write_log(path, records):
 
 def record(epoch, loss, ap=None):
     r = {'epoch': epoch, 'train_loss': loss, 'train_loss_ce': loss / 2, 'train_loss_bbox': loss / 4,
-         'train_loss_giou': loss / 4, 'time': 1.0}
+         'train_loss_giou': loss / 4, 'train_loss_bbox_unscaled': loss / 20, 'train_loss_giou_unscaled': loss / 8,
+         'time': 1.0}
     if ap is not None:
         r['test_coco_eval_bbox'] = [ap, ap + 0.1, ap / 2, 0.0, ap, -1.0] + [0.0] * 6
     return r

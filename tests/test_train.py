@@ -357,7 +357,13 @@ def test_a_training_step_reads_no_scalar_of_a_device_tensor():
         logged, skipped = engine.train_step(model, criterion, optimizer, precision.grad_scaler(), precision, inputs,
                                             targets, clip_max_norm=0.1)
     assert reads.count == 0
-    assert math.isfinite(logged['loss']) and not skipped and set(logged) >= {'loss', 'loss_ce', 'class_error'}
+    assert math.isfinite(logged['loss']) and not skipped
+    # DETR's log keys: the last layer's terms weighted as in the loss, and `_unscaled`
+    assert set(logged) == {'loss', 'class_error', 'loss_ce', 'loss_bbox', 'loss_giou', 'loss_ce_unscaled',
+                           'loss_bbox_unscaled', 'loss_giou_unscaled', 'cardinality_error_unscaled'}
+    for k in ('loss_ce', 'loss_bbox', 'loss_giou'):
+        assert logged[k] == pytest.approx(logged[f'{k}_unscaled'] * criterion.weight_dict[k], rel=1e-6)
+    assert criterion.weight_dict['loss_bbox'] == 5 and criterion.weight_dict['loss_giou'] == 2
 
 
 def test_training_and_evaluation_give_the_model_batches_padded_to_size_divisibility():

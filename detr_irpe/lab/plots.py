@@ -281,8 +281,9 @@ def draw_detections(image, detections, threshold=0.5, names=None, min_size=512):
 # ------------------------------------------------------------------------------------------- logs
 
 COCO_STATS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
-LOG_PANELS = (('train_loss', 'loss'), ('train_loss_ce', 'classification loss'), ('train_loss_bbox', 'L1 box loss'),
-              ('train_loss_giou', 'GIoU loss'), ('AP', 'AP (val)'), ('AP50', 'AP50 (val)'))
+LOG_PANELS = (('train_loss', 'loss'), ('train_loss_ce', 'classification loss'),
+              ('train_loss_bbox_unscaled', 'L1 box distance'), ('train_loss_giou_unscaled', '1 - GIoU'),
+              ('AP', 'AP (val)'), ('AP50', 'AP50 (val)'))
 
 
 def read_log(path):
