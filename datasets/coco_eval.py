@@ -47,13 +47,18 @@ class CocoEvaluator:
         """coco_gt: a pycocotools COCO (the dataset's); backend: one of BACKENDS, None for default_backend()."""
         self.backend = resolve_backend(backend)
         self.coco_gt = copy.deepcopy(coco_gt)
-        self.img_ids = []
+        self.img_ids, self._seen = [], set()
         self._results = []
         self.coco_eval = None
 
     def update(self, predictions):
-        """predictions: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy in original-image pixels}}"""
+        """predictions: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy in original-image pixels}}.
+        An image given again counts once (the loader gives the next image in place of an unreadable one: its
+        detections twice would score as duplicates)."""
         for image_id, pred in predictions.items():
+            if int(image_id) in self._seen:
+                continue
+            self._seen.add(int(image_id))
             self.img_ids.append(int(image_id))
             detections = {'scores': torch.as_tensor(pred['scores']).reshape(-1),
                           'labels': torch.as_tensor(pred['labels']).reshape(-1),

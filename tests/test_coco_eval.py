@@ -63,6 +63,19 @@ def test_perfect_predictions_give_ap_one(capsys):
     assert 'cat' in out and 'dog' in out
 
 
+def test_an_image_given_twice_counts_once():
+    # the loader gives the next image in place of an unreadable one: its detections twice scored as duplicates, false
+    # positives at their scores (here above image 10's true cat: cat AP 0.83 instead of 1)
+    evaluator = CocoEvaluator(coco_gt())
+    predictions = perfect_predictions()
+    predictions[10]['scores'] = torch.full((2,), 0.8)
+    for image_id in (10, 25, 25):
+        evaluator.update({image_id: predictions[image_id]})
+    evaluator.synchronize_between_processes()
+    assert evaluator.img_ids == [10, 25] and len(evaluator.results()) == 3
+    assert evaluator.summarize()['bbox'][0] == pytest.approx(1.0)
+
+
 def test_no_detections_give_finite_numbers():
     empty = {'scores': torch.zeros(0), 'labels': torch.zeros(0, dtype=torch.int64), 'boxes': torch.zeros(0, 4)}
     evaluator, stats = evaluate({10: empty, 25: empty})
