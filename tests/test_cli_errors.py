@@ -159,7 +159,7 @@ def test_help_with_a_preset_shows_the_presets_values_and_switches_no_misleading_
         parse_args_with_config(get_args_parser(), ['--config', demo, '--help'])
     assert exit_.value.code == 0
     out = ' '.join(capsys.readouterr().out.split())
-    assert '--hidden_dim HIDDEN_DIM default: 128' in out and '--epochs EPOCHS default: 16' in out  # demo.yaml's
+    assert '--hidden_dim HIDDEN_DIM default: 128' in out and '--epochs EPOCHS default: 24' in out  # demo.yaml's
     no_aux_loss = out[out.index('--no_aux_loss turn off'):]
     assert '(default' not in no_aux_loss[:no_aux_loss.index(' --', 3)]  # a switch: no "(default: True)" beside it
     assert "--amp, --no-amp autocast" in out and "a preset's) (default: True)" in out  # demo.yaml's amp: true
