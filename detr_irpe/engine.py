@@ -202,8 +202,8 @@ def train_step(model, criterion, optimizer, scaler, precision, inputs, targets, 
         raise NonFiniteLossError("loss is not finite (the model's predictions hold nan or inf)") from None
     weights = criterion.weight_dict
     loss = sum(losses[k] * weights[k] for k in losses if k in weights)
-    # The last decoder layer's terms under DETR's log keys: weighted as in the loss (loss_bbox is 5x the L1 distance),
-    # as they are `_unscaled`; class_error. The auxiliary layers' (suffix _0, _1, ...) are not logged.
+    # The last decoder layer's terms under DETR's log keys: weighted as in the loss (loss_bbox is 5x the L1 distance)
+    # and as computed (`_unscaled`); class_error. The auxiliary layers' (suffix _0, _1, ...) are not logged.
     logged = {'loss': loss}
     for k, v in losses.items():
         if not re.search(r'_\d+$', k):
