@@ -204,6 +204,19 @@ def test_read_warnings_are_given_once_over_loader_workers_and_epochs(tmp_path, m
         torch.testing.assert_close(box, torch.tensor([(40.5 + 64) / 2, 24, 64 - 40.5, 48]), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_workers_warnings_print_in_one_line_under_spawn(tmp_path, capfd):
+    # a worker that was not forked (spawn; Python 3.14's default forkserver) started with Python's two-line format
+    from detr_irpe.cli.runner import loader_worker_init
+    dataset, _ = load(write_coco(tmp_path))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=1, collate_fn=datasets.collate_fn,
+                                         multiprocessing_context='spawn', worker_init_fn=loader_worker_init)
+    list(loader)
+    err = capfd.readouterr().err
+    assert 'warning: ' in err and 'annotation id 105 reaches outside the 50x40 image' in err, err[-2000:]
+    assert 'UserWarning' not in err and 'warnings.warn(' not in err, err[-2000:]
+
+
 def test_missing_paths_raise_errors_that_name_them(tmp_path):
     with pytest.raises(UsageError, match='--coco_path'):
         coco.build('val', None, None)

@@ -20,7 +20,7 @@ from detr_irpe import UsageError, engine
 from detr_irpe.checkpoint import CHECKPOINT, save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
-from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.runner import loader_worker_init, run_tool
 from detr_irpe.convert import folder_beside, is_hub_id
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
@@ -55,7 +55,8 @@ def run(argv=None):
     datasets.warn_objects_beyond_queries({'val': dataset}, args.num_queries)
     datasets.check_categories(dataset, source.category_names, args.num_classes, f'--resume {args.resume}')
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
-                        num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device))
+                        num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device),
+                        worker_init_fn=loader_worker_init)
     evaluator = datasets.CocoEvaluator(datasets.get_coco_api_from_dataset(dataset), backend=args.eval_backend)
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
                               size_divisibility=args.size_divisibility)

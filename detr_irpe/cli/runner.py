@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from detr_irpe import UsageError
+from detr_irpe.preemption import loader_worker_ignores_sigterm
 from rpe_ops import block_cache
 
 __all__ = ['UsageError', 'run_tool']
@@ -18,11 +19,27 @@ __all__ = ['UsageError', 'run_tool']
 USAGE_EXIT_STATUS = 2
 
 
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None):
+    """This project's warnings as `warning: <message>`, one line as its errors; other libraries' as Python's."""
+    if is_ours(filename):
+        return f'warning: {message}\n'
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+def loader_worker_init(worker_id):
+    """The tools' DataLoader worker_init_fn: warnings as in the main process (a worker started by spawn, or by
+    Python 3.14's default forkserver, has Python's format), SIGTERM left to the main process."""
+    warnings.formatwarning = format_warning
+    loader_worker_ignores_sigterm(worker_id)
+
+
 def run_tool(main, *args):
     """main(*args) with freed CPU memory kept for reuse (rpe_ops.block_cache), its result returned."""
     python_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
-        f'warning: {message}\n' if is_ours(filename) else python_format(message, category, filename, lineno, line))
+    warnings.formatwarning = format_warning
     try:
         block_cache.install()
         return main(*args)

@@ -35,13 +35,12 @@ from detr_irpe.checkpoint import (BEST_CHECKPOINT, CHECKPOINT, PREVIOUS_CHECKPOI
                                   remove_stale_temporaries, resume_point, save_checkpoint, save_json)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
-from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.runner import loader_worker_init, run_tool
 from detr_irpe.convert import read_source
 from detr_irpe.detr import build_model
 from detr_irpe.from_checkpoint import adopt_flags, load_for_finetuning, note_unstated_flags
 from detr_irpe.precision import choose_precision
-from detr_irpe.preemption import (Preemption, loader_worker_ignores_sigterm, process_entry, process_rng_state,
-                                  rng_state, set_rng_state)
+from detr_irpe.preemption import Preemption, process_entry, process_rng_state, rng_state, set_rng_state
 from detr_irpe.run_lock import RunLock
 from detr_irpe_datasets.coco_eval import resolve_backend
 from rpe_ops import block_cache
@@ -66,11 +65,11 @@ def make_loaders(args, dataset_train, dataset_val, backbone=None, precision=None
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
                               collate_fn=collate, num_workers=args.num_workers, pin_memory=pin,
                               generator=torch.Generator().manual_seed(args.seed),
-                              worker_init_fn=loader_worker_ignores_sigterm)
+                              worker_init_fn=loader_worker_init)
     val_sampler = engine.ResumableSampler(len(dataset_val), shuffle=False, num_replicas=args.world_size, rank=args.rank)
     val_loader = DataLoader(dataset_val, batch_size=args.batch_size, sampler=val_sampler, collate_fn=datasets.collate_fn,
                             num_workers=args.num_workers, pin_memory=pin, generator=torch.Generator(),
-                            worker_init_fn=loader_worker_ignores_sigterm)
+                            worker_init_fn=loader_worker_init)
     return train_set, sampler, train_loader, val_loader
 
 
