@@ -45,7 +45,7 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
 
 
 def op_kernel_resources(arch, dtype='float32', batch=16, heads=8, tokens=48, buckets=81):
-    """[(call, kernel name, {'registers', 'spill_bytes', 'shared'})] of the rpe_ops kernels that rpe_index_qk and
+    """[(launch, kernel name, {'registers', 'spill_bytes', 'shared'})] of the rpe_ops kernels that rpe_index_qk and
     the query and key sides of rpe_reduce_qk launch for (batch, heads, tokens, buckets) in `dtype`, compiled for
     sm_<arch> with the specialisation such a launch takes (the integer arguments' widths, divisibility)."""
     import torch
@@ -55,14 +55,16 @@ def op_kernel_resources(arch, dtype='float32', batch=16, heads=8, tokens=48, buc
     ids = torch.randint(0, buckets, (tokens, tokens), dtype=torch.int32)
     x = torch.randn(batch, heads, tokens, buckets).to(dtype)
     weights = torch.randn(batch, heads, tokens, tokens).to(dtype)
-    calls = {'rpe_index_qk': lambda: kernels.rpe_index_qk(x, ids, x, ids),
-             'rpe_reduce query side': lambda: kernels.rpe_reduce(weights, ids, buckets),
-             'rpe_reduce key side': lambda: kernels.rpe_reduce(weights.transpose(2, 3), ids.t(), buckets)}
+    # each call as the model makes it, and a name for each launch it makes, in order
+    calls = [(lambda: kernels.rpe_index_qk(x, ids, x, ids), ['rpe_index_qk']),
+             (lambda: kernels.rpe_reduce_qk(weights, ids, buckets, ids, buckets),
+              ['rpe_reduce query side', 'rpe_reduce key side'])]
     found = []
-    for call, launch in calls.items():
+    for launch, names in calls:
         with compiled_for(arch) as records:
             launch()
-        found += [(call, name, resources) for name, resources in records]
+        assert len(records) == len(names), records
+        found += [(call, name, resources) for call, (name, resources) in zip(names, records)]
     return found
 
 
