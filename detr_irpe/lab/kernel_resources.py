@@ -10,38 +10,37 @@ import tempfile
 # The most shared memory a block may take (opt-in), by architecture: a kernel above it fails to launch there.
 SHARED_MEMORY_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-_POINTER_TYPES = {'id_k_ptr': '*i32', 'id_q_ptr': '*i32', 'id_v_ptr': '*i32', 'rows_ptr': '*i32', 'cols_ptr': '*i32',
-                  'mask_ptr': '*u8', 'lse_ptr': '*fp32', 'delta_ptr': '*fp32', 'w_ptr': '*fp32', 'dqr_ptr': '*fp32',
-                  'dkr_ptr': '*fp32'}
-_SCALAR_TYPES = {'dropout_p': 'fp32', 'seed': 'i32'}
-
 
 def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, dropout=True, factored=True,
-                               blocks=None, head_dim=32):
-    """{kernel name: {'registers': per thread, 'spill_bytes': spill stores per thread}} of the three kernels
-    of detr_irpe.triton_attention compiled for sm_<arch>, for iRPE on rpe_on, padded keys (mask), attention
-    dropout and the product method's factored buckets (factored) as asked, and the current block sizes (or
-    blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS))."""
+                               blocks=None, heads=8, head_dim=32, batch=2, height=25, width=38):
+    """{kernel name: {'registers', 'spill_bytes', 'shared'}} of the three kernels of detr_irpe.triton_attention
+    (forward, backward on queries, backward on keys) compiled for sm_<arch> with the specialisation that an encoder
+    layer's forward and backward under --attention_impl triton take: `heads` x `head_dim`, iRPE on rpe_on (the
+    product method's factored buckets, or its (L, L) ids where not factored), a (batch, height x width) map in
+    `dtype`, padded keys (mask) and attention dropout as asked, the current block sizes or blocks = (BLOCK_M,
+    BLOCK_N, CHUNK, NUM_WARPS)."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from detr_irpe import triton_attention as ta
-    block_m, block_n, chunk, num_warps = blocks or (ta.BLOCK_M, ta.BLOCK_N, ta.CHUNK, ta.NUM_WARPS)
-    element = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}[dtype]
-    flags = ta.kernel_flags('k' in rpe_on, 'q' in rpe_on, 'v' in rpe_on, mask, dropout, factored, getattr(torch, dtype),
-                            head_dim)
-    flags.update(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk)
-    resources = {}
-    for kernel in (ta._forward_kernel, ta._backward_queries_kernel, ta._backward_keys_kernel):
-        signature = {name: 'constexpr' if name in flags else _POINTER_TYPES.get(name, '*' + element)
-                     if name.endswith('_ptr') else _SCALAR_TYPES.get(name, 'i64' if name.startswith('s_') else 'i32')
-                     for name in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs={n: flags[n] for n in flags})
-        compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps})
-        resources[kernel.fn.__name__] = _ptxas_report(compiled, arch)
-    return resources
+    from detr_irpe.attention import RPEMultiheadAttention
+    from detr_irpe.irpe import rpe_config_from_string
+    dtype = getattr(torch, dtype)
+    layer = RPEMultiheadAttention(heads * head_dim, heads, dropout=0.1 if dropout else 0.0, attention_impl='triton',
+                                  rpe_config=rpe_config_from_string(f'rpe-2.0-product-ctx-1-{rpe_on}')).to(dtype)
+    src = torch.randn(height * width, batch, heads * head_dim, dtype=dtype)
+    pos = torch.randn_like(src)
+    padding = torch.zeros(batch, height * width, dtype=torch.bool)
+    padding[-1, -width:] = True
+    settings = dict(zip(('BLOCK_M', 'BLOCK_N', 'CHUNK', 'NUM_WARPS'), blocks or ()), FACTOR_PRODUCT=factored,
+                    problem=lambda *args: None)  # CPU tensors stand in for CUDA ones: nothing runs
+    with _attributes_set(ta, settings), compiled_for(arch) as records:
+        src.requires_grad_()  # as in DETR's encoder: query = key = src + pos, value = src
+        out, _ = layer(src + pos, src + pos, src, key_padding_mask=padding if mask else None, height=height,
+                       width=width)
+        out.sum().backward()
+    assert [name for name, _ in records] == ['_forward_kernel', '_backward_queries_kernel', '_backward_keys_kernel'], \
+        records
+    return dict(records)
 
 
 def op_kernel_resources(arch, dtype='float32', batch=16, heads=8, tokens=48, buckets=81):
@@ -94,6 +93,18 @@ def compiled_for(arch):
         yield records
     finally:
         jit.JITFunction.run = launch
+
+
+@contextlib.contextmanager
+def _attributes_set(module, values):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def _ptxas_report(compiled, arch):
