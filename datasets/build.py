@@ -18,6 +18,7 @@ import torch.utils.data
 from detr_irpe import UsageError
 from detr_irpe.backbone import FrozenFeatures
 from detr_irpe.detr import DEFAULT_NUM_CLASSES, batch_images
+from detr_irpe.from_checkpoint import class_key
 
 from . import coco, synthetic
 from .coco_eval import CocoEvaluator
@@ -187,18 +188,28 @@ def check_annotated(dataset, args, split):
 def check_categories(dataset, names, num_classes, against):
     """A UsageError when the categories of `dataset` do not fit the model's: a category the model has no class
     for (id >= num_classes), or a name that `names` ({id: name} of `against`: the training set, the checkpoint) has
-    under another id. Its detections would be scored under other ids, silently (AP 0 for those classes)."""
-    problems = []
-    by_name = {name: i for i, name in (names or {}).items()}
+    under another id. Its detections would be scored under other ids, silently (AP 0 for those classes). A warning
+    where `against` names another class at an id (names compared as from_checkpoint.class_key compares them): a
+    synonym ('motorbike', 'motorcycle') is the same class, another class is scored as this one."""
+    problems, renamed = [], []
+    names = names or {}
+    by_name = {class_key(name): i for i, name in names.items()}
     for i, name in category_names(dataset).items():
-        if by_name.get(name, i) != i:
-            problems.append(f'{name!r} is id {i} here and id {by_name[name]} in {against}')
+        if by_name.get(class_key(name), i) != i:
+            problems.append(f'{name!r} is id {i} here and id {by_name[class_key(name)]} in {against}')
         elif num_classes is not None and i >= num_classes:
             problems.append(f'id {i} ({name!r}) has no class in a model of --num_classes {num_classes}')
+        elif i in names and class_key(names[i]) != class_key(name):
+            renamed.append(f'id {i} is {name!r} here and {names[i]!r} there')
     if problems:
         raise UsageError(f'the categories of {unwrap(dataset).ann_file} do not fit {against}: '
                          f'{"; ".join(problems[:3])}{" ..." if len(problems) > 3 else ""}. Give every category the '
                          f'id it has in {against}.')
+    if renamed:
+        warnings.warn(f'{unwrap(dataset).ann_file} names {len(renamed)} categor{"y" if len(renamed) == 1 else "ies"} '
+                      f'otherwise than {against}: {"; ".join(renamed[:3])}{" ..." if len(renamed) > 3 else ""}; '
+                      f'the model\'s detections of the class there are scored as the class here. If they are not '
+                      f'the same class, give every category the id it has in {against}.')
 
 
 def collate_fn(batch):

@@ -3,7 +3,8 @@
 The run stops (UsageError naming the file and what to fix) when the file as a whole cannot be trusted:
   - it is not valid JSON (file, line, column), not UTF-8, or not a JSON object;
   - it has no list under 'images', 'annotations' or 'categories';
-  - a category lacks an integer 'id' or a string 'name', or two categories share an id (the label space);
+  - a category lacks an integer 'id' (0 or more) or a string 'name', or two categories share an id (the label
+    space);
   - two image entries share an id, or two annotations do (ids are what training and evaluation match by);
   - no valid image entry is left.
 One entry is skipped, with a warning naming the file, the image or annotation id and the field, and a count
@@ -127,6 +128,9 @@ def validate_annotations(data, path, image_found=None, image_folder='the image f
             raise UsageError(f'annotation file {path}: category entry #{position} ({cat!r:.80}) needs an integer '
                              f"'id' and a string 'name'; fix the categories list (the run stops: it defines the "
                              f'labels)')
+        if cat['id'] < 0:
+            raise UsageError(f"annotation file {path}: category {cat['name']!r} has id {cat['id']}; ids are the "
+                             "model's class numbers, 0 or more: renumber the categories (and their annotations)")
         if cat['id'] in category_ids:
             raise UsageError(f"annotation file {path}: category id {cat['id']} is listed twice; ids must be unique")
         category_ids.add(cat['id'])

@@ -217,6 +217,8 @@ class OnnxDetector:
         self.category_names = {int(k): v for k, v in json.loads(stored).items()} if stored else None
         # {flag: value} of the val transform it was trained with; empty for a file exported before they were kept
         self.size_flags = {flag: json.loads(metadata[flag]) for flag in SIZE_FLAGS if flag in metadata}
+        logits = next(o for o in self.session.get_outputs() if o.name == 'pred_logits')
+        self.num_classes = logits.shape[-1] - 1  # the classes of pred_logits, without the no-object class
 
     def __call__(self, samples, mask=None):
         from detr_irpe.detr import batch_images

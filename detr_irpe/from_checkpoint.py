@@ -81,6 +81,10 @@ def build_model_from_checkpoint(args, explicit=()):
     args.backbone_weights = 'none'
     model, postprocessors = build_detector(args)
     load_model_state(model, source.state_dict, f'checkpoint {args.resume}')
+    if source.unused:  # e.g. a segmentation model's mask head
+        n = len(source.unused)
+        print(f'note: {n} tensor{"s" * (n != 1)} of {args.resume} {"are" if n != 1 else "is"} no part of a detector, '
+              f'not loaded ({summarise(source.unused)})')
     return model.eval(), postprocessors, source
 
 

@@ -22,8 +22,11 @@ class PostProcess(nn.Module):
             raise ValueError(f"{len(outputs['pred_logits'])} predictions but {len(target_sizes)} target sizes")
         prob = F.softmax(outputs['pred_logits'], -1)[..., :-1]
         if self.category_ids is not None:  # the other classes' probabilities out of the running
+            outside = [i for i in self.category_ids if not 0 <= i < prob.shape[-1]]
+            if outside:
+                raise ValueError(f'category ids {outside} outside the {prob.shape[-1]} classes of the model')
             keep = torch.zeros(prob.shape[-1], dtype=torch.bool, device=prob.device)
-            keep[[i for i in self.category_ids if i < len(keep)]] = True
+            keep[self.category_ids] = True
             prob = prob.masked_fill(~keep, 0.0)
         scores, labels = prob.max(-1)
 

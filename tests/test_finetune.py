@@ -60,14 +60,18 @@ def test_load_detector_of_a_huggingface_folder_gives_transformers_predictions(hf
     torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
 
 
-def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp_path):
+def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp_path, capsys):
     args = get_args_parser().parse_args(['--backbone', 'resnet18', '--backbone_weights', 'none', '--hidden_dim', '32',
                                          '--nheads', '2', '--enc_layers', '1', '--dec_layers', '1',
                                          '--dim_feedforward', '32', '--num_queries', '5', '--device', 'cpu'])
     model = build_model(args)[0].eval()
     randomise(model, seed=5)
-    torch.save({'model': model.state_dict()}, tmp_path / 'detr.pth')  # facebookresearch/detr's layout, no args
+    # facebookresearch/detr's layout, no args; a panoptic file's mask head is left out, and said so
+    torch.save({'model': {**model.state_dict(), 'mask_head.lay1.weight': torch.zeros(8, 8, 3, 3)}},
+               tmp_path / 'detr.pth')
     loaded, _ = load_detector(str(tmp_path / 'detr.pth'), nheads=2)  # heads have no tensor: the one flag to give
+    assert (f'note: 1 tensor of {tmp_path / "detr.pth"} is no part of a detector, not loaded '
+            '(mask_head.lay1.weight)') in capsys.readouterr().out
     images = padded_pair()[0]
     with torch.no_grad():
         expected, got = model(images), loaded(images)

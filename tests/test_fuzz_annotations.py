@@ -45,6 +45,8 @@ WRONG_VALUES = [None, 'abc', '', [], {}, -1, 1.5, True]
 def good_for(section, field, value):
     """Whether `value` is a valid `field` of an entry of `section`, as the policy states it."""
     if field in ('id', 'image_id', 'category_id'):
+        if section == 'categories':  # a class number
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return isinstance(value, int) and not isinstance(value, bool) and (
             field == 'id' or value in {'image_id': {i['id'] for i in IMAGES}, 'category_id': {1, 3}}[field])
     if field in ('file_name', 'name'):

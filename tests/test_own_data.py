@@ -296,6 +296,55 @@ def test_predict_draws_the_checkpoints_names_and_writes_only_the_datasets_ids(tr
     assert len(detections) == 5 and {d['category_id'] for d in detections} <= set(NAMES)
 
 
+def test_predict_refuses_val_categories_the_model_has_no_class_for(trained, tmp_path):
+    # a checkpoint keeping no names took the val file's: ids past its classes were dropped, and with none left
+    # every detection came out as category 0 with score 0, exit status 0
+    data, run, _ = trained
+    checkpoint = torch.load(run / 'checkpoint.pth', weights_only=False)
+    del checkpoint['category_names']
+    torch.save(checkpoint, tmp_path / 'nameless.pth')
+    val = json.loads(open(data[data.index('--val_json') + 1]).read())
+    moved = {3: 20, 7: 21, 12: 22}
+    val['categories'] = [dict(c, id=moved[c['id']]) for c in val['categories']]
+    val['annotations'] = [dict(a, category_id=moved[a['category_id']]) for a in val['annotations']]
+    (tmp_path / 'val.json').write_text(json.dumps(val))
+    image = os.path.join(data[7], 'val_000001.jpg')
+    with pytest.raises(UsageError, match=r"id 20 \('circle'\) has no class in a model of --num_classes 13"):
+        predict_tool.run(['--resume', str(tmp_path / 'nameless.pth'), image, '--val_json', str(tmp_path / 'val.json'),
+                          '--val_images', data[7], '--output_dir', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
+
+
+def test_val_categories_named_otherwise_at_the_models_ids_are_warned(trained, tmp_path):
+    data, run, _ = trained
+    val = json.loads(open(data[data.index('--val_json') + 1]).read())
+    val['categories'] = [dict(c, name={7: 'Square', 12: 'star'}.get(c['id'], c['name'])) for c in val['categories']]
+    (tmp_path / 'val.json').write_text(json.dumps(val))
+    with pytest.warns(UserWarning) as caught:
+        eval_tool.run(['--resume', str(run / 'checkpoint.pth'), '--num_workers', '0', '--output_dir',
+                       str(tmp_path / 'eval'), '--val_json', str(tmp_path / 'val.json'),
+                       '--val_images', data[data.index('--val_images') + 1]])
+    renamed = [str(w.message) for w in caught if 'otherwise than' in str(w.message)]
+    # 'Square' is 'square' (as fine-tuning compares names); 'star' is scored as the model's triangles
+    assert len(renamed) == 1 and re.search(r"names 1 category otherwise than --resume .*: id 12 is 'star' here and "
+                                           r"'triangle' there; the model's detections", renamed[0]), renamed
+
+
+def test_predict_warns_of_images_a_viewer_shows_turned(trained, tmp_path):
+    from PIL import Image
+    data, run, _ = trained
+    with Image.open(os.path.join(data[7], 'val_000001.jpg')) as f:
+        exif = f.getexif()
+        exif[0x0112] = 6  # shown turned 90 degrees clockwise
+        f.save(tmp_path / 'phone.jpg', exif=exif)
+        f.save(tmp_path / 'plain.jpg')
+    with pytest.warns(UserWarning, match=r'1 of the images \(.*phone.jpg\) carry an EXIF orientation .* predicted as '
+                                         r'stored') as caught:
+        predict_tool.run(['--resume', str(run / 'checkpoint.pth'), str(tmp_path / 'phone.jpg'),
+                          str(tmp_path / 'plain.jpg'), '--dataset_file', 'coco', '--output_dir', str(tmp_path / 'o')])
+    assert not any('plain.jpg' in str(w.message) for w in caught)
+
+
 def test_eval_of_a_run_scores_its_checkpoint_under_its_epoch_and_needs_one(trained, tmp_path):
     data, run, _ = trained
     result = tool('train.py', *data, *SMALL, '--output_dir', str(tmp_path / 'out'), '--eval')

@@ -31,3 +31,13 @@ def test_each_image_uses_its_own_size():
                             torch.tensor([[100, 200], [300, 50]]))
     assert [r['boxes'].tolist() for r in results] == [[[0, 0, 200, 100]], [[0, 0, 50, 300]]]
     assert all(r['scores'].tolist() == pytest.approx([0.25]) for r in results)
+
+
+def test_category_ids_keep_their_classes_and_refuse_ids_the_model_lacks():
+    logits = torch.tensor([[[3.0, 1.0, 2.0, 0.0]]])  # 3 classes + no-object
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
+    (result,) = PostProcess([1, 2])({'pred_logits': logits, 'pred_boxes': boxes}, torch.tensor([[10, 10]]))
+    assert result['labels'].tolist() == [2]  # class 0 out of the running
+    # an id past the classes was dropped silently (all ids past them: every score 0, label 0)
+    with pytest.raises(ValueError, match=r'category ids \[3, 5\] outside the 3 classes'):
+        PostProcess([1, 3, 5])({'pred_logits': logits, 'pred_boxes': boxes}, torch.tensor([[10, 10]]))

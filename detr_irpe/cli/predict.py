@@ -15,7 +15,8 @@ pycocotools) and images.json (id, file_name, width, height of each image: the im
 An image that is a file of the dataset's val split (that very file, not one of the same name) keeps its id
 there; the others are numbered on from the largest val id (from 1 without val annotations), so no two images
 share an id and none is scored against another image's boxes. A file given twice is predicted once.
-Category names are those stored with the model (checkpoint or ONNX file), else the val annotation file's.
+Category names are those stored with the model (checkpoint or ONNX file), else the val annotation file's; val
+categories the model has no class for, or under other ids than its names, are refused (as tools/eval.py does).
 Model flags, and from a checkpoint of tools/train.py the data and size flags, come from the checkpoint unless given;
 the checkpoint is any detector file or folder detr_irpe.convert reads; output_dir defaults to <checkpoint
 folder>/predict (a --config preset's output_dir is its training run's folder, so only the command line's counts).
@@ -24,6 +25,7 @@ pictures and JSON; model flags are not needed, --val_size and --val_max_size com
 file exported without them: the defaults), --config still gives the data flags (names).
 """
 import os
+import warnings
 from collections import defaultdict
 
 import torch
@@ -89,6 +91,25 @@ def image_ids(paths, dataset):
     return ids
 
 
+def warn_turned(paths):
+    """One warning naming the images whose EXIF orientation shows them turned or mirrored on screen (a phone's
+    photos): they are predicted as stored, as training and evaluation read images."""
+    from PIL import Image
+
+    from detr_irpe_datasets.coco import EXIF_ORIENTATION
+    turned = []
+    for path in paths:
+        with Image.open(path) as f:
+            if f.getexif().get(EXIF_ORIENTATION) in range(2, 9):
+                turned.append(path)
+    if turned:
+        warnings.warn(f'{len(turned)} of the images ({", ".join(turned[:3])}{", ..." if len(turned) > 3 else ""}) '
+                      'carry an EXIF orientation that shows them turned or mirrored on screen; they are predicted as '
+                      'stored, as training and evaluation read images (their boxes and pictures in the stored '
+                      'pixels): to predict them as shown, store them turned (PIL: ImageOps.exif_transpose(im).save('
+                      'path); or exiftran -ai *.jpg).')
+
+
 def picture_names(paths):
     """<stem>.png per path; <stem>_2.png, _3, ... for a later one whose name is taken, compared without case as
     some file systems compare names."""
@@ -112,6 +133,7 @@ def run(argv=None):
                      'tools/export.py), not both or neither')
     output_dir_of_command_line(parser, argv, args)
     paths = list_images(args.inputs)
+    warn_turned(paths)
     explicit = explicit_flags(get_parser(), argv)
     if args.onnx:
         model, postprocessors, device = OnnxDetector(args.onnx, args.threads), {'bbox': PostProcess()}, 'cpu'
@@ -124,10 +146,11 @@ def run(argv=None):
         device = torch.device(args.device)
         model.to(device)
     dataset = val_dataset(args)
-    coco = dataset.coco if dataset is not None else None
-    # the names the model was trained with (the checkpoint's, the ONNX file's), else the val annotations'
-    names = (model.category_names if args.onnx else source.category_names) or (
-        {c['id']: c['name'] for c in coco.dataset.get('categories', [])} if coco else {})
+    stored = model.category_names if args.onnx else source.category_names  # the names the model was trained with
+    if dataset is not None:  # its ids number the detections and its names may label them: the model's, or refused
+        datasets.check_categories(dataset, stored, model.num_classes if args.onnx else args.num_classes,
+                                  f'--onnx {args.onnx}' if args.onnx else f'--resume {args.resume}')
+    names = stored or (datasets.category_names(dataset) if dataset is not None else {})
     if names:  # detections of the model's categories only: not of an id that no class of its data has
         postprocessors = {**postprocessors, 'bbox': PostProcess(names)}
     transform = datasets.make_transforms('val', val_size=args.val_size, val_max_size=args.val_max_size)
