@@ -6,7 +6,7 @@ each entry's paired difference against a baseline entry with a 95% interval.
         --output_dir outputs/sweep
     python tools/sweep.py --config configs/smoke.yaml none rpe-2.0-product-ctx-1-k --seeds 3 --parallel 2
     python tools/sweep.py configs/table6/row1_sine_noirpe_150ep.yaml configs/table6/row6_sine_ctx9x9_150ep.yaml \\
-        --seeds 3 --coco_path /data/coco --output_dir runs/table6 --gpus_per_run 4
+        --seeds 3 --coco_path /data/coco --output_dir runs/table6 --gpus_per_run 8     # the paper's batch of 16
 
 Each entry is either an --enc_rpe2d string ('none' for no iRPE), trained with --config, or a config file
 (configs/table6/row6_sine_ctx9x9_150ep.yaml), trained with that file alone. Any other flag (--epochs,
