@@ -193,10 +193,13 @@ def check_categories(dataset, names, num_classes, against):
     synonym ('motorbike', 'motorcycle') is the same class, another class is scored as this one."""
     problems, renamed = [], []
     names = names or {}
-    by_name = {class_key(name): i for i, name in names.items()}
+    by_name = {}  # two names alike (e.g. 'cat', 'Cat') are two ids of one key
+    for i, name in names.items():
+        by_name.setdefault(class_key(name), []).append(i)
     for i, name in category_names(dataset).items():
-        if by_name.get(class_key(name), i) != i:
-            problems.append(f'{name!r} is id {i} here and id {by_name[class_key(name)]} in {against}')
+        ids = by_name.get(class_key(name), [i])
+        if i not in ids:
+            problems.append(f'{name!r} is id {i} here and id {ids[0]} in {against}')
         elif num_classes is not None and i >= num_classes:
             problems.append(f'id {i} ({name!r}) has no class in a model of --num_classes {num_classes}')
         elif i in names and class_key(names[i]) != class_key(name):
