@@ -218,7 +218,8 @@ class OnnxDetector:
         # {flag: value} of the val transform it was trained with; empty for a file exported before they were kept
         self.size_flags = {flag: json.loads(metadata[flag]) for flag in SIZE_FLAGS if flag in metadata}
         logits = next(o for o in self.session.get_outputs() if o.name == 'pred_logits')
-        self.num_classes = logits.shape[-1] - 1  # the classes of pred_logits, without the no-object class
+        # the classes of pred_logits without the no-object class (None where the file leaves the size open)
+        self.num_classes = logits.shape[-1] - 1 if isinstance(logits.shape[-1], int) else None
 
     def __call__(self, samples, mask=None):
         from detr_irpe.detr import batch_images
