@@ -205,9 +205,10 @@ def check_categories(dataset, names, num_classes, against):
         elif i in names and class_key(names[i]) != class_key(name):
             renamed.append(f'id {i} is {name!r} here and {names[i]!r} there')
     if problems:
+        fix = (f'Give every category the id it has in {against}' if names else
+               f'Number the categories as the data the model was trained on (ids below {num_classes})')
         raise UsageError(f'the categories of {unwrap(dataset).ann_file} do not fit {against}: '
-                         f'{"; ".join(problems[:3])}{" ..." if len(problems) > 3 else ""}. Give every category the '
-                         f'id it has in {against}.')
+                         f'{"; ".join(problems[:3])}{" ..." if len(problems) > 3 else ""}. {fix}.')
     if renamed:
         warnings.warn(f'{unwrap(dataset).ann_file} names {len(renamed)} categor{"y" if len(renamed) == 1 else "ies"} '
                       f'otherwise than {against}: {"; ".join(renamed[:3])}{" ..." if len(renamed) > 3 else ""}; '

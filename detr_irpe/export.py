@@ -217,7 +217,12 @@ class OnnxDetector:
         self.category_names = {int(k): v for k, v in json.loads(stored).items()} if stored else None
         # {flag: value} of the val transform it was trained with; empty for a file exported before they were kept
         self.size_flags = {flag: json.loads(metadata[flag]) for flag in SIZE_FLAGS if flag in metadata}
-        logits = next(o for o in self.session.get_outputs() if o.name == 'pred_logits')
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if set(OUTPUT_NAMES) - outputs.keys():  # another exporter's file (Optimum's says 'logits')
+            raise UsageError(f'ONNX file {path!r} has the outputs {", ".join(outputs)}, not '
+                             f'{" and ".join(OUTPUT_NAMES)}: it is no detector of tools/export.py; write one with '
+                             'tools/export.py --format onnx --output FILE.')
+        logits = outputs['pred_logits']
         # the classes of pred_logits without the no-object class (None where the file leaves the size open)
         self.num_classes = logits.shape[-1] - 1 if isinstance(logits.shape[-1], int) else None
 

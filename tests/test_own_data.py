@@ -309,7 +309,9 @@ def test_predict_refuses_val_categories_the_model_has_no_class_for(trained, tmp_
     val['annotations'] = [dict(a, category_id=moved[a['category_id']]) for a in val['annotations']]
     (tmp_path / 'val.json').write_text(json.dumps(val))
     image = os.path.join(data[7], 'val_000001.jpg')
-    with pytest.raises(UsageError, match=r"id 20 \('circle'\) has no class in a model of --num_classes 13"):
+    with pytest.raises(UsageError, match=r"id 20 \('circle'\) has no class in a model of --num_classes 13.* Number the "
+                                         r"categories as the data the model was trained on \(ids below 13\)\. Or "
+                                         r"predict without val annotations"):
         predict_tool.run(['--resume', str(tmp_path / 'nameless.pth'), image, '--val_json', str(tmp_path / 'val.json'),
                           '--val_images', data[7], '--output_dir', str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
@@ -436,4 +438,5 @@ def test_onnx_export_keeps_the_category_names(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / 'detr.onnx')).metadata_props}
     assert json.loads(stored['category_names']) == {str(k): v for k, v in NAMES.items()}
-    assert OnnxDetector(str(tmp_path / 'detr.onnx')).category_names == NAMES
+    detector = OnnxDetector(str(tmp_path / 'detr.onnx'))
+    assert detector.category_names == NAMES and detector.num_classes == max(NAMES) + 1

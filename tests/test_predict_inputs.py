@@ -255,6 +255,19 @@ def test_a_file_that_is_no_onnx_model_is_a_usage_error_naming_it(smoke, tmp_path
         assert str(given) in str(e.value) and 'not an ONNX model' in str(e.value) and 'tools/export.py' in str(e.value)
 
 
+def test_an_onnx_file_of_another_exporter_is_a_usage_error_naming_its_outputs(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    from detr_irpe.export import OnnxDetector
+    graph = helper.make_graph([helper.make_node('Identity', ['images'], ['logits'])], 'g',
+                              [helper.make_tensor_value_info('images', TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info('logits', TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)]), tmp_path / 'other.onnx')
+    with pytest.raises(UsageError, match=r"other.onnx' has the outputs logits, not pred_logits and pred_boxes: it is "
+                                         r"no detector of tools/export.py"):
+        OnnxDetector(str(tmp_path / 'other.onnx'))
+
+
 def preset_with_output_dir(tmp_path):
     """configs/smoke.yaml with its output_dir (the training run's folder) moved into tmp_path."""
     text = open(SMOKE).read()

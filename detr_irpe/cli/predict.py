@@ -31,6 +31,7 @@ from collections import defaultdict
 import torch
 
 import detr_irpe_datasets.build as datasets
+from detr_irpe import UsageError
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
                                  float_range, int_range, new_parser)
@@ -148,8 +149,12 @@ def run(argv=None):
     dataset = val_dataset(args)
     stored = model.category_names if args.onnx else source.category_names  # the names the model was trained with
     if dataset is not None:  # its ids number the detections and its names may label them: the model's, or refused
-        datasets.check_categories(dataset, stored, model.num_classes if args.onnx else args.num_classes,
-                                  f'--onnx {args.onnx}' if args.onnx else f'--resume {args.resume}')
+        try:
+            datasets.check_categories(dataset, stored, model.num_classes if args.onnx else args.num_classes,
+                                      f'--onnx {args.onnx}' if args.onnx else f'--resume {args.resume}')
+        except UsageError as e:
+            raise UsageError(f'{e} Or predict without val annotations (they give only image ids and names here): '
+                             'leave out --coco_path, --val_json and a --config that sets them.') from None
     names = stored or (datasets.category_names(dataset) if dataset is not None else {})
     if names:  # detections of the model's categories only: not of an id that no class of its data has
         postprocessors = {**postprocessors, 'bbox': PostProcess(names)}

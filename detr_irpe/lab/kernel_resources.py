@@ -16,9 +16,9 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     """{kernel name: {'registers', 'spill_bytes', 'shared'}} of the three kernels of detr_irpe.triton_attention
     (forward, backward on queries, backward on keys) compiled for sm_<arch> with the specialisation that an encoder
     layer's forward and backward under --attention_impl triton take: `heads` x `head_dim`, iRPE on rpe_on (the
-    product method's factored buckets, or its (L, L) ids where not factored), a (batch, height x width) map in
-    `dtype`, padded keys (mask) and attention dropout as asked, the current block sizes or blocks = (BLOCK_M,
-    BLOCK_N, CHUNK, NUM_WARPS)."""
+    product method's factored buckets where asked and its side fits in CHUNK, else its (L, L) ids), a (batch,
+    height x width) map in `dtype`, padded keys (mask) and attention dropout as asked, the current block sizes or
+    blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS)."""
     import torch
 
     from detr_irpe import triton_attention as ta
