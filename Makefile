@@ -16,6 +16,7 @@ SOURCES := setup.py $(wildcard rpe_ops/csrc/*.* rpe_ops/csrc/*/*.*)
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
+	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit(f"make: {sys.executable} is Python {sys.version.split()[0]}; the pinned packages need 3.11 or later: run make PYTHON=python3.11 (or newer) $(MAKECMDGOALS)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PINNED)
@@ -39,7 +40,7 @@ test-quick: setup
 benchmark: setup
 	$(PY) tools/benchmark.py
 
-# On a bare GPU machine (python, torch 2.4+, torchvision, scipy, ninja; no .venv, no nvcc, no downloads): builds rpe_ops
+# On a bare GPU machine (python, torch 2.7+, torchvision, scipy, ninja; no .venv, no nvcc, no downloads): builds rpe_ops
 # in place against the installed torch, runs the named checks and the benchmark, writes outputs/gpu_check.json.
 # -m from the checkout: its folder is on the path, so the packages are found without an install.
 gpu-check:

@@ -55,8 +55,8 @@ setup(
     package_dir={'detr_irpe_datasets': 'datasets'},
     entry_points={'console_scripts': [f"detr-irpe-{tool.replace('_', '-')} = detr_irpe.cli.{tool}:main"
                                       for tool in TOOLS]},
-    python_requires='>=3.9',
-    install_requires=['torch>=2.4', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
+    python_requires='>=3.10',  # annotations such as `dict | None` are evaluated at import
+    install_requires=['torch>=2.7', 'torchvision', 'numpy', 'scipy', 'pycocotools', 'pyyaml', 'tqdm',
                       'matplotlib', 'safetensors'],
     ext_modules=[rpe_ops_extension()],
     cmdclass={'build_ext': BuildExtension},

@@ -466,8 +466,8 @@ def test_a_resume_that_changes_the_learning_rates_or_lr_drop_goes_on_as_a_run_st
     run('--epochs', '2', '--lr', '1e-3', '--lr_backbone', '1e-4', '--lr_drop', '1')
     run('--epochs', '4', '--lr', '2e-3', '--lr_backbone', '1e-4', '--lr_drop', '2', '--weight_decay', '1e-2')
     out = capsys.readouterr().out
-    assert "changed from the run's: --lr 0.001 -> 0.002, --weight_decay 0.0001 -> 0.01, --lr_drop 1 -> 2; it goes " \
-        'on as if it had started so (learning rates from epoch 2: 0.0002, 1e-05)' in out, out
+    assert "changed from the run's: --epochs 2 -> 4, --lr 0.001 -> 0.002, --weight_decay 0.0001 -> 0.01, --lr_drop " \
+        '1 -> 2; it goes on as if it had started so (learning rates from epoch 2: 0.0002, 1e-05)' in out, out
     log = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()]
     # epochs 0 and 1 as the first command gave them; 2 and 3 as a run started with 2e-3, dropping 10x every 2 epochs
     assert [e['train_lr'] for e in log] == pytest.approx([1e-3, 1e-4, 2e-3 * 0.1, 2e-3 * 0.1], rel=1e-12)
@@ -475,7 +475,8 @@ def test_a_resume_that_changes_the_learning_rates_or_lr_drop_goes_on_as_a_run_st
     assert [g['lr'] for g in groups] == pytest.approx([2e-3 * 0.1 ** 2, 1e-4 * 0.1 ** 2], rel=1e-12)
     assert [g['weight_decay'] for g in groups] == [1e-2, 1e-2]
     run('--epochs', '5', '--lr', '2e-3', '--lr_backbone', '1e-4', '--lr_drop', '2', '--weight_decay', '1e-2')
-    assert 'changed from the run' not in capsys.readouterr().out  # the same flags: the states as they were
+    out = capsys.readouterr().out  # the same recipe, a longer schedule: said; the states as they were
+    assert "changed from the run's: --epochs 4 -> 5; it goes on" in out, out
 
 
 def test_train_py_resumes_a_mid_epoch_checkpoint_with_another_batch_size_at_the_next_sample_of_its_order(

@@ -5,7 +5,7 @@ checks, benchmark, print a table and write JSON.
     python3 -m detr_irpe.cli.gpu_check --output outputs/gpu_check.json   # from the checkout, nothing installed
     python3 -m detr_irpe.cli.gpu_check --device cpu --quick  # the same checks on CPU at small sizes (tests run it)
 
-Written for a bare machine with one GPU: Python, PyTorch 2.4+ with its Triton, torchvision, scipy, a C++ compiler
+Written for a bare machine with one GPU: Python, PyTorch 2.7+ with its Triton, torchvision, scipy, a C++ compiler
 and ninja; no virtual environment, no nvcc, nothing to download. The CPU op is built in place against the
 installed torch (`python setup.py build_ext --inplace`; an installed package uses its op as installed); on CUDA
 the ops run Triton kernels. Neither datasets/ nor pycocotools is needed (the GPU machines have neither). Each

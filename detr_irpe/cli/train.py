@@ -217,7 +217,8 @@ def train(args, explicit, resources):
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             start_epoch, start_step = resume_point(checkpoint)
             start_step = step_in_this_run(start_step, start_epoch, run_args, args, resume)
-            if engine.take_recipe_flags(optimizer, lr_scheduler, recipe, args.lr_drop):
+            if engine.take_recipe_flags(optimizer, lr_scheduler, recipe, args.lr_drop) or \
+                    run_args.get('epochs', args.epochs) != args.epochs:  # or a schedule extended or cut
                 print(describe_recipe_change(run_args, args, resume, start_epoch, optimizer))
             if checkpoint.get('step') is not None:
                 start_stats = process_entry(checkpoint, 'epoch_stats')
@@ -335,7 +336,7 @@ def train(args, explicit, resources):
     print(f'training time {datetime.timedelta(seconds=int(time.time() - started))}')
 
 
-RECIPE_FLAGS = ('lr', 'lr_backbone', 'weight_decay', 'rpe_weight_decay', 'lr_drop')
+RECIPE_FLAGS = ('epochs', 'lr', 'lr_backbone', 'weight_decay', 'rpe_weight_decay', 'lr_drop')
 
 
 def recorded_args(args):
