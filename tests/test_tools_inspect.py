@@ -186,6 +186,18 @@ def test_plot_logs_of_a_missing_path_or_a_file_of_no_log_is_a_usage_error(tmp_pa
         tool('plot_logs').run([str(tmp_path / 'table.json')])
     with pytest.raises(UsageError, match=r'nope: no such file or folder'):
         tool('plot_logs').run([str(tmp_path / 'nope')])
+    # JSON lines of nothing drawn: matplotlib's "number sections must be larger than 0" traceback
+    empty = write_log(tmp_path / 'empty' / 'log.txt', [{'epoch': 0}, {'epoch': 1, 'time': 2.0}])
+    with pytest.raises(UsageError, match=r'empty/log.txt: none of its 2 lines has a field to draw \(train_loss, '):
+        tool('plot_logs').run([empty, '--output_dir', str(tmp_path / 'out')])
+
+
+def test_plot_logs_of_a_run_without_the_first_panels_field_still_has_a_legend(tmp_path):
+    # a log of evaluations only (no train_loss): the legend came from the first panel alone, empty: a traceback
+    evals = write_log(tmp_path / 'evals' / 'log.txt', [{'epoch': e, 'test_coco_eval_bbox': [0.1 * e] * 12}
+                                                       for e in range(3)])
+    path = tool('plot_logs').run([evals, '--output_dir', str(tmp_path / 'out')])
+    assert png_size(path)[0] > 600
 
 
 def test_plot_logs_writes_one_png_for_several_runs(tmp_path, capsys):

@@ -19,7 +19,7 @@ from detr_irpe import UsageError
 from detr_irpe.checkpoint import check_output_file, check_output_folder
 from detr_irpe.cli.flags import check_figure_name, int_range, non_empty
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.lab.plots import plot_logs, read_log, run_label, save_figure
+from detr_irpe.lab.plots import LOG_PANELS, plot_logs, read_log, run_label, save_figure
 from detr_irpe.lab.sweep import seed_folders, seed_logs
 
 EXPECTED = "expected log.txt files of tools/train.py, their run folders or a sweep entry's folder (seed*/log.txt)"
@@ -56,6 +56,12 @@ def run(argv=None):
     check_output_file('--name', os.path.join(output_dir, args.name), 'logs.png')
     runs = {label: [read_log(p) for p in group] if len(group) > 1 else read_log(group[0])
             for label, group in zip(labels, groups)}
+    fields = [field for field, _ in LOG_PANELS]
+    for group, records in zip(groups, runs.values()):
+        for log, seed_records in zip(group, records if len(group) > 1 else [records]):
+            if not any(r.get(field) is not None for r in seed_records for field in fields):
+                raise UsageError(f'{log}: none of its {len(seed_records)} lines has a field to draw '
+                                 f'({", ".join(fields)}); {EXPECTED}')
     path = save_figure(plot_logs(runs, band=args.band), os.path.join(output_dir, args.name), args.dpi)
     for (label, records), group in zip(runs.items(), groups):
         for log, seed_records in zip(group, records if len(group) > 1 else [records]):

@@ -368,7 +368,12 @@ def plot_logs(runs, panels=LOG_PANELS, band='minmax'):
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
         ax.axis('off')
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    legend = {}  # from every panel: a run may lack the first panel's field (a log without train_loss)
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc='lower center', ncol=min(len(legend), 4), fontsize=9,
+                   frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
