@@ -54,21 +54,21 @@ def run(argv=None):
     check_output_folder('--output_dir', output_dir)
     check_figure_name('--name', args.name)
     check_output_file('--name', os.path.join(output_dir, args.name), 'logs.png')
-    runs = {label: [read_log(p) for p in group] if len(group) > 1 else read_log(group[0])
-            for label, group in zip(labels, groups)}
+    records = {log: read_log(log) for group in groups for log in group}
     fields = [field for field, _ in LOG_PANELS]
-    for group, records in zip(groups, runs.values()):
-        for log, seed_records in zip(group, records if len(group) > 1 else [records]):
-            if not any(r.get(field) is not None for r in seed_records for field in fields):
-                raise UsageError(f'{log}: none of its {len(seed_records)} lines has a field to draw '
-                                 f'({", ".join(fields)}); {EXPECTED}')
+    for log, lines in records.items():
+        if not any(r.get(field) is not None for r in lines for field in fields):
+            raise UsageError(f'{log}: none of its {len(lines)} lines has a field to draw ({", ".join(fields)}); '
+                             f'{EXPECTED}')
+    runs = {label: [records[log] for log in group] if len(group) > 1 else records[group[0]]
+            for label, group in zip(labels, groups)}
     path = save_figure(plot_logs(runs, band=args.band), os.path.join(output_dir, args.name), args.dpi)
-    for (label, records), group in zip(runs.items(), groups):
-        for log, seed_records in zip(group, records if len(group) > 1 else [records]):
-            last = seed_records[-1]
+    for label, group in zip(labels, groups):
+        for log in group:
+            last = records[log][-1]
             name = f'{label} {os.path.basename(os.path.dirname(log))}' if len(group) > 1 else label
             ap = f', AP {last["AP"]:.3f}' if last.get('AP') is not None else ''
-            print(f'{name}: {len(seed_records)} epochs, last loss {last.get("train_loss", float("nan")):.3f}{ap}')
+            print(f'{name}: {len(records[log])} epochs, last loss {last.get("train_loss", float("nan")):.3f}{ap}')
     print(f'wrote {path}')
     return path
 

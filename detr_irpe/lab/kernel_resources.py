@@ -19,6 +19,8 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     product method's factored buckets where asked and its side fits in CHUNK, else its (L, L) ids), a (batch,
     height x width) map in `dtype`, padded keys (mask) and attention dropout as asked, the current block sizes or
     blocks = (BLOCK_M, BLOCK_N, CHUNK, NUM_WARPS)."""
+    from unittest import mock
+
     import torch
 
     from detr_irpe import triton_attention as ta
@@ -33,7 +35,7 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     padding[-1, -width:] = True
     settings = dict(zip(('BLOCK_M', 'BLOCK_N', 'CHUNK', 'NUM_WARPS'), blocks or ()), FACTOR_PRODUCT=factored,
                     problem=lambda *args: None)  # CPU tensors stand in for CUDA ones: nothing runs
-    with _attributes_set(ta, settings), compiled_for(arch) as records:
+    with mock.patch.multiple(ta, **settings), compiled_for(arch) as records:
         src.requires_grad_()  # as in DETR's encoder: query = key = src + pos, value = src
         out, _ = layer(src + pos, src + pos, src, key_padding_mask=padding if mask else None, height=height,
                        width=width)
@@ -93,18 +95,6 @@ def compiled_for(arch):
         yield records
     finally:
         jit.JITFunction.run = launch
-
-
-@contextlib.contextmanager
-def _attributes_set(module, values):
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def _ptxas_report(compiled, arch):
