@@ -19,10 +19,7 @@ import torch
 
 from detr_irpe.irpe import iRPE_Cross
 
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch < 2.5
-    flex_attention = None
+from torch.nn.attention.flex_attention import flex_attention
 
 ATTENTION_IMPLS = ('auto', 'sdpa', 'flex', 'triton')
 # The dtypes torch's FlexAttention compiles for on CPU.
@@ -47,9 +44,6 @@ def attention_impl_problem(attention_impl, rpe_config=None):
                                                                   rpe_config.rpe_v)))
     if attention_impl != 'flex':
         return None
-    if flex_attention is None:
-        return (f'--attention_impl flex needs torch.nn.attention.flex_attention (torch 2.5 or later); this is '
-                f'torch {torch.__version__}: use --attention_impl sdpa, or upgrade torch.')
     if rpe_config is not None and rpe_config.rpe_v is not None:
         return ("--attention_impl flex cannot apply iRPE on values (rpe_on has 'v'): that term sums the attention "
                 'weights per bucket, and flex_attention does not produce the weights. Use --attention_impl auto or '
@@ -142,8 +136,6 @@ def flex_irpe_attention(q, k, v, rpe_q=None, rpe_k=None, key_padding_mask=None, 
     q: (B, H, L, d) already scaled by d^-0.5 (RPEMultiheadAttention.project); k, v: (B, H, L, d) unscaled;
     key_padding_mask: (B, L) True on padding, or None. Returns (B, H, L, d).
     """
-    if flex_attention is None:
-        check_attention_impl('flex')
     if q.is_cuda and q.shape[-1] < MIN_CUDA_HEAD_DIM:
         raise ValueError(f'flex attention on CUDA needs a head dimension of at least {MIN_CUDA_HEAD_DIM}, got '
                          f'{q.shape[-1]} (--hidden_dim / --nheads): use --attention_impl auto or sdpa, or fewer heads.')

@@ -24,7 +24,7 @@ import time
 try:
     import torch
 except ImportError as error:
-    raise SystemExit(f'gpu_check needs PyTorch (2.4 or later) installed for {sys.executable} ({error}). On the GPU '
+    raise SystemExit(f'gpu_check needs PyTorch (2.7 or later) installed for {sys.executable} ({error}). On the GPU '
                      f'machine, run it with the python that has torch: make gpu-check PYTHON=/path/to/python') from None
 
 from detr_irpe.checkpoint import save_json

@@ -201,9 +201,7 @@ def bench_flex(device, quick):
     """The encoder attention layer with iRPE-K (dropout 0), flex vs the op path (SDPA with the iRPE term as
     its mask): forward + backward on CUDA, forward on CPU."""
     from detr_irpe.attention import RPEMultiheadAttention
-    from detr_irpe.flex import cpu_refusal, flex_attention
-    if flex_attention is None:
-        return {'skipped': f'torch {torch.__version__} has no flex_attention'}
+    from detr_irpe.flex import cpu_refusal
     if device == 'cpu' and cpu_refusal() is not None:
         return {'skipped': cpu_refusal()}
     from detr_irpe.irpe import rpe_config_from_string

@@ -433,9 +433,7 @@ def check_flex(device, quick):
     """The encoder attention through flex_attention (--attention_impl flex) against the SDPA/explicit path with the
     same weights, padded keys: forward, and on CUDA the gradients (torch's FlexAttention has no CPU backward)."""
     from detr_irpe.attention import RPEMultiheadAttention
-    from detr_irpe.flex import cpu_refusal, flex_attention
-    if flex_attention is None:
-        raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
+    from detr_irpe.flex import cpu_refusal
     if device == 'cpu' and cpu_refusal() is not None:
         raise Skip(cpu_refusal())
     from detr_irpe.irpe import rpe_config_from_string
@@ -591,10 +589,8 @@ def check_flex_recompiles(device, quick):
     compiles again. Backend: inductor on CUDA; on CPU aot_eager, dynamo's guards without code generation."""
     from torch._dynamo.backends.registry import lookup_backend
 
-    from detr_irpe.flex import compiled_flex_attention, flex_attention, irpe_score_mod
+    from detr_irpe.flex import compiled_flex_attention, irpe_score_mod
     from detr_irpe.irpe import build_rpe, rpe_config_from_string
-    if flex_attention is None:
-        raise Skip(f'torch {torch.__version__} has no torch.nn.attention.flex_attention (2.5 or later)')
     torch._dynamo.reset()
     graphs = []
     inner = lookup_backend('inductor' if device == 'cuda' else 'aot_eager')
