@@ -18,8 +18,14 @@ def batch_images(images, size_divisibility=1):
     if not images:
         raise ValueError('the model got an empty list of images; pass at least one (3, H, W) tensor.')
     for i, img in enumerate(images):
-        if img.dim() != 3 or img.shape[0] != 3:
-            raise ValueError(f'image {i} has shape {tuple(img.shape)}; expected (3, H, W).')
+        if not isinstance(img, torch.Tensor):
+            raise TypeError(f'image {i} is a {type(img).__name__}; expected a (3, H, W) float tensor: read images with '
+                            f'detr_irpe_datasets.build.make_transforms, or torchvision.transforms.functional.to_tensor '
+                            f'and normalize with ImageNet\'s mean and std.')
+        check_image_tensor(img, f'image {i}', 3)
+        if img.dtype != images[0].dtype:
+            raise TypeError(f'image {i} is {img.dtype}, image 0 {images[0].dtype}: one batch takes one dtype; convert '
+                            f'them alike.')
     H = -(-max(img.shape[1] for img in images) // size_divisibility) * size_divisibility
     W = -(-max(img.shape[2] for img in images) // size_divisibility) * size_divisibility
     batch = images[0].new_zeros(len(images), 3, H, W)
@@ -28,6 +34,27 @@ def batch_images(images, size_divisibility=1):
         b[:, :img.shape[1], :img.shape[2]].copy_(img)
         m[:img.shape[1], :img.shape[2]] = False
     return batch, mask
+
+
+def check_image_tensor(images, what, dims):
+    """A usage error unless `images` is a float tensor of `dims` dimensions, 3 channels first."""
+    if images.dim() != dims or images.shape[-3] != 3:
+        raise ValueError(f'{what} has shape {tuple(images.shape)}; expected {"(3, H, W)" if dims == 3 else "(B, 3, H, W)"}'
+                         f': a list of (3, H, W) images, or a (B, 3, H, W) batch with its (B, H, W) mask.')
+    if not images.is_floating_point():
+        raise TypeError(f'{what} is {images.dtype}; the model takes float images normalised as in training (0-1, then '
+                        "ImageNet's mean and std: detr_irpe_datasets.build.make_transforms('val', ...)): convert it.")
+
+
+def check_mask(mask, images):
+    """A usage error unless `mask` is the (B, H, W) bool padding mask of (B, 3, H, W) `images`."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        given = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f'mask is {given}; expected a bool tensor, True on padding (transformers\' pixel_mask is the '
+                        'opposite, 1 on pixels: pass pixel_mask == 0).')
+    expected = (images.shape[0], *images.shape[2:])
+    if mask.shape != expected:
+        raise ValueError(f'mask has shape {tuple(mask.shape)}; expected {tuple(expected)}, the images\' (B, H, W).')
 
 
 class MLP(nn.Module):
@@ -71,8 +98,13 @@ class DETR(nn.Module):
                 images, mask = batch_images(list(samples))
             else:
                 images = samples
+                if not isinstance(images, torch.Tensor):
+                    raise TypeError(f'the model got a {type(images).__name__}; expected a list of (3, H, W) float '
+                                    'tensors or a (B, 3, H, W) batch.')
+                check_image_tensor(images, 'images', 4)
                 if mask is None:
                     mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+                check_mask(mask, images)
             features, feature_mask, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
         logits = self.class_embed(hs)

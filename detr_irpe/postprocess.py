@@ -15,11 +15,14 @@ class PostProcess(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict]:
         """outputs: 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh.
-        target_sizes: (B, 2) as [h, w] of each original image.
+        target_sizes: (B, 2) as [h, w] of each original image (a tensor, or B pairs as transformers takes them).
         Returns B dicts with 'scores' (Q,), 'labels' (Q,) — the most likely real class (of category_ids), the
-        no-object class excluded — and 'boxes' (Q, 4) xyxy in pixels."""
-        if len(outputs['pred_logits']) != len(target_sizes):
-            raise ValueError(f"{len(outputs['pred_logits'])} predictions but {len(target_sizes)} target sizes")
+        no-object class excluded — and 'boxes' (Q, 4) xyxy in pixels: every query, unsorted, as DETR's; keep
+        those with a score above a threshold."""
+        target_sizes = torch.as_tensor(target_sizes, device=outputs['pred_boxes'].device)
+        if target_sizes.shape != (len(outputs['pred_logits']), 2):
+            raise ValueError(f"target_sizes has shape {tuple(target_sizes.shape)} for {len(outputs['pred_logits'])} "
+                             "images' predictions; expected (B, 2), each image's [height, width].")
         prob = F.softmax(outputs['pred_logits'], -1)[..., :-1]
         if self.category_ids is not None:  # the other classes' probabilities out of the running
             outside = [i for i in self.category_ids if not 0 <= i < prob.shape[-1]]

@@ -154,6 +154,10 @@ def test_predict_with_onnx_writes_the_detections_pytorch_writes(onnx_exports, tm
     assert same_detections(tmp_path / 'onnx', tmp_path / 'torch')
     with pytest.raises(ValueError, match='20x64 pixels.*at least 33 a side'):
         export.OnnxDetector(path)([torch.zeros(3, 20, 64)])
+    with pytest.raises(TypeError, match='image 0 is torch.uint8; the model takes float images normalised'):
+        export.OnnxDetector(path)([torch.zeros(3, 64, 64, dtype=torch.uint8)])  # was run as 0-255 floats
+    with pytest.raises(TypeError, match=r'mask is torch.int64; expected a bool tensor'):
+        export.OnnxDetector(path)(torch.zeros(1, 3, 64, 64), torch.ones(1, 64, 64, dtype=torch.long))
 
 
 @pytest.mark.slow

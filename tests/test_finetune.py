@@ -69,7 +69,7 @@ def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp
     # facebookresearch/detr's layout, no args; a panoptic file's mask head is left out, and said so
     torch.save({'model': {**model.state_dict(), 'mask_head.lay1.weight': torch.zeros(8, 8, 3, 3)}},
                tmp_path / 'detr.pth')
-    loaded, _ = load_detector(str(tmp_path / 'detr.pth'), nheads=2)  # heads have no tensor: the one flag to give
+    loaded, _ = load_detector(tmp_path / 'detr.pth', nheads=2)  # heads have no tensor: the one flag to give
     assert (f'note: 1 tensor of {tmp_path / "detr.pth"} is no part of a detector, not loaded '
             '(mask_head.lay1.weight)') in capsys.readouterr().out
     images = padded_pair()[0]
@@ -77,6 +77,14 @@ def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp
         expected, got = model(images), loaded(images)
     assert torch.equal(got['pred_logits'], expected['pred_logits'])
     assert torch.equal(got['pred_boxes'], expected['pred_boxes'])
+
+
+def test_load_detector_refuses_a_device_this_machine_lacks_as_a_python_error():
+    """The parser's check, raised: parse_args would print the caller's usage and exit its script."""
+    missing = ['mps', f'cuda:{torch.cuda.device_count()}'] + ([] if torch.cuda.is_available() else ['cuda'])
+    for device in missing:
+        with pytest.raises(ValueError, match=rf"load_detector\(device='{device}'\): "):
+            load_detector('detr.pth', device=device)
 
 
 def test_a_published_file_without_args_runs_dilated_when_named_dc5_and_says_what_it_assumed(tmp_path, capsys):

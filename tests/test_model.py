@@ -147,6 +147,32 @@ def test_batched_tensor_with_mask_equals_list_of_images():
     torch.testing.assert_close(a['pred_boxes'], b['pred_boxes'], rtol=0, atol=0)
 
 
+def test_inputs_the_model_would_misread_are_refused_naming_what_was_given():
+    """uint8 pixels in a float batch, a transformers pixel_mask (1 on pixels), a mask of another size, one image
+    without its list: each once ran on, or failed deep in torch."""
+    model = build_model(parse(TINY))[0].eval()
+    images = two_images()
+    batch, mask = model_inputs(images)
+    as_bytes = (images[1].clamp(0, 1) * 255).to(torch.uint8)
+    cases = [((images[0], as_bytes), TypeError, 'image 1 is torch.uint8; the model takes float images normalised'),
+             ((as_bytes,), TypeError, 'image 0 is torch.uint8'),
+             ((images[0], images[1].double()), TypeError, 'image 1 is torch.float64, image 0 torch.float32'),
+             ((images[0], images[1].numpy()), TypeError, 'image 1 is a ndarray; expected a .3, H, W. float tensor'),
+             ((images[0][None], images[1]), ValueError, r'image 0 has shape \(1, 3, 128, 160\); expected \(3, H, W\)')]
+    for samples, error, message in cases:
+        with pytest.raises(error, match=message):
+            model(list(samples))
+    with pytest.raises(TypeError, match=r"mask is torch.int64; expected a bool tensor, True on padding \(transformers' "
+                                        'pixel_mask is the opposite'):
+        model(batch, (~mask).long())
+    with pytest.raises(ValueError, match=r'mask has shape \(2, 10, 10\); expected \(2, 128, 192\)'):
+        model(batch, mask[:, :10, :10])
+    with pytest.raises(ValueError, match=r'images has shape \(3, 128, 160\); expected \(B, 3, H, W\)'):
+        model(images[0])
+    with pytest.raises(TypeError, match='images is torch.uint8'):
+        model(as_bytes[None])
+
+
 def test_size_divisibility_pads_the_batch_to_multiples_and_only_pads():
     from detr_irpe.detr import batch_images
     images = two_images()  # 128x160 and 96x192

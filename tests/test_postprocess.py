@@ -33,6 +33,16 @@ def test_each_image_uses_its_own_size():
     assert all(r['scores'].tolist() == pytest.approx([0.25]) for r in results)
 
 
+def test_target_sizes_as_pairs_equal_the_tensor_and_a_wrong_shape_is_refused():
+    outputs = {'pred_logits': torch.zeros(2, 1, 4), 'pred_boxes': torch.tensor([[0.5, 0.5, 1.0, 1.0]]).expand(2, 1, 4)}
+    pairs = PostProcess()(outputs, [(100, 200), (300, 50)])  # as transformers' post-processing takes them
+    tensor = PostProcess()(outputs, torch.tensor([[100, 200], [300, 50]]))
+    assert all(torch.equal(a['boxes'], b['boxes']) for a, b in zip(pairs, tensor))
+    for sizes in (torch.tensor([100, 200]), [(100, 200)], torch.zeros(2, 3)):
+        with pytest.raises(ValueError, match=r'target_sizes has shape .* for 2 images.*expected \(B, 2\)'):
+            PostProcess()(outputs, sizes)
+
+
 def test_category_ids_keep_their_classes_and_refuse_ids_the_model_lacks():
     logits = torch.tensor([[[3.0, 1.0, 2.0, 0.0]]])  # 3 classes + no-object
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])

@@ -29,6 +29,9 @@ def test_the_readme_python_blocks_run_in_order_and_give_what_their_comments_say(
     B, H, L, d = 2, 6, 1 + 14 * 14, 64
     assert names['attn'].shape == (B, H, L, L) and names['out'].shape == (B, H, L, d)
     assert names['rpe_q'] is None and names['rpe_v'] is None
+    q, k, v = names['q'], names['k'], names['v']
+    without_irpe = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+    assert (names['out'] - without_irpe).abs().max() > 1e-2  # the tables matter, so "equals out" below tests them
     assert [p.data_ptr() for p in names['tables']] == [p.data_ptr() for p in names['rpe_k'].parameters()]
 
     if torch.backends.cpu.get_cpu_capability() != 'AVX512':  # the README says flex is refused there

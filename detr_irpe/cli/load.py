@@ -1,6 +1,9 @@
 """detr_irpe.load_detector: a detector for inference from any weights file or folder, with the command line's
 defaults for every flag the source does not state (here, beside the parser, as the library may not import it)."""
-from detr_irpe.cli.flags import get_model_parser
+import argparse
+import os
+
+from detr_irpe.cli.flags import device_flag, get_model_parser
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 
 
@@ -11,13 +14,18 @@ def load_detector(path, device='cpu', **flag_overrides):
     weights file alone) win over it, the parser's defaults fill the rest.
 
         model, postprocessors = load_detector('detr-resnet-50/')
-        outputs = model([image])            # image (3, H, W), normalised as datasets.make_transforms('val')
+        outputs = model([make_transforms('val')(pil_image)])   # detr_irpe_datasets.build.make_transforms:
+                                                                # resized and normalised as in evaluation
     """
-    args = get_model_parser().parse_args(['--device', str(device), '--backbone_weights', 'none'])
+    try:  # the parser's check, as a Python error: parse_args would print usage and exit the caller
+        device = device_flag(str(device))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f'load_detector(device={device!r}): {e}') from None
+    args = get_model_parser().parse_args(['--device', device, '--backbone_weights', 'none'])
     unknown = sorted(set(flag_overrides) - vars(args).keys())
     if unknown:
         raise TypeError(f'load_detector() got flags it does not know: {", ".join(unknown)}; flags are those of '
                         'tools/train.py without dashes, e.g. attention_impl=\'sdpa\'')
-    vars(args).update(flag_overrides, resume=path)
+    vars(args).update(flag_overrides, resume=os.fspath(path))
     model, postprocessors, _ = build_model_from_checkpoint(args, explicit=set(flag_overrides))
     return model, postprocessors
