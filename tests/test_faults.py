@@ -167,20 +167,25 @@ def test_sigterm_during_an_evaluation_stops_within_it_and_the_resume_evaluates_a
 
 
 @pytest.mark.slow
-def test_sigterm_as_an_epochs_checkpoint_appears_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
-    """The SIGTERM lands after the epoch's checkpoint, before or within its evaluation (whichever the timing
-    gives): no log line yet, and the resumed run writes it."""
+def test_sigterm_as_the_last_epochs_checkpoint_appears_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
+    """The SIGTERM lands after the last epoch's checkpoint, before or within its evaluation (whichever the timing
+    gives): no log line yet, and the resumed run, with nothing left to train, evaluates and writes it (it was
+    refused as a finished run, so a requeued job failed every time)."""
     data = ['--synthetic_dir', str(straight / 'synthetic'), '--output_dir', str(tmp_path / 'out')]
     out = tmp_path / 'out'
     proc = _start(*RUN, *data)
-    _sigterm_when(proc, str(out / 'checkpoint.pth'), lambda epoch, step: epoch == 0 and step is None)
+    _sigterm_when(proc, str(out / 'checkpoint.pth'), lambda epoch, step: epoch == 1 and step is None)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
-    assert 'SIGTERM: checkpoint' in stdout and 'the end of epoch 0' in stdout
-    assert not os.path.exists(out / 'log.txt')  # stopped before epoch 0's log line
+    assert 'SIGTERM: checkpoint' in stdout and 'the end of epoch 1' in stdout
+    assert [e['epoch'] for e in _log(str(out))] == [0]  # stopped before the last epoch's log line
     resumed = _train(*RUN, *data)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(str(straight / 'out'), str(out))
+    with open(straight / 'out' / 'eval.json') as a, open(out / 'eval.json') as b:
+        assert json.load(a)['bbox'] == json.load(b)['bbox']
+    again = _train(*RUN, *data)  # now finished: nothing to do, and said so
+    assert again.returncode == 2 and 'that run has trained 2 epochs and --epochs 2 asks for no more' in again.stderr
 
 
 def test_the_validation_transform_draws_nothing_from_the_global_generators():

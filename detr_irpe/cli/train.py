@@ -159,7 +159,11 @@ def train(args, explicit, resources):
     if trained is not None and args.start_epoch:  # the checkpoint's position wins: the flag went unread
         raise UsageError(f'--start_epoch {args.start_epoch} with --resume {resume}: a resumed run goes on where its '
                          f'checkpoint stopped (epoch {trained}); leave --start_epoch out')
-    if trained is not None and trained >= args.epochs:
+    # stopped after its last epoch's checkpoint, before that epoch's log line (in its evaluation): resume finishes it
+    finishes_last = trained == args.epochs and checkpoint.get('step') is None and \
+        (checkpoint.get('epoch_log') or {}).get('epoch') == trained - 1 and distributed.any_process(
+            distributed.is_main_process() and trained - 1 not in logged_epochs(args.output_dir))
+    if trained is not None and trained >= args.epochs and not finishes_last:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
                          'start a new run from its weights')
