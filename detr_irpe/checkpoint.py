@@ -313,6 +313,13 @@ def resume_point(checkpoint):
     return checkpoint['epoch'] + 1, 0
 
 
+def stopped_before_its_log_line(checkpoint, logged):
+    """Whether an epoch's-end checkpoint was written by a run that stopped before that epoch's log line (in the
+    evaluation that comes between); `logged`: the epochs log.txt holds. Resuming it evaluates and writes the line."""
+    log = checkpoint.get('epoch_log') if checkpoint.get('step') is None else None
+    return log is not None and log['epoch'] not in logged
+
+
 def load_resume_checkpoint(resume, output_dir):
     """(path, checkpoint) to resume from, ('', None) to start fresh. For `--resume auto`: output_dir's checkpoint, or
     when it is damaged or missing the one before it (checkpoint.prev.pth), with a warning that names the damaged

@@ -307,6 +307,22 @@ def test_one_seed_keeps_the_table_of_one_ap_per_cell():
 
 # ------------------------------------------------------------------------- a real sweep, restarted
 
+def test_a_restart_resumes_training_finishes_a_last_epoch_cut_before_its_log_line_or_only_evaluates(tmp_path):
+    from detr_irpe.checkpoint import save_checkpoint
+    resume_flags = tool('sweep').resume_flags
+    path = str(tmp_path / 'checkpoint.pth')
+    assert resume_flags(str(tmp_path), 2) == []  # nothing to resume: a new run
+    save_checkpoint({'epoch': 1, 'step': 3, 'epoch_log': None}, path)  # mid-epoch
+    assert resume_flags(str(tmp_path), 2) == ['--resume', path]
+    save_checkpoint({'epoch': 1, 'step': None, 'epoch_log': {'epoch': 1}}, path)  # the last epoch's end
+    assert resume_flags(str(tmp_path), 2) == ['--resume', path]  # no log line yet: train.py evaluates and writes it
+    with open(tmp_path / 'log.txt', 'w') as f:
+        f.write(json.dumps({'epoch': 0}) + '\n' + json.dumps({'epoch': 1}) + '\n')
+    assert resume_flags(str(tmp_path), 2) == ['--resume', path, '--eval', '--start_epoch', '2']  # eval.json only
+    with pytest.raises(UsageError, match='has trained 2 epochs, more than the --epochs 1'):
+        resume_flags(str(tmp_path), 1)
+
+
 @pytest.mark.slow
 def test_sweep_of_two_entries_two_seeds_trains_pairs_and_a_restart_trains_nothing_again(tmp_path, capsys):
     out = tmp_path / 'sweep'

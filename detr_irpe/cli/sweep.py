@@ -27,10 +27,11 @@ import json
 import os
 
 from detr_irpe import UsageError
-from detr_irpe.checkpoint import CHECKPOINT, load_checkpoint, save_json
+from detr_irpe.checkpoint import CHECKPOINT, load_checkpoint, resume_point, save_json, stopped_before_its_log_line
 from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
+from detr_irpe.cli.train import logged_epochs
 from detr_irpe.lab.sweep import (check_same_run, describe_run, device_slots, final_result, run_dir,
                                  run_name, run_processes, seed_folders, summarize, sweep_table, visible_gpus)
 
@@ -77,17 +78,18 @@ def parse_train_flags(entry, run_argv):
 
 
 def resume_flags(folder, epochs):
-    """Flags that continue an unfinished run from its checkpoint: training where it stopped, or only the
-    final evaluation when training ended but its eval.json was not written."""
+    """Flags that continue an unfinished run from its checkpoint: training where it stopped (or the last epoch's
+    evaluation and log line where the run stopped before them), or only the final evaluation when training ended
+    but its eval.json was not written."""
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.exists(path):
         return []
     checkpoint = load_checkpoint(path)
-    trained = checkpoint['epoch'] + (checkpoint.get('step') is None)  # whole epochs done
+    trained = resume_point(checkpoint)[0]  # whole epochs done
     if trained > epochs:
         raise UsageError(f'{path} has trained {trained} epochs, more than the --epochs {epochs} asked for now; '
                          'give the sweep the --epochs it ran with, or another --output_dir.')
-    if trained == epochs:
+    if trained == epochs and not stopped_before_its_log_line(checkpoint, logged_epochs(folder)):
         return ['--resume', path, '--eval', '--start_epoch', str(epochs)]  # eval.json of epoch epochs - 1
     return ['--resume', path]
 

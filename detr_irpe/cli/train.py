@@ -32,7 +32,8 @@ import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, distributed, engine
 from detr_irpe.checkpoint import (BEST_CHECKPOINT, CHECKPOINT, PREVIOUS_CHECKPOINT, check_same_model_flags,
                                   load_model_state, load_optimizer_state, load_resume_checkpoint,
-                                  remove_stale_temporaries, resume_point, save_checkpoint, save_json)
+                                  remove_stale_temporaries, resume_point, save_checkpoint, save_json,
+                                  stopped_before_its_log_line)
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
 from detr_irpe.cli.runner import loader_worker_init, run_tool
@@ -160,9 +161,8 @@ def train(args, explicit, resources):
         raise UsageError(f'--start_epoch {args.start_epoch} with --resume {resume}: a resumed run goes on where its '
                          f'checkpoint stopped (epoch {trained}); leave --start_epoch out')
     # stopped after its last epoch's checkpoint, before that epoch's log line (in its evaluation): resume finishes it
-    finishes_last = trained == args.epochs and checkpoint.get('step') is None and \
-        (checkpoint.get('epoch_log') or {}).get('epoch') == trained - 1 and distributed.any_process(
-            distributed.is_main_process() and trained - 1 not in logged_epochs(args.output_dir))
+    finishes_last = trained == args.epochs and distributed.any_process(
+        distributed.is_main_process() and stopped_before_its_log_line(checkpoint, logged_epochs(args.output_dir)))
     if trained is not None and trained >= args.epochs and not finishes_last:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
@@ -213,7 +213,7 @@ def train(args, explicit, resources):
     train_set, sampler, train_loader, val_loader = make_loaders(args, dataset_train, dataset_val,
                                                                 model_without_ddp.backbone[0], precision)
 
-    start_epoch, start_step, start_stats, unfinished_log = args.start_epoch, 0, None, None
+    start_epoch, start_step, start_stats = args.start_epoch, 0, None
     if resume:
         load_model_state(model_without_ddp, checkpoint['model'], f'--resume {resume}', checkpoint.get('args'), args)
         if resumes_training:
@@ -226,8 +226,6 @@ def train(args, explicit, resources):
                 print(describe_recipe_change(run_args, args, resume, start_epoch, optimizer))
             if checkpoint.get('step') is not None:
                 start_stats = process_entry(checkpoint, 'epoch_stats')
-            else:
-                unfinished_log = checkpoint.get('epoch_log')  # written unless the run stopped before its log line
             if 'rng' in checkpoint and (state := process_rng_state(checkpoint)) is not None:
                 set_rng_state(state)
             if checkpoint.get('scaler') and scaler.is_enabled():  # float16: the loss scale and its growth count
@@ -301,9 +299,9 @@ def train(args, explicit, resources):
                 for name, v in zip(('AP', 'AP50', 'AP75'), log.get('test_coco_eval_bbox', [])):
                     writer.add_scalar(f'test_{name}', v, epoch)
 
-    if unfinished_log is not None and distributed.any_process(
-            distributed.is_main_process() and unfinished_log['epoch'] not in logged_epochs(args.output_dir)):
-        finish_epoch(dict(unfinished_log))  # stopped after the epoch's checkpoint, before its log line
+    if resumes_training and distributed.any_process(
+            distributed.is_main_process() and stopped_before_its_log_line(checkpoint, logged_epochs(args.output_dir))):
+        finish_epoch(dict(checkpoint['epoch_log']))  # stopped after the epoch's checkpoint, before its log line
 
     if args.epochs == 0:  # a check of the data and flags before a long run
         print('--epochs 0: data read and checked, model built; nothing trained (pass --epochs N to train)')
