@@ -15,6 +15,7 @@ from detr_irpe import UsageError, build_model, load_detector
 from detr_irpe.cli.flags import get_args_parser
 from detr_irpe.convert import hub_cache, hub_snapshot, read_source
 from detr_irpe.from_checkpoint import load_for_finetuning
+from detr_irpe.postprocess import PostProcess
 from own_data import NAMES, make_flat_dataset
 from test_convert import hf_config, padded_pair, randomise
 
@@ -58,6 +59,13 @@ def test_load_detector_of_a_huggingface_folder_gives_transformers_predictions(hf
     # the same float32 arithmetic in another order: differences of a few 1e-6 measured; 1e-4 the bound
     torch.testing.assert_close(got['pred_logits'], expected.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(got['pred_boxes'], expected.pred_boxes, rtol=0, atol=1e-4)
+    # the classes it names (not 'N/A'), and labels of those only, as tools/predict.py gives them
+    assert model.category_names == {0: 'circle', 1: 'square', 3: 'kite'}
+    na_first = {**got, 'pred_logits': got['pred_logits'] + 10 * (torch.arange(5) == 2)}  # 'N/A' (2) most likely
+    sizes = [(64, 80)] * len(got['pred_logits'])
+    labels = [torch.cat([r['labels'] for r in post(na_first, sizes)]).tolist() for post in (postprocessors['bbox'],
+                                                                                          PostProcess())]
+    assert set(labels[0]) <= {0, 1, 3} and set(labels[1]) == {2}
 
 
 def test_load_detector_of_a_published_detr_file_gives_the_models_predictions(tmp_path, capsys):

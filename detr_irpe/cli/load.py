@@ -5,13 +5,15 @@ import os
 
 from detr_irpe.cli.flags import device_flag, get_model_parser
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
+from detr_irpe.postprocess import PostProcess
 
 
 def load_detector(path, device='cpu', **flag_overrides):
     """(model, postprocessors) in eval mode on `device` from `path`: a checkpoint of tools/train.py, a DETR or
     DETR-with-iRPE model-zoo file, or a Hugging Face DetrForObjectDetection folder or weights file
     (detr_irpe.convert). Model flags come from the file; flag_overrides (e.g. attention_impl='sdpa', nheads=8 for a
-    weights file alone) win over it, the parser's defaults fill the rest.
+    weights file alone) win over it, the parser's defaults fill the rest. model.category_names: {id: name} of the
+    classes the source was trained on (None where it names none); postprocessors['bbox'] labels only those ids.
 
         model, postprocessors = load_detector('detr-resnet-50/')
         outputs = model([make_transforms('val')(pil_image)])   # detr_irpe_datasets.build.make_transforms:
@@ -27,5 +29,8 @@ def load_detector(path, device='cpu', **flag_overrides):
         raise TypeError(f'load_detector() got flags it does not know: {", ".join(unknown)}; flags are those of '
                         'tools/train.py without dashes, e.g. attention_impl=\'sdpa\'')
     vars(args).update(flag_overrides, resume=os.fspath(path))
-    model, postprocessors, _ = build_model_from_checkpoint(args, explicit=set(flag_overrides))
+    model, postprocessors, source = build_model_from_checkpoint(args, explicit=set(flag_overrides))
+    model.category_names = source.category_names
+    if source.category_names:  # as tools/predict.py: no label of an id that no class of the model's data has
+        postprocessors = {**postprocessors, 'bbox': PostProcess(source.category_names)}
     return model, postprocessors
