@@ -334,7 +334,7 @@ if triton is not None:
         offsets = (bh.to(tl.int64) * L + i) * L + j
         return tl.where(tl.rand(seed, offsets) >= dropout_p, x / (1 - dropout_p), 0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=['seed'])  # a fresh seed per call: no second compile for seeds divisible by 16
     def _dropout_mask_kernel(out_ptr, L, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(1)
         i = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
@@ -389,7 +389,7 @@ if triton is not None:
                     p * (_dropped(dp, seed, dropout_p, bh, i, j, L) - delta), t, u)
         return p, p * (dp - delta), t, u
 
-    @triton.jit
+    @triton.jit(do_not_specialize=['seed'])
     def _forward_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, id_k_ptr, id_q_ptr, id_v_ptr, rows_ptr, cols_ptr, mask_ptr,
                         H, L, D, ROWS, KP_K, KP_Q, KP_V, HEIGHT, WIDTH, SIDE, s_q_b, s_q_h, s_q_l, s_q_d, s_k_b, s_k_h,
                         s_k_l, s_k_d, s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l, s_qr_k, s_kr_b, s_kr_h,
@@ -449,7 +449,7 @@ if triton is not None:
                     p = _dropped(p, seed, dropout_p, bh, i, j, L)
                 _add_bucket_sums(w_ptr, i, KP_V, p, tv, i_ok & j_ok, SIDE, 1, CHUNK, FACTORED)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=['seed'])
     def _backward_queries_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, id_k_ptr, id_q_ptr, id_v_ptr, rows_ptr, cols_ptr,
                                  mask_ptr, H, L, D, ROWS, KP_K, KP_Q, KP_V, HEIGHT, WIDTH, SIDE, s_q_b, s_q_h, s_q_l,
                                  s_q_d, s_k_b, s_k_h, s_k_l, s_k_d, s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l,
@@ -487,7 +487,7 @@ if triton is not None:
         tl.store(dq_ptr + b * s_dq_b + h * s_dq_h + i * s_dq_l + d * s_dq_d, dq.to(dq_ptr.dtype.element_ty),
                  mask=i_ok & (d < D))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=['seed'])
     def _backward_keys_kernel(q_ptr, k_ptr, v_ptr, qr_ptr, kr_ptr, id_k_ptr, id_q_ptr, id_v_ptr, rows_ptr, cols_ptr,
                               mask_ptr, H, L, D, ROWS, KP_K, KP_Q, KP_V, HEIGHT, WIDTH, SIDE, s_q_b, s_q_h, s_q_l,
                               s_q_d, s_k_b, s_k_h, s_k_l, s_k_d, s_v_b, s_v_h, s_v_l, s_v_d, s_qr_b, s_qr_h, s_qr_l,

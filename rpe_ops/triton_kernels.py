@@ -90,8 +90,8 @@ def _scatter_kernel(v_ptr, idx_ptr, out_ptr, BH, H, P, R,
                     s_v_b, s_v_h, s_v_p, s_v_r, s_idx_p, s_idx_r, s_out_b, s_out_h, s_out_p, s_out_k,
                     BLOCK_R: tl.constexpr):
     """out[b, h, p, idx[p, r]] += v[b, h, p, r] with atomics; out is float32 (float64 for float64 v)."""
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64)
+    r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask = r < R
     t = tl.load(idx_ptr + p * s_idx_p + r * s_idx_r, mask=mask, other=0).to(tl.int64)
     for bh in range(tl.program_id(2), BH, tl.num_programs(2)):
@@ -161,7 +161,7 @@ def _reduce(values, index, num_buckets):
         if acc.numel() == 0 or R == 0:
             return acc.to(dtype)
         BLOCK_R = 256
-        grid = (triton.cdiv(R, BLOCK_R), P)
+        grid = (P, triton.cdiv(R, BLOCK_R))  # P (up to Lq) on axis 0, which alone may exceed 65535 programs
         _scatter_kernel[(*grid, _bh_programs(BH, grid[0] * grid[1]))](
             values, index, acc, BH, H, P, R, *values.stride(), *index.stride(), *acc.stride(), BLOCK_R=BLOCK_R)
         return acc.to(dtype)

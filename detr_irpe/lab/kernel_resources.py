@@ -45,10 +45,11 @@ def attention_kernel_resources(arch, dtype='bfloat16', rpe_on='qkv', mask=True, 
     return dict(records)
 
 
-def op_kernel_resources(arch, dtype='float32', batch=16, heads=8, tokens=48, buckets=81):
+def op_kernel_resources(arch, dtype='float32', batch=16, heads=8, tokens=50, buckets=81):
     """[(launch, kernel name, {'registers', 'spill_bytes', 'shared'})] of the rpe_ops kernels that rpe_index_qk and
     the query and key sides of rpe_reduce_qk launch for (batch, heads, tokens, buckets) in `dtype`, compiled for
-    sm_<arch> with the specialisation such a launch takes (the integer arguments' widths, divisibility)."""
+    sm_<arch> with the specialisation such a launch takes (the integer arguments' widths, divisibility: 50 tokens, like
+    real maps' 950 = 25 x 38, are no multiple of 16, which compiles otherwise)."""
     import torch
 
     from rpe_ops import triton_kernels as kernels
