@@ -40,7 +40,8 @@ def check_image_tensor(images, what, dims):
     """A usage error unless `images` is a float tensor of `dims` dimensions, 3 channels first."""
     if images.dim() != dims or images.shape[-3] != 3:
         expected = '(3, H, W)' if dims == 3 else '(B, 3, H, W)'
-        raise ValueError(f'{what} has shape {tuple(images.shape)}; expected {expected}: a list of (3, H, W) images, or a (B, 3, H, W) batch with its (B, H, W) mask.')
+        raise ValueError(f'{what} has shape {tuple(images.shape)}; expected {expected}: a list of (3, H, W) images, '
+                         'or a (B, 3, H, W) batch with its (B, H, W) mask.')
     if not images.is_floating_point():
         raise TypeError(f'{what} is {images.dtype}; the model takes float images normalised as in training (0-1, then '
                         "ImageNet's mean and std: detr_irpe_datasets.build.make_transforms('val', ...)): convert it.")

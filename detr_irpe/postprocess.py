@@ -19,7 +19,9 @@ class PostProcess(nn.Module):
         Returns B dicts with 'scores' (Q,), 'labels' (Q,) — the most likely real class (of category_ids), the
         no-object class excluded — and 'boxes' (Q, 4) xyxy in pixels: every query, unsorted, as DETR's; keep
         those with a score above a threshold."""
-        target_sizes = torch.as_tensor(target_sizes, device=outputs['pred_boxes'].device)
+        if not isinstance(target_sizes, Tensor):  # pairs, or (2,) tensors such as targets' 'orig_size'
+            target_sizes = torch.tensor([[int(v) for v in size] for size in target_sizes])
+        target_sizes = target_sizes.to(outputs['pred_boxes'].device)
         if target_sizes.shape != (len(outputs['pred_logits']), 2):
             raise ValueError(f"target_sizes has shape {tuple(target_sizes.shape)} for {len(outputs['pred_logits'])} "
                              "images' predictions; expected (B, 2), each image's [height, width].")

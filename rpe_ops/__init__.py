@@ -54,7 +54,7 @@ __all__ = ['rpe_index', 'rpe_reduce', 'rpe_index_qk', 'rpe_reduce_qk', 'referenc
 
 def build_info():
     """Which kernels this install has and which CPU loops run: {'cpu': bool, 'cuda': bool (the CUDA implementation,
-    Triton's kernels, is installed: triton imports; running it needs a GPU too),
+    Triton's kernels, is installed: the extension loaded and triton imports; running it needs a GPU too),
     'cpu_loops': {'loops': 'portable' or 'avx512' (every op's), 'reason': 'by CPU feature: ...' or
     'forced by ...', 'available': the sets this CPU runs} (None without the compiled extension),
     'torch': version, 'import_error': why the extension did not load, or None}."""

@@ -357,11 +357,14 @@ def test_eval_of_a_run_scores_its_checkpoint_under_its_epoch_and_needs_one(train
     assert 'of epoch 0' in result.stdout and json.loads((tmp_path / 'copy' / 'eval.json').read_text())['epoch'] == 0
 
 
-def test_resume_of_a_finished_run_is_a_usage_error_unless_evaluating(trained):
+def test_resume_of_a_finished_run_is_a_usage_error_unless_evaluating(trained, tmp_path):
     data, run, _ = trained
-    result = tool('train.py', *data, *SMALL, '--output_dir', str(run), '--resume', str(run / 'checkpoint.pth'))
-    assert result.returncode == 2 and 'has trained 1 epochs and --epochs 1 asks for no more' in result.stderr
-    assert 'parameters:' not in result.stdout and 'images' not in result.stdout  # said before data and model are built
+    # into its own folder, and into another whose log.txt lacks the run's lines (it is the run's own log that counts)
+    for output_dir in (run, tmp_path / 'elsewhere'):
+        result = tool('train.py', *data, *SMALL, '--output_dir', str(output_dir), '--resume',
+                      str(run / 'checkpoint.pth'))
+        assert result.returncode == 2 and 'has trained 1 epochs and --epochs 1 asks for no more' in result.stderr
+        assert 'parameters:' not in result.stdout and 'images' not in result.stdout  # before data and model are built
 
 
 def test_a_category_id_beyond_91_sets_num_classes(tmp_path):

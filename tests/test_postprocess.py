@@ -35,9 +35,10 @@ def test_each_image_uses_its_own_size():
 
 def test_target_sizes_as_pairs_equal_the_tensor_and_a_wrong_shape_is_refused():
     outputs = {'pred_logits': torch.zeros(2, 1, 4), 'pred_boxes': torch.tensor([[0.5, 0.5, 1.0, 1.0]]).expand(2, 1, 4)}
-    pairs = PostProcess()(outputs, [(100, 200), (300, 50)])  # as transformers' post-processing takes them
     tensor = PostProcess()(outputs, torch.tensor([[100, 200], [300, 50]]))
-    assert all(torch.equal(a['boxes'], b['boxes']) for a, b in zip(pairs, tensor))
+    # as transformers' post-processing takes them, and as a loader's targets give them ('orig_size' per image)
+    for sizes in ([(100, 200), (300, 50)], [torch.tensor([100, 200]), torch.tensor([300, 50])]):
+        assert all(torch.equal(a['boxes'], b['boxes']) for a, b in zip(PostProcess()(outputs, sizes), tensor))
     for sizes in (torch.tensor([100, 200]), [(100, 200)], torch.zeros(2, 3)):
         with pytest.raises(ValueError, match=r'target_sizes has shape .* for 2 images.*expected \(B, 2\)'):
             PostProcess()(outputs, sizes)

@@ -160,9 +160,10 @@ def train(args, explicit, resources):
     if trained is not None and args.start_epoch:  # the checkpoint's position wins: the flag went unread
         raise UsageError(f'--start_epoch {args.start_epoch} with --resume {resume}: a resumed run goes on where its '
                          f'checkpoint stopped (epoch {trained}); leave --start_epoch out')
-    # stopped after its last epoch's checkpoint, before that epoch's log line (in its evaluation): resume finishes it
-    finishes_last = trained == args.epochs and distributed.any_process(
-        distributed.is_main_process() and stopped_before_its_log_line(checkpoint, logged_epochs(args.output_dir)))
+    # stopped after its last epoch's checkpoint, before that epoch's log line (in its evaluation): resume finishes it.
+    # The run's own log decides (the checkpoint's folder), not the log of an --output_dir it is resumed into.
+    finishes_last = trained == args.epochs and distributed.any_process(distributed.is_main_process() and (
+        stopped_before_its_log_line(checkpoint, logged_epochs(os.path.dirname(os.path.abspath(resume))))))
     if trained is not None and trained >= args.epochs and not finishes_last:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
