@@ -3,9 +3,11 @@
 --amp autocasts to a half type only where the hardware computes it natively:
   CUDA  bfloat16 where the GPU has it (Ampere and later); float16 otherwise, with a gradient scaler,
         since float16's 5 exponent bits flush small gradients to zero without loss scaling.
-  CPU   bfloat16 where the CPU has bfloat16 arithmetic (AVX512_BF16 or AMX-BF16); float32 otherwise,
-        because there every bfloat16 operand is converted in software: on an Ice Lake Xeon a 3x3 conv
-        256->256 took 28 ms in float32 and 66 ms under bfloat16 autocast (issue #11).
+  CPU   bfloat16 where the CPU computes it faster than float32: AMX-BF16 (Sapphire Rapids and later), or
+        AVX512_BF16 on AMD (Zen 4, whose float32 AVX-512 runs at half width); float32 otherwise. Without
+        bfloat16 arithmetic every operand is converted in software (an Ice Lake Xeon's 3x3 conv 256->256: 28 ms
+        in float32, 66 ms under bfloat16 autocast, issue #11); an Intel Xeon with AVX512_BF16 but no AMX ran
+        convolutions and products 1.4-1.9x slower in bfloat16 than in float32 (docs/performance.md, host D).
 The choice is printed in one line at start-up. DETR_IRPE_AMP_DTYPE=bfloat16|float16|float32 forces the
 dtype --amp uses (benchmarks, tests, or a CPU this rule misjudges); without --amp everything is float32.
 
@@ -91,9 +93,15 @@ def choose_precision(device, amp, cpu_capabilities=None, cuda_bf16=None, forced=
             return Precision(device_type, torch.bfloat16, 'this GPU computes bfloat16')
         return Precision(device_type, torch.float16, 'this GPU has no bfloat16')
     if device_type == 'cpu':
+        if cpu_capabilities is None:
+            cpu_capabilities = _cpu_capabilities()
         features = cpu_bf16_features(cpu_capabilities)
-        if features:
+        amd = 'AMD' in str(cpu_capabilities.get('cpu_name', '')).upper()
+        if 'amx_bf16' in features or (features and amd):
             return Precision(device_type, torch.bfloat16, f'this CPU computes bfloat16: {", ".join(features)}')
+        if features:
+            return Precision(device_type, torch.float32, 'this CPU has AVX512_BF16 but no AMX: on Intel CPUs that is '
+                                                         'slower than float32')
         return Precision(device_type, torch.float32, 'this CPU has no AVX512_BF16 or AMX-BF16: bfloat16 would be '
                                                      'emulated and slower than float32')
     return Precision(device_type, torch.float32, f'no autocast rule for {device_type} devices')

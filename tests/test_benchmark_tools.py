@@ -66,6 +66,23 @@ def test_benchmark_table_of_the_op_part(tmp_path):
         assert f'| rpe_index: {name} | {value:.3f} |' in proc.stdout
 
 
+@pytest.mark.slow
+def test_benchmark_precision_part_says_whether_amps_choice_was_the_faster_here(tmp_path):
+    from detr_irpe.lab.benchmark import paired_ratio
+    from detr_irpe.precision import choose_precision
+    out = tmp_path / 'bench.json'
+    proc = run('benchmark.py', '--quick', '--parts', 'precision', '--threads', '1', '--json', str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    p, ratio = result['precision'], result['ratios']['precision']['bfloat16 / float32']
+    assert ratio == paired_ratio(p['samples'], 'bfloat16', 'float32')
+    chosen = choose_precision('cpu', amp=True)  # as the tool's process chose it (the same environment)
+    assert p['amp'] == chosen.describe() and p['amp_chose_the_faster'] == ((ratio < 1) == chosen.autocast_enabled)
+    verdict = 'the faster' if p['amp_chose_the_faster'] else 'NOT the faster'
+    assert f"{chosen.describe()}: {verdict} on this host" in proc.stdout
+    assert f'| precision: bfloat16 / float32 | {ratio:.3f} |' in proc.stdout
+
+
 def test_model_ratios_are_medians_of_ratios_within_each_repeat():
     from detr_irpe.lab.benchmark import interleaved, paired_ratio
     calls = []

@@ -9,14 +9,13 @@ import argparse
 from detr_irpe.checkpoint import check_output_file, save_json
 from detr_irpe.cli.flags import int_range, non_empty
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.lab.benchmark import markdown_table, run as run_benchmark
+from detr_irpe.lab.benchmark import PARTS, markdown_table, run as run_benchmark
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='smaller sizes and fewer repeats')
-    parser.add_argument('--parts', nargs='+', default=['models', 'attention', 'op', 'dc5'],
-                        choices=['models', 'attention', 'op', 'dc5'])
+    parser.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
     parser.add_argument('--threads', type=int_range(1, 4096), default=None, help="torch threads (default: torch's)")
     parser.add_argument('--json', default='outputs/benchmark.json', type=non_empty, help='where to write the result')
     return parser

@@ -315,8 +315,8 @@ def add_training_args(p):
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='autocast to what the device computes natively (detr_irpe/precision.py): bfloat16 on GPUs '
                         'that have it, float16 with a gradient scaler on older GPUs, bfloat16 on CPUs with '
-                        'AVX512_BF16 or AMX, float32 on other CPUs; the choice is printed at start-up (--no-amp undoes '
-                        'a preset\'s)')
+                        "AMX or AMD's AVX512_BF16, float32 on other CPUs; the choice is printed at start-up (--no-amp "
+                        "undoes a preset's)")
     g.add_argument('--backbone_in_workers', action=argparse.BooleanOptionalAction, default=False,
                    help='run the frozen backbone (--lr_backbone 0) in the data loader\'s worker processes, so on the '
                         'CPU it overlaps the transformer\'s step on other cores; the same numbers (--device cpu, '

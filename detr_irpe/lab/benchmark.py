@@ -26,6 +26,7 @@ from detr_irpe.cli.flags import get_model_parser
 from detr_irpe.detr import batch_images, build_model
 from detr_irpe.export import DetectorOutputs, OnnxDetector, load_pt2
 from detr_irpe.irpe import build_rpe, rpe_config_from_string
+from detr_irpe.precision import choose_precision
 
 IRPE_K = 'rpe-2.0-product-ctx-1-k'
 IRPE_QKV = 'rpe-2.0-product-ctx-1-qkv'
@@ -38,6 +39,11 @@ FULL = {'images': [(640, 853), (600, 800)], 'attention_map': (25, 38), 'dc5_imag
 # the rpe_index timings: bucket ids (as the ratios name them), suffix of 'rpe_index_vs_gather' in the result,
 # and how the table's summary line names them
 OP_CASES = [('irpe ids', '', 'iRPE bucket ids'), ('random ids', '_random_ids', 'random ids')]
+# The demo's model (configs/demo.yaml; its backbone trained here): a step in float32 and under bfloat16 autocast tells
+# whether --amp's choice on this CPU (detr_irpe.precision) is the faster one.
+DEMO_MODEL = ['--backbone', 'resnet18', '--hidden_dim', '128', '--nheads', '8', '--enc_layers', '2', '--dec_layers', '2',
+              '--dim_feedforward', '512', '--num_queries', '10', '--enc_rpe2d', IRPE_K]
+PARTS = ('models', 'attention', 'op', 'dc5', 'precision')
 QUICK = {'images': [(320, 427), (300, 400)], 'attention_map': (12, 16), 'dc5_image': (320, 427),
          'repeats': 3, 'attention_repeats': 5, 'op_repeats': 5, 'dc5_steps': 2, 'dc5_rounds': 1}
 
@@ -130,6 +136,23 @@ def model_steps(sizes, repeats):
     return {'train_step': train, 'inference': infer}, samples
 
 
+def precision_steps(repeats):
+    """Medians and samples of a training step of the demo's model (batch 8 of 128 px) in float32 and under
+    bfloat16 autocast, interleaved."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(get_model_parser().parse_args(['--backbone_weights', 'none', '--device', 'cpu',
+                                                                     *DEMO_MODEL]))
+    images, targets = sample_batch([(128, 128)] * 8)
+
+    def step(dtype):
+        with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
+            train_step(model, criterion, images, targets)
+    samples = {}
+    medians = interleaved({'float32': lambda: step(torch.float32), 'bfloat16': lambda: step(torch.bfloat16)},
+                          repeats, samples=samples)
+    return medians, samples
+
+
 def attention_layer(height, width, batch=2, embed_dim=256, heads=8, repeats=7):
     """Encoder self-attention alone, training mode (dropout 0.1), forward + backward, one image padded."""
     torch.manual_seed(0)
@@ -202,7 +225,7 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
-def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
+def run(quick=False, parts=PARTS, threads=None):
     """Every measurement of the issue's table: medians (seconds, bytes) and ratios (ours / baseline).
 
     threads: torch threads (default: torch's). On a machine shared with other jobs, 1 thread keeps
@@ -250,6 +273,13 @@ def run(quick=False, parts=('models', 'attention', 'op', 'dc5'), threads=None):
         result['dc5'] = d
         ratios['dc5'] = {'step irpe_qkv / plain': ratio(d['irpe_qkv']['step_seconds'], d['plain']['step_seconds']),
                          'peak memory irpe_qkv / plain': ratio(d['irpe_qkv']['peak_rss_bytes'], d['plain']['peak_rss_bytes'])}
+    if 'precision' in parts:
+        t, samples = precision_steps(cfg['repeats'])
+        chosen = choose_precision('cpu', amp=True)
+        result['precision'] = {'seconds': t, 'samples': samples, 'amp': chosen.describe()}
+        ratios['precision'] = {'bfloat16 / float32': paired_ratio(samples, 'bfloat16', 'float32')}
+        faster = ratios['precision']['bfloat16 / float32'] < 1
+        result['precision']['amp_chose_the_faster'] = faster == (chosen.dtype == torch.bfloat16)
     result['ratios'] = ratios
     result['machine']['load_average_1min_end'] = os.getloadavg()[0]
     result['machine']['host'] = rpe_ops.benchmark.host()  # after the runs: the loops each op chose
@@ -268,7 +298,8 @@ TARGETS = [('train_step', 'irpe_k / plain', 1.02, True), ('train_step', 'irpe_qk
            ('rpe_index', 'gather / rpe_index (fwd, random ids)', None, False),
            *[('rpe_index', f'chosen loops / portable ({k}, {ids})', 1.15, True)
              for ids in ('irpe ids', 'random ids') for k in ('fwd', 'fwd+bwd')],
-           ('dc5', 'step irpe_qkv / plain', 1.15, True), ('dc5', 'peak memory irpe_qkv / plain', 1.10, True)]
+           ('dc5', 'step irpe_qkv / plain', 1.15, True), ('dc5', 'peak memory irpe_qkv / plain', 1.10, True),
+           ('precision', 'bfloat16 / float32', None, True)]
 
 
 def describe_sizes(result):
@@ -290,6 +321,9 @@ def describe_sizes(result):
         steps = f", medians of {s['dc5_steps']} steps in each of {s['dc5_rounds']} fresh processes per model" \
             if 'dc5_steps' in s else ''
         parts.append(f"DC5 batch 1 of {s['dc5_image'][0]}x{s['dc5_image'][1]}{steps}")
+    if 'precision' in result:
+        parts.append(f"the demo's model (ResNet-18, 2+2 layers of 128, iRPE-K) batch 8 of 128x128, training step, "
+                     f"medians of {s['repeats']} interleaved repeats")
     line = 'Sizes: ' + ('; '.join(parts) or 'no part ran') + '.'
     if 'model_seconds' in result or 'attention_seconds' in result:
         line += (f" iRPE-K = {s['irpe_k']}, iRPE-QKV = {s['irpe_qkv']}. Model and attention ratios: medians of the "
@@ -328,6 +362,11 @@ def markdown_table(result):
             lines += ['', f"rpe_index fwd+bwd ({kind}) {t['rpe_index'] * 1e3:.1f} ms, torch.gather "
                           f"{t['gather'] * 1e3:.1f} ms; a fresh (B, H, L, L) tensor written and grad read: "
                           f"{t['memory_floor'] * 1e3:.1f} ms."]
+    if 'precision' in result:
+        p = result['precision']
+        lines += ['', f"{p['amp']}: {'the faster' if p['amp_chose_the_faster'] else 'NOT the faster'} on this host "
+                      f"(the demo's model's step: float32 {p['seconds']['float32'] * 1e3:.0f} ms, bfloat16 autocast "
+                      f"{p['seconds']['bfloat16'] * 1e3:.0f} ms)."]
     if 'dc5' in result:
         d = result['dc5']
         for name in ('plain', 'irpe_qkv'):
