@@ -313,11 +313,20 @@ def resume_point(checkpoint):
     return checkpoint['epoch'] + 1, 0
 
 
-def stopped_before_its_log_line(checkpoint, logged):
+def logged(output_dir):
+    """log.txt's lines as dicts (none without --output_dir or log.txt)."""
+    path = os.path.join(output_dir, 'log.txt') if output_dir else ''
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stopped_before_its_log_line(checkpoint, folder):
     """Whether an epoch's-end checkpoint was written by a run that stopped before that epoch's log line (in the
-    evaluation that comes between); `logged`: the epochs log.txt holds. Resuming it evaluates and writes the line."""
+    evaluation that comes between), by the log.txt in `folder`. Resuming it evaluates and writes the line."""
     log = checkpoint.get('epoch_log') if checkpoint.get('step') is None else None
-    return log is not None and log['epoch'] not in logged
+    return log is not None and log['epoch'] not in {line['epoch'] for line in logged(folder)}
 
 
 def load_resume_checkpoint(resume, output_dir):

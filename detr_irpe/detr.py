@@ -18,10 +18,6 @@ def batch_images(images, size_divisibility=1):
     if not images:
         raise ValueError('the model got an empty list of images; pass at least one (3, H, W) tensor.')
     for i, img in enumerate(images):
-        if not isinstance(img, torch.Tensor):
-            raise TypeError(f'image {i} is a {type(img).__name__}; expected a (3, H, W) float tensor: read images with '
-                            f'detr_irpe_datasets.build.make_transforms, or torchvision.transforms.functional.to_tensor '
-                            f'and normalize with ImageNet\'s mean and std.')
         check_image_tensor(img, f'image {i}', 3)
         if img.dtype != images[0].dtype:
             raise TypeError(f'image {i} is {img.dtype}, image 0 {images[0].dtype}: one batch takes one dtype; convert '
@@ -36,10 +32,26 @@ def batch_images(images, size_divisibility=1):
     return batch, mask
 
 
+def images_and_mask(samples, mask=None):
+    """The model's inputs as a (B, 3, H, W) float batch and its (B, H, W) bool mask, True on padding, from a list of
+    (3, H, W) images (padded here) or a batch with its mask (None: no padding); a usage error for anything else."""
+    if isinstance(samples, (list, tuple)):
+        return batch_images(list(samples))
+    check_image_tensor(samples, 'images', 4)
+    if mask is None:
+        mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool, device=samples.device)
+    check_mask(mask, samples)
+    return samples, mask
+
+
 def check_image_tensor(images, what, dims):
     """A usage error unless `images` is a float tensor of `dims` dimensions, 3 channels first."""
+    expected = '(3, H, W)' if dims == 3 else '(B, 3, H, W)'
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f'{what} is a {type(images).__name__}; expected a {expected} float tensor: read images with '
+                        'detr_irpe_datasets.build.make_transforms, or torchvision.transforms.functional.to_tensor and '
+                        "normalize with ImageNet's mean and std.")
     if images.dim() != dims or images.shape[-3] != 3:
-        expected = '(3, H, W)' if dims == 3 else '(B, 3, H, W)'
         raise ValueError(f'{what} has shape {tuple(images.shape)}; expected {expected}: a list of (3, H, W) images, '
                          'or a (B, 3, H, W) batch with its (B, H, W) mask.')
     if not images.is_floating_point():
@@ -95,18 +107,7 @@ class DETR(nn.Module):
         if features is not None:
             features, feature_mask, pos = self.backbone.with_position(features.features, features.mask)
         else:
-            if isinstance(samples, (list, tuple)):
-                images, mask = batch_images(list(samples))
-            else:
-                images = samples
-                if not isinstance(images, torch.Tensor):
-                    raise TypeError(f'the model got a {type(images).__name__}; expected a list of (3, H, W) float '
-                                    'tensors or a (B, 3, H, W) batch.')
-                check_image_tensor(images, 'images', 4)
-                if mask is None:
-                    mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
-                check_mask(mask, images)
-            features, feature_mask, pos = self.backbone(images, mask)
+            features, feature_mask, pos = self.backbone(*images_and_mask(samples, mask))
         hs = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)[0]
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()

@@ -227,16 +227,8 @@ class OnnxDetector:
         self.num_classes = logits.shape[-1] - 1 if isinstance(logits.shape[-1], int) else None
 
     def __call__(self, samples, mask=None):
-        from detr_irpe.detr import batch_images, check_image_tensor, check_mask
-        if isinstance(samples, (list, tuple)):
-            samples, mask = batch_images([s.cpu() if isinstance(s, torch.Tensor) else s for s in samples])
-        if not isinstance(samples, torch.Tensor):
-            raise TypeError(f'OnnxDetector got a {type(samples).__name__}; expected a list of (3, H, W) float tensors '
-                            'or a (B, 3, H, W) batch.')
-        check_image_tensor(samples, 'images', 4)
-        if mask is None:
-            mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
-        check_mask(mask, samples)
+        from detr_irpe.detr import images_and_mask
+        samples, mask = images_and_mask(samples, mask)
         if min(samples.shape[2:]) < MIN_SIDE:
             raise UsageError(f'images of {samples.shape[2]}x{samples.shape[3]} pixels: the exported graph takes '
                              f'at least {MIN_SIDE} a side; pad or resize them (--val_size) first.')

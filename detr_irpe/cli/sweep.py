@@ -31,7 +31,6 @@ from detr_irpe.checkpoint import CHECKPOINT, load_checkpoint, resume_point, save
 from detr_irpe.cli.flags import MAX_SEED, get_args_parser, int_range
 from detr_irpe.cli.presets import parse_args_with_config
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.cli.train import logged_epochs
 from detr_irpe.lab.sweep import (check_same_run, describe_run, device_slots, final_result, run_dir,
                                  run_name, run_processes, seed_folders, summarize, sweep_table, visible_gpus)
 
@@ -89,7 +88,7 @@ def resume_flags(folder, epochs):
     if trained > epochs:
         raise UsageError(f'{path} has trained {trained} epochs, more than the --epochs {epochs} asked for now; '
                          'give the sweep the --epochs it ran with, or another --output_dir.')
-    if trained == epochs and not stopped_before_its_log_line(checkpoint, logged_epochs(folder)):
+    if trained == epochs and not stopped_before_its_log_line(checkpoint, folder):
         return ['--resume', path, '--eval', '--start_epoch', str(epochs)]  # eval.json of epoch epochs - 1
     return ['--resume', path]
 

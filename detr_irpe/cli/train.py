@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, distributed, engine
 from detr_irpe.checkpoint import (BEST_CHECKPOINT, CHECKPOINT, PREVIOUS_CHECKPOINT, check_same_model_flags,
-                                  load_model_state, load_optimizer_state, load_resume_checkpoint,
+                                  load_model_state, load_optimizer_state, load_resume_checkpoint, logged,
                                   remove_stale_temporaries, resume_point, save_checkpoint, save_json,
                                   stopped_before_its_log_line)
 from detr_irpe.cli.flags import get_args_parser
@@ -163,7 +163,7 @@ def train(args, explicit, resources):
     # stopped after its last epoch's checkpoint, before that epoch's log line (in its evaluation): resume finishes it.
     # The run's own log decides (the checkpoint's folder), not the log of an --output_dir it is resumed into.
     finishes_last = trained == args.epochs and distributed.any_process(distributed.is_main_process() and (
-        stopped_before_its_log_line(checkpoint, logged_epochs(os.path.dirname(os.path.abspath(resume))))))
+        stopped_before_its_log_line(checkpoint, os.path.dirname(os.path.abspath(resume)))))
     if trained is not None and trained >= args.epochs and not finishes_last:
         raise UsageError(f'--resume {resume}: that run has trained {trained} epochs and --epochs {args.epochs} asks for '
                          f'no more; pass --epochs above {trained} to train on, --eval to evaluate it, or --finetune to '
@@ -301,7 +301,7 @@ def train(args, explicit, resources):
                     writer.add_scalar(f'test_{name}', v, epoch)
 
     if resumes_training and distributed.any_process(
-            distributed.is_main_process() and stopped_before_its_log_line(checkpoint, logged_epochs(args.output_dir))):
+            distributed.is_main_process() and stopped_before_its_log_line(checkpoint, args.output_dir)):
         finish_epoch(dict(checkpoint['epoch_log']))  # stopped after the epoch's checkpoint, before its log line
 
     if args.epochs == 0:  # a check of the data and flags before a long run
@@ -397,19 +397,6 @@ def describe_recipe_change(run_args, args, resume, epoch, optimizer):
     rates = ', '.join(f'{group["lr"]:g}' for group in optimizer.param_groups)
     return (f'--resume {resume}: changed from the run\'s: {", ".join(changed) or "learning rates or weight decays"}; '
             f'it goes on as if it had started so (learning rates from epoch {epoch}: {rates})')
-
-
-def logged(output_dir):
-    """log.txt's lines as dicts (none without --output_dir or log.txt)."""
-    path = os.path.join(output_dir, 'log.txt') if output_dir else ''
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def logged_epochs(output_dir):
-    return {line['epoch'] for line in logged(output_dir)}
 
 
 def best_logged_ap(output_dir):
