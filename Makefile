@@ -7,9 +7,12 @@ PIP    := $(VENV)/bin/pip
 # that check Hugging Face DETR weights against transformers' own predictions, never for the package. The CUDA builds of torch and
 # torchvision run on machines without a GPU; on a GPU the ops run Triton kernels (Triton comes with torch).
 PINNED := torch==2.14.1 torchvision==0.29.1 pycocotools==2.0.11 faster-coco-eval==1.8.0 scipy==1.17.1 numpy==2.4.6 \
-          pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 pillow==13.0.0 pytest==9.2.0 ninja==1.13.0 \
-          setuptools==84.2.1 wheel onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetensors==0.8.0 \
-          transformers==5.25.0 timm==1.0.31
+          pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 pillow==13.0.0 pytest==9.2.0 \
+          pytest-xdist==3.8.0 execnet==2.1.2 ninja==1.13.0 setuptools==84.2.1 wheel onnx==1.23.2 onnxruntime==1.32.0 \
+          onnxscript==0.7.2 safetensors==0.8.0 transformers==5.25.0 timm==1.0.31
+# The suite in two processes, a file each at a time (a file's fixtures built once): alone it keeps two cores half
+# idle (compiles, the Triton interpreter, subprocesses); TEST_JOBS=0 runs it in one.
+TEST_JOBS ?= 2
 SOURCES := setup.py $(wildcard rpe_ops/csrc/*.* rpe_ops/csrc/*/*.*)
 
 .PHONY: setup demo test test-quick benchmark gpu-check clean
@@ -32,10 +35,10 @@ demo: setup
 	$(PY) tools/train.py --config configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 test-quick: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow"
 
 benchmark: setup
 	$(PY) tools/benchmark.py
