@@ -17,15 +17,15 @@ import torch.utils.data
 
 from detr_irpe import UsageError
 from detr_irpe.backbone import FrozenFeatures
-from detr_irpe.detr import DEFAULT_NUM_CLASSES, batch_images
+from detr_irpe.detr import DEFAULT_NUM_CLASSES, MAX_CLASSES, batch_images
 from detr_irpe.from_checkpoint import class_key
 
 from . import coco, synthetic
-from .coco_eval import CocoEvaluator
+from .coco_eval import MAX_DETECTIONS, CocoEvaluator
 from .transforms import make_transforms
 
 __all__ = ['DATA_LOCATION_FLAGS', 'build_dataset', 'category_names', 'check_against_training_set', 'check_annotated',
-           'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for',
+           'classes_needed', 'collate_fn', 'describe', 'files_given', 'get_coco_api_from_dataset', 'num_classes_for',
            'warn_objects_beyond_queries', 'warn_val_classes_never_trained', 'warn_val_size_outside_training_scales',
            'CocoEvaluator', 'FrozenBackboneCollate', 'make_transforms']
 
@@ -88,7 +88,8 @@ def describe(args, splits, num_classes):
                      f'{len(base.coco.anns)} annotations')
     names = category_names(next(iter(splits.values())))
     shown = ', '.join(f'{i} {n}' for i, n in list(names.items())[:10]) + (', ...' if len(names) > 10 else '')
-    return f"data: {args.dataset_file}; {'; '.join(parts)}; {len(names)} categories ({shown}); num_classes {num_classes}"
+    return (f"data: {args.dataset_file}; {'; '.join(parts)}; {len(names)} categories ({shown}); "
+            f'num_classes {num_classes}')
 
 
 def target_annotations(dataset):
@@ -98,7 +99,8 @@ def target_annotations(dataset):
 
 def warn_objects_beyond_queries(splits, num_queries):
     """One warning when images hold more objects than queries: DETR predicts at most num_queries boxes an image, so
-    in training the objects beyond go unmatched (no loss) and in evaluation undetected. splits: {name: dataset}."""
+    in training the objects beyond go unmatched (no loss) and in evaluation undetected; beyond MAX_DETECTIONS objects
+    more queries do not help COCO's AP, which counts that many detections an image. splits: {name: dataset}."""
     parts, most = [], 0
     for name, dataset in splits.items():
         over = [c for c in Counter(a['image_id'] for a in target_annotations(dataset)).values() if c > num_queries]
@@ -107,9 +109,13 @@ def warn_objects_beyond_queries(splits, num_queries):
             most = max(most, *over)
     if parts:
         boxes = f'{num_queries} box{"es" if num_queries > 1 else ""}'
+        advice = f'pass --num_queries {most} or more'
+        if most > MAX_DETECTIONS:
+            advice += (f" to train on them all; COCO's AP counts at most {MAX_DETECTIONS} detections an image "
+                       f'whatever --num_queries is, so beyond {MAX_DETECTIONS} objects its AP misses some all the same')
         warnings.warn(f'{" and ".join(parts)} hold more objects than --num_queries {num_queries} (up to {most}): DETR '
                       f'predicts at most {boxes} an image, so the objects beyond go unmatched in training and '
-                      f'undetected in evaluation; pass --num_queries {most} or more')
+                      f'undetected in evaluation; {advice}')
 
 
 def warn_val_classes_never_trained(dataset_train, dataset_val):
@@ -156,10 +162,10 @@ def check_against_training_set(dataset, args):
     --num_classes not above every category id (the classifier would have no output for some labels)."""
     num_classes = getattr(args, 'num_classes', None)
     if num_classes is not None:
-        largest = max(get_coco_api_from_dataset(dataset).getCatIds(), default=0)
-        if largest >= num_classes:
-            raise UsageError(f'--num_classes {num_classes} is too small for category id {largest} of the training '
-                             f'set: pass at least --num_classes {largest + 1} (largest category id + 1), or leave '
+        needed = classes_needed(dataset)
+        if needed > num_classes:
+            raise UsageError(f'--num_classes {num_classes} is too small for category id {needed - 1} of the training '
+                             f'set: pass at least --num_classes {needed} (largest category id + 1), or leave '
                              f'it out to take it from the data')
     check_annotated(dataset, args, 'train')
     world_size = getattr(args, 'world_size', 1) or 1
@@ -180,6 +186,11 @@ def check_annotated(dataset, args, split):
     if getattr(args, 'dataset_file', None) == 'synthetic':
         raise UsageError(f'--synthetic_objects {" ".join(map(str, args.synthetic_objects))} put no object in the '
                          f'{len(dataset)} {role} images: {nothing}; pass a MAX of 1 or more')
+    skipped = unwrap(dataset).skipped_annotations
+    if skipped:
+        raise UsageError(f'the {role} set {unwrap(dataset).ann_file} has {len(dataset)} images and no usable '
+                         f'annotations: all {skipped} annotation entries were skipped as invalid (the warnings above '
+                         f"say why): {nothing}; fix them (COCO format: id, image_id, category_id, bbox)")
     unlabelled = '' if split == 'train' else ', or run tools/predict.py for the detections on images without boxes'
     raise UsageError(f'the {role} set {unwrap(dataset).ann_file} has {len(dataset)} images and no annotations: '
                      f"{nothing}; fill its 'annotations' list (COCO format: image_id, category_id, bbox){unlabelled}")
@@ -278,4 +289,26 @@ def num_classes_for(args_or_dataset):
         if args.dataset_file == 'synthetic':
             return args.synthetic_classes + 1
         raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; expected 'coco' or 'synthetic'")
-    return max(get_coco_api_from_dataset(args_or_dataset).getCatIds()) + 1
+    return classes_needed(args_or_dataset)
+
+
+# a class head this many times the number of categories, and this large, is mostly ids no category has
+SPARSE_RATIO, SPARSE_HEAD = 10, 1000
+
+
+def classes_needed(dataset):
+    """The classes a model needs for the categories of a dataset: its largest category id + 1. A UsageError where
+    that is beyond MAX_CLASSES (--num_classes's bound too); a warning naming the class head's size where the ids are
+    sparse (database ids of an annotation tool): most of its outputs would be classes no annotation has."""
+    ids = get_coco_api_from_dataset(dataset).getCatIds()
+    needed = max(ids, default=0) + 1
+    renumber = "renumber the categories 1..N in the annotation files (their annotations' category_id with them)"
+    if needed > MAX_CLASSES:
+        raise UsageError(f'{unwrap(dataset).ann_file}: the largest of its {len(ids)} category ids is {needed - 1}; '
+                         f'a model has a class for every id up to the largest, and ids are expected below '
+                         f'{MAX_CLASSES}: {renumber}')
+    if needed > SPARSE_RATIO * len(ids) and needed > SPARSE_HEAD:
+        warnings.warn(f'{unwrap(dataset).ann_file}: the largest of its {len(ids)} category ids is {needed - 1}, so '
+                      f"the model's class head needs {needed} outputs (+ no-object), {needed - len(ids)} of them for "
+                      f'ids no category has: a large, slow model; {renumber}')
+    return needed

@@ -2,7 +2,8 @@
 (the reference implementation) otherwise or when asked; both give the same 12 stats and per-category AP.
 
 Only the images passed to `update` are evaluated (all ground-truth images if `update` was never called).
-Categories are the ground truth's; predicted labels are COCO category ids.
+Categories are the ground truth's; predicted labels are COCO category ids. The ground truth scored is the boxes
+training uses (validate.evaluated_annotations): those it drops are left out, those it clips are clipped.
 """
 import contextlib
 import copy
@@ -10,11 +11,15 @@ import importlib.util
 import io
 
 import torch
+from pycocotools.coco import COCO
 
 from detr_irpe import UsageError, distributed
 from detr_irpe.postprocess import coco_results
 
+from .validate import evaluated_annotations
+
 BACKENDS = ('faster_coco_eval', 'pycocotools')
+MAX_DETECTIONS = 100  # COCOeval's largest maxDets: its AP counts an image's 100 highest-scored detections
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
               'AR1', 'AR10', 'AR100', 'AR_small', 'AR_medium', 'AR_large')
 # The 12 lines of COCOeval.summarize() for bbox: (AP or AR, IoU, area, max detections).
@@ -46,7 +51,12 @@ class CocoEvaluator:
     def __init__(self, coco_gt, backend=None):
         """coco_gt: a pycocotools COCO (the dataset's); backend: one of BACKENDS, None for default_backend()."""
         self.backend = resolve_backend(backend)
-        self.coco_gt = copy.deepcopy(coco_gt)
+        dataset = coco_gt.dataset
+        self.coco_gt = COCO()
+        self.coco_gt.dataset = {**copy.deepcopy({k: v for k, v in dataset.items() if k != 'annotations'}),
+                                'annotations': evaluated_annotations(dataset)}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco_gt.createIndex()
         self.img_ids, self._seen = [], set()
         self._results = []
         self.coco_eval = None
@@ -93,7 +103,8 @@ class CocoEvaluator:
         for (ap, iou, area, max_dets), value in zip(_TABLE, stats):
             title, kind = ('Average Precision', '(AP)') if ap else ('Average Recall', '(AR)')
             iou_text = '0.50:0.95' if iou is None else f'{iou:0.2f}'
-            print(f' {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {value:0.3f}')
+            print(f' {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = '
+                  f'{value:0.3f}')
 
         # precision: (iou thresholds, recall thresholds, categories, area ranges, max dets); -1 = no ground truth
         precision = coco_eval.eval['precision']
@@ -108,7 +119,6 @@ class CocoEvaluator:
         return {'bbox': stats, 'per_category_ap': per_category_ap}
 
     def _pycocotools(self, img_ids):
-        from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
         if self._results:
             coco_dt = self.coco_gt.loadRes(_fresh(self._results))

@@ -14,17 +14,19 @@ of all skipped entries at the end (the first MAX_NAMED problems are named one by
   - an annotation whose 'id', 'image_id' or 'category_id' is not an integer, whose 'bbox' is not a list of 4
     finite numbers [x, y, w, h], whose 'iscrowd' is not 0 or 1, or whose 'area' is not a finite number;
   - an annotation of an image that is not in 'images', or of a category that is not in 'categories'.
-A missing 'iscrowd' is 0; a missing 'area' is w * h of the box (pycocotools' evaluation reads it for its
-small / medium / large ranges). Other fields ('segmentation', ...) are passed on unread. When a quarter or more of
-the boxes reach past their image's 'width' or 'height' by over a pixel, one warning says they look like
-[x1, y1, x2, y2] corners (such boxes do so about half the time or more; COCO's own, almost never).
+A missing 'iscrowd' is 0; a missing 'area' is w * h of the box as evaluation scores it (evaluated_annotations;
+pycocotools' evaluation reads it for its small / medium / large ranges). Other fields ('segmentation', ...) are
+passed on unread. When a quarter or more of the boxes reach past their image's 'width' or 'height' by over a pixel,
+one warning says they look like [x1, y1, x2, y2] corners (such boxes do so about half the time or more; COCO's own,
+almost never).
 
-Checked later, per image when it is read (datasets/coco.py): a box with zero or negative width or height is
-dropped, one reaching outside the image is clipped to it (dropped if nothing is left), each with one warning
-naming the annotation id (none where it reaches out by OUTSIDE_TOLERANCE or less); an image whose 'width' and
-'height' (where given) are not its pixels' size gets one warning naming the likely cause (an EXIF orientation the
-annotation tool applied, a resize) and is read as stored; an image file that exists but cannot be read is skipped
-with a warning naming the file and counted.
+Each box follows one rule (box_in_image) in training's targets and in evaluation's ground truth alike: a box with
+zero or negative width or height is dropped, one reaching outside the image is clipped to it (dropped if nothing is
+left); evaluation keeps crowd regions, which training skips, and boxes out by float noise alone as given. Training
+warns of each once per annotation id when it reads the image (datasets/coco.py), none where a box reaches out by
+OUTSIDE_TOLERANCE or less. Also checked then: an image whose 'width' and 'height' (where given) are not its pixels'
+size gets one warning naming the likely cause (an EXIF orientation the annotation tool applied, a resize) and is
+read as stored; an image file that exists but cannot be read is skipped with a warning naming the file and counted.
 """
 import contextlib
 import io
@@ -102,6 +104,48 @@ def annotation_problem(ann, image_ids, category_ids):
     return None
 
 
+def has_size(image):
+    """Whether an image entry gives its 'width' and 'height' as positive numbers."""
+    return all(is_number(image.get(side)) and image[side] > 0 for side in ('width', 'height'))
+
+
+def box_in_image(bbox, width, height):
+    """The rule for a box [x, y, w, h] in a `width` x `height` image, which training's targets and evaluation's
+    ground truth both follow: (box, problem). box: (x1, y1, x2, y2) clipped to the image, or None where the box is
+    dropped (zero or negative width or height, or nothing left inside); problem: what to warn of, or None (a box
+    inside, or reaching out by OUTSIDE_TOLERANCE or less)."""
+    x, y, w, h = bbox
+    x1, y1 = min(max(x, 0), width), min(max(y, 0), height)
+    x2, y2 = min(max(x + w, 0), width), min(max(y + h, 0), height)
+    if w <= 0 or h <= 0:
+        return None, f'has zero or negative size (bbox {bbox}); dropped from training and evaluation'
+    if x2 <= x1 or y2 <= y1:
+        return None, f'lies outside the {width}x{height} image (bbox {bbox}); dropped from training and evaluation'
+    if max(-x, -y, x + w - width, y + h - height) > OUTSIDE_TOLERANCE:
+        return (x1, y1, x2, y2), (f'reaches outside the {width}x{height} image (bbox {bbox}); clipped to it in '
+                                  'training and evaluation')
+    return (x1, y1, x2, y2), None
+
+
+def evaluated_annotations(data):
+    """The annotations of the validated COCO dict `data` as evaluation scores them, by box_in_image on the image
+    entry's 'width' and 'height' (on its top and left edges alone where it gives none): a box training drops is left
+    out, one it clips is clipped. Crowd regions, which training skips, are COCOeval's to ignore detections in: kept as
+    given. A given 'area' is kept (COCO's small / medium / large ranges read it); a missing one is the scored box's."""
+    sizes = {image['id']: (image['width'], image['height']) for image in data['images'] if has_size(image)}
+    scored = []
+    for ann in data['annotations']:
+        bbox = ann['bbox']
+        if not ann.get('iscrowd'):
+            box, problem = box_in_image(bbox, *sizes.get(ann['image_id'], (math.inf, math.inf)))
+            if box is None:
+                continue
+            if problem:  # one out by float noise alone is scored as given: COCO's own ground truth stays as published
+                bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+        scored.append({'area': bbox[2] * bbox[3], **ann, 'bbox': bbox})
+    return scored
+
+
 def entry_name(kind, entry, position):
     """'image id 7' when the entry has a usable id, else 'image entry #3' (its position in the list)."""
     if isinstance(entry, dict) and is_int(entry.get('id')):
@@ -168,8 +212,8 @@ def validate_annotations(data, path, image_found=None, image_folder='the image f
         if ann['id'] in annotation_ids:
             raise UsageError(f"annotation file {path}: annotation id {ann['id']} is listed twice; ids must be unique")
         annotation_ids.add(ann['id'])
-        if 'iscrowd' not in ann or 'area' not in ann:  # COCO's own files have both: no copy for them
-            ann = {'iscrowd': 0, 'area': ann['bbox'][2] * ann['bbox'][3], **ann}
+        if 'iscrowd' not in ann:  # COCO's own files have it: no copy for them
+            ann = {'iscrowd': 0, **ann}
         annotations.append(ann)
 
     warn_if_corner_boxes(images, annotations, path)
@@ -201,11 +245,12 @@ def warn_if_corner_boxes(images, annotations, path):
 
 
 def load_coco(path, image_found=None, image_folder='the image folder'):
-    """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped);
-    image_found and image_folder as for validate_annotations."""
-    data, skipped = validate_annotations(read_json(path), path, image_found, image_folder)
+    """(pycocotools COCO object of the valid entries of annotation file `path`, number of entries skipped, number of
+    annotation entries among them); image_found and image_folder as for validate_annotations."""
+    given = read_json(path)
+    data, skipped = validate_annotations(given, path, image_found, image_folder)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
-    return coco, skipped
+    return coco, skipped, len(given['annotations']) - len(data['annotations'])

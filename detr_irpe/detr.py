@@ -10,6 +10,8 @@ from detr_irpe.postprocess import PostProcess
 from detr_irpe.transformer import build_transformer
 
 DEFAULT_NUM_CLASSES = {'coco': 91}
+# above any detection dataset's classes (LVIS: 1,203): past it ids are a database's, and the class head would not fit
+MAX_CLASSES = 10 ** 5
 
 
 def batch_images(images, size_divisibility=1):

@@ -9,6 +9,7 @@ import torch
 
 from detr_irpe import UsageError
 from detr_irpe.convert import FORMATS_HELP
+from detr_irpe.detr import MAX_CLASSES
 from detr_irpe.flex import ATTENTION_IMPLS, attention_impl_problem
 from detr_irpe.irpe import RPE_STRING_FORMAT, rpe_config_from_string
 from detr_irpe.transformer import RPE_INITS
@@ -27,7 +28,7 @@ def enc_rpe2d_flag(text):
 # would die inside torch (an allocation of terabytes, an integer overflow) instead of saying why.
 MAX_WIDTH = 16384        # --hidden_dim, --dim_feedforward
 MAX_LAYERS = 128         # --enc_layers, --dec_layers
-MAX_COUNT = 10 ** 7      # queries, classes, images of the synthetic set
+MAX_COUNT = 10 ** 7      # queries, images of the synthetic set (classes: detr.MAX_CLASSES)
 MAX_IMAGE_SIDE = 10000   # every resize scale and maximum size, in pixels
 MAX_COEF = 1e6           # matching costs and loss weights: larger ones overflow the float32 cost matrix
 MAX_SEED = 2 ** 31 - 1   # numpy's seed range (< 2 ** 32), with room for the + rank of each process
@@ -261,7 +262,7 @@ def add_model_args(p, attention=True):
                             "on values, no attention dropout; on CPU inference only), 'triton' runs iRPE on queries, "
                             "keys and values in fused Triton kernels (CUDA; no cross method), "
                             "'sdpa' the SDPA/explicit path, 'auto' flex on CUDA where it applies, sdpa otherwise")
-    g.add_argument('--num_classes', default=None, type=int_range(1, MAX_COUNT),
+    g.add_argument('--num_classes', default=None, type=int_range(1, MAX_CLASSES),
                    help="largest category id + 1 (DETR's convention; the model adds the no-object class); default: "
                         "from the training annotation file (91 for COCO)")
     return p
