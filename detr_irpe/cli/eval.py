@@ -8,8 +8,12 @@ split with pycocotools; write eval.json, and the detections as COCO results JSON
 
 The checkpoint is any detector file or folder detr_irpe.convert reads (ours, DETR's, Hugging Face's). Model flags
 (--backbone, --enc_rpe2d, ...) and, from ours, the data and size flags (--dataset_file, --val_size, ...) are taken
-from it unless given. eval.json goes to eval_<checkpoint's name>/ beside the checkpoint unless --output_dir says.
+from it unless given. eval.json goes to eval_<checkpoint's name>/ beside the checkpoint unless --output_dir says; it
+records the data it scored ('data': the val annotation file and image folder, or the synthetic set's parameters; the
+val size and --size_divisibility), and an eval.json of other data is not replaced: pass another --output_dir.
+A --results_json that cannot be written is refused before any work.
 """
+import json
 import os
 
 import torch
@@ -17,11 +21,12 @@ from torch.utils.data import DataLoader
 
 import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError, engine
-from detr_irpe.checkpoint import CHECKPOINT, save_json
+from detr_irpe.checkpoint import CHECKPOINT, check_output_file, save_json
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_data_args, add_model_args, add_run_args, new_parser, non_empty
 from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_checkpoint_args
 from detr_irpe.cli.runner import loader_worker_init, run_tool
 from detr_irpe.convert import folder_beside, is_hub_id
+from detr_irpe.export import SIZE_FLAGS
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe_datasets.coco_eval import resolve_backend
 
@@ -44,6 +49,8 @@ def run(argv=None):
     args = parse_checkpoint_args(parser, argv, 'the detector to evaluate')
     output_dir_of_command_line(parser, argv, args)
     output_dir = eval_output_dir(args)
+    if args.results_json:  # checked before the slow part: a typo would cost the whole evaluation's detections
+        check_output_file('--results_json', args.results_json, 'detections.json')
     args.eval_backend = resolve_backend(args.eval_backend)
     model, postprocessors, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     device = torch.device(args.device)
@@ -54,6 +61,8 @@ def run(argv=None):
     datasets.check_annotated(dataset, args, 'val')
     datasets.warn_objects_beyond_queries({'val': dataset}, args.num_queries)
     datasets.check_categories(dataset, source.category_names, args.num_classes, f'--resume {args.resume}')
+    data = scored_data(args, dataset)
+    check_same_data(os.path.join(output_dir, 'eval.json'), data)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=datasets.collate_fn,
                         num_workers=args.num_workers, pin_memory=engine.pins_memory(args.device),
                         worker_init_fn=loader_worker_init)
@@ -61,7 +70,7 @@ def run(argv=None):
     summary = engine.evaluate(model, postprocessors, loader, evaluator, device,
                               size_divisibility=args.size_divisibility)
     where = args.resume if is_hub_id(args.resume) else os.path.abspath(args.resume)
-    save_json({**summary, 'checkpoint': where}, os.path.join(output_dir, 'eval.json'))
+    save_json({**summary, 'checkpoint': where, 'data': data}, os.path.join(output_dir, 'eval.json'))
     print(f'wrote {os.path.join(output_dir, "eval.json")}')
     if args.results_json:
         save_json(evaluator.results(), args.results_json, indent=None)
@@ -79,6 +88,37 @@ def eval_output_dir(args):
                          f"eval.json is training's; pass another --output_dir, or leave it out for eval_{stem}/ "
                          'beside the checkpoint')
     return output_dir
+
+
+# What the numbers depend on besides the weights and the data: the images' size (the val transform's) and padding.
+SCORED_SIZE_FLAGS = (*SIZE_FLAGS, 'size_divisibility')
+
+
+def scored_data(args, dataset):
+    """What eval.json records it was scored on: the val annotation file and image folder (absolute), or the
+    synthetic set's parameters, and SCORED_SIZE_FLAGS."""
+    if args.dataset_file == 'synthetic':  # its folder is made from these, wherever it lies
+        data = {flag: value for flag, value in sorted(vars(args).items())
+                if flag.startswith('synthetic_') and flag != 'synthetic_dir'}
+    else:
+        base = datasets.unwrap(dataset)
+        data = {'val_json': os.path.abspath(base.ann_file), 'val_images': os.path.abspath(base.root)}
+    return {'dataset_file': args.dataset_file, **data, **{flag: getattr(args, flag) for flag in SCORED_SIZE_FLAGS}}
+
+
+def check_same_data(path, data):
+    """A UsageError when the eval.json at `path` records an evaluation on other data (or at another size): it is
+    replaced only by one of the same data."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    recorded = recorded.get('data') if isinstance(recorded, dict) else None  # None: written before it was recorded
+    if recorded is not None and recorded != data:
+        differ = '; '.join(f'{k}: {recorded.get(k)!r} there, {data.get(k)!r} here'
+                           for k in sorted(recorded.keys() | data.keys()) if recorded.get(k) != data.get(k))
+        raise UsageError(f'{path} records an evaluation on other data ({differ}); this one would replace it: pass '
+                         'another --output_dir (e.g. eval_<data name>/) to keep both.')
 
 
 def main(argv=None):

@@ -10,8 +10,10 @@ cxcywh. B, H and W are dynamic (H, W at least 33). The checkpoint is any detecto
 detr_irpe.convert reads; model flags come from it unless given. Its category names and val transform size
 (--val_size, --val_max_size, from a checkpoint of tools/train.py) go into the file as JSON: the ONNX file's
 metadata_props 'category_names' ({id: name}), 'val_size', 'val_max_size' (tools/predict.py --onnx takes the size
-from there), the .pt2 program's extra files of the same names. The export runs on the CPU. After writing, the
-file is run once on a batch of another size and compared with the PyTorch model (the largest difference is printed).
+from there), the .pt2 program's extra files of the same names. The export runs on the CPU. The file is written
+beside --output and run once on a batch of another size against the PyTorch model (the largest difference is
+printed); it takes --output's place only when it agrees (within 1e-3 of each output's scale, detr_irpe.export.
+AGREEMENT), else the tool fails, naming the difference, and --output is left as it was.
 """
 import os
 
@@ -21,7 +23,7 @@ from detr_irpe.checkpoint import check_output_file
 from detr_irpe.cli.flags import CHECKPOINT_HELP, add_model_args, add_run_args, int_range, new_parser
 from detr_irpe.cli.presets import explicit_flags, parse_checkpoint_args
 from detr_irpe.cli.runner import run_tool
-from detr_irpe.export import FORMATS, MAX_OPSET, MIN_OPSET, export_onnx, export_pt2, max_difference
+from detr_irpe.export import AGREEMENT, FORMATS, MAX_OPSET, MIN_OPSET, export_onnx, export_pt2, max_difference
 from detr_irpe.from_checkpoint import build_model_from_checkpoint
 from detr_irpe.lab.benchmark import time_against_pytorch
 
@@ -56,14 +58,22 @@ def run(argv=None):
     model, _, source = build_model_from_checkpoint(args, explicit_flags(get_parser(), argv))
     # of the checkpoint's data flags (empty unless tools/train.py wrote it) the file keeps the val size only
     kept = {'category_names': source.category_names, 'size_flags': source.data_flags}
+
+    def check(written):  # before the file takes --output's place: one that disagrees never does
+        size, output, difference, bound = max_difference(model, written, fmt)
+        batch = f'a batch of {size[0]} images of {size[1]}x{size[2]} (one padded)'
+        if difference > bound:
+            raise RuntimeError(f'the exported {fmt} file differs from PyTorch by {difference:.2e} in {output} on '
+                               f'{batch}, beyond the bound {bound:.1e} ({AGREEMENT:g} of the output\'s largest value, '
+                               f'at least 1): it computes another model, so {args.output} is not written (a previous '
+                               'file there is unchanged). Try another --opset, or --format pt2, and report it with '
+                               'the versions of torch and onnxruntime.')
+        print(f'checked on {batch}: largest difference from PyTorch {difference:.2e} ({output}; bound {bound:.1e})')
     if fmt == 'onnx':
-        export_onnx(model, args.output, opset=args.opset, **kept)
+        export_onnx(model, args.output, opset=args.opset, check=check, **kept)
     else:
-        export_pt2(model, args.output, **kept)
+        export_pt2(model, args.output, check=check, **kept)
     print(f'wrote {args.output}')
-    size, difference = max_difference(model, args.output, fmt)
-    print(f'checked on a batch of {size[0]} images of {size[1]}x{size[2]} (one padded): largest difference from '
-          f'PyTorch {difference:.2e}')
     if args.benchmark > 0:
         times = time_against_pytorch(model, args.output, fmt, repeats=args.benchmark, threads=args.threads)
         runner = 'onnxruntime' if fmt == 'onnx' else 'the .pt2 program'
