@@ -30,8 +30,7 @@ Bad data (the whole policy: datasets/validate.py; evaluation uses the annotation
   - box with width or height <= 0: dropped. Box reaching outside the image: clipped to it, and dropped if
     nothing is left. One warning per annotation id naming the annotation file and the id; none for a box that
     reaches out by a pixel or less (float noise of annotation tools), which is clipped alone. Evaluation's ground
-    truth follows the same rule (validate.box_in_image) on the image entry's 'width' and 'height', which an entry
-    without them gets from its file at load.
+    truth follows the same rule (validate.box_in_image) on each evaluated image's pixel size.
 Each warning of a read is given once per dataset: over DataLoader workers and epochs (flags in shared memory).
 """
 import bisect
@@ -50,7 +49,7 @@ from torchvision import tv_tensors
 from detr_irpe import UsageError
 
 from .transforms import boxes_to_normalized_cxcywh
-from .validate import box_in_image, has_size, load_coco
+from .validate import box_in_image, load_coco
 
 MAX_WORKERS = 256
 # PIL modes of 16-bit integer pixels; PIL's convert('RGB') clips them to 255 (white), so they are scaled instead
@@ -114,8 +113,6 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         self.coco, self.skipped_entries, self.skipped_annotations = load_coco(
             self.ann_file, self._image_finder(), f'the image folder {root}')
         self.ids = sorted(self.coco.imgs)
-        self._zip, self._zip_pid = None, None
-        self._read_missing_sizes()
         self._transforms = transforms
         # failed reads per process in shared memory (slot 0: main process, 1 + i: DataLoader worker i), so the
         # count survives workers under fork and spawn alike and needs no lock
@@ -123,6 +120,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         # per image (index in self.ids), whether its size and its boxes were warned of: shared like _skipped, so
         # workers forked anew each epoch do not warn again
         self._warned = torch.zeros(len(self.ids), 2, dtype=torch.bool).share_memory_()
+        self._zip, self._zip_pid = None, None
 
     @property
     def skipped(self):
@@ -141,31 +139,17 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     def __getstate__(self):  # an open ZipFile cannot be pickled (DataLoader workers under spawn)
         return {**self.__dict__, '_zip': None, '_zip_pid': None}
 
-    def _read_missing_sizes(self):
-        """Give an image entry without a 'width' and 'height' its file's: evaluation clips boxes to them, as training
-        clips them to the pixels. An unreadable file keeps none (it is skipped with a warning when read)."""
-        for entry in self.coco.imgs.values():
-            if not has_size(entry):
-                try:
-                    with self._open(entry)[0] as image:
-                        entry['width'], entry['height'] = image.size
-                except (OSError, KeyError, zipfile.BadZipFile, Image.DecompressionBombError):
-                    pass
-
-    def _open(self, entry):
-        """(the PIL image of an image entry, opened lazily, its path for messages)."""
+    def _load_image(self, id):
+        entry = self.coco.loadImgs(id)[0]
         if str(self.root).endswith('.zip'):
             # one handle per process: forked workers must not share a file offset
             if self._zip_pid != os.getpid():
                 self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
             member = f'{Path(self.root).stem}/{entry["file_name"]}'
-            return Image.open(io.BytesIO(self._zip.read(member))), f'{self.root}:{member}'
-        path = os.path.join(self.root, entry['file_name'])
-        return Image.open(path), path
-
-    def _load_image(self, id):
-        entry = self.coco.loadImgs(id)[0]
-        opened, path = self._open(entry)
+            opened, path = Image.open(io.BytesIO(self._zip.read(member))), f'{self.root}:{member}'
+        else:
+            path = os.path.join(self.root, entry['file_name'])
+            opened = Image.open(path)
         with opened as image:
             problem = size_problem(image, entry, path)
             if problem and self._first_warning(id, SIZE):

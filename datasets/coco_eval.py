@@ -51,20 +51,20 @@ class CocoEvaluator:
     def __init__(self, coco_gt, backend=None):
         """coco_gt: a pycocotools COCO (the dataset's); backend: one of BACKENDS, None for default_backend()."""
         self.backend = resolve_backend(backend)
-        dataset = coco_gt.dataset
-        self.coco_gt = COCO()
-        self.coco_gt.dataset = {**copy.deepcopy({k: v for k, v in dataset.items() if k != 'annotations'}),
-                                'annotations': evaluated_annotations(dataset)}
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            self.coco_gt.createIndex()
-        self.img_ids, self._seen = [], set()
+        self.dataset = coco_gt.dataset
+        self.coco_gt = None  # made by summarize, when the pixel sizes of the images evaluated are known
+        self.img_ids, self._seen, self.pixel_sizes = [], set(), {}
         self._results = []
         self.coco_eval = None
 
-    def update(self, predictions):
-        """predictions: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy in original-image pixels}}.
-        An image given again counts once (the loader gives the next image in place of an unreadable one: its
-        detections twice would score as duplicates)."""
+    def update(self, predictions, pixel_sizes=None):
+        """predictions: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy in original-image pixels}};
+        pixel_sizes: {image_id: (height, width)} of the images as read (targets' 'orig_size'), to which the ground
+        truth's boxes are clipped as training clips them (else to the entries' 'width' and 'height'). An image given
+        again counts once (the loader gives the next image in place of an unreadable one: its detections twice would
+        score as duplicates)."""
+        for image_id, (height, width) in (pixel_sizes or {}).items():
+            self.pixel_sizes[int(image_id)] = (int(width), int(height))
         for image_id, pred in predictions.items():
             if int(image_id) in self._seen:
                 continue
@@ -78,14 +78,15 @@ class CocoEvaluator:
     def synchronize_between_processes(self):
         """Gather the predictions of all processes to the main process, which alone runs COCOeval (no-op
         without torch.distributed). The other processes are left with none."""
-        gathered = distributed.gather_to_main((self.img_ids, self._results)) or []
+        gathered = distributed.gather_to_main((self.img_ids, self._results, self.pixel_sizes)) or []
         # The sampler pads the images to a multiple of the process count (as DistributedSampler), so a few
         # were evaluated twice: their detections count once, from the first process that has them.
-        seen, self.img_ids, self._results = set(), [], []
-        for ids, results in gathered:
+        seen, self.img_ids, self._results, self.pixel_sizes = set(), [], [], {}
+        for ids, results, sizes in gathered:
             new = set(ids) - seen
             self.img_ids += [i for i in ids if i in new]
             self._results += [r for r in results if r['image_id'] in new]
+            self.pixel_sizes.update(sizes)
             seen |= new
 
     def results(self):
@@ -95,6 +96,11 @@ class CocoEvaluator:
     def summarize(self):
         """Run COCOeval, print the 12-line COCO table and per-category AP.
         Returns {'bbox': [12 floats, -1 where undefined], 'per_category_ap': {category name: AP or -1}}."""
+        self.coco_gt = COCO()
+        self.coco_gt.dataset = {**copy.deepcopy({k: v for k, v in self.dataset.items() if k != 'annotations'}),
+                                'annotations': evaluated_annotations(self.dataset, self.pixel_sizes)}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco_gt.createIndex()
         img_ids = sorted(set(self.img_ids)) or sorted(self.coco_gt.getImgIds())
         with contextlib.redirect_stdout(io.StringIO()):
             coco_eval = (self._faster_coco_eval if self.backend == 'faster_coco_eval' else self._pycocotools)(img_ids)

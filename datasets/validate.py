@@ -127,12 +127,14 @@ def box_in_image(bbox, width, height):
     return (x1, y1, x2, y2), None
 
 
-def evaluated_annotations(data):
-    """The annotations of the validated COCO dict `data` as evaluation scores them, by box_in_image on the image
-    entry's 'width' and 'height' (on its top and left edges alone where it gives none): a box training drops is left
-    out, one it clips is clipped. Crowd regions, which training skips, are COCOeval's to ignore detections in: kept as
-    given. A given 'area' is kept (COCO's small / medium / large ranges read it); a missing one is the scored box's."""
+def evaluated_annotations(data, pixel_sizes=None):
+    """The annotations of the validated COCO dict `data` as evaluation scores them, by box_in_image on each image's
+    pixel size as training reads it (pixel_sizes: {image_id: (width, height)}; else the entry's 'width' and 'height';
+    else the top and left edges alone): a box training drops is left out, one it clips is clipped. Crowd regions,
+    which training skips, are COCOeval's to ignore detections in: kept as given. A given 'area' is kept (COCO's small /
+    medium / large ranges read it); a missing one is the scored box's."""
     sizes = {image['id']: (image['width'], image['height']) for image in data['images'] if has_size(image)}
+    sizes.update(pixel_sizes or {})
     scored = []
     for ann in data['annotations']:
         bbox = ann['bbox']

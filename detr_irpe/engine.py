@@ -262,7 +262,7 @@ def evaluate(model, postprocessors, data_loader, evaluator, device, on_batch=Non
         outputs = model(*batch_images([img.to(device, non_blocking=True) for img in images], size_divisibility))
         sizes = torch.stack([t['orig_size'] for t in targets]).to(device)
         results = postprocessors['bbox'](outputs, sizes)
-        evaluator.update({int(t['image_id']): {k: v.cpu() for k, v in r.items()}
-                          for t, r in zip(targets, results)})
+        evaluator.update({int(t['image_id']): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)},
+                         {int(t['image_id']): t['orig_size'].tolist() for t in targets})
     evaluator.synchronize_between_processes()
     return evaluator.summarize() if distributed.is_main_process() else None

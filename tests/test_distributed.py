@@ -173,7 +173,7 @@ def _run(rank, tmp, pose_as_nccl):
             stop = (distributed.any_process(rank == 1), distributed.any_process(False))
         dist.destroy_process_group()
     return {'averages': averages, 'calls': checker.calls, 'sent': checker.sent, 'summary': summary,
-            'held': (evaluator.img_ids, evaluator.results()), 'stop': stop}
+            'held': (evaluator.img_ids, evaluator.results(), evaluator.pixel_sizes), 'stop': stop}
 
 
 def _worker(rank, tmp):
@@ -222,10 +222,12 @@ def test_logged_losses_are_the_mean_over_processes(two_process_run):
 def test_detections_are_gathered_to_the_main_process_only(two_process_run):
     main, other = two_process_run
     assert 'all_gather_object' not in main['calls'] + other['calls']
-    ids, results = zip(*(rank['sent']['gather_object'][0] for rank in two_process_run))
-    assert main['held'] == ([i for part in ids for i in part], [r for part in results for r in part])
+    ids, results, sizes = zip(*(rank['sent']['gather_object'][0] for rank in two_process_run))
+    assert main['held'] == ([i for part in ids for i in part], [r for part in results for r in part],
+                            {**sizes[0], **sizes[1]})
     assert sorted(main['held'][0]) == [1, 2, 3, 4] and len(main['held'][1]) == 4 * 5  # 5 queries per image
-    assert other['held'] == ([], []) and other['summary'] is None
+    assert sorted(main['held'][2]) == [1, 2, 3, 4]  # the pixel sizes the ground truth is clipped to
+    assert other['held'] == ([], [], {}) and other['summary'] is None
     assert len(main['summary']['bbox']) == 12
 
 

@@ -20,6 +20,7 @@ import detr_irpe_datasets.build as datasets
 from detr_irpe import UsageError
 from detr_irpe.detr import MAX_CLASSES
 from detr_irpe_datasets import coco
+from detr_irpe_datasets.validate import evaluated_annotations
 
 CATEGORIES = [{'id': 1, 'name': 'one'}, {'id': 4, 'name': 'four'}]
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
@@ -118,12 +119,63 @@ def test_boxes_training_clips_are_scored_clipped_keeping_a_given_area(tmp_path, 
     assert evaluator_stats(dataset.coco, detections, backend) == pytest.approx(expected, abs=1e-9)
 
 
-def test_an_entry_without_a_size_is_clipped_to_its_file(tmp_path):
-    dataset, _ = load(write_dataset(tmp_path / 'data', {1: (80, 60)}, [ann(1, 1, [50, 40, 50, 50], area=2500)],
-                                    sized=False))
+def scored_ground_truth(dataset, targets=()):
+    """{annotation id: annotation} as evaluation scores them, given the targets' pixel sizes as engine.evaluate
+    gives them (no detections: every image is evaluated)."""
     evaluator = datasets.CocoEvaluator(dataset.coco, backend='pycocotools')
-    assert [a['bbox'] for a in evaluator.coco_gt.anns.values()] == [[50, 40, 80 - 50, 60 - 40]]
+    evaluator.update({}, {int(t['image_id']): t['orig_size'].tolist() for t in targets})
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.summarize()
+    return {a['id']: a for a in evaluator.coco_gt.anns.values()}
 
+
+def test_boxes_are_clipped_to_the_pixels_as_read_where_the_entry_has_no_size_or_another(tmp_path):
+    """Training clips to the image's pixels; so does evaluation, whatever the entry says (warned of when read)."""
+    boxes = [ann(1, 1, [50, 40, 50, 50], area=2500), ann(2, 2, [150, 10, 20, 20], area=400)]
+    for sized in (False, True):  # none; 80x60 and 200x100 files whose entries say 60x80 and 100x200 (turned)
+        root = tmp_path / str(sized)
+        path = write_dataset(root, {1: (80, 60), 2: (200, 100)}, boxes, sized=False)
+        if sized:
+            data = json.loads(path.read_text())
+            for image, (w, h) in zip(data['images'], [(60, 80), (100, 200)]):
+                image.update(width=w, height=h)
+            path.write_text(json.dumps(data))
+        dataset, _ = load(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            targets = [dataset[i][1] for i in range(len(dataset))]
+        scored = scored_ground_truth(dataset, targets)
+        assert {i: a['bbox'] for i, a in scored.items()} == {1: [50, 40, 80 - 50, 60 - 40], 2: [150, 10, 20, 20]}
+        for target in targets:  # and those are training's boxes
+            (learned,) = pixel_boxes(target).tolist()
+            x, y, w, h = scored[int(target['image_id'])]['bbox']
+            assert learned == pytest.approx([x, y, x + w, y + h], abs=1e-3)
+
+
+
+def test_evaluate_gives_the_evaluator_each_images_pixel_size(tmp_path):
+    """engine.evaluate passes the sizes the loader read (the entries here say none): the ground truth is clipped to
+    the right and bottom edges too."""
+    from torch.utils.data import DataLoader
+
+    from detr_irpe import engine
+    from detr_irpe.postprocess import PostProcess
+    dataset, _ = load(write_dataset(tmp_path / 'data', {1: (80, 60), 2: (50, 70)},
+                                    [ann(1, 1, [50, 40, 50, 50], area=2500), ann(2, 2, [10, 60, 20, 30], area=600)],
+                                    sized=False))
+    dataset._transforms = datasets.make_transforms('val', val_size=32, val_max_size=64)
+
+    def model(images, mask):  # one detection of category 1 per image, in the middle
+        logits = torch.tensor([[[-5.0, 5.0, -5.0]]]).expand(len(images), 1, 3)
+        return {'pred_logits': logits, 'pred_boxes': torch.tensor([[[0.5, 0.5, 0.2, 0.2]]]).expand(len(images), 1, 4)}
+    model.eval = lambda: None
+    evaluator = datasets.CocoEvaluator(dataset.coco, backend='pycocotools')
+    loader = DataLoader(dataset, batch_size=2, collate_fn=datasets.collate_fn)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the boxes reaching out, warned of when read
+        engine.evaluate(model, {'bbox': PostProcess()}, loader, evaluator, 'cpu')
+    assert evaluator.pixel_sizes == {1: (80, 60), 2: (50, 70)}
+    assert {a['id']: a['bbox'] for a in evaluator.coco_gt.anns.values()} == {1: [50, 40, 30, 20], 2: [10, 60, 20, 10]}
 
 def pixel_boxes(target):
     """The target's normalised cxcywh boxes as [x1, y1, x2, y2] in the image's pixels."""
@@ -151,7 +203,7 @@ def test_evaluation_scores_the_boxes_training_learns_and_the_warnings_say_so(tmp
         warnings.simplefilter('always')
         targets = {int(t['image_id']): t for t in (dataset[i][1] for i in range(len(dataset)))}
     said = [str(w.message) for w in caught]
-    scored = {a['id']: a for a in datasets.CocoEvaluator(dataset.coco, backend='pycocotools').coco_gt.anns.values()}
+    scored = scored_ground_truth(dataset, targets.values())
     by_id = {a['id']: a for a in annotations}
     dropped = {i for i in by_id if any(f'annotation id {i} ' in m and 'dropped' in m for m in said)}
     clipped = {i for i in by_id if any(f'annotation id {i} ' in m and 'clipped' in m for m in said)}
@@ -193,8 +245,7 @@ def test_a_file_of_boxes_inside_their_images_is_scored_as_written(tmp_path, back
                 detections[image_id].append((category, [v + rng.uniform(-2, 2) for v in bbox]))
         annotations.append(ann(len(annotations) + 1, image_id, [width - 20, 0, 20.4, height], area=9, iscrowd=0))
     dataset, _ = load(write_dataset(tmp_path / 'data', sizes, annotations))
-    evaluator = datasets.CocoEvaluator(dataset.coco, backend=backend)
-    assert sorted(evaluator.coco_gt.dataset['annotations'], key=lambda a: a['id']) == annotations
+    assert sorted(evaluated_annotations(dataset.coco.dataset), key=lambda a: a['id']) == annotations
     expected = reference_stats(tmp_path, image_entries(sizes), annotations, detections)
     assert evaluator_stats(dataset.coco, detections, backend) == pytest.approx(expected, abs=1e-9)
 

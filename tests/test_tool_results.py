@@ -152,7 +152,8 @@ def test_eval_refuses_a_results_json_it_cannot_write_before_any_work(tmp_path):
 def synthetic_record(smoke, **sizes):
     """What eval.json should record of the smoke data: the synthetic set's parameters, then the sizes."""
     args = parse_args_with_config(get_args_parser(), ['--config', SMOKE])
-    data = {k: v for k, v in vars(args).items() if k.startswith('synthetic_') and k != 'synthetic_dir'}
+    data = {k: v for k, v in vars(args).items() if k.startswith('synthetic_') and k not in ('synthetic_dir',
+                                                                                              'synthetic_train')}
     return {'dataset_file': 'synthetic', **data, 'val_size': 64, 'val_max_size': 96, 'size_divisibility': 1,
             **sizes}
 
@@ -170,7 +171,7 @@ def test_eval_json_records_its_data_and_is_replaced_only_by_an_evaluation_of_the
         tool('eval').run(flags + ['--val_size', '48'])
     assert "val_size: 64 there, 48 here" in str(e.value) and 'another --output_dir' in str(e.value)
     assert (out / 'eval.json').read_bytes() == before
-    tool('eval').run(flags)  # the same data again: replaced
+    tool('eval').run(flags + ['--synthetic_train', '3'])  # the same val images (the train split's size aside): replaced
     assert read_json(out / 'eval.json')['data'] == first['data']
     # COCO-format data: its files, absolute whatever the command line gave
     monkeypatch.chdir(smoke['root'])

@@ -97,9 +97,9 @@ SCORED_SIZE_FLAGS = (*SIZE_FLAGS, 'size_divisibility')
 def scored_data(args, dataset):
     """What eval.json records it was scored on: the val annotation file and image folder (absolute), or the
     synthetic set's parameters, and SCORED_SIZE_FLAGS."""
-    if args.dataset_file == 'synthetic':  # its folder is made from these, wherever it lies
+    if args.dataset_file == 'synthetic':  # its val images come from these alone (not the train split's size or folder)
         data = {flag: value for flag, value in sorted(vars(args).items())
-                if flag.startswith('synthetic_') and flag != 'synthetic_dir'}
+                if flag.startswith('synthetic_') and flag not in ('synthetic_dir', 'synthetic_train')}
     else:
         base = datasets.unwrap(dataset)
         data = {'val_json': os.path.abspath(base.ann_file), 'val_images': os.path.abspath(base.root)}

@@ -21,7 +21,8 @@ run, is left out with a line saying so (ids then from 1, not those of its val fi
 Category names are those stored with the model (checkpoint or ONNX file), else the val annotation file's; val
 categories the model has no class for, or under other ids than its names, are refused (as tools/eval.py does).
 Model flags, and from a checkpoint of tools/train.py the data and size flags, come from the checkpoint unless given;
-images are padded as its run padded them (--size_divisibility), so that the detections are tools/eval.py's;
+each image is padded to multiples of its run's --size_divisibility as tools/eval.py pads a batch (the detections of
+tools/eval.py --batch_size 1; --onnx pads none: the file keeps no padding);
 the checkpoint is any detector file or folder detr_irpe.convert reads; output_dir defaults to <checkpoint
 folder>/predict (a --config preset's output_dir is its training run's folder, so only the command line's counts).
 With --onnx FILE (written by tools/export.py) onnxruntime runs the detector instead of PyTorch: the same
