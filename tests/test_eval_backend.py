@@ -140,7 +140,7 @@ def test_images_evaluated_by_two_processes_count_once(gt_and_detections, monkeyp
     evaluators = [CocoEvaluator(coco, backend='pycocotools') for _ in parts]
     for evaluator, part in zip(evaluators, parts):
         evaluator.update(part)
-    gathered = [(e.img_ids, e.results()) for e in evaluators]
+    gathered = [(e.img_ids, e.results(), e.pixel_sizes) for e in evaluators]
     monkeypatch.setattr(coco_eval.distributed, 'gather_to_main', lambda obj: gathered)
     evaluators[0].synchronize_between_processes()
     assert sorted(evaluators[0].img_ids) == ids

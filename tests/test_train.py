@@ -383,7 +383,7 @@ def test_training_and_evaluation_give_the_model_batches_padded_to_size_divisibil
                            args, choose_precision('cpu', amp=False))
 
     class Evaluator:
-        def update(self, results):
+        def update(self, results, pixel_sizes):
             pass
 
         def synchronize_between_processes(self):
