@@ -40,7 +40,7 @@ from detr_irpe import UsageError
 from detr_irpe.checkpoint import save_json
 from detr_irpe.cli.flags import (CHECKPOINT_HELP, MAX_IMAGE_SIDE, add_data_args, add_model_args, add_run_args,
                                  float_range, int_range, new_parser)
-from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, output_dir_of_command_line, parse_args_with_config, use_threads
 from detr_irpe.cli.runner import run_tool
 from detr_irpe.convert import folder_beside
 from detr_irpe.detr import batch_images
@@ -162,8 +162,7 @@ def run(argv=None):
     if bool(args.resume) == bool(args.onnx):
         parser.error('give either --resume CHECKPOINT (the .pth file to run) or --onnx FILE (an export of '
                      'tools/export.py), not both or neither')
-    if args.threads > 0:  # as tools/eval.py and train.py: torch's threads (OnnxDetector sets onnxruntime's)
-        torch.set_num_threads(args.threads)
+    use_threads(args)  # torch's; OnnxDetector sets onnxruntime's
     output_dir_of_command_line(parser, argv, args)
     paths = list_images(args.inputs)
     output_dir = args.output_dir or os.path.join(folder_beside(args.resume or args.onnx), 'predict')

@@ -127,6 +127,11 @@ def parse_checkpoint_args(parser, argv, what):
     args = parse_args_with_config(parser, argv)
     if not args.resume:
         parser.error(f'--resume CHECKPOINT is required: {what}')
+    use_threads(args)
+    return args
+
+
+def use_threads(args):
+    """--threads N as torch's CPU threads (0: torch's default)."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    return args

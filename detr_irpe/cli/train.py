@@ -35,7 +35,7 @@ from detr_irpe.checkpoint import (BEST_CHECKPOINT, CHECKPOINT, PREVIOUS_CHECKPOI
                                   remove_stale_temporaries, resume_point, save_checkpoint, save_json,
                                   stopped_before_its_log_line)
 from detr_irpe.cli.flags import get_args_parser
-from detr_irpe.cli.presets import explicit_flags, parse_args_with_config
+from detr_irpe.cli.presets import explicit_flags, parse_args_with_config, use_threads
 from detr_irpe.cli.runner import loader_worker_init, run_tool
 from detr_irpe.convert import read_source
 from detr_irpe.detr import build_model
@@ -99,8 +99,7 @@ def finetune_source(args, explicit):
 def run(args, explicit=()):
     """explicit: the flags given on the command line or in the preset, which --finetune's source does not
     override."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    use_threads(args)
     args.eval_backend = resolve_backend(args.eval_backend)
     if args.attention_impl == 'flex' and not args.eval and torch.device(args.device).type != 'cuda':
         raise UsageError(f"--attention_impl flex trains on a GPU only: torch's flex_attention on CPU has no backward; "
